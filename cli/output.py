@@ -1,0 +1,78 @@
+"""Human and --json output for the CLI."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import typer
+
+from msif_index.errors import ConfigError
+
+SIGN_CONVENTION = ("Scores are I(z, x_t) = d loss(x_t) / d eps of up-weighting pretraining example z: "
+                   "negative = helpful (proponent), positive = harmful (opponent).")
+
+
+def parse_ids(text: str, n: int, what: str) -> list[int]:
+    """'3,17,20-22' -> [3, 17, 20, 21, 22], each checked against 0 <= id < n."""
+    ids: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                ids.extend(range(int(a), int(b) + 1))
+            else:
+                ids.append(int(part))
+    except ValueError:
+        raise ConfigError(f"{what} ids must be integers like 3,17 or 20-25, got {text!r}") from None
+    if not ids:
+        raise ConfigError(f"no {what} ids given")
+    bad = [i for i in ids if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"{what} ids {bad[:5]} out of range: the {what} set has {n} examples (ids 0..{n - 1})")
+    return ids
+
+
+def print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=_jsonable))
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def label_of(dataset: Any, idx: int) -> str:
+    """The label of a dataset item shaped (input, label), or '' when there is none."""
+    try:
+        item = dataset[idx]
+    except Exception:  # noqa: BLE001 - labels are decoration only
+        return ""
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        y = item[-1]
+        if hasattr(y, "numel") and y.numel() == 1:
+            return str(y.item())
+        if isinstance(y, (int, str)):
+            return str(y)
+    return ""
+
+
+def print_ranking(result: dict, pretrain_dataset: Any = None) -> None:
+    """One table per test point: rank, pretraining id, score (and label when the dataset has one)."""
+    typer.echo(SIGN_CONVENTION)
+    for q, test_id in enumerate(result["test_ids"]):
+        head = f"\ntest {test_id}: most {result['direction']} pretraining examples"
+        if "method" in result:
+            head += f" ({result['method']})"
+        typer.echo(head)
+        has_labels = pretrain_dataset is not None and label_of(pretrain_dataset, 0) != ""
+        typer.echo(f"  {'rank':>4}  {'id':>8}  {'score':>12}" + ("  label" if has_labels else ""))
+        for r, (i, s) in enumerate(zip(result["ids"][q], result["scores"][q]), 1):
+            if i < 0 or (isinstance(s, float) and math.isnan(s)):
+                continue
+            lab = f"  {label_of(pretrain_dataset, i):>5}" if has_labels else ""
+            typer.echo(f"  {r:>4}  {i:>8}  {s:>12.4e}{lab}")

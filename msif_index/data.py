@@ -1,0 +1,47 @@
+"""Batching map-style datasets (an example's id is its position) and moving batches."""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils._pytree import tree_map
+from torch.utils.data import Dataset
+
+from .task import collate
+
+
+def batches(dataset: Dataset, batch_size: int, ids: Sequence[int] | None = None
+            ) -> Iterator[tuple[list[int], Any]]:
+    """Yield (ids, collated batch) over ``ids`` (default: all examples in order)."""
+    if ids is None:
+        ids = range(len(dataset))  # type: ignore[arg-type]
+    ids = list(ids)
+    for s in range(0, len(ids), batch_size):
+        chunk = ids[s:s + batch_size]
+        yield chunk, collate([dataset[i] for i in chunk])
+
+
+def full_batch(dataset: Dataset, ids: Sequence[int] | None = None) -> Any:
+    """Every example (or those in ``ids``) as one batch."""
+    if ids is None:
+        ids = range(len(dataset))  # type: ignore[arg-type]
+    return collate([dataset[i] for i in ids])
+
+
+def move(batch: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
+    """Move tensors of a batch to ``device``; cast floating tensors to ``dtype``."""
+    def one(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device) if device is not None else t
+    return tree_map(one, batch)
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of examples in a collated batch (leading dim of its first tensor)."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+    if not leaves:
+        raise ValueError("a batch must contain at least one tensor")
+    return int(leaves[0].shape[0])

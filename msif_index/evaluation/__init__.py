@@ -1,0 +1,1 @@
+"""Retrieval evaluation: against exact influence, retraining (LOO, LDS) and baselines."""

@@ -1,0 +1,137 @@
+"""Exact multi-stage influence with dense Hessians (MATH.md), the ground truth for small models.
+
+    DW(z)   = - [ H_G^{-1} grad_{(W,U)} g(z) ]_W                          (stage 1)
+    frozen:   v_t = grad_W l - F_Wt H_tt^{-1} grad_theta l                (stage 2a)
+    proximal: v_t = alpha [ K^{-1} grad_{(theta,W)} l ]_W,  K = d2F/d(theta,W)2 + diag(0, alpha I)
+    I(z, x_t) = v_t . DW(z)
+
+Sign convention: I(z, x_t) = d l(x_t) / d eps for up-weighting z by eps in pretraining.
+I < 0: z is helpful (a proponent); I > 0: z is harmful (an opponent). Removing z changes the
+test measurement by about -I / n.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .autodiff import FlatParams, batched_objective, dense_hessian, per_example_grads
+from .data import batch_size_of, batches, move
+from .errors import TooLargeError
+from .task import MultiStageTask, split_parameters
+
+#: dense Hessians above this many parameters are refused
+MAX_EXACT_PARAMS = 20_000
+_DTYPE = torch.float64
+
+
+def _as_float64(model: nn.Module) -> nn.Module:
+    m = copy.deepcopy(model).to(_DTYPE)
+    m.eval()
+    return m
+
+
+def _check_size(dim: int, what: str, limit: int) -> None:
+    if dim > limit:
+        raise TooLargeError(
+            f"exact influence needs a dense {dim}x{dim} Hessian of {what} (limit {limit} parameters); "
+            f"use the index instead: msif build-index --preconditioner ekfac (or gauss-newton)")
+
+
+@dataclass
+class PretrainSide:
+    """Stage 1 quantities at (W*, U*), in float64."""
+
+    hessian: torch.Tensor        # H_G over (W, U), [d_WU, d_WU]
+    grads: torch.Tensor          # grad_{(W,U)} g(z_i), [n, d_WU]
+    displacements: torch.Tensor  # DW(z_i) = -[H_G^{-1} grad g(z_i)]_W, [n, d_W]
+    w_names: list[str]
+    u_names: list[str]
+
+
+def pretrain_side(task: MultiStageTask, pretrained: nn.Module | None = None, batch_size: int = 512,
+                  max_params: int = MAX_EXACT_PARAMS) -> PretrainSide:
+    """H_G, per-example gradients and DW(z) for every pretraining example, exactly."""
+    model = _as_float64(pretrained if pretrained is not None else task.pretrained_model())
+    w, u = split_parameters(task, model)
+    flat = FlatParams(model, w + u)
+    _check_size(flat.dim, "the pretraining objective over (W, U)", max_params)
+    x = flat.get()
+    f = flat.loss(task.pretrain_loss)
+    dataset = task.pretrain_dataset()
+    n = len(dataset)  # type: ignore[arg-type]
+    data = [move(b, dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
+    mean_loss = batched_objective(f, data, n)
+    wd = float(task.pretrain_weight_decay)
+    hessian = dense_hessian(mean_loss, x) + wd * torch.eye(flat.dim, dtype=_DTYPE)
+    grads = torch.cat([per_example_grads(f, x, b) for b in data])
+    solved = torch.linalg.solve(hessian, grads.T).T      # H_G^{-1} grad g(z_i), rows
+    d_w = sum(flat.sizes[: len(w)])
+    return PretrainSide(hessian, grads, -solved[:, :d_w], w, u)
+
+
+@dataclass
+class FinetuneSide:
+    """Stage 2 quantities at the finetuned point (theta_hat, W_hat), in float64."""
+
+    hessian: torch.Tensor      # d2F/d(theta, W)2 (finetuning objective incl. its weight decay)
+    theta_names: list[str]
+    w_names: list[str]
+    d_theta: int
+
+
+def finetune_side(task: MultiStageTask, finetuned: nn.Module, batch_size: int = 512,
+                  max_params: int = MAX_EXACT_PARAMS) -> tuple[FinetuneSide, FlatParams]:
+    """The finetuning Hessian over (theta, W) at the finetuned model."""
+    model = finetuned
+    w, theta = split_parameters(task, model)
+    flat = FlatParams(model, theta + w)
+    _check_size(flat.dim, "the finetuning objective over (theta, W)", max_params)
+    x = flat.get()
+    f = flat.loss(task.finetune_loss)
+    dataset = task.finetune_dataset()
+    m = len(dataset)  # type: ignore[arg-type]
+    data = [move(b, dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
+    d_theta = sum(flat.sizes[: len(theta)])
+    h = dense_hessian(batched_objective(f, data, m), x)
+    wd = float(task.finetune_weight_decay)
+    h[:d_theta, :d_theta] += wd * torch.eye(d_theta, dtype=_DTYPE)
+    return FinetuneSide(h, theta, w, d_theta), flat
+
+
+def chained_test_vectors(task: MultiStageTask, test_batch: Any, finetuned: nn.Module | None = None,
+                         finetuning: str | None = None, alpha: float | None = None,
+                         max_params: int = MAX_EXACT_PARAMS) -> torch.Tensor:
+    """v_t for each test point, [Q, d_W] (frozen or proximal, MATH.md stage 2)."""
+    model = _as_float64(finetuned if finetuned is not None else task.finetuned_model())
+    style = finetuning or task.finetuning
+    side, flat = finetune_side(task, model, max_params=max_params)
+    batch = move(test_batch, dtype=_DTYPE)
+    g = per_example_grads(flat.loss(task.measurement), flat.get(), batch)   # [Q, d_theta + d_W]
+    dt = side.d_theta
+    h = side.hessian
+    if style == "frozen":
+        h_tt, f_wt = h[:dt, :dt], h[dt:, :dt]
+        return g[:, dt:] - (f_wt @ torch.linalg.solve(h_tt, g[:, :dt].T)).T
+    a = float(alpha if alpha is not None else task.alpha)
+    k = h.clone()
+    k[dt:, dt:] += a * torch.eye(h.shape[0] - dt, dtype=_DTYPE)
+    return a * torch.linalg.solve(k, g.T).T[:, dt:]
+
+
+def exact_influence(task: MultiStageTask, test_batch: Any, pretrained: nn.Module | None = None,
+                    finetuned: nn.Module | None = None, finetuning: str | None = None,
+                    alpha: float | None = None, max_params: int = MAX_EXACT_PARAMS) -> torch.Tensor:
+    """I(z_i, x_t) for every test point and pretraining example, [Q, n], float64, exactly.
+
+    I(z, x_t) = d l(x_t) / d eps of up-weighting z by eps in pretraining (then finetuning as
+    the task does). I < 0: helpful (a proponent); I > 0: harmful (an opponent).
+    ``finetuning``/``alpha`` override the task's settings (e.g. to compare styles).
+    """
+    batch_size_of(test_batch)
+    pre = pretrain_side(task, pretrained, max_params=max_params)
+    v = chained_test_vectors(task, test_batch, finetuned, finetuning, alpha, max_params)
+    return v @ pre.displacements.T

@@ -1,0 +1,902 @@
+"""The HDF5 row store: an [n, k] matrix of projected per-example gradients, one row per example.
+
+File layout (``SCHEMA_VERSION`` 1):
+    dataset ``rows``     [n, k] float16/float32/float64, chunked (chunk_rows, k), fletcher32
+    dataset ``written``  [n] bool, fletcher32: which rows were written
+    extra datasets       small arrays (e.g. preconditioner state), fletcher32
+    file attributes      schema_version, n, k, dtype and the caller's attributes; dicts, lists,
+                         tuples and None are stored as JSON strings (their names are listed in
+                         the ``_json_attrs`` attribute) and decoded back on read
+
+Files are written into a temporary file next to the final one and renamed only when every
+row was written (``msif_index.atomic``), so a reader never sees a half-written store. The
+fletcher32 checksums make corrupted bytes fail on read (CorruptIndexError), and a truncated
+file fails to open (CorruptIndexError).
+
+``ShardedWriter`` is the resumable form used by a build: rows go into shard files
+``shard_{i:05d}.h5``, each committed atomically when complete, so a build killed at any
+moment resumes from the shards that exist.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import h5py
+import numpy as np
+
+from .atomic import atomic_path, cleanup_stale_tmp, disk_full_error, is_disk_full
+from .errors import ConfigError, CorruptIndexError, NonFiniteError, ShapeError
+
+try:  # torch is optional here: rows may be numpy arrays
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None  # type: ignore[assignment]
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DTYPES",
+    "RowStore",
+    "RowWriter",
+    "ShardedWriter",
+    "normalize_attrs",
+    "normalize_dtype",
+]
+
+SCHEMA_VERSION = 1
+DTYPES = ("float32", "float16", "float64")
+
+ROWS = "rows"
+WRITTEN = "written"
+_JSON_ATTRS = "_json_attrs"
+_RESERVED_ATTRS = frozenset({"schema_version", "n", "k", "dtype", _JSON_ATTRS})
+_RESERVED_DATASETS = frozenset({ROWS, WRITTEN})
+
+_MAX_CHUNK_BYTES = 4 << 20  # keep a chunk <= 4 MiB: take() reads (and checksums) whole chunks
+_CACHE_BYTES = 32 << 20  # HDF5 chunk cache per dataset (partial-chunk writes stay in memory)
+_MASK_BLOCK = 1 << 20  # rows of the written mask checked at a time
+_MAX_BLOCK_BYTES = 256 << 20  # iter_blocks never yields more than this per block
+
+_REBUILD = "rebuild the index with `msif build-index ... --overwrite`"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def normalize_dtype(dtype: Any) -> str:
+    """'float32' | 'float16' | 'float64' from a string, numpy dtype or torch dtype; else ConfigError."""
+    name = str(dtype).replace("torch.", "")
+    try:
+        name = np.dtype(name).name
+    except TypeError:
+        pass
+    if name not in DTYPES:
+        raise ConfigError(f"row dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return name
+
+
+def _encode_attr(value: Any) -> tuple[Any, bool]:
+    """(value to store as an HDF5 attribute, stored as JSON?)."""
+    if isinstance(value, (bool, np.bool_)):
+        return np.bool_(value), False
+    if isinstance(value, (int, np.integer)):
+        if -(2**63) <= int(value) < 2**63:
+            return np.int64(value), False
+        return json.dumps(int(value)), True
+    if isinstance(value, (float, np.floating)):
+        return np.float64(value), False
+    if isinstance(value, (str, bytes)):
+        return value, False
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    try:
+        return json.dumps(value, sort_keys=True), True
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"attribute value {value!r} cannot be stored: {e}") from None
+
+
+def _decode_attr(value: Any, is_json: bool) -> Any:
+    if is_json:
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        return json.loads(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def normalize_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """``attrs`` as a store reads them back (tuples -> lists, numpy scalars -> Python, ...)."""
+    out = {}
+    for key, value in attrs.items():
+        enc, is_json = _encode_attr(value)
+        out[str(key)] = _decode_attr(enc, is_json)
+    return out
+
+
+def _write_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
+    json_keys = []
+    for key, value in attrs.items():
+        enc, is_json = _encode_attr(value)
+        f.attrs[str(key)] = enc
+        if is_json:
+            json_keys.append(str(key))
+    f.attrs[_JSON_ATTRS] = json.dumps(sorted(json_keys))
+
+
+def _read_attrs(f: h5py.File) -> dict[str, Any]:
+    raw = dict(f.attrs.items())
+    json_keys = set(json.loads(_decode_attr(raw.pop(_JSON_ATTRS, "[]"), False) or "[]"))
+    return {k: _decode_attr(v, k in json_keys) for k, v in raw.items()}
+
+
+def _open_h5(path: Path, mode: str, cache_bytes: int = _CACHE_BYTES) -> h5py.File:
+    kwargs: dict[str, Any] = {"rdcc_nbytes": cache_bytes, "rdcc_nslots": 10007}
+    if mode != "r":
+        # dense attribute storage (no 64 KiB limit on JSON attributes)
+        kwargs["libver"] = ("v108", "latest")
+    try:
+        # files are never written in place (atomic rename), so HDF5's file locks only get in
+        # the way (read-only or network file systems)
+        return h5py.File(path, mode, locking=False, **kwargs)
+    except (TypeError, ValueError) as e:  # pragma: no cover - h5py/HDF5 without the locking option
+        if "lock" not in str(e).lower() and not isinstance(e, TypeError):
+            raise
+        return h5py.File(path, mode, **kwargs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _to_numpy(rows: Any) -> np.ndarray:
+    if torch is not None and isinstance(rows, torch.Tensor):
+        t = rows.detach().to("cpu")
+        if t.dtype in (torch.bfloat16,) or not t.dtype.is_floating_point:
+            t = t.to(torch.float32)
+        return t.numpy()
+    return np.asarray(rows)
+
+
+def _chunk_rows_for(n: int, k: int, itemsize: int, chunk_rows: int) -> int:
+    by_bytes = max(1, _MAX_CHUNK_BYTES // max(1, k * itemsize))
+    return max(1, min(int(chunk_rows), by_bytes, max(n, 1)))
+
+
+def _missing_ranges(mask: np.ndarray, offset: int, limit: int = 3) -> list[tuple[int, int]]:
+    """First ``limit`` runs of False in ``mask`` as (start, stop) with ``offset`` added."""
+    idx = np.flatnonzero(~mask)
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate(([idx[0]], idx[breaks + 1]))
+    stops = np.concatenate((idx[breaks], [idx[-1]])) + 1
+    return [(int(a) + offset, int(b) + offset) for a, b in zip(starts[:limit], stops[:limit])]
+
+
+def _fmt_ranges(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{a}..{b - 1}" if b - a > 1 else f"{a}" for a, b in ranges)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class RowWriter:
+    """Write an [n, k] row store atomically; use as a context manager.
+
+    >>> with RowWriter(path, n, k, "float32", attrs={"config": {...}}) as w:
+    ...     w.write(0, block)              # a contiguous block of rows starting at row 0
+    ...     w.add_dataset("precond", arr)  # small extra arrays
+    On a clean exit every row must have been written (else CorruptIndexError and nothing is
+    saved); the file then replaces ``path`` atomically. On an exception the temporary file is
+    removed and ``path`` (if it existed) is untouched. A full disk raises DiskFullError.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        n: int,
+        k: int,
+        dtype: Any = "float32",
+        attrs: Mapping[str, Any] | None = None,
+        chunk_rows: int = 1024,
+    ) -> None:
+        self.path = Path(path)
+        if int(n) != n or n < 0:
+            raise ConfigError(f"the number of rows must be a non-negative integer, got {n!r}")
+        if int(k) != k or k < 1:
+            raise ConfigError(f"the row width (projection dimension) must be a positive integer, got {k!r}")
+        if int(chunk_rows) != chunk_rows or chunk_rows < 1:
+            raise ConfigError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        self.n = int(n)
+        self.k = int(k)
+        self.dtype = normalize_dtype(dtype)
+        self._np_dtype = np.dtype(self.dtype)
+        self.attrs = dict(attrs or {})
+        clash = _RESERVED_ATTRS.intersection(self.attrs)
+        if clash:
+            raise ValueError(f"attribute names {sorted(clash)} are reserved by the row store")
+        normalize_attrs(self.attrs)  # fail early on values that cannot be stored
+        self.chunk_rows = _chunk_rows_for(self.n, self.k, self._np_dtype.itemsize, chunk_rows)
+        self._stack: contextlib.ExitStack | None = None
+        self._f: h5py.File | None = None
+        self._tmp: Path | None = None
+        self._rows: h5py.Dataset | None = None
+        self._written: h5py.Dataset | None = None
+
+    # -- context management
+
+    def __enter__(self) -> "RowWriter":
+        if self._stack is not None:
+            raise RuntimeError("RowWriter is already open")
+        self._stack = contextlib.ExitStack()
+        try:
+            self._tmp = self._stack.enter_context(atomic_path(self.path))
+            self._f = _open_h5(self._tmp, "w")
+            maxshape = (None, self.k) if self.n == 0 else (self.n, self.k)
+            self._rows = self._f.create_dataset(
+                ROWS,
+                shape=(self.n, self.k),
+                maxshape=maxshape,
+                dtype=self._np_dtype,
+                chunks=(self.chunk_rows, self.k),
+                fletcher32=True,
+            )
+            mask_chunk = max(1, min(self.n, 1 << 16))
+            self._written = self._f.create_dataset(
+                WRITTEN,
+                shape=(self.n,),
+                maxshape=(None,) if self.n == 0 else (self.n,),
+                dtype=np.bool_,
+                chunks=(mask_chunk,),
+                fletcher32=True,
+                fillvalue=False,
+            )
+            _write_attrs(
+                self._f,
+                {"schema_version": SCHEMA_VERSION, "n": self.n, "k": self.k, "dtype": self.dtype, **self.attrs},
+            )
+        except BaseException as e:
+            self._abort(e)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None:
+            self._abort(exc)  # may raise DiskFullError in place of exc
+            return False
+        try:
+            self._finish()
+        except BaseException as e:
+            self._abort(e)
+            raise
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        stack.__exit__(None, None, None)  # fsync + rename; DiskFullError on a full disk
+        return False
+
+    def _close_h5_quietly(self) -> None:
+        f, self._f = self._f, None
+        self._rows = self._written = None
+        if f is not None:
+            with contextlib.suppress(Exception):
+                f.close()
+
+    def _abort(self, exc: BaseException) -> None:
+        """Close and remove the temporary file; raises DiskFullError if ``exc`` says the disk is full."""
+        self._close_h5_quietly()
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.__exit__(type(exc), exc, exc.__traceback__)
+
+    def _finish(self) -> None:
+        self._require_open()
+        assert self._written is not None and self._f is not None and self._tmp is not None
+        missing: list[tuple[int, int]] = []
+        n_missing = 0
+        for s in range(0, self.n, _MASK_BLOCK):
+            mask = self._written[s : min(self.n, s + _MASK_BLOCK)]
+            if not mask.all():
+                n_missing += int(mask.size - np.count_nonzero(mask))
+                if len(missing) < 3:
+                    missing += _missing_ranges(mask, s, 3 - len(missing))
+        if n_missing:
+            raise CorruptIndexError(
+                f"{n_missing} of {self.n} rows of {self.path} (rows {_fmt_ranges(missing)}"
+                f"{', ...' if n_missing > sum(b - a for a, b in missing) else ''}) were never written, "
+                f"so the file was not saved (an existing one is untouched); run the build again"
+            )
+        try:
+            self._f.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.path) from e
+            raise
+        f, self._f = self._f, None
+        self._rows = self._written = None
+        f.close()
+        # read the new file back: a write that failed silently (e.g. when closing) shows here
+        try:
+            with _open_h5(self._tmp, "r") as g:
+                if int(g.attrs["schema_version"]) != SCHEMA_VERSION or g[ROWS].shape != (self.n, self.k):
+                    raise OSError("the header read back differs from the one written")
+        except (OSError, KeyError) as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.path) from e
+            raise CorruptIndexError(
+                f"writing {self.path} failed: the new file cannot be read back ({_first_line(e)}); "
+                f"check the disk (free space, errors) and run again"
+            ) from None
+
+    def _require_open(self) -> None:
+        if self._f is None:
+            raise RuntimeError("RowWriter is not open; use it as `with RowWriter(...) as w:`")
+
+    # -- writing
+
+    def write(self, start: int, rows: Any) -> None:
+        """Write the [m, k] block ``rows`` (numpy array or tensor) at rows [start, start + m)."""
+        self._require_open()
+        assert self._rows is not None and self._written is not None
+        arr = _to_numpy(rows)
+        if arr.ndim != 2 or arr.shape[1] != self.k:
+            raise ShapeError(
+                f"rows written to {self.path.name} must have shape [m, {self.k}], got {list(arr.shape)}"
+            )
+        start = int(start)
+        stop = start + arr.shape[0]
+        if start < 0 or stop > self.n:
+            raise ShapeError(
+                f"rows {start}..{stop - 1} are outside the {self.n} rows of {self.path.name} (0..{self.n - 1})"
+            )
+        if stop == start:
+            return
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.ascontiguousarray(arr, dtype=self._np_dtype)
+        if not np.isfinite(out).all():
+            if self.dtype != "float64" and np.isfinite(arr).all():
+                raise NonFiniteError(
+                    f"rows {start}..{stop - 1} overflow {self.dtype} (values up to "
+                    f"{float(np.abs(arr).max()):.3g}); rebuild with `--dtype float32` or `--dtype float64`"
+                )
+            raise NonFiniteError(
+                f"rows {start}..{stop - 1} contain NaN or infinite values; check the losses and "
+                f"gradients of these examples (e.g. a diverged model or bad inputs) and build again"
+            )
+        try:
+            self._rows[start:stop] = out
+            self._written[start:stop] = True
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.path) from e
+            raise
+
+    def add_dataset(self, name: str, array: Any) -> None:
+        """Store a small extra array (any numeric dtype, any shape) under ``name``, checksummed."""
+        self._require_open()
+        assert self._f is not None
+        if name in _RESERVED_DATASETS or not name or "/" in name:
+            raise ValueError(f"dataset name {name!r} is reserved or invalid")
+        arr = _to_numpy(array) if (torch is not None and isinstance(array, torch.Tensor)) else np.asarray(array)
+        if arr.dtype.kind not in "biufc":
+            raise TypeError(f"dataset {name!r} must be numeric, got dtype {arr.dtype}")
+        scalar = arr.ndim == 0
+        data = arr.reshape(1) if scalar else arr
+        maxshape = tuple(None if s == 0 else s for s in data.shape)
+        chunks = tuple(max(1, min(s, 1 << 16)) if s else 1 for s in data.shape)
+        try:
+            ds = self._f.create_dataset(
+                name, shape=data.shape, maxshape=maxshape, dtype=data.dtype, chunks=chunks, fletcher32=True
+            )
+            if data.size:
+                ds[...] = data
+            ds.attrs["scalar"] = np.bool_(scalar)
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.path) from e
+            raise
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class RowStore:
+    """A read-only row store; open with ``RowStore.open(path)``. Safe to read from several threads."""
+
+    def __init__(self, path: Path, f: h5py.File, attrs: dict[str, Any]) -> None:
+        self.path = path
+        self._f: h5py.File | None = f
+        self._attrs = attrs
+        self._rows: h5py.Dataset = f[ROWS]
+        self.n = int(attrs["n"])
+        self.k = int(attrs["k"])
+        self.dtype: str = attrs["dtype"]
+        self.chunk_rows = int(self._rows.chunks[0]) if self._rows.chunks else max(1, self.n)
+        self._lock = threading.RLock()
+
+    # -- opening and validation
+
+    @classmethod
+    def open(cls, path: Path | str) -> "RowStore":
+        """Open and validate a row store; CorruptIndexError/ConfigError with a one-line message if unusable."""
+        path = Path(path)
+        if not path.exists():
+            raise CorruptIndexError(f"row store {path} not found, so the index is incomplete; {_REBUILD}")
+        try:
+            f = _open_h5(path, "r")
+        except (OSError, ValueError) as e:
+            raise CorruptIndexError(
+                f"{path} is truncated or corrupted (it cannot be opened as HDF5: {_first_line(e)}); {_REBUILD}"
+            ) from None
+        try:
+            attrs = cls._validate(path, f)
+            return cls(path, f, attrs)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.close()
+            raise
+
+    @staticmethod
+    def _validate(path: Path, f: h5py.File) -> dict[str, Any]:
+        try:
+            attrs = _read_attrs(f)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptIndexError(
+                f"the attributes of {path} cannot be read ({_first_line(e)}), so the file is corrupted; {_REBUILD}"
+            ) from None
+        if "schema_version" not in attrs:
+            raise CorruptIndexError(f"{path} is not an msif-index row store (no schema_version); {_REBUILD}")
+        version = attrs["schema_version"]
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"{path} has row-store schema version {version} but this msif-index reads version "
+                f"{SCHEMA_VERSION}; {_REBUILD} (or use the msif-index version that built it)"
+            )
+        try:
+            n, k, dtype = int(attrs["n"]), int(attrs["k"]), str(attrs["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptIndexError(f"{path} lacks valid n/k/dtype attributes, so it is corrupted; {_REBUILD}") from None
+        if dtype not in DTYPES or n < 0 or k < 1:
+            raise CorruptIndexError(f"{path} has invalid attributes n={n} k={k} dtype={dtype!r}; {_REBUILD}")
+        for name in (ROWS, WRITTEN):
+            try:
+                ok = isinstance(f.get(name), h5py.Dataset)
+            except (OSError, KeyError, ValueError):
+                ok = False
+            if not ok:
+                raise CorruptIndexError(f"{path} has no readable {name!r} dataset, so it is corrupted; {_REBUILD}")
+        rows, written = f[ROWS], f[WRITTEN]
+        if rows.shape != (n, k) or rows.dtype != np.dtype(dtype) or written.shape != (n,):
+            raise CorruptIndexError(
+                f"{path} has inconsistent datasets (rows {rows.shape} {rows.dtype}, written {written.shape}; "
+                f"expected ({n}, {k}) {dtype}); {_REBUILD}"
+            )
+        for s in range(0, n, _MASK_BLOCK):
+            try:
+                mask = written[s : min(n, s + _MASK_BLOCK)]
+            except OSError as e:
+                raise CorruptIndexError(
+                    f"{path} fails its checksum in the 'written' mask ({_first_line(e)}), so it is corrupted; {_REBUILD}"
+                ) from None
+            if not mask.all():
+                raise CorruptIndexError(
+                    f"{path} is half-written: rows {_fmt_ranges(_missing_ranges(mask, s))} were never written; {_REBUILD}"
+                )
+        attrs["n"], attrs["k"], attrs["dtype"] = n, k, dtype
+        return attrs
+
+    # -- properties and lifetime
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Every file attribute (schema_version, n, k, dtype and the writer's), JSON values decoded."""
+        return dict(self._attrs)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    def close(self) -> None:
+        with self._lock:
+            f, self._f = self._f, None
+            if f is not None:
+                with contextlib.suppress(Exception):
+                    f.close()
+
+    def __enter__(self) -> "RowStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"RowStore({str(self.path)!r}, n={self.n}, k={self.k}, dtype={self.dtype})"
+
+    def _file(self) -> h5py.File:
+        if self._f is None:
+            raise RuntimeError(f"row store {self.path} is closed")
+        return self._f
+
+    def _read_error(self, what: str, exc: BaseException) -> CorruptIndexError:
+        return CorruptIndexError(
+            f"{self.path}: {what} fail their checksum or cannot be read ({_first_line(exc)}), "
+            f"so the file is corrupted; {_REBUILD}"
+        )
+
+    def _read_raw(self, start: int, stop: int) -> np.ndarray:
+        with self._lock:
+            self._file()
+            try:
+                return self._rows[start:stop]
+            except OSError as e:
+                raise self._read_error(f"rows {start}..{stop - 1}", e) from None
+
+    # -- reading
+
+    def read(self, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
+        """Rows [start, stop) as an array of ``dtype`` (float32 by default)."""
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.n:
+            raise ConfigError(
+                f"row range {start}..{stop} is outside the {self.n} rows of {self.path.name}; "
+                f"use 0 <= start <= stop <= {self.n}"
+            )
+        if start == stop:
+            return np.empty((0, self.k), dtype=dtype)
+        return np.asarray(self._read_raw(start, stop), dtype=dtype)
+
+    def take(self, ids: Any, dtype: Any = np.float32) -> np.ndarray:
+        """Rows ``ids`` (any order, duplicates allowed) as an [len(ids), k] array, in the order given.
+
+        Reads the sorted unique ids chunk by chunk, so memory beyond the result is one chunk.
+        """
+        if torch is not None and isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        ids = np.asarray(ids)
+        if ids.size == 0:
+            return np.empty((0, self.k), dtype=dtype)
+        if ids.dtype.kind not in "iu":
+            if ids.dtype.kind == "f" and np.all(np.mod(ids, 1) == 0):
+                ids = ids.astype(np.int64)
+            else:
+                raise ConfigError(f"row ids must be integers, got dtype {ids.dtype}; pass integer example ids")
+        ids = ids.reshape(-1).astype(np.int64, copy=False)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.n:
+            bad = lo if lo < 0 else hi
+            raise ConfigError(
+                f"row id {bad} is out of range: {self.path.name} holds {self.n} rows (ids 0..{self.n - 1}); "
+                f"pass ids in that range"
+            )
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        out = np.empty((uniq.size, self.k), dtype=dtype)
+        chunk_of = uniq // self.chunk_rows
+        bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+        starts = np.concatenate(([0], bounds))
+        stops = np.concatenate((bounds, [uniq.size]))
+        for g0, g1 in zip(starts.tolist(), stops.tolist()):
+            r0, r1 = int(uniq[g0]), int(uniq[g1 - 1]) + 1
+            block = self._read_raw(r0, r1)
+            out[g0:g1] = block[uniq[g0:g1] - r0]
+        return out[inverse.reshape(-1)]
+
+    def iter_blocks(
+        self, block_rows: int = 65536, dtype: Any = np.float32, max_block_bytes: int = _MAX_BLOCK_BYTES
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start, rows[start:start+m]) over all rows in order.
+
+        A block holds at most ``block_rows`` rows and at most ``max_block_bytes`` bytes (the
+        last one may be shorter), so memory stays bounded whatever n is.
+        """
+        step = _block_step(block_rows, self.k, np.dtype(dtype).itemsize, max_block_bytes, self.chunk_rows)
+        for s in range(0, self.n, step):
+            e = min(self.n, s + step)
+            yield s, np.asarray(self._read_raw(s, e), dtype=dtype)
+
+    def verify(self, block_rows: int = 65536) -> None:
+        """Read every row (and extra dataset) once, so any checksum failure raises CorruptIndexError now."""
+        for _ in self.iter_blocks(block_rows, dtype=self.dtype):
+            pass
+        for name in self.dataset_names():
+            self.dataset(name)
+
+    def dataset_names(self) -> list[str]:
+        """Names of the extra datasets (everything but rows and written)."""
+        with self._lock:
+            return sorted(n for n in self._file().keys() if n not in _RESERVED_DATASETS)
+
+    def dataset(self, name: str) -> np.ndarray:
+        """An extra dataset stored with ``RowWriter.add_dataset``, read whole."""
+        with self._lock:
+            f = self._file()
+            try:
+                ds = f.get(name)
+            except (OSError, KeyError, ValueError):
+                ds = None
+            if name in _RESERVED_DATASETS or not isinstance(ds, h5py.Dataset):
+                raise CorruptIndexError(
+                    f"{self.path} has no dataset {name!r}, so the index is incomplete or from another version; {_REBUILD}"
+                )
+            try:
+                arr = ds[...]
+                scalar = bool(ds.attrs.get("scalar", False))
+            except OSError as e:
+                raise self._read_error(f"dataset {name!r} values", e) from None
+        return arr.reshape(()) if scalar else arr
+
+
+def _block_step(block_rows: int, k: int, itemsize: int, max_block_bytes: int, chunk_rows: int) -> int:
+    if int(block_rows) != block_rows or block_rows < 1:
+        raise ConfigError(f"block_rows must be a positive integer, got {block_rows!r}")
+    cap = max(1, int(max_block_bytes) // max(1, k * max(itemsize, 4)))
+    step = min(int(block_rows), cap)
+    if step >= chunk_rows and step < block_rows:
+        step -= step % chunk_rows  # whole chunks: each chunk is read (and checksummed) once
+    return max(1, step)
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+_SHARD_RE = re.compile(r"^shard_(\d+)\.h5$")
+_SHARD_KEYS = ("shard_index", "shard_start", "shard_stop", "total_rows", "shard_rows")
+
+
+class _ShardWriter:
+    """What ``ShardedWriter.shard(i)`` yields: ``write(start, rows)`` with global row numbers."""
+
+    def __init__(self, writer: RowWriter, index: int, start: int, stop: int) -> None:
+        self._w = writer
+        self.index, self.start, self.stop = index, start, stop
+
+    def write(self, start: int, rows: Any) -> None:
+        arr = _to_numpy(rows)
+        m = arr.shape[0] if arr.ndim >= 1 else 0
+        start = int(start)
+        if start < self.start or start + m > self.stop:
+            raise ShapeError(
+                f"rows {start}..{start + m - 1} are outside shard {self.index} (rows {self.start}..{self.stop - 1})"
+            )
+        self._w.write(start - self.start, arr)
+
+    def add_dataset(self, name: str, array: Any) -> None:
+        self._w.add_dataset(name, array)
+
+
+class ShardedWriter:
+    """Resumable writer of n rows as shard files ``shard_{i:05d}.h5`` in ``folder``.
+
+    Shard i holds rows [i*shard_rows, min(n, (i+1)*shard_rows)); it is written incrementally
+    into a temporary file and renamed only when complete, so after a kill the shards on disk
+    are exactly the finished ones. Typical use::
+
+        sw = ShardedWriter(folder, n, k, "float32", shard_rows, attrs)
+        for start, stop in sw.pending_ranges():          # one range per missing shard
+            with sw.shard(sw.shard_index(start)) as w:
+                for s in range(start, stop, batch):
+                    w.write(s, compute(s, min(stop, s + batch)))
+        for start, block in sw.iter_blocks(65536):
+            ...
+
+    Shards written with other n/k/dtype/shard_rows/attrs raise ConfigError (rebuild with
+    --overwrite); shards that cannot be opened are deleted with a warning and recomputed.
+    Leftover temporary shard files of killed writers are removed when the writer is created.
+    """
+
+    def __init__(
+        self,
+        folder: Path | str,
+        n: int,
+        k: int,
+        dtype: Any = "float32",
+        shard_rows: int = 65536,
+        attrs: Mapping[str, Any] | None = None,
+        chunk_rows: int = 1024,
+    ) -> None:
+        self.folder = Path(folder)
+        if int(n) != n or n < 0:
+            raise ConfigError(f"the number of rows must be a non-negative integer, got {n!r}")
+        if int(k) != k or k < 1:
+            raise ConfigError(f"the row width (projection dimension) must be a positive integer, got {k!r}")
+        if int(shard_rows) != shard_rows or shard_rows < 1:
+            raise ConfigError(f"shard_rows must be a positive integer, got {shard_rows!r}")
+        self.n, self.k, self.shard_rows = int(n), int(k), int(shard_rows)
+        self.dtype = normalize_dtype(dtype)
+        self.chunk_rows = int(chunk_rows)
+        self.attrs = dict(attrs or {})
+        clash = (_RESERVED_ATTRS | set(_SHARD_KEYS)).intersection(self.attrs)
+        if clash:
+            raise ValueError(f"attribute names {sorted(clash)} are reserved by the sharded row store")
+        self._norm_attrs = normalize_attrs(self.attrs)
+        self.num_shards = math.ceil(self.n / self.shard_rows)
+        self._valid: dict[int, tuple[int, int, int]] = {}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cleanup_stale_tmp(self.folder, ".shard_*.h5.tmp-*")
+
+    # -- layout
+
+    def shard_path(self, i: int) -> Path:
+        return self.folder / f"shard_{i:05d}.h5"
+
+    def shard_range(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self.num_shards:
+            raise IndexError(f"shard {i} does not exist (there are {self.num_shards})")
+        return i * self.shard_rows, min(self.n, (i + 1) * self.shard_rows)
+
+    def shard_index(self, row: int) -> int:
+        """The shard holding ``row``."""
+        if not 0 <= row < self.n:
+            raise IndexError(f"row {row} is outside 0..{self.n - 1}")
+        return int(row) // self.shard_rows
+
+    def _shard_attrs(self, i: int) -> dict[str, Any]:
+        start, stop = self.shard_range(i)
+        return {
+            **self.attrs,
+            "shard_index": i,
+            "shard_start": start,
+            "shard_stop": stop,
+            "total_rows": self.n,
+            "shard_rows": self.shard_rows,
+        }
+
+    def _expected_attrs(self, i: int) -> dict[str, Any]:
+        start, stop = self.shard_range(i)
+        return {
+            **self._norm_attrs,
+            **normalize_attrs({k: v for k, v in self._shard_attrs(i).items() if k in _SHARD_KEYS}),
+            "schema_version": SCHEMA_VERSION,
+            "n": stop - start,
+            "k": self.k,
+            "dtype": self.dtype,
+        }
+
+    # -- state on disk
+
+    @staticmethod
+    def _stat_key(path: Path) -> tuple[int, int, int] | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _check_shard(self, i: int) -> bool:
+        path = self.shard_path(i)
+        key = self._stat_key(path)
+        if key is None:
+            self._valid.pop(i, None)
+            return False
+        if self._valid.get(i) == key:
+            return True
+        try:
+            store = RowStore.open(path)
+        except CorruptIndexError:
+            warnings.warn(
+                f"shard {path} is truncated, corrupted or half-written; deleted it, its rows will be computed again",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            self._valid.pop(i, None)
+            return False
+        with store:
+            found = store.attrs
+        expected = self._expected_attrs(i)
+        for name in sorted(set(found) | set(expected)):
+            a, b = found.get(name, "<missing>"), expected.get(name, "<missing>")
+            if a != b:
+                raise ConfigError(
+                    f"shard {path.name} in {self.folder} was written with other settings "
+                    f"({name}: {a!r} there, {b!r} now); rebuild with `msif build-index ... --overwrite` "
+                    f"to discard the old shards"
+                )
+        self._valid[i] = key
+        return True
+
+    def completed_shards(self) -> list[int]:
+        """Indices of the shard files that exist and are complete and valid (sorted)."""
+        for p in self.folder.glob("shard_*.h5"):
+            m = _SHARD_RE.match(p.name)
+            if m and int(m.group(1)) >= self.num_shards:
+                raise ConfigError(
+                    f"{p} does not belong to a build of {self.n} rows in shards of {self.shard_rows} "
+                    f"(other data set or settings); rebuild with `msif build-index ... --overwrite`"
+                )
+        return [i for i in range(self.num_shards) if self._check_shard(i)]
+
+    def pending_shards(self) -> list[int]:
+        """Indices of the shards still to write."""
+        done = set(self.completed_shards())
+        return [i for i in range(self.num_shards) if i not in done]
+
+    def pending_ranges(self) -> Iterator[tuple[int, int]]:
+        """(start, stop) of the rows still to compute: one range per missing shard, in order."""
+        for i in self.pending_shards():
+            yield self.shard_range(i)
+
+    def is_complete(self) -> bool:
+        return not self.pending_shards()
+
+    # -- writing
+
+    @contextlib.contextmanager
+    def shard(self, i: int) -> Iterator[_ShardWriter]:
+        """Write shard ``i``: yields a writer whose ``write(start, rows)`` takes global row numbers.
+
+        Every row of the shard must be written; on a clean exit the shard is committed
+        atomically, on an exception it is discarded.
+        """
+        start, stop = self.shard_range(i)
+        path = self.shard_path(i)
+        with RowWriter(path, stop - start, self.k, self.dtype, self._shard_attrs(i), self.chunk_rows) as w:
+            yield _ShardWriter(w, i, start, stop)
+        key = self._stat_key(path)
+        if key is not None:
+            self._valid[i] = key
+
+    # -- reading
+
+    def open_shard(self, i: int) -> RowStore:
+        return RowStore.open(self.shard_path(i))
+
+    def iter_blocks(
+        self, block_rows: int = 65536, dtype: Any = np.float32, max_block_bytes: int = _MAX_BLOCK_BYTES
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start, block) over all n rows in order, across shards; one shard open at a time."""
+        pending = self.pending_shards()
+        if pending:
+            shown = ", ".join(str(i) for i in pending[:5]) + (", ..." if len(pending) > 5 else "")
+            raise CorruptIndexError(
+                f"{len(pending)} of {self.num_shards} shards in {self.folder} are not written yet "
+                f"(shards {shown}); run the build again to finish it"
+            )
+        step = _block_step(block_rows, self.k, np.dtype(dtype).itemsize, max_block_bytes, 1)
+        cur: RowStore | None = None
+        cur_i = -1
+        try:
+            for b0 in range(0, self.n, step):
+                b1 = min(self.n, b0 + step)
+                out = np.empty((b1 - b0, self.k), dtype=dtype)
+                p = b0
+                while p < b1:
+                    i = p // self.shard_rows
+                    if i != cur_i:
+                        if cur is not None:
+                            cur.close()
+                        cur, cur_i = None, -1
+                        cur = self.open_shard(i)
+                        cur_i = i
+                    s0, s1 = self.shard_range(i)
+                    q = min(b1, s1)
+                    out[p - b0 : q - b0] = cur._read_raw(p - s0, q - s0)
+                    p = q
+                yield b0, out
+        finally:
+            if cur is not None:
+                cur.close()
+
+    def remove(self) -> None:
+        """Delete every shard file (e.g. after merging them into one store)."""
+        for p in self.folder.glob("shard_*.h5"):
+            if _SHARD_RE.match(p.name):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        self._valid.clear()

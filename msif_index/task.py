@@ -1,0 +1,222 @@
+"""The task contract: how users hand msif-index their pretrain -> finetune pipeline.
+
+Notation of MATH.md:
+    W      shared parameters (``task.shared_parameters``), present in both models
+    U      every other trainable parameter of ``pretrained_model()``   (pretraining head)
+    theta  every other trainable parameter of ``finetuned_model()``    (finetuning head)
+    G(W, U)     = mean_i pretrain_loss(z_i) + pretrain_weight_decay/2 * ||(W, U)||^2
+    F(theta, W) = mean_j finetune_loss(x_j) + finetune_weight_decay/2 * ||theta||^2
+    l(x_t)      = measurement(finetuned_model, x_t)   (default: the finetuning loss)
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+import sys
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from .errors import TaskError
+
+FINETUNING_STYLES = ("frozen", "proximal")
+
+
+class MultiStageTask(ABC):
+    """A pretrain -> finetune pipeline, subclassed by users.
+
+    Required: the two models, the three datasets, the two per-example losses and
+    ``shared_parameters``. Optional: ``measurement`` (default: the finetuning loss),
+    ``finetuning`` ("frozen" or "proximal"), ``alpha`` (proximal strength), the two weight
+    decays, and the retraining hooks ``pretrain`` / ``finetune`` used by retraining evaluation.
+
+    Sign convention (MATH.md): the influence I(z, x_t) = d l(x_t) / d eps of up-weighting z in
+    pretraining. I < 0: z is helpful (more weight lowers the test loss); I > 0: harmful.
+    """
+
+    #: names (as in ``model.named_parameters()``) of the shared parameters W, identical in both models
+    shared_parameters: Sequence[str] = ()
+    #: "frozen": W fixed while finetuning; "proximal": W finetuned under (alpha/2)||W - W*||^2
+    finetuning: str = "frozen"
+    #: proximal strength (only used when finetuning == "proximal")
+    alpha: float = 0.0
+    #: the pretraining objective adds pretrain_weight_decay/2 * ||(W, U)||^2
+    pretrain_weight_decay: float = 0.0
+    #: the finetuning objective adds finetune_weight_decay/2 * ||theta||^2
+    finetune_weight_decay: float = 0.0
+
+    @abstractmethod
+    def pretrained_model(self) -> nn.Module:
+        """The pretrained model, holding W* and U*."""
+
+    @abstractmethod
+    def finetuned_model(self) -> nn.Module:
+        """The finetuned model, holding theta_hat and W_hat (W_hat == W* when finetuning is frozen)."""
+
+    @abstractmethod
+    def pretrain_dataset(self) -> Dataset:
+        """Map-style dataset of pretraining examples z_1..z_n; an example's id is its position."""
+
+    @abstractmethod
+    def finetune_dataset(self) -> Dataset:
+        """Map-style dataset of finetuning examples x_1..x_m."""
+
+    @abstractmethod
+    def test_dataset(self) -> Dataset:
+        """Map-style dataset of test points x_t."""
+
+    @abstractmethod
+    def pretrain_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example pretraining loss g(z; W, U), shape [B], unreduced."""
+
+    @abstractmethod
+    def finetune_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example finetuning loss f(x; theta, W), shape [B], unreduced."""
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example test measurement l(x_t; theta, W), shape [B]. Default: the finetuning loss."""
+        return self.finetune_loss(model, batch)
+
+    # Optional retraining hooks (used by `msif evaluate --against retraining|lds`).
+    def pretrain(self, dataset: Dataset, init_model: nn.Module) -> nn.Module:
+        """Retrain the pretrained model on ``dataset`` (warm start from ``init_model`` allowed)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define pretrain(dataset, init_model)")
+
+    def finetune(self, pretrained_model: nn.Module) -> nn.Module:
+        """Finetune ``pretrained_model`` exactly as the task's recipe does; return the finetuned model."""
+        raise NotImplementedError(f"{type(self).__name__} does not define finetune(pretrained_model)")
+
+
+def collate(items: list) -> Any:
+    """A batch is the default collate of dataset items."""
+    return default_collate(items)
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters by name, in the model's order."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def split_parameters(task: MultiStageTask, model: nn.Module) -> tuple[list[str], list[str]]:
+    """(W names, other trainable names) of a model: (W, U) for the pretrained model,
+    (W, theta) for the finetuned one. W keeps the order of ``task.shared_parameters``."""
+    shared = set(task.shared_parameters)
+    return list(task.shared_parameters), [n for n in trainable(model) if n not in shared]
+
+
+def _first_batch(dataset: Dataset, size: int) -> Any:
+    n = len(dataset)  # type: ignore[arg-type]
+    return collate([dataset[i] for i in range(min(size, n))])
+
+
+def _check_loss(name: str, fn, model: nn.Module, batch: Any, expected: int) -> None:
+    try:
+        with torch.no_grad():
+            out = fn(model, batch)
+    except Exception as e:  # noqa: BLE001 - the user's code; report it in one line
+        raise TaskError(f"{name}(model, batch) failed on a batch of {expected}: "
+                        f"{type(e).__name__}: {e}") from None
+    if not isinstance(out, torch.Tensor) or out.shape != (expected,):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TaskError(f"{name} must return one loss per example (shape [{expected}]), got {shape}; "
+                        f"do not reduce with .mean() or .sum()")
+    if not torch.isfinite(out).all():
+        raise TaskError(f"{name} returned non-finite values on the first {expected} examples")
+
+
+def validate_task(task: MultiStageTask) -> None:
+    """Check a task once, failing with one clear line (TaskError) naming what is wrong."""
+    if not isinstance(task, MultiStageTask):
+        raise TaskError(f"a task must subclass msif_index.MultiStageTask, got {type(task).__name__}")
+    if task.finetuning not in FINETUNING_STYLES:
+        raise TaskError(f"finetuning must be 'frozen' or 'proximal', got {task.finetuning!r}")
+    if task.finetuning == "proximal" and not (isinstance(task.alpha, (int, float)) and task.alpha > 0
+                                              and math.isfinite(task.alpha)):
+        raise TaskError(f"proximal finetuning needs alpha > 0 (the proximal strength), got {task.alpha!r}")
+    for attr in ("pretrain_weight_decay", "finetune_weight_decay"):
+        v = getattr(task, attr)
+        if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+            raise TaskError(f"{attr} must be a finite number >= 0, got {v!r}")
+    if isinstance(task.shared_parameters, str) or not len(task.shared_parameters):
+        raise TaskError("shared_parameters must list the names of the shared parameters W "
+                        "(e.g. ['embed.weight', 'embed.bias'])")
+    pre, fin = task.pretrained_model(), task.finetuned_model()
+    for label, m in (("pretrained_model()", pre), ("finetuned_model()", fin)):
+        if not isinstance(m, nn.Module):
+            raise TaskError(f"{label} must return a torch.nn.Module, got {type(m).__name__}")
+    pp, fp = dict(pre.named_parameters()), dict(fin.named_parameters())
+    for name in task.shared_parameters:
+        if name not in pp:
+            raise TaskError(f"shared parameter {name!r} is not in pretrained_model(); "
+                            f"it has {_some(pp)}")
+        if name not in fp:
+            raise TaskError(f"shared parameter {name!r} is not in finetuned_model(); "
+                            f"it has {_some(fp)}")
+        if pp[name].shape != fp[name].shape:
+            raise TaskError(f"shared parameter {name!r} has shape {tuple(pp[name].shape)} in the "
+                            f"pretrained model but {tuple(fp[name].shape)} in the finetuned model")
+        if not pp[name].requires_grad:
+            raise TaskError(f"shared parameter {name!r} does not require grad in pretrained_model()")
+    if not split_parameters(task, fin)[1]:
+        raise TaskError("finetuned_model() has no trainable parameters besides the shared ones (theta is empty)")
+    for label, ds_fn in (("pretrain_dataset()", task.pretrain_dataset),
+                         ("finetune_dataset()", task.finetune_dataset),
+                         ("test_dataset()", task.test_dataset)):
+        ds = ds_fn()
+        if not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
+            raise TaskError(f"{label} must be a map-style dataset (with __len__ and __getitem__)")
+        if len(ds) == 0:
+            raise TaskError(f"{label} is empty")
+    b = 2
+    _check_loss("pretrain_loss", task.pretrain_loss, pre, _first_batch(task.pretrain_dataset(), b),
+                min(b, len(task.pretrain_dataset())))
+    _check_loss("finetune_loss", task.finetune_loss, fin, _first_batch(task.finetune_dataset(), b),
+                min(b, len(task.finetune_dataset())))
+    _check_loss("measurement", task.measurement, fin, _first_batch(task.test_dataset(), b),
+                min(b, len(task.test_dataset())))
+
+
+def _some(params: dict) -> str:
+    names = list(params)
+    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+
+
+def load_task(spec: str, validate: bool = True) -> MultiStageTask:
+    """Load ``"path/to/file.py:NAME"``: NAME an instance, or a class / factory called with no arguments."""
+    if ":" not in spec:
+        raise TaskError(f"task must be given as FILE.py:NAME (e.g. examples/digits/task.py:task), got {spec!r}")
+    path_s, name = spec.rsplit(":", 1)
+    path = Path(path_s)
+    if not path.is_file():
+        raise TaskError(f"task file {path_s!r} does not exist")
+    mod_name = f"msif_user_task_{abs(hash(str(path.resolve())))}"
+    module = sys.modules.get(mod_name)
+    if module is None:
+        spec_obj = importlib.util.spec_from_file_location(mod_name, path)
+        if spec_obj is None or spec_obj.loader is None:
+            raise TaskError(f"cannot import {path_s!r} as a Python file")
+        module = importlib.util.module_from_spec(spec_obj)
+        sys.modules[mod_name] = module
+        try:
+            spec_obj.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001
+            del sys.modules[mod_name]
+            raise TaskError(f"importing {path_s} failed: {type(e).__name__}: {e}") from None
+    if not hasattr(module, name):
+        raise TaskError(f"{path_s} has no attribute {name!r}")
+    obj = getattr(module, name)
+    if inspect.isclass(obj) or (callable(obj) and not isinstance(obj, MultiStageTask)):
+        try:
+            obj = obj()
+        except Exception as e:  # noqa: BLE001
+            raise TaskError(f"calling {name}() from {path_s} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, MultiStageTask):
+        raise TaskError(f"{spec} is a {type(obj).__name__}, not a msif_index.MultiStageTask")
+    if validate:
+        validate_task(obj)
+    return obj

@@ -1,0 +1,480 @@
+"""Row store, sharded writer, atomic writes and fingerprints (fast, CPU only)."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from msif_index.atomic import (
+    atomic_path,
+    cleanup_stale_tmp,
+    is_disk_full,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from msif_index.errors import ConfigError, CorruptIndexError, DiskFullError, NonFiniteError, ShapeError
+from msif_index.fingerprint import fingerprint_tensors, short
+from msif_index.store import SCHEMA_VERSION, RowStore, RowWriter, ShardedWriter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_line(exc: BaseException) -> str:
+    msg = str(exc.value if hasattr(exc, "value") else exc)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+def rows_for(start: int, stop: int, k: int = 3) -> np.ndarray:
+    """Deterministic rows: row r is r * 10 + [0, 1, ..., k-1] (exact in float16 for small r)."""
+    r = np.arange(start, stop, dtype=np.float64)[:, None]
+    return (r * 10 + np.arange(k)[None, :]).astype(np.float32)
+
+
+def write_store(path: Path, data: np.ndarray, dtype: str = "float32", attrs=None, chunk_rows: int = 4) -> None:
+    with RowWriter(path, data.shape[0], data.shape[1], dtype, attrs or {}, chunk_rows=chunk_rows) as w:
+        for s in range(0, data.shape[0], 3):
+            w.write(s, data[s : s + 3])
+
+
+def tmp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob(".*.tmp-*"))
+
+
+# ----------------------------------------------------------------------------- RowWriter / RowStore
+
+
+def test_round_trip_dtypes_attrs_and_datasets(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((11, 5)).astype(np.float32)
+    attrs = {
+        "config": {"proj_dim": 5, "layers": ["a", "b"], "lr": 0.1},
+        "pair": (1, 2),
+        "name": "digits",
+        "flag": True,
+        "count": 7,
+        "scale": 2.5,
+        "nothing": None,
+    }
+    for dtype, tol in (("float32", 0.0), ("float16", 2e-3), ("float64", 0.0)):
+        path = tmp_path / f"{dtype}.h5"
+        with RowWriter(path, 11, 5, dtype, attrs, chunk_rows=4) as w:
+            w.write(0, torch.from_numpy(data[:6]))  # tensors are accepted
+            w.write(6, data[6:])
+            w.add_dataset("precond", np.eye(3))
+            w.add_dataset("scalar", np.float64(3.5))
+        assert tmp_files(tmp_path) == []
+        with RowStore.open(path) as st:
+            assert (st.n, st.k, st.dtype) == (11, 5, dtype)
+            got = st.read(0, 11)
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, data, rtol=tol, atol=tol)
+            a = st.attrs
+            assert a["config"] == {"proj_dim": 5, "layers": ["a", "b"], "lr": 0.1}
+            assert a["pair"] == [1, 2] and a["name"] == "digits" and a["flag"] is True
+            assert a["count"] == 7 and a["scale"] == 2.5 and a["nothing"] is None
+            assert a["schema_version"] == SCHEMA_VERSION and a["n"] == 11 and a["k"] == 5
+            np.testing.assert_array_equal(st.dataset("precond"), np.eye(3))
+            assert st.dataset("scalar").shape == () and float(st.dataset("scalar")) == 3.5
+            assert st.dataset_names() == ["precond", "scalar"]
+            blocks = list(st.iter_blocks(block_rows=4))
+            assert [s for s, _ in blocks] == [0, 4, 8]
+            np.testing.assert_allclose(np.concatenate([b for _, b in blocks]), data, rtol=tol, atol=tol)
+            assert st.read(3, 5, dtype=np.float64).dtype == np.float64
+            with pytest.raises(CorruptIndexError) as e:
+                st.dataset("missing")
+            one_line(e)
+
+
+def test_missing_rows_raise_and_leave_no_file(tmp_path):
+    path = tmp_path / "rows.h5"
+    with pytest.raises(CorruptIndexError) as e:
+        with RowWriter(path, 10, 3) as w:
+            w.write(0, rows_for(0, 4))
+            w.write(7, rows_for(7, 9))
+    msg = one_line(e)
+    assert "4..6" in msg and "9" in msg and "never written" in msg
+    assert not path.exists() and tmp_files(tmp_path) == []
+
+    # an existing final file is untouched by a failed rewrite
+    write_store(path, rows_for(0, 10))
+    before = path.read_bytes()
+    with pytest.raises(CorruptIndexError):
+        with RowWriter(path, 10, 3) as w:
+            w.write(0, rows_for(0, 2))
+    assert path.read_bytes() == before and tmp_files(tmp_path) == []
+
+
+def test_exception_inside_writer_discards_temp(tmp_path):
+    path = tmp_path / "rows.h5"
+    with pytest.raises(KeyError):
+        with RowWriter(path, 4, 3) as w:
+            w.write(0, rows_for(0, 4))
+            raise KeyError("boom")
+    assert not path.exists() and tmp_files(tmp_path) == []
+
+
+def test_bad_writes(tmp_path):
+    with RowWriter(tmp_path / "a.h5", 4, 3, "float16") as w:
+        with pytest.raises(ShapeError) as e:
+            w.write(0, np.zeros((2, 4)))
+        one_line(e)
+        with pytest.raises(ShapeError):
+            w.write(3, np.zeros((2, 3)))
+        with pytest.raises(NonFiniteError) as e:
+            w.write(0, np.array([[np.nan, 0, 0]]))
+        one_line(e)
+        with pytest.raises(NonFiniteError) as e:
+            w.write(0, np.array([[1e6, 0, 0]]))
+        assert "float32" in one_line(e)
+        w.write(0, rows_for(0, 4))
+    with pytest.raises(ConfigError) as e:
+        RowWriter(tmp_path / "b.h5", 4, 3, "int8")
+    one_line(e)
+
+
+def test_truncated_file_is_corrupt(tmp_path):
+    path = tmp_path / "rows.h5"
+    write_store(path, rows_for(0, 200, k=16))
+    size = path.stat().st_size
+    os.truncate(path, size // 2)
+    with pytest.raises(CorruptIndexError) as e:
+        RowStore.open(path)
+    msg = one_line(e)
+    assert "truncated or corrupted" in msg and "--overwrite" in msg
+
+
+def test_missing_and_garbage_files_are_corrupt(tmp_path):
+    with pytest.raises(CorruptIndexError) as e:
+        RowStore.open(tmp_path / "nope.h5")
+    one_line(e)
+    (tmp_path / "junk.h5").write_bytes(b"not an hdf5 file at all" * 10)
+    with pytest.raises(CorruptIndexError) as e:
+        RowStore.open(tmp_path / "junk.h5")
+    one_line(e)
+
+
+def test_flipped_byte_in_rows_fails_checksum(tmp_path):
+    path = tmp_path / "rows.h5"
+    data = rows_for(0, 12, k=4)
+    write_store(path, data, chunk_rows=4)
+    with h5py.File(path, "r") as f:
+        info = f["rows"].id.get_chunk_info(1)  # rows 4..7
+        offset = info.byte_offset + 5
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with RowStore.open(path) as st:  # opening reads only the header and the written mask
+        np.testing.assert_array_equal(st.read(0, 4), data[:4])  # intact chunks still read
+        with pytest.raises(CorruptIndexError) as e:
+            st.read(0, 12)
+        msg = one_line(e)
+        assert "checksum" in msg and "--overwrite" in msg
+        with pytest.raises(CorruptIndexError):
+            st.take([5])
+        with pytest.raises(CorruptIndexError):
+            list(st.iter_blocks(4))
+        with pytest.raises(CorruptIndexError):
+            st.verify()
+
+
+def test_half_written_and_schema_version(tmp_path):
+    # a file with the right layout but an incomplete written mask (e.g. copied mid-write)
+    path = tmp_path / "half.h5"
+    write_store(path, rows_for(0, 8))
+    with h5py.File(path, "r+") as f:
+        f["written"][5] = False
+    with pytest.raises(CorruptIndexError) as e:
+        RowStore.open(path)
+    assert "half-written" in one_line(e)
+
+    path = tmp_path / "v.h5"
+    write_store(path, rows_for(0, 8))
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(ConfigError) as e:
+        RowStore.open(path)
+    msg = one_line(e)
+    assert "99" in msg and str(SCHEMA_VERSION) in msg
+
+
+def test_take_unordered_duplicates_and_range(tmp_path):
+    path = tmp_path / "rows.h5"
+    data = rows_for(0, 37, k=5)
+    write_store(path, data, chunk_rows=4)
+    with RowStore.open(path) as st:
+        ids = [36, 0, 5, 5, 17, 0, 4, 3, 36, 20]
+        np.testing.assert_array_equal(st.take(ids), data[ids])
+        np.testing.assert_array_equal(st.take(np.array(ids, dtype=np.int32)), data[ids])
+        np.testing.assert_array_equal(st.take(torch.tensor(ids)), data[ids])
+        assert st.take([]).shape == (0, 5)
+        with pytest.raises(ConfigError) as e:
+            st.take([3, 37])
+        assert "37" in one_line(e)
+        with pytest.raises(ConfigError):
+            st.take([-1])
+        with pytest.raises(ConfigError):
+            st.read(10, 40)
+
+
+def test_concurrent_reads_from_threads(tmp_path):
+    path = tmp_path / "rows.h5"
+    data = rows_for(0, 300, k=8)
+    write_store(path, data, chunk_rows=16)
+    errors: list[BaseException] = []
+    with RowStore.open(path) as st:
+
+        def worker(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            try:
+                for _ in range(30):
+                    ids = rng.integers(0, 300, size=20)
+                    np.testing.assert_array_equal(st.take(ids), data[ids])
+                    s = int(rng.integers(0, 290))
+                    np.testing.assert_array_equal(st.read(s, s + 10), data[s : s + 10])
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+
+
+# ----------------------------------------------------------------------------- disk full
+
+
+def test_disk_full_during_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "rows.h5"
+    write_store(path, rows_for(0, 10))
+    before = path.read_bytes()
+
+    def no_space(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", no_space)
+    with pytest.raises(DiskFullError) as e:
+        with RowWriter(path, 10, 3) as w:
+            w.write(0, rows_for(0, 10))
+    monkeypatch.undo()
+    msg = one_line(e)
+    assert str(path) in msg and "free space" in msg
+    assert path.read_bytes() == before and tmp_files(tmp_path) == []
+    with RowStore.open(path) as st:
+        np.testing.assert_array_equal(st.read(0, 10), rows_for(0, 10))
+
+
+def test_disk_full_at_commit_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "meta.json"
+    write_json_atomic(path, {"a": 1})
+
+    def no_space(fd):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(DiskFullError) as e:
+        write_json_atomic(path, {"a": 2})
+    with pytest.raises(DiskFullError):
+        write_store(tmp_path / "rows.h5", rows_for(0, 4))
+    monkeypatch.undo()
+    one_line(e)
+    assert read_json(path, "index metadata") == {"a": 1}
+    assert tmp_files(tmp_path) == [] and not (tmp_path / "rows.h5").exists()
+    assert is_disk_full(OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+# ----------------------------------------------------------------------------- atomic helpers
+
+
+def test_atomic_helpers(tmp_path):
+    p = tmp_path / "sub" / "meta.json"
+    write_json_atomic(p, {"b": [1, 2], "a": None})
+    assert read_json(p, "index metadata") == {"a": None, "b": [1, 2]}
+    write_bytes_atomic(tmp_path / "x.bin", b"\x00\x01")
+    assert (tmp_path / "x.bin").read_bytes() == b"\x00\x01"
+
+    with pytest.raises(CorruptIndexError) as e:
+        read_json(tmp_path / "missing.json", "index metadata")
+    assert "index metadata" in one_line(e)
+    (tmp_path / "bad.json").write_text('{"a": 1, ')
+    with pytest.raises(CorruptIndexError) as e:
+        read_json(tmp_path / "bad.json", "index metadata")
+    assert "not valid JSON" in one_line(e)
+
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "y.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("killed")
+    assert not (tmp_path / "y.bin").exists() and tmp_files(tmp_path) == []
+
+    dead = tmp_path / ".meta.json.tmp-99999999"
+    dead.write_text("stale")
+    live = tmp_path / f".other.json.tmp-{os.getppid()}"  # a running process: maybe a parallel writer
+    live.write_text("in progress")
+    with atomic_path(tmp_path / "z.bin") as active:
+        active.write_bytes(b"z")
+        removed = cleanup_stale_tmp(tmp_path)
+        assert removed == [dead] and active.exists() and live.exists()
+    assert (tmp_path / "z.bin").read_bytes() == b"z"
+
+
+# ----------------------------------------------------------------------------- sharded writer
+
+
+def fill_shard(sw: ShardedWriter, i: int, batch: int = 2) -> None:
+    start, stop = sw.shard_range(i)
+    with sw.shard(i) as w:
+        for s in range(start, stop, batch):
+            w.write(s, rows_for(s, min(stop, s + batch)))
+
+
+def test_sharded_resume_after_kill(tmp_path):
+    folder = tmp_path / "feats"
+    attrs = {"config": {"proj_dim": 3, "seed": 0}}
+    sw = ShardedWriter(folder, 23, 3, "float32", 5, attrs)
+    assert sw.num_shards == 5
+    assert list(sw.pending_ranges()) == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
+    for i in (0, 1, 3):
+        fill_shard(sw, i)
+    # a kill in the middle of shard 2 leaves a stale temp file; shard 4 exists but is garbage
+    (folder / ".shard_00002.h5.tmp-99999999").write_bytes(b"\x89HDF partial")
+    (folder / "shard_00004.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 40)
+
+    sw2 = ShardedWriter(folder, 23, 3, "float32", 5, attrs)
+    assert tmp_files(folder) == []
+    with pytest.warns(RuntimeWarning, match="shard_00004"):
+        pending = list(sw2.pending_ranges())
+    assert pending == [(10, 15), (20, 23)]
+    assert not (folder / "shard_00004.h5").exists()
+    assert sw2.completed_shards() == [0, 1, 3]
+    with pytest.raises(CorruptIndexError) as e:
+        next(sw2.iter_blocks(4))
+    one_line(e)
+
+    # a failure inside a shard commits nothing
+    with pytest.raises(ValueError):
+        with sw2.shard(2) as w:
+            w.write(10, rows_for(10, 12))
+            raise ValueError("worker died")
+    assert not (folder / "shard_00002.h5").exists() and tmp_files(folder) == []
+    with pytest.raises(ShapeError):
+        with sw2.shard(2) as w:
+            w.write(14, rows_for(14, 16))  # crosses into shard 3
+
+    for start, stop in sw2.pending_ranges():
+        fill_shard(sw2, sw2.shard_index(start), batch=3)
+    assert sw2.is_complete()
+    expected = rows_for(0, 23)
+    for block_rows in (4, 5, 7, 100):
+        blocks = list(sw2.iter_blocks(block_rows))
+        assert [s for s, _ in blocks] == list(range(0, 23, block_rows))
+        assert all(b.dtype == np.float32 and b.shape[0] <= block_rows for _, b in blocks)
+        np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), expected)
+    with sw2.open_shard(4) as st:
+        assert st.attrs["config"] == attrs["config"] and st.attrs["shard_start"] == 20
+
+
+def test_sharded_other_settings_raise_config_error(tmp_path):
+    folder = tmp_path / "feats"
+    sw = ShardedWriter(folder, 10, 3, "float32", 4, {"config": {"proj_dim": 3}})
+    fill_shard(sw, 0)
+    for kwargs in (
+        dict(n=10, k=3, dtype="float32", shard_rows=4, attrs={"config": {"proj_dim": 4}}),
+        dict(n=10, k=3, dtype="float16", shard_rows=4, attrs={"config": {"proj_dim": 3}}),
+        dict(n=11, k=3, dtype="float32", shard_rows=4, attrs={"config": {"proj_dim": 3}}),
+        dict(n=10, k=3, dtype="float32", shard_rows=5, attrs={"config": {"proj_dim": 3}}),
+    ):
+        other = ShardedWriter(folder, **kwargs)
+        with pytest.raises(ConfigError) as e:
+            list(other.pending_ranges())
+        msg = one_line(e)
+        assert "--overwrite" in msg and "shard_00000.h5" in msg
+    # a shard beyond the last one belongs to a larger build
+    with pytest.raises(ConfigError) as e:
+        ShardedWriter(folder, 3, 3, "float32", 1, {"config": {"proj_dim": 3}}).completed_shards()
+    assert "--overwrite" in one_line(e)
+
+
+CHILD = r"""
+import sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from msif_index.store import ShardedWriter
+
+def rows_for(start, stop, k=3):
+    r = np.arange(start, stop, dtype=np.float64)[:, None]
+    return (r * 10 + np.arange(k)[None, :]).astype(np.float32)
+
+sw = ShardedWriter(sys.argv[1], 12, 3, "float32", 4, {"config": {"seed": 1}})
+for start, stop in sw.pending_ranges():
+    with sw.shard(sw.shard_index(start)) as w:
+        for r in range(start, stop):
+            w.write(r, rows_for(r, r + 1))
+            time.sleep(0.25)
+"""
+
+
+def test_sigkill_mid_shard_then_resume(tmp_path):
+    folder = tmp_path / "feats"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), str(folder), str(REPO)])
+    tmp1 = folder / f".shard_00001.h5.tmp-{proc.pid}"
+    try:
+        deadline = time.monotonic() + 120
+        while not ((folder / "shard_00000.h5").exists() and tmp1.exists()):
+            assert proc.poll() is None, "the writer exited early"
+            assert time.monotonic() < deadline, "the writer did not start shard 1"
+            time.sleep(0.01)
+        time.sleep(0.3)  # a row or two of shard 1 written
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert tmp1.exists() and not (folder / "shard_00001.h5").exists()
+
+    sw = ShardedWriter(folder, 12, 3, "float32", 4, {"config": {"seed": 1}})
+    assert not tmp1.exists()
+    assert sw.completed_shards() == [0]
+    assert list(sw.pending_ranges()) == [(4, 8), (8, 12)]
+    for start, _ in list(sw.pending_ranges()):
+        fill_shard(sw, sw.shard_index(start))
+    got = np.concatenate([b for _, b in sw.iter_blocks(5)])
+    np.testing.assert_array_equal(got, rows_for(0, 12))
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def test_fingerprint_changes_with_values_shapes_and_names():
+    base = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
+    fp = fingerprint_tensors(base)
+    assert len(fp) == 64 and short(fp) == fp[:12]
+    # order of the mapping and non-contiguous layout do not matter
+    assert fingerprint_tensors({"b": torch.zeros(3), "w": base["w"].t().contiguous().t()}) == fp
+    changed = {k: v.clone() for k, v in base.items()}
+    changed["w"][1, 2] += 1e-6
+    assert fingerprint_tensors(changed) != fp
+    assert fingerprint_tensors({"w": base["w"].reshape(3, 2), "b": base["b"]}) != fp
+    assert fingerprint_tensors({"w": base["w"].double(), "b": base["b"]}) != fp
+    assert fingerprint_tensors({"w2": base["w"], "b": base["b"]}) != fp
+    assert fingerprint_tensors({"w": base["w"].numpy(), "b": base["b"].numpy()}) == fp
+    assert fingerprint_tensors({"x": torch.ones(2, dtype=torch.bfloat16)}) != fingerprint_tensors(
+        {"x": torch.ones(2, dtype=torch.float16)}
+    )

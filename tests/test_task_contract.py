@@ -1,0 +1,144 @@
+"""Bad tasks fail at load time with one clear line (TaskError)."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import msif_index
+from msif_index.errors import TaskError
+from msif_index.task import split_parameters, validate_task
+
+
+class Net(nn.Module):
+    def __init__(self, out: int, hidden: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(4, hidden)
+        self.head = nn.Linear(hidden, out)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)))
+
+
+class Tiny(msif_index.MultiStageTask):
+    shared_parameters = ("embed.weight", "embed.bias")
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(8, 4, generator=g)
+        self.y = torch.randint(0, 2, (8,), generator=g)
+        self.pre, self.fin = Net(3), Net(2)
+
+    def pretrained_model(self):
+        return self.pre
+
+    def finetuned_model(self):
+        return self.fin
+
+    def pretrain_dataset(self):
+        return TensorDataset(self.x, self.y)
+
+    finetune_dataset = test_dataset = pretrain_dataset
+
+    def pretrain_loss(self, model, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+    finetune_loss = pretrain_loss
+
+
+def test_valid_task_passes_and_splits():
+    t = Tiny()
+    validate_task(t)
+    assert split_parameters(t, t.pre) == (["embed.weight", "embed.bias"], ["head.weight", "head.bias"])
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 300
+    return msg
+
+
+def test_missing_shared_parameter():
+    t = Tiny()
+    t.shared_parameters = ("embed.weight", "encoder.bias")
+    with pytest.raises(TaskError) as e:
+        validate_task(t)
+    assert "encoder.bias" in _one_line(e)
+
+
+def test_shared_shape_mismatch():
+    t = Tiny()
+    t.fin = Net(2, hidden=5)
+    with pytest.raises(TaskError) as e:
+        validate_task(t)
+    assert "shape" in _one_line(e)
+
+
+def test_reduced_loss():
+    t = Tiny()
+    t.pretrain_loss = lambda model, batch: nn.functional.cross_entropy(model(batch[0]), batch[1])
+    with pytest.raises(TaskError) as e:
+        validate_task(t)
+    assert "one loss per example" in _one_line(e)
+
+
+def test_non_finite_loss():
+    t = Tiny()
+    t.finetune_loss = lambda model, batch: model(batch[0])[:, 0] * float("nan")
+    with pytest.raises(TaskError) as e:
+        validate_task(t)
+    assert "non-finite" in _one_line(e)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0, float("inf")])
+def test_proximal_needs_positive_alpha(alpha):
+    t = Tiny()
+    t.finetuning, t.alpha = "proximal", alpha
+    with pytest.raises(TaskError) as e:
+        validate_task(t)
+    assert "alpha" in _one_line(e)
+
+
+def test_unknown_finetuning_style():
+    t = Tiny()
+    t.finetuning = "partial"
+    with pytest.raises(TaskError) as e:
+        validate_task(t)
+    assert "frozen" in _one_line(e)
+
+
+def test_load_task_errors(tmp_path):
+    with pytest.raises(TaskError):
+        msif_index.load_task("no_colon.py")
+    with pytest.raises(TaskError) as e:
+        msif_index.load_task(str(tmp_path / "missing.py") + ":task")
+    assert "does not exist" in _one_line(e)
+    f = tmp_path / "t.py"
+    f.write_text(textwrap.dedent("""
+        x = 3
+        def broken():
+            raise RuntimeError("boom")
+        raise_at_import = False
+    """))
+    with pytest.raises(TaskError) as e:
+        msif_index.load_task(f"{f}:nothing")
+    assert "no attribute" in _one_line(e)
+    with pytest.raises(TaskError) as e:
+        msif_index.load_task(f"{f}:x")
+    assert "not a msif_index.MultiStageTask" in _one_line(e)
+    with pytest.raises(TaskError) as e:
+        msif_index.load_task(f"{f}:broken")
+    assert "boom" in _one_line(e)
+
+
+def test_exact_refuses_large_models(digits_frozen):
+    from msif_index.data import full_batch
+    from msif_index.errors import TooLargeError
+    from msif_index.exact import exact_influence
+    with pytest.raises(TooLargeError) as e:
+        exact_influence(digits_frozen, full_batch(digits_frozen.test_dataset(), [0]), max_params=100)
+    assert "build-index" in _one_line(e)
