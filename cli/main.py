@@ -12,6 +12,8 @@ import typer
 
 from msif_index.errors import ConfigError, MsifError
 
+from msif_index.config import help_text
+
 from .output import SIGN_CONVENTION, parse_ids, print_json, print_ranking
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -75,6 +77,102 @@ def exact(task: str = typer.Option(..., help=TASK_HELP),
         print_json(result)
     else:
         print_ranking(result, t.pretrain_dataset())
+
+
+@app.command("build-index")
+def build_index_cmd(
+        task: str = typer.Option(..., help=TASK_HELP),
+        out: str = typer.Option(None, help="Index folder (default: indexes/<task file's folder name>)."),
+        preset: str = typer.Option("default", help="Starting config: default | exact | fast."),
+        preconditioner: Optional[str] = typer.Option(None, help=help_text("preconditioner")),
+        proj_dim: Optional[int] = typer.Option(None, "--proj-dim", help=help_text("proj_dim") + " 0: no projection."),
+        proj_dim_per_layer: Optional[int] = typer.Option(None, help=help_text("proj_dim_per_layer")),
+        damping: Optional[float] = typer.Option(None, help=help_text("damping")),
+        dtype: Optional[str] = typer.Option(None, help=help_text("dtype")),
+        compute_dtype: Optional[str] = typer.Option(None, help=help_text("compute_dtype")),
+        batch_size: Optional[int] = typer.Option(None, help=help_text("batch_size")),
+        device: Optional[str] = typer.Option(None, help=help_text("device")),
+        factory: Optional[str] = typer.Option(None, help=help_text("factory")),
+        seed: Optional[int] = typer.Option(None, help=help_text("seed")),
+        overwrite: bool = typer.Option(False, help="Replace an index built with another config."),
+        attach: bool = typer.Option(True, help="Attach the task's finetuned model after building."),
+        as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON.")) -> None:
+    """Build (or resume) the pretraining influence index: projected, preconditioned gradients -> HDF5 + FAISS."""
+    from pathlib import Path
+
+    from msif_index.build import build_index
+    from msif_index.config import PRESETS
+    from msif_index.index import InfluenceIndex
+    from msif_index.task import load_task
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    changes = {k: v for k, v in dict(preconditioner=preconditioner, proj_dim_per_layer=proj_dim_per_layer,
+                                      damping=damping, dtype=dtype, compute_dtype=compute_dtype,
+                                      batch_size=batch_size, device=device, factory=factory,
+                                      seed=seed).items() if v is not None}
+    if proj_dim is not None:
+        changes["proj_dim"] = proj_dim or None
+    config = PRESETS[preset].with_(**changes)
+    t = load_task(task)
+    out_dir = Path(out) if out else Path("indexes") / Path(task.rsplit(":", 1)[0]).resolve().parent.name
+    path = build_index(t, out_dir, config, overwrite=overwrite)
+    with InfluenceIndex.open(path) as index:
+        key = index.attach(t, validate=False) if attach else None
+        m = index.manifest
+    summary = {"index": str(path), "n": m["n"], "k": m["k"], "preconditioner": m["preconditioner"]["name"],
+               "damping_used": m["preconditioner"]["damping_used"], "timings": m["timings"], "attached": key}
+    if as_json:
+        print_json(summary)
+        return
+    typer.echo(f"index {path}: n={m['n']} rows of k={m['k']} ({m['preconditioner']['name']} preconditioner, "
+               f"{m['config']['factory']} search)")
+    if m["timings"]:
+        typer.echo("  " + "  ".join(f"{k[:-2]} {v:.2f}s" for k, v in m["timings"].items()))
+    if key:
+        typer.echo(f"  attached finetuned model {key} ({t.finetuning})")
+
+
+@app.command("attach")
+def attach_cmd(index: str = typer.Option(..., help="Index folder (from msif build-index)."),
+               task: str = typer.Option(..., help=TASK_HELP),
+               as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Attach the task's finetuned model to an index (precomputes the finetune-side operator once)."""
+    from msif_index.index import InfluenceIndex
+    from msif_index.task import load_task
+    t = load_task(task)
+    with InfluenceIndex.open(index) as idx:
+        key = idx.attach(t, validate=False)
+    if as_json:
+        print_json({"index": index, "attached": key, "finetuning": t.finetuning})
+    else:
+        typer.echo(f"attached finetuned model {key} ({t.finetuning}) to {index}")
+
+
+@app.command("query")
+def query_cmd(index: str = typer.Option(..., help="Index folder (from msif build-index)."),
+              task: str = typer.Option(..., help=TASK_HELP),
+              test_ids: str = typer.Option(..., help="Comma-separated test example ids, e.g. 3,17."),
+              k: int = typer.Option(10, min=1, help="How many pretraining examples per test point."),
+              direction: str = typer.Option("helpful", help="helpful | harmful."),
+              exact_rerank: Optional[int] = typer.Option(None, help="Search this many candidates, rescore exactly."),
+              as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Top pretraining examples for test points of the task's finetuned model, by index search."""
+    from msif_index.data import full_batch
+    from msif_index.index import InfluenceIndex
+    from msif_index.task import load_task
+    t = load_task(task)
+    ids = parse_ids(test_ids, len(t.test_dataset()), "test")
+    _check_direction(direction)
+    with InfluenceIndex.open(index) as idx:
+        idx.attach(t, validate=False)
+        res = idx.query(full_batch(t.test_dataset(), ids), k=k, direction=direction,
+                        exact_rerank=exact_rerank, test_ids=ids)
+    out = res.to_dict()
+    out["method"] = "index"
+    if as_json:
+        print_json(out)
+    else:
+        print_ranking(out, t.pretrain_dataset())
 
 
 def _check_direction(direction: str) -> None:

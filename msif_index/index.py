@@ -1,0 +1,253 @@
+"""InfluenceIndex: open a built index, attach finetuned models, answer queries.
+
+    q_t = P_W v_t   (operator.py: frozen or proximal, through the attached finetuned model)
+    I(z, x_t) ~ - q_t . s_z      (s_z: the stored row of pretraining example z)
+Most helpful = most negative I = largest q_t . s_z; most harmful = largest (-q_t) . s_z.
+Sign convention: I < 0 helpful (proponent), I > 0 harmful (opponent), in units of d l(x_t) / d eps.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .atomic import read_json
+from .autodiff import FlatParams, per_example_grads
+from .build import BUILD_FILE, FAISS, MANIFEST, OPERATORS, ROWS, pretrained_fingerprints
+from .data import batch_size_of, move
+from .errors import ConfigError, CorruptIndexError, IndexMismatchError, ShapeError
+from .fingerprint import fingerprint_tensors, short
+from .gradients import GradientProjector
+from .gradients.blocks import Block
+from .operator import FinetuneOperator, compute_operator
+from .search import SearchIndex
+from .store import RowStore
+from .task import MultiStageTask, split_parameters, validate_task
+
+DIRECTIONS = ("helpful", "harmful")
+
+
+@dataclass
+class QueryResult:
+    """Top pretraining examples per test point: ``ids`` [Q, k] int64, ``scores`` [Q, k] = I(z, x_t).
+
+    helpful: most negative I first; harmful: most positive I first. -1 ids pad when k > n.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    direction: str
+    finetuned: str
+    test_ids: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"direction": self.direction, "finetuned": self.finetuned, "test_ids": self.test_ids,
+                "ids": self.ids.tolist(), "scores": self.scores.tolist()}
+
+
+@dataclass
+class _Attached:
+    task: MultiStageTask
+    model: nn.Module
+    projector: GradientProjector     # P_W on the finetuned model
+    theta: FlatParams
+    operator: FinetuneOperator
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class InfluenceIndex:
+    """A built pretraining index (``msif build-index``) plus the finetuned models attached to it."""
+
+    def __init__(self, path: Path, manifest: dict, store: RowStore, search: SearchIndex):
+        self.path = path
+        self.manifest = manifest
+        self.store = store
+        self.search_index = search
+        self._attached: dict[str, _Attached] = {}
+        self._default: str | None = None
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, device: str = "auto") -> "InfluenceIndex":
+        """Open an index folder; the FAISS index moves to the GPU when faiss sees one (device='auto')."""
+        p = Path(path)
+        if not (p / MANIFEST).exists():
+            if (p / BUILD_FILE).exists():
+                raise CorruptIndexError(f"the build in {p} did not finish; rerun the same msif build-index "
+                                        f"command to resume it")
+            raise CorruptIndexError(f"no msif index in {p} (no {MANIFEST}); build one with msif build-index")
+        manifest = read_json(p / MANIFEST, "the index manifest")
+        store = RowStore.open(p / ROWS)
+        if store.n != manifest.get("n") or store.k != manifest.get("k"):
+            raise CorruptIndexError(f"{p / ROWS} holds {store.n}x{store.k} rows but the manifest says "
+                                    f"{manifest.get('n')}x{manifest.get('k')}; rebuild with --overwrite")
+        search = SearchIndex.load(p / FAISS, device=device)
+        if search.ntotal != store.n:
+            raise CorruptIndexError(f"{p / FAISS} holds {search.ntotal} rows, expected {store.n}; "
+                                    f"rebuild with --overwrite")
+        return cls(p, manifest, store, search)
+
+    @property
+    def n(self) -> int:
+        return self.store.n
+
+    @property
+    def k(self) -> int:
+        return self.store.k
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "InfluenceIndex":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- attaching -------------------------------------------------------------------------------
+    def check_pretrained(self, task: MultiStageTask) -> None:
+        """IndexMismatchError unless the task's pretrained W and U are the ones the index was built from."""
+        fps = pretrained_fingerprints(task, task.pretrained_model())
+        want = self.manifest["fingerprints"]
+        for part in ("W", "U"):
+            if fps[part] != want[part]:
+                raise IndexMismatchError(
+                    f"the task's pretrained {part} ({short(fps[part])}) is not the one this index was built "
+                    f"from ({short(want[part])}); use the matching pretrained model or rebuild the index")
+        if len(task.pretrain_dataset()) != self.n:
+            raise IndexMismatchError(f"the task has {len(task.pretrain_dataset())} pretraining examples, "
+                                     f"the index {self.n}; rebuild the index for this dataset")
+
+    def _w_projector(self, model: nn.Module, dtype: torch.dtype) -> GradientProjector:
+        proj = self.manifest["projector"]
+        w_names = set(self.manifest["w_names"])
+        blocks, off = [], 0
+        for bd in proj["blocks"]:
+            b = Block(**{**bd, "params": tuple(bd["params"])})
+            if set(b.params) <= w_names:
+                blocks.append(replace(b, offset=off))
+                off += b.dim
+        names = [n for b in blocks for n in b.params]
+        order = {n: i for i, n in enumerate(self.manifest["w_names"])}
+        names.sort(key=order.__getitem__)
+        return GradientProjector.from_blocks(model, names, blocks, seed=proj["seed"], dtype=dtype)
+
+    def attach(self, task: MultiStageTask, finetuned: nn.Module | None = None, batch_size: int = 256,
+               progress_bar: bool | None = None, validate: bool = True) -> str:
+        """Attach a finetuned model (default: the task's); returns its key. Computed once, then cached
+        under ``operators/`` keyed by a fingerprint of the finetuned model and the finetuning style."""
+        if validate:
+            validate_task(task)
+        self.check_pretrained(task)
+        source = finetuned if finetuned is not None else task.finetuned_model()
+        params = dict(source.named_parameters())
+        w, theta = split_parameters(task, source)
+        if task.finetuning == "frozen":
+            fw = fingerprint_tensors({n: params[n] for n in w})
+            if fw != self.manifest["fingerprints"]["W"]:
+                raise IndexMismatchError("finetuning is 'frozen' but the finetuned model's W differs from the "
+                                         "pretrained W*; set finetuning = 'proximal' (with alpha) or use the "
+                                         "frozen finetuned model")
+        ident = {"model": fingerprint_tensors({n: params[n] for n in w + theta}),
+                 "finetuning": task.finetuning, "alpha": float(task.alpha) if task.finetuning == "proximal" else None,
+                 "finetune_n": len(task.finetune_dataset()), "wd": float(task.finetune_weight_decay)}
+        key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()[:16]
+        dtype = torch.float64 if self.manifest["config"]["compute_dtype"] == "float64" else \
+            next(source.parameters()).dtype
+        model = copy.deepcopy(source).to(dtype)
+        model.eval()
+        projector = self._w_projector(model, dtype)
+        op_path = self.path / OPERATORS / f"{key}.h5"
+        if op_path.exists():
+            op = FinetuneOperator.load(op_path)
+        else:
+            op = compute_operator(task, model, projector, key, batch_size=batch_size, show=progress_bar)
+            op_path.parent.mkdir(exist_ok=True)
+            op.save(op_path)
+        self._attached[key] = _Attached(task, model, projector, FlatParams(model, theta), op)
+        self._default = key
+        return key
+
+    @property
+    def attached(self) -> list[str]:
+        return list(self._attached)
+
+    def _get(self, finetuned: str | None) -> _Attached:
+        if not self._attached:
+            raise ConfigError("no finetuned model attached; call index.attach(task) first")
+        key = finetuned or self._default
+        if key not in self._attached:
+            raise ConfigError(f"finetuned model {key!r} is not attached; attached: {', '.join(self._attached)}")
+        return self._attached[key]
+
+    # -- querying --------------------------------------------------------------------------------
+    def query_vectors(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
+        """q_t = P_W v_t for each test point, [Q, k] float64."""
+        a = self._get(finetuned)
+        batch = move(test_batch, dtype=a.projector.dtype)
+        try:
+            q_n = batch_size_of(batch)
+        except ValueError as e:
+            raise ShapeError(f"the test batch holds no tensors: {e}") from None
+        with a.lock:
+            try:
+                pw = a.projector.project_batch(a.task.measurement, batch)
+                gt = per_example_grads(a.theta.loss(a.task.measurement), a.theta.get(), batch)
+            except (RuntimeError, IndexError, ValueError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ShapeError(f"the test batch does not fit the finetuned model: {msg}") from None
+        if pw.shape[0] != q_n:
+            raise ShapeError(f"measurement returned {pw.shape[0]} values for {q_n} test examples")
+        return a.operator.query_vectors(pw.detach(), gt.detach()).numpy()
+
+    def query(self, test_batch: Any, k: int = 10, direction: str = "helpful", finetuned: str | None = None,
+              exact_rerank: int | None = None, nprobe: int | None = None,
+              test_ids: list[int] | None = None) -> QueryResult:
+        """The k most helpful (or harmful) pretraining examples for each test point, with I(z, x_t)."""
+        if direction not in DIRECTIONS:
+            raise ConfigError(f"direction must be 'helpful' or 'harmful', got {direction!r}")
+        if k < 1:
+            raise ConfigError(f"k must be >= 1, got {k}")
+        q = self.query_vectors(test_batch, finetuned)
+        sign = 1.0 if direction == "helpful" else -1.0
+        signed = np.ascontiguousarray(sign * q, dtype=np.float32)
+        if exact_rerank:
+            cand_s, cand = self.search_index.search(signed, max(exact_rerank, k), nprobe=nprobe)
+            ids, dots = _rerank(sign * q, cand, self.store, k)
+        else:
+            dots, ids = self.search_index.search(signed, k, nprobe=nprobe)
+        scores = -dots.astype(np.float64) if direction == "helpful" else dots.astype(np.float64)
+        scores[ids < 0] = np.nan
+        key = finetuned or self._default
+        return QueryResult(ids.astype(np.int64), scores, direction, key, test_ids)
+
+    def scores(self, test_batch: Any, finetuned: str | None = None, block_rows: int = 65536) -> np.ndarray:
+        """I(z, x_t) ~ -q_t . s_z for every pretraining example, [Q, n] float64 (bounded memory)."""
+        q = self.query_vectors(test_batch, finetuned)
+        out = np.empty((q.shape[0], self.n), dtype=np.float64)
+        for start, block in self.store.iter_blocks(block_rows, dtype=np.float64):
+            out[:, start:start + len(block)] = -(q @ block.T)
+        return out
+
+
+def _rerank(q: np.ndarray, cand: np.ndarray, store: RowStore, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact q . s over each query's candidate ids, top k (float64)."""
+    ids = np.full((q.shape[0], k), -1, dtype=np.int64)
+    dots = np.full((q.shape[0], k), -np.inf)
+    for i in range(q.shape[0]):
+        c = cand[i][cand[i] >= 0]
+        if not len(c):
+            continue
+        rows = store.take(c, dtype=np.float64)
+        s = rows @ q[i]
+        order = np.argsort(-s, kind="stable")[:k]
+        ids[i, :len(order)] = c[order]
+        dots[i, :len(order)] = s[order]
+    return ids, dots

@@ -1,0 +1,276 @@
+"""H~^{-1}: approximations of the pretraining Hessian's inverse, applied in the projected space.
+
+A raw row is phi_z = P grad_{(W,U)} g(z) (P = blockdiag of the per-layer projections). Every
+preconditioner here is a Galerkin approximation (MATH.md): with M ~ P H_G P^T,
+    stored row  s_z = [ M^{-1} phi_z ]_W          and    I(z, x_t) ~ - (P_W v_t) . s_z
+so it is exact when P is invertible and M = P H_G P^T (the ``exact`` preconditioner).
+
+    identity      M = I                                   (gradient similarity, the baseline)
+    gauss-newton  M = (1/n) sum phi phi^T + wd P P^T + lambda I      (empirical Fisher, full k x k)
+    kfac          per layer: M_b = S_b (x) A_b / E||Phi||^2 from the projected gradient matrices Phi
+                  (S = E[Phi Phi^T], A = E[Phi^T Phi]), damped in its eigenbasis
+    ekfac         kfac's eigenbasis, eigenvalues corrected to E[(Q_S^T Phi Q_A)^2] (George et al. 2018)
+    hessian       M = P H_G P^T from Hessian-vector products along P's rows, on all (or a seeded
+                  subsample of) pretraining examples, eigenvalues clamped, damped
+    exact         ``hessian`` on every example with no damping: with proj_dim=None this is H_G itself
+
+Damping lambda defaults to ``damping`` x the mean eigenvalue of M (per layer for kfac/ekfac); the
+value used is reported by ``summary()`` and saved in the manifest. The weight decay of the
+pretraining objective (wd/2 ||(W, U)||^2 contributes wd P P^T) is added to M exactly for
+gauss-newton / hessian / exact and as wd * mean diag(P_b P_b^T) per layer for kfac / ekfac.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .gradients.blocks import Block
+
+PRECONDITIONERS = ("identity", "gauss-newton", "kfac", "ekfac", "hessian", "exact")
+_F64 = torch.float64
+
+
+class Preconditioner:
+    """Base: statistics passes over raw rows, then ``apply`` maps raw rows to stored (W) rows."""
+
+    name = "identity"
+    #: how many statistics passes over the raw rows ``fit`` needs
+    passes = 0
+    #: whether U blocks influence the W rows (if not, U need not be captured at all)
+    uses_u = False
+
+    def __init__(self, blocks: Sequence[Block], w_blocks: Sequence[bool], damping: float = 0.1,
+                 weight_decay: float = 0.0, gram: Callable[[Block], torch.Tensor] | None = None):
+        self.blocks = list(blocks)
+        self.w_blocks = list(w_blocks)
+        self.damping = float(damping)
+        self.weight_decay = float(weight_decay)
+        self.gram = gram
+        self.dim = sum(b.dim for b in self.blocks)
+        cols = [torch.arange(b.offset, b.offset + b.dim) for b, w in zip(self.blocks, self.w_blocks) if w]
+        self.w_cols = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
+        self.dim_w = int(self.w_cols.numel())
+        self.damping_used: dict[str, float] = {}
+
+    # statistics ---------------------------------------------------------------------------------
+    def fit(self, row_blocks: Callable[[], Iterable[torch.Tensor]], n: int) -> None:
+        """Run the statistics passes; ``row_blocks()`` yields raw row blocks [B, dim] afresh each call."""
+        for p in range(self.passes):
+            for rows in row_blocks():
+                self.accumulate(p, rows.to(_F64))
+            self.end_pass(p, n)
+
+    def accumulate(self, p: int, rows: torch.Tensor) -> None:  # noqa: D102
+        pass
+
+    def end_pass(self, p: int, n: int) -> None:  # noqa: D102
+        pass
+
+    # application ----------------------------------------------------------------------------------
+    def apply(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stored rows [B, dim_W] = [M^{-1} rows]_W (here M = I)."""
+        return rows[:, self.w_cols]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "damping": self.damping, "damping_used": self.damping_used,
+                "weight_decay": self.weight_decay}
+
+
+class DenseInverse(Preconditioner):
+    """Shared by gauss-newton / hessian / exact: a full k x k M, stored as M^{-1}[:, W]."""
+
+    uses_u = True
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.m: torch.Tensor | None = None
+        self.inv_w: torch.Tensor | None = None
+
+    def _full_gram(self) -> torch.Tensor:
+        g = torch.zeros(self.dim, self.dim, dtype=_F64)
+        if self.gram is not None:
+            for b in self.blocks:
+                s = slice(b.offset, b.offset + b.dim)
+                g[s, s] = self.gram(b).to(_F64)
+        return g
+
+    def _factor(self, m: torch.Tensor, clamp: bool) -> None:
+        m = 0.5 * (m + m.T) + self.weight_decay * self._full_gram()
+        evals, evecs = torch.linalg.eigh(m)
+        if clamp:
+            evals = evals.clamp_min(0.0)
+        lam = self.damping * float(evals.mean()) if self.damping > 0 else 0.0
+        self.damping_used["all"] = lam
+        inv = (evecs / (evals + lam)) @ evecs.T
+        self.inv_w = inv[:, self.w_cols].contiguous()
+
+    def apply(self, rows: torch.Tensor) -> torch.Tensor:
+        assert self.inv_w is not None, "fit() first"
+        return rows @ self.inv_w.to(rows.dtype)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"inv_w": self.inv_w.numpy()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.inv_w = torch.from_numpy(np.asarray(state["inv_w"]))
+
+
+class GaussNewton(DenseInverse):
+    """Empirical Fisher of the projected gradients, full k x k, damped."""
+
+    name = "gauss-newton"
+    passes = 1
+
+    def accumulate(self, p: int, rows: torch.Tensor) -> None:
+        if self.m is None:
+            self.m = torch.zeros(self.dim, self.dim, dtype=_F64)
+        self.m.addmm_(rows.T, rows)
+
+    def end_pass(self, p: int, n: int) -> None:
+        self._factor(self.m / n, clamp=False)
+
+
+class ProjectedHessian(DenseInverse):
+    """M = P H_G P^T by Hessian-vector products (``fit_hessian``), eigenvalues clamped at 0."""
+
+    name = "hessian"
+
+    def fit_hessian(self, php: torch.Tensor) -> None:
+        """``php`` = P (H_G without weight decay) P^T, [dim, dim]."""
+        self._factor(php.to(_F64), clamp=self.name == "hessian")
+
+
+class ExactHessian(ProjectedHessian):
+    """The exact H_G on every example, no damping (small models; identity projection -> exact)."""
+
+    name = "exact"
+
+
+class KroneckerEigen(Preconditioner):
+    """kfac / ekfac: per block, M_b = Q diag(Lambda) Q^T with Q = Q_S (x) Q_A."""
+
+    name = "kfac"
+    passes = 1
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._wb = [b for b, w in zip(self.blocks, self.w_blocks) if w]
+        self.s = [torch.zeros(b.k_out, b.k_out, dtype=_F64) for b in self._wb]
+        self.a = [torch.zeros(b.k_in, b.k_in, dtype=_F64) for b in self._wb]
+        self.sq = [0.0 for _ in self._wb]
+        self.qs: list[torch.Tensor] = []
+        self.qa: list[torch.Tensor] = []
+        self.inv_eig: list[torch.Tensor] = []
+        self._lam_raw: list[torch.Tensor] = []
+
+    def _mats(self, rows: torch.Tensor, i: int) -> torch.Tensor:
+        b = self._wb[i]
+        return rows[:, b.offset:b.offset + b.dim].reshape(-1, b.k_out, b.k_in)
+
+    def accumulate(self, p: int, rows: torch.Tensor) -> None:
+        for i in range(len(self._wb)):
+            phi = self._mats(rows, i)
+            if p == 0:
+                self.s[i] += torch.einsum("boi,bpi->op", phi, phi)
+                self.a[i] += torch.einsum("boi,boj->ij", phi, phi)
+                self.sq[i] += float((phi * phi).sum())
+            else:
+                rot = self.qs[i].T @ phi @ self.qa[i]
+                self._lam_raw[i] += (rot * rot).sum(0)
+
+    def end_pass(self, p: int, n: int) -> None:
+        self._eigen(n)
+        self._finish()
+
+    def _eigen(self, n: int) -> None:
+        """Eigenbases of S and A; Lambda = their eigenvalue products scaled so tr M = E||Phi||^2."""
+        for i in range(len(self._wb)):
+            es, qs = torch.linalg.eigh(self.s[i] / n)
+            ea, qa = torch.linalg.eigh(self.a[i] / n)
+            self.qs.append(qs)
+            self.qa.append(qa)
+            mean_sq = max(self.sq[i] / n, 1e-300)
+            self._lam_raw.append(torch.outer(es.clamp_min(0), ea.clamp_min(0)) / mean_sq)
+
+    def _finish(self) -> None:
+        self.inv_eig = []
+        for b, lam in zip(self._wb, self._lam_raw):
+            wd = self.weight_decay * (float(torch.diagonal(self.gram(b)).mean()) if self.gram else 1.0)
+            damp = self.damping * float(lam.mean())
+            self.damping_used[b.name] = damp
+            self.inv_eig.append(1.0 / (lam + wd + damp))
+
+    def apply(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(rows.shape[0], self.dim_w, dtype=rows.dtype, device=rows.device)
+        col = 0
+        for i, b in enumerate(self._wb):
+            qs, qa = self.qs[i].to(rows.dtype), self.qa[i].to(rows.dtype)
+            phi = self._mats(rows, i)
+            rot = torch.matmul(torch.matmul(qs.T, phi), qa) * self.inv_eig[i].to(rows.dtype)
+            out[:, col:col + b.dim] = torch.matmul(torch.matmul(qs, rot), qa.T).reshape(-1, b.dim)
+            col += b.dim
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        st = {}
+        for i, b in enumerate(self._wb):
+            st[f"{i}/qs"], st[f"{i}/qa"] = self.qs[i].numpy(), self.qa[i].numpy()
+            st[f"{i}/inv_eig"] = self.inv_eig[i].numpy()
+        return st
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        m = len(self._wb)
+        self.qs = [torch.from_numpy(np.asarray(state[f"{i}/qs"])) for i in range(m)]
+        self.qa = [torch.from_numpy(np.asarray(state[f"{i}/qa"])) for i in range(m)]
+        self.inv_eig = [torch.from_numpy(np.asarray(state[f"{i}/inv_eig"])) for i in range(m)]
+
+
+class EKFAC(KroneckerEigen):
+    """kfac's eigenbasis with eigenvalues fitted to the projected gradients (a second pass)."""
+
+    name = "ekfac"
+    passes = 2
+
+    def end_pass(self, p: int, n: int) -> None:
+        if p == 0:
+            self._eigen(n)
+            self._lam_raw = [torch.zeros_like(lam) for lam in self._lam_raw]
+            return
+        self._lam_raw = [lam / n for lam in self._lam_raw]
+        self._finish()
+
+
+_CLASSES = {"identity": Preconditioner, "gauss-newton": GaussNewton, "kfac": KroneckerEigen,
+            "ekfac": EKFAC, "hessian": ProjectedHessian, "exact": ExactHessian}
+
+
+def make_preconditioner(name: str, blocks: Sequence[Block], w_blocks: Sequence[bool], damping: float,
+                        weight_decay: float, gram: Callable[[Block], torch.Tensor] | None) -> Preconditioner:
+    """A preconditioner by name (see the module docstring)."""
+    if name not in _CLASSES:
+        raise ConfigError(f"unknown preconditioner {name!r}; choose one of {', '.join(PRECONDITIONERS)}")
+    return _CLASSES[name](blocks, w_blocks, damping=damping, weight_decay=weight_decay, gram=gram)
+
+
+def projected_hessian(mean_loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      p: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """P H P^T for H the Hessian of ``mean_loss`` at ``x``, by HVPs along the rows of P [k, d]."""
+    from torch.func import vmap
+
+    from .autodiff import hvp
+    k = p.shape[0]
+    out = torch.empty(k, k, dtype=_F64)
+    pt = p.to(x.dtype)
+    for s in range(0, k, chunk):
+        hp = vmap(lambda v: hvp(mean_loss, x, v))(pt[s:s + chunk])     # [c, d] rows of P H
+        out[s:s + chunk] = (hp @ pt.T).to(_F64)
+    return 0.5 * (out + out.T)

@@ -1,0 +1,749 @@
+"""Maximum inner-product search over stored rows (float32 [n, k]) for query vectors [Q, k].
+
+Conventions follow faiss: every search returns ``(scores, ids)`` with ``scores`` float32 [Q, topk]
+sorted descending and ``ids`` int64 [Q, topk]; a missing result (topk > n, or an approximate
+index that found fewer candidates) has id ``-1`` and score ``MISSING_SCORE`` (-FLT_MAX, as faiss).
+
+Exact path: for a ``"Flat"`` index the rows live in the faiss flat index's own storage; search
+views that storage as a torch tensor (no copy) and runs matmul + topk in blocks, because
+``benchmarks/search_exact_path.py`` measured faiss ``IndexFlatIP.search`` 1.0-12x slower (two runs) than
+torch matmul + topk on the 2-core development machine (n in {10k, 100k}, k in {1024, 4096},
+Q in {1, 64}; faiss never won). See ``EXACT_PATH``.
+
+GPU: when faiss reports GPUs (``faiss.get_num_gpus() > 0``; builds without it count as none),
+the index is copied to GPU 0 with ``index_cpu_to_gpu`` and searched there (Flat too). If the copy
+fails (e.g. an index type faiss cannot move, such as HNSW) search falls back to the CPU index
+with a warning. The CPU index stays the master copy (used by ``save``).
+
+Thread safety: any number of threads may call ``search`` concurrently. Search parameters
+(``nprobe``, ``ef_search``) are passed per call as faiss ``SearchParameters`` and never change the
+shared index, so concurrent callers with different parameters do not interfere. ``train_and_add``
+takes an exclusive lock and waits for running searches (and blocks new ones) while it runs.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import threading
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import ConfigError, CorruptIndexError, DiskFullError, NonFiniteError, ShapeError
+
+__all__ = [
+    "EXACT_PATH",
+    "FACTORY_EXAMPLES",
+    "MISSING_SCORE",
+    "SearchIndex",
+    "exact_topk",
+    "physical_cores",
+    "precision_at_k",
+    "recall_at_k",
+    "rerank",
+    "set_threads",
+]
+
+#: Which implementation answers a "Flat" (exact) search on CPU: "torch" (matmul + topk over a
+#: zero-copy view of the flat index's storage) or "faiss" (IndexFlatIP.search). Chosen from
+#: benchmarks/search_exact_path.json; torch was 1.0-12x faster in every measured case.
+EXACT_PATH = "torch"
+
+#: Score faiss reports for a missing result (id -1): -FLT_MAX.
+MISSING_SCORE = float(np.finfo(np.float32).min)
+
+FACTORY_EXAMPLES = ("Flat", "IVF1024,Flat", "HNSW32", "IVF256,PQ32")
+
+# Largest score matrix (elements) the torch exact path materialises at once: 2**25 floats = 128 MiB.
+_SCORE_BLOCK_ELEMENTS = 1 << 25
+
+
+# --------------------------------------------------------------------------------------- threads
+
+
+def physical_cores() -> int:
+    """Number of physical cores among the CPUs this process may run on (os.sched_getaffinity).
+
+    Hyper-threads of one core count once (read from /sys topology where available).
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            pkg = (topo / "physical_package_id").read_text().strip()
+            core = (topo / "core_id").read_text().strip()
+        except OSError:
+            cores.add(("cpu", cpu))
+            continue
+        cores.add((pkg, core))
+    return max(1, len(cores))
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set faiss (OpenMP) and torch intra-op thread counts to ``n`` (default: physical cores).
+
+    Returns the number set. faiss and torch each bring their own OpenMP runtime, so both are set.
+    """
+    if n is None:
+        n = physical_cores()
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ConfigError(f"threads must be a positive integer, got {n!r}: pass e.g. set_threads(4) or None for all physical cores")
+    n = int(n)
+    faiss.omp_set_num_threads(n)
+    import torch
+
+    torch.set_num_threads(n)
+    return n
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+class _RWLock:
+    """Many readers (searches) or one writer (train_and_add)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _check_topk(topk) -> int:
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
+        raise ConfigError(f"topk must be a positive integer, got {topk!r}")
+    return int(topk)
+
+
+def _as_queries(queries, dim: int | None) -> np.ndarray:
+    q = np.asarray(queries)
+    if q.ndim != 2:
+        hint = " (for one query use queries.reshape(1, -1))" if q.ndim == 1 else ""
+        raise ShapeError(f"queries must be a 2-D array [Q, {dim if dim is not None else 'k'}], got shape {tuple(q.shape)}{hint}")
+    if dim is not None and q.shape[1] != dim:
+        raise ShapeError(f"queries have dimension {q.shape[1]} but the index has dimension {dim}: project queries with the same model/projection as the index")
+    if not (np.issubdtype(q.dtype, np.floating) or np.issubdtype(q.dtype, np.integer)):
+        raise ShapeError(f"queries must be a float array, got dtype {q.dtype}")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    if not np.isfinite(q).all():
+        raise NonFiniteError("queries contain NaN or infinite values: check the query gradients/projections")
+    return q
+
+
+def _as_block(item, dim: int, what: str = "block") -> np.ndarray:
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (int, np.integer)):
+        item = item[1]
+    b = np.asarray(item)
+    if b.ndim != 2 or b.shape[1] != dim:
+        raise ShapeError(f"each {what} must be a 2-D array [rows, {dim}], got shape {tuple(b.shape)}")
+    b = np.ascontiguousarray(b, dtype=np.float32)
+    if not np.isfinite(b).all():
+        raise NonFiniteError(f"a {what} of rows contains NaN or infinite values: recompute or drop those rows before indexing")
+    return b
+
+
+def _empty_result(nq: int, topk: int) -> tuple[np.ndarray, np.ndarray]:
+    return (np.full((nq, topk), MISSING_SCORE, dtype=np.float32), np.full((nq, topk), -1, dtype=np.int64))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The useful part of a (faiss) exception message, on one line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[0]
+    m = re.search(r" at \S+:\d+: (.*)$", line)  # faiss: "Error in <func> at <file>:<line>: <what>"
+    return (m.group(1) if m else line).strip()
+
+
+def _describe(index) -> str:
+    """Factory-like description of a (CPU) faiss index; faiss 1.15 has no reverse_index_factory."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexPreTransform):
+        return f"{type(idx).__name__}({_describe(idx.index)})"
+    if isinstance(idx, faiss.IndexHNSW):
+        inner = "" if isinstance(idx, faiss.IndexHNSWFlat) else f"({type(idx).__name__})"
+        return f"HNSW{idx.hnsw.nb_neighbors(1)}{inner}"
+    if isinstance(idx, faiss.IndexIVFPQ):
+        nb = "" if idx.pq.nbits == 8 else f"x{idx.pq.nbits}"
+        return f"IVF{idx.nlist},PQ{idx.pq.M}{nb}"
+    if isinstance(idx, faiss.IndexIVFFlat):
+        return f"IVF{idx.nlist},Flat"
+    if isinstance(idx, faiss.IndexPQ):
+        nb = "" if idx.pq.nbits == 8 else f"x{idx.pq.nbits}"
+        return f"PQ{idx.pq.M}{nb}"
+    if type(idx) in (faiss.IndexFlat, faiss.IndexFlatIP):
+        return "Flat"
+    return type(idx).__name__
+
+
+def _no_polysemous_training(index) -> None:
+    """Skip polysemous code training for PQ indexes (faiss factory turns it on unless "PQ<M>np").
+
+    It only serves polysemous (Hamming-filtered) search, which this module never enables, and it
+    costs most of the PQ training time.
+    """
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexPreTransform):
+        idx = faiss.downcast_index(idx.index)
+    if isinstance(idx, (faiss.IndexIVFPQ, faiss.IndexPQ)):
+        idx.do_polysemous_training = False
+
+
+def _is_flat_ip(index) -> bool:
+    idx = faiss.downcast_index(index)
+    return type(idx) in (faiss.IndexFlat, faiss.IndexFlatIP) and idx.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def _search_params(index, nprobe, ef_search, factory: str):
+    """Per-call faiss SearchParameters for ``index`` (CPU master), or None for defaults.
+
+    Returns (params, keepalive) — keepalive holds nested parameter objects that SWIG does not own.
+    """
+    if nprobe is None and ef_search is None:
+        return None, []
+    for name, v in (("nprobe", nprobe), ("ef_search", ef_search)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    keep: list = []
+    idx = faiss.downcast_index(index)
+    wrap = None
+    if isinstance(idx, faiss.IndexPreTransform):
+        wrap = faiss.SearchParametersPreTransform()
+        idx = faiss.downcast_index(idx.index)
+    used_nprobe = used_ef = False
+    params = None
+    if isinstance(idx, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(nprobe) if nprobe is not None else int(idx.nprobe)
+        params.max_codes = int(idx.max_codes)
+        used_nprobe = nprobe is not None
+        quant = faiss.downcast_index(idx.quantizer)
+        if ef_search is not None and isinstance(quant, faiss.IndexHNSW):  # e.g. "IVF4096_HNSW32,Flat"
+            qp = faiss.SearchParametersHNSW()
+            qp.efSearch = int(ef_search)
+            params.quantizer_params = qp
+            keep.append(qp)
+            used_ef = True
+    elif isinstance(idx, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = int(ef_search) if ef_search is not None else int(idx.hnsw.efSearch)
+        used_ef = ef_search is not None
+    if nprobe is not None and not used_nprobe:
+        raise ConfigError(f"nprobe applies only to IVF indexes, this index is {factory!r}: drop nprobe")
+    if ef_search is not None and not used_ef:
+        raise ConfigError(f"ef_search applies only to HNSW indexes (or IVF with an HNSW quantizer), this index is {factory!r}: drop ef_search")
+    if wrap is not None:
+        wrap.index_params = params
+        keep.append(params)
+        params = wrap
+    return params, keep
+
+
+def _to_gpu(cpu_index):
+    """Copy ``cpu_index`` to GPU 0. Returns (gpu_index, resources); resources must stay alive."""
+    res = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(res, 0, cpu_index), res
+
+
+def _num_gpus() -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    if get is None:
+        return 0
+    try:
+        return int(get())
+    except Exception:  # pragma: no cover - broken GPU runtime counts as none
+        return 0
+
+
+def _torch_topk(queries: np.ndarray, rows: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact MIPS by torch matmul + topk over ``rows`` [n, k] (a view; not copied), in blocks."""
+    import torch
+
+    nq, n = queries.shape[0], rows.shape[0]
+    out_s, out_i = _empty_result(nq, topk)
+    if n == 0 or nq == 0:
+        return out_s, out_i
+    kk = min(topk, n)
+    rows_t = torch.from_numpy(rows)
+    q_all = torch.from_numpy(queries)
+    qb = max(1, min(nq, _SCORE_BLOCK_ELEMENTS // n))
+    rb = min(n, max(_SCORE_BLOCK_ELEMENTS // qb, kk))
+    with torch.inference_mode():
+        for q0 in range(0, nq, qb):
+            q_t = q_all[q0 : q0 + qb]
+            best_s = best_i = None
+            for r0 in range(0, n, rb):
+                s = q_t @ rows_t[r0 : r0 + rb].T
+                bs, bi = torch.topk(s, min(kk, s.shape[1]), dim=1, largest=True, sorted=best_s is None and rb >= n)
+                bi = bi + r0
+                if best_s is None:
+                    best_s, best_i = bs, bi
+                else:
+                    cs = torch.cat([best_s, bs], dim=1)
+                    ci = torch.cat([best_i, bi], dim=1)
+                    best_s, pos = torch.topk(cs, kk, dim=1, largest=True, sorted=False)
+                    best_i = torch.gather(ci, 1, pos)
+            if rb < n:  # merged chunks: final sort
+                best_s, order = torch.sort(best_s, dim=1, descending=True)
+                best_i = torch.gather(best_i, 1, order)
+            out_s[q0 : q0 + qb, :kk] = best_s.numpy()
+            out_i[q0 : q0 + qb, :kk] = best_i.numpy()
+    return out_s, out_i
+
+
+# ----------------------------------------------------------------------------------- SearchIndex
+
+
+class SearchIndex:
+    """A faiss inner-product index over pretraining rows, with an exact fast path for "Flat".
+
+    Build with ``SearchIndex.create(k, factory)`` then ``train_and_add(blocks, n)``; or
+    ``SearchIndex.load(path)``. ``search(queries, topk)`` returns faiss-style ``(scores, ids)``.
+    """
+
+    def __init__(self, index, factory: str | None = None, device: str = "auto") -> None:
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ConfigError("the faiss index does not use inner-product metric: rebuild it with SearchIndex.create (METRIC_INNER_PRODUCT)")
+        _check_device(device)
+        self._index = index  # CPU master; owns the C++ object
+        self._typed = faiss.downcast_index(index)  # borrowed view, valid while self._index lives
+        self._factory = factory if factory is not None else _describe(index)
+        self._device = device
+        self._flat = _is_flat_ip(index)
+        self._lock = _RWLock()
+        self._gpu_index = None
+        self._gpu_res = None
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, k: int, factory: str = "Flat", device: str = "auto") -> "SearchIndex":
+        """New empty inner-product index of dimension ``k`` from a faiss factory string."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"index dimension k must be a positive integer, got {k!r}")
+        if not isinstance(factory, str) or not factory.strip():
+            raise ConfigError(f"index factory must be a non-empty faiss factory string such as {', '.join(repr(e) for e in FACTORY_EXAMPLES)}; got {factory!r}")
+        factory = factory.strip()
+        try:
+            index = faiss.index_factory(int(k), factory, faiss.METRIC_INNER_PRODUCT)
+        except Exception as e:
+            raise ConfigError(
+                f"invalid index factory {factory!r} for dimension {k} ({_first_line(e)}); "
+                f"use a faiss factory string such as {', '.join(repr(x) for x in FACTORY_EXAMPLES)}"
+            ) from None
+        _no_polysemous_training(index)
+        return cls(index, factory=factory, device=device)
+
+    def train_and_add(
+        self,
+        block_iter: Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]],
+        n: int,
+        train_size: int = 65536,
+        seed: int = 0,
+    ) -> None:
+        """Train (if the index needs it) on a seeded sample of rows, then add all ``n`` rows.
+
+        ``block_iter`` yields float32 blocks [b, k] (or ``(start, block)`` pairs) covering rows
+        0..n-1 in order. A trainable index (IVF, PQ) reads the rows twice: once to gather the
+        training sample, once to add; pass a callable returning a fresh iterator (or a re-iterable
+        such as a list). Memory: one block + ``min(train_size, n)`` sample rows + the index.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ConfigError(f"n (number of rows) must be a non-negative integer, got {n!r}")
+        if isinstance(train_size, bool) or not isinstance(train_size, (int, np.integer)) or train_size < 1:
+            raise ConfigError(f"train_size must be a positive integer, got {train_size!r}")
+        n = int(n)
+
+        def fresh() -> Iterator:
+            return iter(block_iter() if callable(block_iter) else block_iter)
+
+        with self._lock.write():
+            index = self._index
+            if not index.is_trained:
+                if not callable(block_iter) and iter(block_iter) is block_iter:
+                    raise ConfigError(
+                        f"index {self._factory!r} needs training, which reads the rows twice: pass a callable "
+                        "returning a fresh block iterator (e.g. lambda: store.iter_blocks()) instead of a one-shot iterator"
+                    )
+                m = min(int(train_size), n)
+                if m == 0:
+                    raise ConfigError(f"index {self._factory!r} needs training rows but n=0: add rows or use 'Flat'")
+                sample_idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+                sample = np.empty((m, self.dim), dtype=np.float32)
+                filled, seen = 0, 0
+                for item in fresh():
+                    b = _as_block(item, self.dim)
+                    lo = np.searchsorted(sample_idx, seen)
+                    hi = np.searchsorted(sample_idx, seen + b.shape[0])
+                    if hi > lo:
+                        sample[filled : filled + hi - lo] = b[sample_idx[lo:hi] - seen]
+                        filled += hi - lo
+                    seen += b.shape[0]
+                if seen != n:
+                    raise ShapeError(f"block_iter yielded {seen} rows but n={n}: pass the true row count")
+                try:
+                    index.train(sample)
+                except Exception as e:
+                    raise ConfigError(
+                        f"cannot train index {self._factory!r} on {m} rows ({_first_line(e)}): "
+                        "raise train_size/add rows, or use fewer lists (e.g. 'IVF256,Flat') or 'Flat'"
+                    ) from None
+                del sample
+            start = index.ntotal
+            seen = 0
+            try:
+                for item in fresh():
+                    b = _as_block(item, self.dim)
+                    index.add(b)
+                    seen += b.shape[0]
+                if seen != n:
+                    raise ShapeError(f"block_iter yielded {seen} rows but n={n}: pass the true row count")
+            except BaseException:
+                if start == 0:
+                    index.reset()  # leave no half-added index behind
+                raise
+            self._drop_gpu()
+            self._place(self._device)
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.d)
+
+    @property
+    def factory(self) -> str:
+        return self._factory
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu_index is not None
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self._index.is_trained)
+
+    def __repr__(self) -> str:
+        return f"SearchIndex(factory={self._factory!r}, dim={self.dim}, ntotal={self.ntotal}, on_gpu={self.on_gpu})"
+
+    # -- search ---------------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray,
+        topk: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``topk`` rows by inner product for each query row: ``(scores [Q,topk], ids [Q,topk])``.
+
+        ``nprobe`` (IVF) and ``ef_search`` (HNSW) apply to this call only; passing one that does
+        not apply to this index type raises ConfigError (so both raise for "Flat").
+        """
+        topk = _check_topk(topk)
+        q = _as_queries(queries, self.dim)
+        params, keep = _search_params(self._index, nprobe, ef_search, self._factory)
+        with self._lock.read():
+            if q.shape[0] == 0 or self._index.ntotal == 0:
+                return _empty_result(q.shape[0], topk)
+            if self._gpu_index is not None:
+                return self._faiss_search(self._gpu_index, q, topk, params, keep)
+            if self._flat and EXACT_PATH == "torch":
+                n, d = self._index.ntotal, self._index.d
+                rows = faiss.rev_swig_ptr(self._typed.get_xb(), n * d).reshape(n, d)
+                return _torch_topk(q, rows, topk)
+            return self._faiss_search(self._index, q, topk, params, keep)
+
+    @staticmethod
+    def _faiss_search(index, q, topk, params, keepalive=()):
+        # keepalive: nested SearchParameters objects that must outlive the call
+        s, i = index.search(q, topk, params=params) if params is not None else index.search(q, topk)
+        s = np.asarray(s, dtype=np.float32)
+        i = np.asarray(i, dtype=np.int64)
+        s[i < 0] = MISSING_SCORE
+        return s, i
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index to ``path`` atomically (temp file in the same folder, then os.replace)."""
+        path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"cannot save index to {path}: it is a folder; give a file path such as {path / 'search.faiss'}")
+        folder = path.parent
+        if not folder.is_dir():
+            raise ConfigError(f"cannot save index to {path}: folder {folder} does not exist; create it first")
+        tmp = folder / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with self._lock.read():
+                faiss.write_index(self._index, str(tmp))
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+                raise DiskFullError(f"disk full while saving index to {path}: free space and save again (the old file, if any, is intact)") from None
+            if isinstance(e, RuntimeError):
+                raise OSError(f"could not write index to {path}: {_first_line(e)}") from None
+            raise
+        try:  # make the rename durable
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
+            pass
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto") -> "SearchIndex":
+        """Read an index written by ``save``; ``device`` "auto" (GPU if faiss sees one), "cpu" or "gpu"."""
+        _check_device(device)
+        path = Path(path)
+        if not path.is_file():
+            raise CorruptIndexError(f"index file {path} is missing: build it first or check the path")
+        try:
+            index = faiss.read_index(str(path))
+        except Exception as e:
+            raise CorruptIndexError(f"index file {path} is unreadable (truncated or corrupted: {_first_line(e)}); rebuild it") from None
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise CorruptIndexError(f"index file {path} is not an inner-product index: rebuild it with msif-index")
+        self = cls(index, device=device)
+        self._place(device)
+        return self
+
+    # -- GPU ------------------------------------------------------------------------------------
+
+    def _place(self, device: str) -> None:
+        """Copy the index to GPU when ``device`` allows and faiss sees a GPU; else stay on CPU."""
+        if device == "cpu" or self._gpu_index is not None:
+            return
+        if _num_gpus() <= 0:
+            if device == "gpu":
+                raise ConfigError("device='gpu' but faiss sees no GPU: install faiss-gpu and check CUDA, or use device='cpu'/'auto'")
+            return
+        try:
+            self._gpu_index, self._gpu_res = _to_gpu(self._index)
+        except Exception as e:
+            self._gpu_index = self._gpu_res = None
+            warnings.warn(f"could not move index {self._factory!r} to GPU ({_first_line(e)}); searching on CPU", RuntimeWarning, stacklevel=3)
+
+    def _drop_gpu(self) -> None:
+        self._gpu_index = None
+        self._gpu_res = None
+
+
+def _check_device(device) -> None:
+    if device not in ("auto", "cpu", "gpu"):
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+
+
+# ----------------------------------------------------------------------------------- exact tools
+
+
+def _merge_topk(run_s, run_i, blk_s, blk_i, topk):
+    """Keep the best ``topk`` of two candidate sets per row; ties broken by smaller id."""
+    s = np.concatenate([run_s, blk_s], axis=1)
+    i = np.concatenate([run_i, blk_i], axis=1)
+    # missing entries (id -1) sort last: give them -inf for ordering
+    key_s = np.where(i < 0, -np.inf, s.astype(np.float64))
+    key_i = np.where(i < 0, np.iinfo(np.int64).max, i)
+    order = np.lexsort((key_i, -key_s), axis=-1)[:, :topk]
+    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+
+def exact_topk(queries: np.ndarray, block_iter: Iterable, topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force exact MIPS reference over rows given as ``(start, block)`` pairs.
+
+    Keeps a running top-``topk`` per query, so memory is one block's scores + O(Q * topk).
+    Bare blocks (no start) are numbered consecutively. Ties are broken by smaller id.
+    """
+    topk = _check_topk(topk)
+    q = _as_queries(queries, None)
+    run_s, run_i = _empty_result(q.shape[0], topk)
+    offset = 0
+    for item in block_iter:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (int, np.integer)):
+            start, block = int(item[0]), item[1]
+        else:
+            start, block = offset, item
+        b = _as_block(block, q.shape[1])
+        offset = start + b.shape[0]
+        if b.shape[0] == 0:
+            continue
+        s = q @ b.T
+        ids = np.broadcast_to(np.arange(start, start + b.shape[0], dtype=np.int64), s.shape)
+        if b.shape[0] > topk:
+            part = np.argpartition(-s, topk - 1, axis=1)[:, :topk]
+            s = np.take_along_axis(s, part, 1)
+            ids = np.take_along_axis(ids, part, 1)
+        run_s, run_i = _merge_topk(run_s, run_i, s, np.ascontiguousarray(ids), topk)
+    run_s[run_i < 0] = MISSING_SCORE
+    return run_s.astype(np.float32, copy=False), run_i
+
+
+def rerank(
+    queries: np.ndarray,
+    candidate_ids: np.ndarray,
+    rows_for_ids: Callable[[np.ndarray], np.ndarray],
+    topk: int,
+    *,
+    max_rows: int = 16384,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact rescoring of candidates: ``(scores [Q,topk], ids [Q,topk])`` by exact inner product.
+
+    ``candidate_ids`` [Q, K'] may hold -1 (ignored) and duplicates (counted once).
+    ``rows_for_ids(ids)`` gets sorted unique int64 ids and returns their rows [len(ids), k].
+    Queries are processed in groups so that at most about ``max_rows`` rows are fetched at once.
+    """
+    topk = _check_topk(topk)
+    q = _as_queries(queries, None)
+    cand = np.asarray(candidate_ids)
+    if cand.ndim != 2 or cand.shape[0] != q.shape[0]:
+        raise ShapeError(f"candidate_ids must be [Q={q.shape[0]}, K'], got shape {tuple(cand.shape)}")
+    if not np.issubdtype(cand.dtype, np.integer):
+        raise ShapeError(f"candidate_ids must be integers, got dtype {cand.dtype}")
+    cand = cand.astype(np.int64, copy=True)
+    nq, kc = cand.shape
+    out_s, out_i = _empty_result(nq, topk)
+    if nq == 0 or kc == 0:
+        return out_s, out_i
+    # drop duplicate candidates within a query (sorted order; final order comes from scores)
+    cand.sort(axis=1)
+    dup = np.zeros_like(cand, dtype=bool)
+    dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+    cand[dup] = -1
+    group = max(1, int(max_rows) // kc)
+    for q0 in range(0, nq, group):
+        c = cand[q0 : q0 + group]
+        valid = c >= 0
+        uniq = np.unique(c[valid])
+        if uniq.size == 0:
+            continue
+        rows = np.asarray(rows_for_ids(uniq))
+        if rows.ndim != 2 or rows.shape != (uniq.size, q.shape[1]):
+            raise ShapeError(f"rows_for_ids returned shape {tuple(rows.shape)} for {uniq.size} ids; expected [{uniq.size}, {q.shape[1]}]")
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        pos = np.searchsorted(uniq, np.where(valid, c, uniq[0]))
+        full = q[q0 : q0 + group] @ rows.T  # [g, uniq]
+        s = np.take_along_axis(full, pos, 1)
+        s_ids = np.where(valid, c, -1)
+        g_s, g_i = _empty_result(c.shape[0], topk)
+        g_s, g_i = _merge_topk(g_s, g_i, s, s_ids, topk)
+        g_s[g_i < 0] = MISSING_SCORE
+        out_s[q0 : q0 + group], out_i[q0 : q0 + group] = g_s, g_i
+    return out_s, out_i
+
+
+def recall_at_k(
+    exact_scores: np.ndarray,
+    exact_ids: np.ndarray,
+    approx_ids: np.ndarray,
+    k: int,
+    approx_scores: np.ndarray | None = None,
+    rtol: float = 1e-6,
+) -> float:
+    """Tie-aware recall@k of ``approx_ids`` against an exact search, averaged over queries.
+
+    An approximate id (among its first ``k``, -1 and duplicates ignored) is a hit if it is in the
+    exact top-k, or if its exact score ties the k-th exact score within ``rtol`` relative
+    (faiss contrib style: an exact list is only one of several valid answers under ties).
+    The exact score of an approximate id is found in ``exact_scores`` when ``exact_ids`` holds it
+    (pass an exact list longer than k to cover ties), else in ``approx_scores`` if given (these
+    must be exact scores, e.g. from ``rerank``, "Flat"/"IVF*,Flat"/"HNSW*" searches). Each query's
+    recall is hits / (number of valid exact ids among the first k).
+    """
+    k = _check_topk(k)
+    es = np.asarray(exact_scores, dtype=np.float64)
+    ei = np.asarray(exact_ids)
+    ai = np.asarray(approx_ids)
+    if es.shape != ei.shape or es.ndim != 2 or ai.ndim != 2 or ai.shape[0] != ei.shape[0]:
+        raise ShapeError(f"exact_scores/exact_ids must be the same [Q, K] shape and approx_ids [Q, K'], got {es.shape}, {ei.shape}, {ai.shape}")
+    if ei.shape[1] < k:
+        raise ShapeError(f"exact results have {ei.shape[1]} columns, fewer than k={k}: run the exact search with topk >= k")
+    asc = None
+    if approx_scores is not None:
+        asc = np.asarray(approx_scores, dtype=np.float64)
+        if asc.shape != ai.shape:
+            raise ShapeError(f"approx_scores shape {asc.shape} differs from approx_ids shape {ai.shape}")
+    nq = ei.shape[0]
+    if nq == 0:
+        return float("nan")
+    total = 0.0
+    for qi in range(nq):
+        top = ei[qi, :k]
+        n_valid = int((top >= 0).sum())
+        if n_valid == 0:
+            total += 1.0
+            continue
+        kth = es[qi, n_valid - 1]
+        tol = rtol * abs(kth)
+        exact_score_of = {int(i): float(s) for i, s in zip(ei[qi], es[qi]) if i >= 0}
+        top_set = {int(i) for i in top if i >= 0}
+        hits, seen = 0, set()
+        for j, a in enumerate(ai[qi, :k]):
+            a = int(a)
+            if a < 0 or a in seen:
+                continue
+            seen.add(a)
+            if a in top_set:
+                hits += 1
+                continue
+            s = exact_score_of.get(a)
+            if s is None and asc is not None:
+                s = float(asc[qi, j])
+            if s is not None and s >= kth - tol:
+                hits += 1
+        total += min(hits, n_valid) / n_valid
+    return total / nq
+
+
+#: Precision@k equals recall@k here: both lists are cut to k entries, so hits / k is both the
+#: fraction of exact neighbours found and the fraction of returned ids that are correct.
+precision_at_k = recall_at_k

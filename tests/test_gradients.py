@@ -1,0 +1,318 @@
+"""Per-example projected gradients (msif_index.gradients) against brute-force autograd."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msif_index.errors import ConfigError, ShapeError, TaskError, TooLargeError
+from msif_index.gradients import GradientProjector, plan_blocks
+from msif_index.projection import block_seed
+
+B, T = 5, 4
+
+
+class Net(nn.Module):
+    """Every block kind: Linear with/without bias (one on a sequence, one called twice, one followed
+    by an in-place ReLU), Conv2d with stride/padding, Embedding with padding_idx, LayerNorm and a
+    raw nn.Parameter (dense fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 4, padding_idx=0)
+        self.seq = nn.Linear(4, 5)                       # applied on [B, T, 4]
+        self.ln = nn.LayerNorm(5)
+        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.fc = nn.Linear(12 + 5, 6, bias=False)
+        self.mix = nn.Linear(6, 6)                       # called twice
+        self.scale = nn.Parameter(torch.randn(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, img, ids):
+        h = torch.tanh(self.ln(self.seq(self.emb(ids)))).mean(1)
+        c = torch.tanh(self.conv(img)).flatten(1)
+        z = F.relu(self.fc(torch.cat([c, h], 1)), inplace=True) + 0.1
+        z = torch.tanh(self.mix(torch.tanh(self.mix(z)))) * self.scale
+        return self.head(z)
+
+
+def loss_fn(model, batch):
+    img, ids, y = batch
+    return F.cross_entropy(model(img, ids), y, reduction="none")
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    model = Net().double()
+    img = torch.randn(B, 2, 4, 4, dtype=torch.float64)
+    ids = torch.randint(0, 11, (B, T))
+    ids[0, 1] = 0
+    ids[2, :2] = 0  # padding tokens
+    y = torch.randint(0, 3, (B,))
+    return model, (img, ids, y)
+
+
+def brute_force(model, batch, names):
+    """[B, d] exact per-example gradients, one example at a time, in ``names`` order."""
+    params = dict(model.named_parameters())
+    frozen = [params[n] for n in names if not params[n].requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    rows = []
+    try:
+        for b in range(batch[0].shape[0]):
+            one = tuple(t[b:b + 1] for t in batch)
+            gs = torch.autograd.grad(loss_fn(model, one)[0], [params[n] for n in names], allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(params[n]) if g is None else g).reshape(-1)
+                                   for n, g in zip(names, gs)]))
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    return torch.stack(rows)
+
+
+def per_param(model, batch, names):
+    """{name: [B, *shape]} exact per-example gradients."""
+    full = brute_force(model, batch, names)
+    params = dict(model.named_parameters())
+    out, off = {}, 0
+    for n in names:
+        k = params[n].numel()
+        out[n] = full[:, off:off + k].reshape(-1, *params[n].shape)
+        off += k
+    return out
+
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, batch = make()
+    names = [n for n, _ in model.named_parameters()]
+    return model, batch, names, brute_force(model, batch, names)
+
+
+def test_plan_kinds(setup):
+    model, _, names, _ = setup
+    blocks = plan_blocks(model, names, None, 0)
+    kinds = {b.name: b.kind for b in blocks}
+    assert kinds == {"emb": "embedding", "seq": "linear", "ln.weight": "dense", "ln.bias": "dense",
+                     "conv": "conv2d", "fc": "linear", "mix": "linear", "scale": "dense", "head": "linear"}
+    by = {b.name: b for b in blocks}
+    assert (by["seq"].d_out, by["seq"].d_in, by["seq"].bias) == (5, 5, True)
+    assert (by["fc"].d_out, by["fc"].d_in, by["fc"].bias) == (6, 17, False)
+    assert (by["conv"].d_out, by["conv"].d_in) == (3, 2 * 9 + 1)
+    assert (by["emb"].d_out, by["emb"].d_in) == (4, 11)
+    assert sum(b.dim for b in blocks) == sum(p.numel() for p in model.parameters())
+    offs = [b.offset for b in blocks]
+    assert offs == sorted(offs) and offs[0] == 0
+
+
+@pytest.mark.parametrize("proj_dim", [None, 120])
+def test_rows_match_brute_force(setup, proj_dim):
+    model, batch, names, g = setup
+    proj = GradientProjector(model, names, proj_dim=proj_dim, seed=1)
+    if proj_dim is not None:
+        assert proj.dim < proj.d and abs(proj.dim - proj_dim) <= proj_dim // 4
+    rows = proj.project_batch(loss_fn, batch)
+    p = proj.matrix()
+    torch.testing.assert_close(rows, g @ p.t(), rtol=1e-6, atol=1e-10)
+    if proj_dim is None:
+        # exact mode: P is a permutation matrix
+        assert p.shape[0] == p.shape[1]
+        assert set(p.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(p.sum(0), torch.ones(p.shape[1], dtype=p.dtype))
+        assert torch.equal(p.sum(1), torch.ones(p.shape[0], dtype=p.dtype))
+        torch.testing.assert_close(rows @ p, g, rtol=1e-6, atol=1e-10)
+    # written into a given buffer, reused across calls
+    out = torch.full((B, proj.dim), float("nan"), dtype=torch.float64)
+    assert proj.project_batch(loss_fn, batch, out=out) is out
+    torch.testing.assert_close(out, rows, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("proj_dim", [None, 120])
+def test_project_dense_matches_rows(setup, proj_dim):
+    model, batch, names, _ = setup
+    proj = GradientProjector(model, names, proj_dim=proj_dim, seed=2)
+    rows = proj.project_batch(loss_fn, batch)
+    full = per_param(model, batch, names)
+    torch.testing.assert_close(proj.project_dense(full), rows, rtol=1e-6, atol=1e-10)
+    # a single vector (param shapes, no Q) is Q = 1
+    one = {n: v[3] for n, v in full.items()}
+    torch.testing.assert_close(proj.project_dense(one), rows[3:4], rtol=1e-6, atol=1e-10)
+    with pytest.raises(ShapeError):
+        proj.project_dense({n: v for n, v in full.items() if n != "seq.bias"})
+
+
+def test_unlisted_params_do_not_contribute_and_model_is_untouched():
+    model, batch = make(1)
+    model.conv.bias.requires_grad_(False)  # frozen but listed
+    names = ["seq.weight", "seq.bias", "conv.weight", "conv.bias", "head.weight", "scale"]
+    # head.bias is trainable and unlisted -> head.weight is dense; conv is whole -> conv2d
+    kinds = {b.name: b.kind for b in plan_blocks(model, names, None)}
+    assert kinds == {"seq": "linear", "conv": "conv2d", "scale": "dense", "head.weight": "dense"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for proj_dim in (None, 40):
+        proj = GradientProjector(model, names, proj_dim=proj_dim, seed=5)
+        rows = proj.project_batch(loss_fn, batch)
+        torch.testing.assert_close(rows, brute_force(model, batch, names) @ proj.matrix().t(),
+                                   rtol=1e-6, atol=1e-10)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert p.grad is None, n
+        assert p.requires_grad == flags[n], n
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks, m
+        assert not getattr(m, "_forward_hooks_with_kwargs", {}), m
+
+
+def test_determinism_and_seeds(setup):
+    model, _, names, _ = setup
+    a = GradientProjector(model, names, proj_dim=120, seed=7).matrix()
+    b = GradientProjector(model, names, proj_dim=120, seed=7).matrix()
+    c = GradientProjector(model, names, proj_dim=120, seed=8).matrix()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert block_seed(7, "seq/out") == block_seed(7, "seq/out")
+
+
+def test_gram_and_config(setup):
+    model, _, names, _ = setup
+    proj = GradientProjector(model, names, proj_dim=120, seed=3)
+    p = proj.matrix()
+    torch.testing.assert_close(proj.gram(), p @ p.t(), rtol=1e-10, atol=1e-12)
+    cfg = json.loads(json.dumps(proj.config()))
+    assert cfg["dim"] == proj.dim and cfg["seed"] == 3 and cfg["proj_dim"] == 120
+    assert [b["name"] for b in cfg["blocks"]] == [b.name for b in proj.blocks]
+    exact = GradientProjector(model, names, proj_dim=None)
+    torch.testing.assert_close(exact.gram(), torch.eye(exact.dim, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k", [256, 1024, 4096])
+def test_jl_inner_products(k):
+    # Kronecker projector of one Linear block, P = P_out (x) P_in with k_out = k_in = sqrt(k).
+    # For random u, v the error (Pu).(Pv) - u.v has standard deviation about
+    # ||u|| ||v|| sqrt(1/k + 1/(k_out d_in) + 1/(k_in d_out)) ~ 1.12 ||u|| ||v|| / sqrt(k) here;
+    # tested bound: |err| <= 4 ||u|| ||v|| / sqrt(k) for each of 6 pairs.
+    lin = nn.Linear(512, 512, bias=False).double()
+    proj = GradientProjector(lin, ["weight"], proj_dim=k, seed=k)
+    assert proj.dim == k and proj.blocks[0].k_out == proj.blocks[0].k_in
+    gen = torch.Generator().manual_seed(k)
+    u = torch.randn(6, 512, 512, generator=gen, dtype=torch.float64)
+    v = torch.randn(6, 512, 512, generator=gen, dtype=torch.float64) + 0.5 * u  # correlated pairs
+    pu, pv = proj.project_dense({"weight": u}), proj.project_dense({"weight": v})
+    err = (pu * pv).sum(1) - (u * v).sum((1, 2))
+    bound = 4 * u.flatten(1).norm(dim=1) * v.flatten(1).norm(dim=1) / k ** 0.5
+    assert (err.abs() <= bound).all(), (err / bound).tolist()
+
+
+def test_grouped_conv_falls_back_to_dense():
+    torch.manual_seed(0)
+
+    class G(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+            self.head = nn.Linear(4 * 16, 3)
+
+        def forward(self, img, ids):
+            return self.head(torch.tanh(self.conv(img)).flatten(1))
+
+    model = G().double()
+    batch = (torch.randn(B, 4, 4, 4, dtype=torch.float64), torch.zeros(B, 1, dtype=torch.long),
+             torch.randint(0, 3, (B,)))
+    names = [n for n, _ in model.named_parameters()]
+    for proj_dim in (None, 50):
+        proj = GradientProjector(model, names, proj_dim=proj_dim, seed=0)
+        assert [b.kind for b in proj.blocks] == ["dense", "dense", "linear"]
+        rows = proj.project_batch(loss_fn, batch)
+        torch.testing.assert_close(rows, brute_force(model, batch, names) @ proj.matrix().t(),
+                                   rtol=1e-6, atol=1e-10)
+
+
+def test_allocation_rule_and_overrides():
+    mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    names = [n for n, _ in mlp.named_parameters()]
+    blocks = plan_blocks(mlp, names, 4096)
+    assert [(b.k_out, b.k_in) for b in blocks] == [(43, 43), (43, 43), (10, 43)]
+    assert sum(b.dim for b in blocks) == 4128
+    # per-layer overrides: the rest share what is left
+    blocks = plan_blocks(mlp, names, 8192, proj_dim_per_layer={"4": None, "0.weight": 100})
+    by = {b.name: b for b in blocks}
+    assert (by["4"].k_out, by["4"].k_in) == (10, 513)  # exact
+    assert by["0"].dim == 100
+    assert (by["2"].k_out, by["2"].k_in) == (54, 54)  # 8192 - 100 - 5130 = 2962 left: 54^2 = 2916
+    with pytest.raises(ConfigError):
+        plan_blocks(mlp, names, 4096, proj_dim_per_layer={"4": None})  # nothing left for the rest
+    blocks = plan_blocks(mlp, names, None, proj_dim_per_layer=256)
+    assert [b.dim for b in blocks] == [256, 256, 260]  # 10 x 26: |260 - 256| < |250 - 256|
+    with pytest.raises(ConfigError):
+        plan_blocks(mlp, names, 4096, proj_dim_per_layer={"nope": 3})
+    with pytest.raises(ConfigError):
+        plan_blocks(mlp, names, 0)
+    with pytest.raises(TaskError):
+        plan_blocks(mlp, ["0.weight", "missing"], 10)
+    # proj_dim >= number of parameters: exact
+    assert all(b.exact for b in plan_blocks(mlp, names, 10 ** 9))
+
+
+def test_user_errors(setup):
+    model, batch, names, _ = setup
+    proj = GradientProjector(model, names, proj_dim=120)
+    with pytest.raises(ShapeError):
+        proj.project_batch(loss_fn, batch, out=torch.empty(B, proj.dim + 1, dtype=torch.float64))
+    with pytest.raises(ShapeError):
+        proj.project_batch(lambda m, b: loss_fn(m, b).sum(), batch)
+    big = nn.Linear(4000, 4000, bias=False)
+    with pytest.raises(TooLargeError):
+        GradientProjector(big, ["weight"], proj_dim=None).matrix()
+
+
+def test_weight_used_outside_its_module_is_caught():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 3)
+            self.mid = nn.Linear(3, 3)
+
+        def forward(self, img, ids):
+            h = torch.tanh(self.mid(self.emb(ids))).mean(1)
+            return F.linear(h, self.emb.weight)[:, :3]  # tied output head
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    batch = (torch.zeros(B, 1), torch.randint(0, 7, (B, T)), torch.randint(0, 3, (B,)))
+    names = [n for n, _ in model.named_parameters()]
+    with pytest.raises(TaskError, match="dense_modules"):
+        GradientProjector(model, names, proj_dim=20).project_batch(loss_fn, batch)
+    proj = GradientProjector(model, names, proj_dim=20, dense_modules=["emb"])
+    assert proj.blocks[0].kind == "dense"
+    torch.testing.assert_close(proj.project_batch(loss_fn, batch),
+                               brute_force(model, batch, names) @ proj.matrix().t(), rtol=1e-6, atol=1e-10)
+
+
+def test_conv_padding_modes_dilation_and_kwargs_call():
+    class C(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 3, 3, padding="same", dilation=2, padding_mode="reflect")
+            self.b = nn.Conv2d(3, 2, (3, 2), stride=2, padding=(1, 0), padding_mode="circular", bias=False)
+            self.head = nn.Linear(2 * 3 * 3, 3)
+
+        def forward(self, img, ids):
+            h = torch.tanh(self.b(torch.tanh(self.a(img))))
+            return self.head(input=h.flatten(1))
+
+    torch.manual_seed(0)
+    model = C().double()
+    batch = (torch.randn(B, 2, 5, 6, dtype=torch.float64), torch.zeros(B, 1, dtype=torch.long),
+             torch.randint(0, 3, (B,)))
+    names = [n for n, _ in model.named_parameters()]
+    g = brute_force(model, batch, names)
+    for proj_dim in (None, 30):
+        proj = GradientProjector(model, names, proj_dim=proj_dim, seed=0)
+        assert [b.kind for b in proj.blocks] == ["conv2d", "conv2d", "linear"]
+        torch.testing.assert_close(proj.project_batch(loss_fn, batch), g @ proj.matrix().t(), rtol=1e-6, atol=1e-10)

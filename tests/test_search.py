@@ -1,0 +1,524 @@
+"""Tests for msif_index.search (fast: small dims, CPU only; the GPU branch is monkeypatched)."""
+from __future__ import annotations
+
+import threading
+
+import faiss
+import numpy as np
+import pytest
+
+from msif_index import search as S
+from msif_index.errors import ConfigError, CorruptIndexError, ShapeError
+from msif_index.search import SearchIndex, exact_topk, recall_at_k, rerank
+
+
+def _blocks(x, bs):
+    return [x[i : i + bs] for i in range(0, len(x), bs)]
+
+
+def _pairs(x, bs):
+    return [(i, x[i : i + bs]) for i in range(0, len(x), bs)]
+
+
+def _brute(q, x, topk):
+    s = q.astype(np.float64) @ x.astype(np.float64).T
+    order = np.argsort(-s, axis=1, kind="stable")[:, :topk]
+    return np.take_along_axis(s, order, 1), order
+
+
+def _clustered(n, d, nc=64, nq=50, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((nc, d)).astype(np.float32)
+    x = centers[rng.integers(0, nc, n)] + 0.35 * rng.standard_normal((n, d)).astype(np.float32)
+    q = centers[rng.integers(0, nc, nq)] + 0.35 * rng.standard_normal((nq, d)).astype(np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(q, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def flat_data():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, 48)).astype(np.float32)
+    q = rng.standard_normal((64, 48)).astype(np.float32)
+    idx = SearchIndex.create(48, "Flat")
+    idx.train_and_add(iter(_blocks(x, 700)), n=len(x))  # one-shot iterator is fine for Flat
+    return x, q, idx
+
+
+def _flat_index(x, bs=500):
+    idx = SearchIndex.create(x.shape[1], "Flat")
+    idx.train_and_add(_blocks(x, bs), n=len(x))
+    return idx
+
+
+# ------------------------------------------------------------------------------------- Flat path
+
+
+@pytest.mark.parametrize("nq", [1, 64])
+def test_flat_equals_numpy_bruteforce(flat_data, nq):
+    x, q, idx = flat_data
+    assert idx.ntotal == len(x) and idx.dim == 48 and idx.factory == "Flat" and not idx.on_gpu
+    s, i = idx.search(q[:nq], 10)
+    assert s.dtype == np.float32 and i.dtype == np.int64 and s.shape == i.shape == (nq, 10)
+    rs, ri = _brute(q[:nq], x, 10)
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_allclose(s, rs, rtol=1e-5, atol=1e-4)
+    assert np.all(np.diff(s, axis=1) <= 0)
+
+
+def test_flat_torch_path_matches_faiss_flat(flat_data):
+    x, q, idx = flat_data
+    ref = faiss.IndexFlatIP(48)
+    ref.add(x)
+    fs, fi = ref.search(q, 7)
+    s, i = idx.search(q, 7)
+    np.testing.assert_array_equal(i, fi)
+    np.testing.assert_allclose(s, fs, rtol=1e-5, atol=1e-4)
+
+
+def test_flat_topk_larger_than_n_pads_like_faiss():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    q = rng.standard_normal((3, 16)).astype(np.float32)
+    idx = _flat_index(x)
+    s, i = idx.search(q, 8)
+    assert i.shape == (3, 8)
+    assert np.all(i[:, 5:] == -1) and np.all(s[:, 5:] == S.MISSING_SCORE)
+    rs, ri = _brute(q, x, 5)
+    np.testing.assert_array_equal(i[:, :5], ri)
+    np.testing.assert_allclose(s[:, :5], rs, rtol=1e-5, atol=1e-5)
+    ref = faiss.IndexFlatIP(16)
+    ref.add(x)
+    fs, fi = ref.search(q, 8)
+    np.testing.assert_array_equal(fi, i)
+    np.testing.assert_allclose(fs, s, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_index_returns_missing():
+    idx = SearchIndex.create(8, "Flat")
+    s, i = idx.search(np.ones((2, 8), np.float32), 3)
+    assert np.all(i == -1) and np.all(s == S.MISSING_SCORE)
+
+
+def test_torch_blocked_path_equals_unblocked(monkeypatch, flat_data):
+    x, q, idx = flat_data
+    full = idx.search(q, 12)
+    monkeypatch.setattr(S, "_SCORE_BLOCK_ELEMENTS", 1000)  # forces query blocks of 1 and row chunks
+    blocked = idx.search(q, 12)
+    np.testing.assert_array_equal(blocked[1], full[1])
+    np.testing.assert_allclose(blocked[0], full[0], rtol=1e-6, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ approximate
+
+
+def _subspace_clustered(n, d, sub, seed=0):
+    """Zero-mean clustered data in a ``sub``-dimensional subspace (PCA<sub> then loses nothing;
+    PCA subtracts the mean, which changes inner-product rankings unless the mean is zero)."""
+    x, q = _clustered(n, sub, seed=seed)
+    x -= x.mean(axis=0)
+    basis = np.linalg.qr(np.random.default_rng(seed + 1).standard_normal((d, sub)))[0].astype(np.float32)
+    return np.ascontiguousarray(x @ basis.T), np.ascontiguousarray(q @ basis.T)
+
+
+@pytest.mark.parametrize(
+    "factory, kw",
+    [
+        ("IVF64,Flat", {"nprobe": 16}),
+        ("IVF256,Flat", {"nprobe": 48}),
+        ("HNSW32", {"ef_search": 128}),
+        ("PCA16,IVF32,Flat", {"nprobe": 8}),
+    ],
+)
+def test_approximate_recall(factory, kw):
+    if factory.startswith("PCA"):
+        x, q = _subspace_clustered(6000, 32, 16)
+    else:
+        x, q = _clustered(6000, 32)
+    idx = SearchIndex.create(32, factory)
+    calls = []
+
+    def make():
+        calls.append(1)
+        return iter(_pairs(x, 2048))
+
+    idx.train_and_add(make, n=len(x), train_size=len(x) if factory.startswith("PCA") else 5000, seed=0)
+    assert idx.ntotal == len(x) and idx.is_trained
+    assert len(calls) == (1 if factory.startswith("HNSW") else 2)
+    es, ei = exact_topk(q, _pairs(x, 1500), 10)
+    s, i = idx.search(q, 10, **kw)
+    r = recall_at_k(es, ei, i, 10)
+    assert r >= 0.9, (factory, r)
+    # low effort setting is worse or equal: parameters really apply per call
+    low = {k: 1 for k in kw}
+    r_low = recall_at_k(es, ei, idx.search(q, 10, **low)[1], 10)
+    assert r_low <= r
+    # per-call parameters do not stick to the index
+    np.testing.assert_array_equal(idx.search(q, 10, **kw)[1], i)
+
+
+def test_ivfpq_recall_with_exact_rerank():
+    """PQ scores are approximate: search top-50 by PQ, rerank exactly to top-10 (the usual pipeline)."""
+    x, q = _clustered(4000, 32, seed=3)
+    idx = SearchIndex.create(32, "IVF64,PQ16")
+    assert not faiss.downcast_index(idx._index).do_polysemous_training
+    idx.train_and_add(lambda: iter(_blocks(x, 1000)), n=len(x), train_size=2000)
+    es, ei = exact_topk(q, _pairs(x, 1000), 10)
+    _, raw = idx.search(q, 10, nprobe=16)
+    assert recall_at_k(es, ei, raw, 10) >= 0.5
+    _, cand = idx.search(q, 50, nprobe=16)
+    s, i = rerank(q, cand, lambda ids: x[ids], 10)
+    assert recall_at_k(es, ei, i, 10) >= 0.9
+
+
+def test_inapplicable_params_raise(flat_data):
+    _, q, idx = flat_data
+    with pytest.raises(ConfigError, match="nprobe"):
+        idx.search(q, 5, nprobe=4)
+    with pytest.raises(ConfigError, match="ef_search"):
+        idx.search(q, 5, ef_search=4)
+
+
+def test_trainable_needs_reiterable():
+    x, _ = _clustered(3000, 32)
+    idx = SearchIndex.create(32, "IVF16,Flat")
+    with pytest.raises(ConfigError, match="callable"):
+        idx.train_and_add(iter(_blocks(x, 500)), n=len(x))
+    with pytest.raises(ShapeError, match="n=2999"):
+        idx.train_and_add(lambda: iter(_blocks(x, 500)), n=2999)
+    assert idx.ntotal == 0
+
+
+def test_training_too_few_rows_is_config_error():
+    x, _ = _clustered(100, 32)
+    idx = SearchIndex.create(32, "IVF1024,Flat")
+    with pytest.raises(ConfigError) as e:
+        idx.train_and_add(lambda: iter([x]), n=100)
+    assert "\n" not in str(e.value)
+
+
+def test_train_sample_is_seeded_and_bounded():
+    x, _ = _clustered(5000, 16)
+
+    def run(seed):
+        i = SearchIndex.create(16, "IVF8,Flat")
+        got = {}
+        real_train = i._index.train
+
+        def train(s):
+            got["s"] = np.array(s)
+            return real_train(s)
+
+        i._index.train = train
+        i.train_and_add(lambda: iter(_blocks(x, 777)), n=len(x), train_size=300, seed=seed)
+        return got["s"]
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (300, 16)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # every sample row is a real row
+    rows = {r.tobytes() for r in x}
+    assert all(r.tobytes() in rows for r in a)
+
+
+# ---------------------------------------------------------------------------------- errors / io
+
+
+@pytest.mark.parametrize("bad", ["bogus", "IVF,Flat", "PQ7", "", "  "])
+def test_bad_factory_is_one_line_config_error(bad):
+    with pytest.raises(ConfigError) as e:
+        SearchIndex.create(64, bad)
+    msg = str(e.value)
+    assert "\n" not in msg and "'Flat'" in msg and "'IVF1024,Flat'" in msg and "'HNSW32'" in msg and "'IVF256,PQ32'" in msg
+
+
+def test_wrong_query_shape_is_shape_error(flat_data):
+    _, q, idx = flat_data
+    with pytest.raises(ShapeError, match="dimension 47"):
+        idx.search(q[:, :47], 5)
+    with pytest.raises(ShapeError, match="reshape"):
+        idx.search(q[0], 5)
+    with pytest.raises(ShapeError):
+        idx.search(q[None], 5)
+    with pytest.raises(ShapeError):
+        idx.train_and_add([np.zeros((3, 7), np.float32)], n=3)
+
+
+def test_bad_topk_and_device():
+    idx = SearchIndex.create(8)
+    with pytest.raises(ConfigError):
+        idx.search(np.zeros((1, 8), np.float32), 0)
+    with pytest.raises(ConfigError):
+        SearchIndex.create(8, device="tpu")
+
+
+@pytest.mark.parametrize("factory, kw", [("Flat", {}), ("IVF32,Flat", {"nprobe": 4}), ("HNSW16", {"ef_search": 32}), ("IVF16,PQ8", {"nprobe": 4})])
+def test_save_load_roundtrip(tmp_path, factory, kw):
+    x, q = _clustered(3000, 32, seed=5)
+    idx = SearchIndex.create(32, factory)
+    idx.train_and_add(lambda: iter(_blocks(x, 1000)), n=len(x), train_size=1500)
+    before = idx.search(q, 10, **kw)
+    p = tmp_path / "a.faiss"
+    assert idx.save(p) == p
+    assert [f.name for f in tmp_path.iterdir()] == ["a.faiss"]  # no temp file left
+    loaded = SearchIndex.load(p, device="cpu")
+    assert loaded.ntotal == idx.ntotal and loaded.dim == 32 and loaded.factory == factory
+    after = loaded.search(q, 10, **kw)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    # overwrite atomically
+    idx.save(p)
+    np.testing.assert_array_equal(SearchIndex.load(p).search(q, 10, **kw)[1], before[1])
+
+
+@pytest.mark.parametrize("cut", [0, 5, 40, 0.5, -3])
+def test_truncated_file_is_corrupt_index_error(tmp_path, cut):
+    x, _ = _clustered(500, 16)
+    idx = _flat_index(x)
+    p = tmp_path / "t.faiss"
+    idx.save(p)
+    data = p.read_bytes()
+    n = int(len(data) * cut) if isinstance(cut, float) else (cut if cut >= 0 else len(data) + cut)
+    p.write_bytes(data[:n])
+    with pytest.raises(CorruptIndexError) as e:
+        SearchIndex.load(p)
+    assert "\n" not in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_file_is_corrupt_index_error(tmp_path):
+    with pytest.raises(CorruptIndexError, match="missing"):
+        SearchIndex.load(tmp_path / "nope.faiss")
+
+
+def test_save_failure_leaves_old_file(tmp_path, monkeypatch):
+    x, q = _clustered(500, 16)
+    idx = _flat_index(x)
+    p = tmp_path / "s.faiss"
+    idx.save(p)
+    old = p.read_bytes()
+
+    def boom(index, path):
+        open(path, "wb").write(b"partial")
+        raise RuntimeError("Error in write: No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", boom)
+    from msif_index.errors import DiskFullError
+
+    with pytest.raises(DiskFullError):
+        idx.save(p)
+    assert p.read_bytes() == old
+    assert [f.name for f in tmp_path.iterdir()] == ["s.faiss"]
+
+
+# -------------------------------------------------------------------------------- exact helpers
+
+
+def test_exact_topk_running_equals_full_sort():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2311, 24)).astype(np.float32)
+    q = rng.standard_normal((9, 24)).astype(np.float32)
+    for bs in (1, 7, 100, 5000):
+        s, i = exact_topk(q, _pairs(x, bs) if bs > 1 else ((j, x[j : j + 1]) for j in range(len(x))), 15)
+        rs, ri = _brute(q, x, 15)
+        np.testing.assert_array_equal(i, ri)
+        np.testing.assert_allclose(s, rs, rtol=1e-5, atol=1e-5)
+    # bare blocks and topk > n
+    s, i = exact_topk(q, _blocks(x[:4], 3), 6)
+    assert np.all(i[:, 4:] == -1) and np.all(s[:, 4:] == S.MISSING_SCORE)
+    np.testing.assert_array_equal(i[:, :4], _brute(q, x[:4], 4)[1])
+
+
+def test_exact_topk_ties_prefer_smaller_id():
+    x = np.ones((10, 4), np.float32)
+    s, i = exact_topk(np.ones((1, 4), np.float32), _pairs(x, 3), 4)
+    np.testing.assert_array_equal(i, [[0, 1, 2, 3]])
+
+
+def test_rerank_equals_exact_scores_of_candidates():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((400, 20)).astype(np.float32)
+    q = rng.standard_normal((6, 20)).astype(np.float32)
+    cand = rng.integers(0, 400, (6, 30))
+    cand[:, :3] = -1
+    cand[0, 5] = cand[0, 6]  # duplicate
+    fetched = []
+
+    def rows_for_ids(ids):
+        assert np.all(np.diff(ids) > 0) and ids.dtype == np.int64
+        fetched.append(len(ids))
+        return x[ids]
+
+    s, i = rerank(q, cand, rows_for_ids, 10, max_rows=60)  # groups of 2 queries
+    assert len(fetched) == 3
+    for r in range(6):
+        c = np.unique(cand[r][cand[r] >= 0])
+        sc = q[r].astype(np.float64) @ x[c].astype(np.float64).T
+        o = np.argsort(-sc, kind="stable")[:10]
+        np.testing.assert_array_equal(i[r], c[o])
+        np.testing.assert_allclose(s[r], sc[o], rtol=1e-5, atol=1e-5)
+    # fewer valid candidates than topk pads with -1
+    s, i = rerank(q[:1], np.array([[3, -1, 3]]), rows_for_ids, 4)
+    np.testing.assert_array_equal(i, [[3, -1, -1, -1]])
+    assert s[0, 1] == S.MISSING_SCORE
+    with pytest.raises(ShapeError):
+        rerank(q, cand, lambda ids: x[ids][:, :5], 3)
+
+
+def test_recall_at_k_tie_handling():
+    # exact top-3 of one query: ids 0,1,2 with scores 5,4,3; id 3 also scores 3 (tie with the 3rd).
+    es = np.array([[5.0, 4.0, 3.0, 3.0, 1.0]])
+    ei = np.array([[0, 1, 2, 3, 4]])
+    assert recall_at_k(es, ei, np.array([[0, 1, 2]]), 3) == 1.0
+    assert recall_at_k(es, ei, np.array([[0, 1, 3]]), 3) == 1.0  # tie found in the longer exact list
+    assert recall_at_k(es, ei, np.array([[0, 1, 4]]), 3) == pytest.approx(2 / 3)  # 1.0 is no tie
+    # within 1e-6 relative counts as a tie, beyond does not
+    es2 = np.array([[5.0, 4.0, 3.0, 3.0 * (1 - 5e-7), 3.0 * (1 - 5e-6)]])
+    assert recall_at_k(es2, ei, np.array([[0, 1, 3]]), 3) == 1.0
+    assert recall_at_k(es2, ei, np.array([[0, 1, 4]]), 3) == pytest.approx(2 / 3)
+    # tie known only from approx (exact) scores
+    es3, ei3 = es[:, :3], ei[:, :3]
+    assert recall_at_k(es3, ei3, np.array([[0, 1, 9]]), 3) == pytest.approx(2 / 3)
+    assert recall_at_k(es3, ei3, np.array([[0, 1, 9]]), 3, approx_scores=np.array([[5.0, 4.0, 3.0]])) == 1.0
+    # duplicates and -1 do not count; mean over queries
+    two_e = np.vstack([es3, es3]), np.vstack([ei3, ei3])
+    assert recall_at_k(*two_e, np.array([[0, 0, -1], [0, 1, 2]]), 3) == pytest.approx((1 / 3 + 1) / 2)
+    assert S.precision_at_k is recall_at_k
+
+
+def test_recall_vs_faiss_search_with_ties():
+    # many identical rows: any of them is a valid top-k answer
+    x = np.vstack([np.ones((20, 8)), np.zeros((5, 8))]).astype(np.float32)
+    q = np.ones((2, 8), np.float32)
+    es, ei = exact_topk(q, _pairs(x, 4), 5)
+    approx_ids = np.array([[19, 18, 17, 16, 15], [0, 1, 2, 3, 4]])
+    assert recall_at_k(es, ei, approx_ids, 5) == pytest.approx(0.5)
+    assert recall_at_k(es, ei, approx_ids, 5, approx_scores=np.full((2, 5), 8.0)) == 1.0
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+class _FakeGpuIndex:
+    def __init__(self, cpu_index):
+        self.inner = faiss.clone_index(cpu_index)
+        self.calls = 0
+
+    def search(self, x, k, params=None):
+        self.calls += 1
+        return self.inner.search(x, k, params=params) if params is not None else self.inner.search(x, k)
+
+
+def _patch_gpu(monkeypatch, ngpu=1, fail=False):
+    made = []
+
+    class FakeRes:
+        pass
+
+    def to_gpu(res, device, index):
+        assert isinstance(res, FakeRes) and device == 0
+        if fail:
+            raise RuntimeError("Error in index_cpu_to_gpu: not implemented for this type of index")
+        made.append(_FakeGpuIndex(index))
+        return made[-1]
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: ngpu, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", FakeRes, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    return made
+
+
+def test_gpu_branch_taken_when_gpus_exist(tmp_path, monkeypatch):
+    x, q = _clustered(2000, 32)
+    cpu = _flat_index(x)
+    ref = cpu.search(q, 5)
+    p = tmp_path / "g.faiss"
+    cpu.save(p)
+    made = _patch_gpu(monkeypatch)
+    g = SearchIndex.load(p)  # device="auto"
+    assert g.on_gpu and len(made) == 1 and g._gpu_res is not None
+    s, i = g.search(q, 5)
+    assert made[0].calls == 1
+    np.testing.assert_array_equal(i, ref[1])
+    np.testing.assert_allclose(s, ref[0], rtol=1e-5, atol=1e-4)
+    assert not SearchIndex.load(p, device="cpu").on_gpu
+    # built indexes move too, after adding; IVF params reach the GPU search
+    ivf = SearchIndex.create(32, "IVF16,Flat")
+    ivf.train_and_add(lambda: iter([x]), n=len(x))
+    assert ivf.on_gpu
+    ivf.search(q, 5, nprobe=4)
+    assert made[-1].calls == 1
+    # save still works from the CPU master
+    g.save(tmp_path / "g2.faiss")
+
+
+def test_gpu_transfer_failure_falls_back_to_cpu(tmp_path, monkeypatch):
+    x, q = _clustered(1000, 16)
+    cpu = _flat_index(x)
+    p = tmp_path / "f.faiss"
+    cpu.save(p)
+    _patch_gpu(monkeypatch, fail=True)
+    with pytest.warns(RuntimeWarning, match="GPU"):
+        g = SearchIndex.load(p)
+    assert not g.on_gpu
+    np.testing.assert_array_equal(g.search(q, 5)[1], cpu.search(q, 5)[1])
+
+
+def test_no_gpu_support_stays_on_cpu(tmp_path, monkeypatch):
+    x, q = _clustered(500, 16)
+    p = tmp_path / "c.faiss"
+    _flat_index(x).save(p)
+    monkeypatch.delattr(faiss, "get_num_gpus", raising=False)  # builds lacking it
+    assert not SearchIndex.load(p).on_gpu
+    with pytest.raises(ConfigError, match="no GPU"):
+        SearchIndex.load(p, device="gpu")
+    _patch_gpu(monkeypatch, ngpu=0)
+    assert not SearchIndex.load(p).on_gpu
+
+
+# -------------------------------------------------------------------------------- concurrency
+
+
+@pytest.mark.parametrize("factory, kw", [("Flat", {}), ("IVF32,Flat", {"nprobe": 8}), ("HNSW16", {"ef_search": 64})])
+def test_concurrent_searches_equal_sequential(factory, kw):
+    x, q = _clustered(4000, 32, nq=40, seed=11)
+    idx = SearchIndex.create(32, factory)
+    idx.train_and_add(lambda: iter(_blocks(x, 1000)), n=len(x))
+    chunks = [q[j : j + 5] for j in range(0, len(q), 5)]
+    # different per-call params in flight at once must not interfere
+    variants = [dict(kw), {k: v // 2 for k, v in kw.items()}]
+    seq = {(c, v): idx.search(chunks[c], 7, **variants[v]) for c in range(len(chunks)) for v in range(2)}
+    errors, results = [], {}
+
+    def worker(t):
+        try:
+            for rep in range(3):
+                for c in range(len(chunks)):
+                    v = (c + t + rep) % 2
+                    results[(t, rep, c)] = (c, v, idx.search(chunks[c], 7, **variants[v]))
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 4 * 3 * len(chunks)
+    for c, v, (s, i) in results.values():
+        np.testing.assert_array_equal(i, seq[(c, v)][1])
+        np.testing.assert_array_equal(s, seq[(c, v)][0])
+
+
+def test_set_threads():
+    import torch
+
+    old = torch.get_num_threads()
+    try:
+        assert S.set_threads(1) == 1 and torch.get_num_threads() == 1
+        n = S.set_threads()
+        assert n == S.physical_cores() >= 1 and torch.get_num_threads() == n
+        with pytest.raises(ConfigError):
+            S.set_threads(0)
+    finally:
+        S.set_threads(old)
