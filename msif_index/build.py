@@ -1,29 +1,33 @@
 """build_index: the offline pass over the pretraining set (MATH.md, "Why an index works").
 
 Lifecycle, each step resumable, each artifact written atomically:
-    featurize   raw rows phi_z = P grad_{(W,U)} g(z), streamed into shard files  (raw/shard_*.h5)
-    statistics  the preconditioner's passes over the raw rows (or HVPs for hessian/exact)
-    finalize    stored rows s_z = [M^{-1} phi_z]_W, block by block                (rows.h5)
-    index       a FAISS inner-product index over the stored rows                 (faiss.index)
+    statistics  the preconditioner, fitted on raw rows phi_z = P grad_{(W,U)} g(z) of a seeded
+                subsample (or by Hessian-vector products for hessian / exact)   (preconditioner.h5)
+    featurize   one gradient pass: stored rows s_z = [M^{-1} phi_z]_W, written shard by shard
+                                                                                  (shards/shard_*.h5)
+    link        one HDF5 row store over the shards (virtual datasets, no copy)   (rows.h5)
+    index       a FAISS inner-product index over the stored rows (not for Flat, which is
+                built from the rows when the index is opened)                    (faiss.index)
     manifest    config, fingerprints, sizes, timings: written last               (manifest.json)
 A build killed at any moment and rerun with the same command resumes and ends with the same index.
-Memory is bounded by the batch, one shard block and the preconditioner state, independent of n.
+Memory is bounded by the batch, the statistics subsample and the preconditioner state, independent of n.
 """
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
+import h5py
 import torch
 from torch import nn
 
 from . import __version__
-from .atomic import cleanup_stale_tmp, read_json, write_json_atomic
+from .atomic import atomic_path, cleanup_stale_tmp, read_json, write_json_atomic
 from .autodiff import FlatParams, batched_objective
 from .config import BuildConfig
 from .data import batches, move
@@ -33,16 +37,17 @@ from .gradients import GradientProjector, plan_blocks
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian
 from .progress import progress
 from .search import SearchIndex
-from .store import RowStore, RowWriter, ShardedWriter
+from .store import RowStore, ShardedWriter, link_shards
 from .task import MultiStageTask, split_parameters
 
 BUILD_FILE = "build.json"
 MANIFEST = "manifest.json"
 ROWS = "rows.h5"
+SHARDS = "shards"
+PRECOND = "preconditioner.h5"
 FAISS = "faiss.index"
-RAW = "raw"
 OPERATORS = "operators"
-_OURS = {BUILD_FILE, MANIFEST, ROWS, FAISS, RAW, OPERATORS, "report.png", "README.md"}
+_OURS = {BUILD_FILE, MANIFEST, ROWS, SHARDS, PRECOND, FAISS, OPERATORS, "report.png", "README.md"}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -173,28 +178,16 @@ def _clear(out: Path) -> None:
 # the passes
 
 
-def _featurize(task: MultiStageTask, prep: Prepared, config: BuildConfig, raw: ShardedWriter,
-               show: bool | None) -> None:
-    dataset = task.pretrain_dataset()
-    pending = list(raw.pending_ranges())
-    todo = sum(b - a for a, b in pending)
-    if not todo:
-        return
-    buf = torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype, device=prep.device)
-    host = torch.empty(config.batch_size, prep.projector.dim,
-                       dtype=torch.float64 if prep.dtype == torch.float64 else torch.float32)
-    with progress(todo, "featurize", enabled=show) as advance:
-        for start, stop in pending:
-            with raw.shard(raw.shard_index(start)) as shard:
-                for ids, batch in batches(dataset, config.batch_size, range(start, stop)):
-                    b = len(ids)
-                    out = buf[:b]
-                    prep.projector.project_batch(task.pretrain_loss, move(batch, prep.device, prep.dtype), out=out)
-                    rows = host[:b]
-                    rows.copy_(out)
-                    _check_finite(rows, ids)
-                    shard.write(ids[0], rows.numpy())
-                    advance(b)
+def _raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, ids: Any,
+              out: torch.Tensor | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(ids, raw rows phi = P grad g) batch by batch, in the compute dtype, into a reused buffer."""
+    buf = out if out is not None else torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype,
+                                                  device=prep.device)
+    for bids, batch in batches(task.pretrain_dataset(), config.batch_size, ids):
+        rows = buf[:len(bids)]
+        prep.projector.project_batch(task.pretrain_loss, move(batch, prep.device, prep.dtype), out=rows)
+        _check_finite(rows, bids)
+        yield bids, rows
 
 
 def _check_finite(rows: torch.Tensor, ids: list[int]) -> None:
@@ -207,26 +200,76 @@ def _check_finite(rows: torch.Tensor, ids: list[int]) -> None:
                              f"check its loss, or build with --compute-dtype float64")
 
 
-def _hessian_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, n: int) -> None:
-    """hessian / exact: M = P H_G P^T by HVPs (on a seeded subsample for 'hessian')."""
-    flat = FlatParams(prep.model, prep.projector.param_names)
-    f = flat.loss(task.pretrain_loss)
-    if config.preconditioner == "exact" or config.hessian_examples >= n:
-        ids = list(range(n))
-    else:
-        g = torch.Generator().manual_seed(config.seed)
-        ids = sorted(torch.randperm(n, generator=g)[: config.hessian_examples].tolist())
-    data = [move(b, prep.device, prep.dtype) for _, b in batches(task.pretrain_dataset(), config.batch_size, ids)]
-    mean_loss = batched_objective(f, data, len(ids))
-    p = prep.projector.matrix()
-    prep.preconditioner.fit_hessian(projected_hessian(mean_loss, flat.get(), p))
+def _subsample(n: int, size: int, seed: int) -> list[int]:
+    if size >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:size].tolist())
 
 
-def _raw_blocks(raw: ShardedWriter, block_rows: int) -> Callable[[], Iterator[torch.Tensor]]:
-    def gen() -> Iterator[torch.Tensor]:
-        for _, block in raw.iter_blocks(block_rows, dtype=raw.dtype):
-            yield torch.from_numpy(block)
-    return gen
+def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfig, n: int,
+                        show: bool | None) -> None:
+    """Statistics from a seeded subsample of ``stats_examples`` (kept in memory: bounded by its size),
+    or Hessian-vector products for hessian / exact."""
+    pre = prep.preconditioner
+    if config.preconditioner in ("hessian", "exact"):
+        ids = list(range(n)) if config.preconditioner == "exact" else _subsample(n, config.hessian_examples,
+                                                                                 config.seed)
+        flat = FlatParams(prep.model, prep.projector.param_names)
+        data = [move(b, prep.device, prep.dtype) for _, b in batches(task.pretrain_dataset(), config.batch_size, ids)]
+        mean_loss = batched_objective(flat.loss(task.pretrain_loss), data, len(ids))
+        pre.fit_hessian(projected_hessian(mean_loss, flat.get(), prep.projector.matrix()))
+        return
+    if pre.passes == 0:
+        return
+    ids = _subsample(n, config.stats_examples, config.seed)
+    sample = torch.empty(len(ids), prep.projector.dim, dtype=torch.float64)
+    with progress(len(ids), "statistics", enabled=show) as advance:
+        pos = 0
+        for bids, rows in _raw_rows(task, prep, config, ids):
+            sample[pos:pos + len(bids)] = rows
+            pos += len(bids)
+            advance(len(bids))
+    step = 4096
+    pre.fit(lambda: (sample[i:i + step] for i in range(0, len(ids), step)), len(ids))
+
+
+def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out: Path, n: int,
+                 show: bool | None) -> None:
+    """The preconditioner state, saved atomically once fitted so a resumed build reuses it."""
+    path = out / PRECOND
+    pre = prep.preconditioner
+    if path.exists():
+        try:
+            with h5py.File(path, "r") as f:
+                pre.load_state_dict({k: f[k][()] for k in f})
+                pre.damping_used = json.loads(f.attrs["damping_used"])
+            return
+        except (OSError, KeyError, ValueError):
+            path.unlink()                        # unreadable: fit again (deterministic)
+    _fit_preconditioner(task, prep, config, n, show)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for k, v in pre.state_dict().items():
+                f.create_dataset(k, data=v, fletcher32=True)
+            f.attrs["damping_used"] = json.dumps(pre.damping_used)
+
+
+def _write_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, shards: ShardedWriter,
+                show: bool | None) -> None:
+    """Stored rows s_z = [M^{-1} phi_z]_W, one gradient pass, shard by shard (resumable)."""
+    pending = list(shards.pending_ranges())
+    todo = sum(b - a for a, b in pending)
+    if not todo:
+        return
+    pre = prep.preconditioner
+    buf = torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype, device=prep.device)
+    with progress(todo, "featurize", enabled=show) as advance:
+        for start, stop in pending:
+            with shards.shard(shards.shard_index(start)) as shard:
+                for bids, rows in _raw_rows(task, prep, config, range(start, stop), buf):
+                    shard.write(bids[0], pre.apply(rows).cpu().numpy())
+                    advance(len(bids))
 
 
 def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig | None = None,
@@ -240,8 +283,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     out = Path(out_dir)
     n = len(task.pretrain_dataset())
     fps = pretrained_fingerprints(task, task.pretrained_model())
-    identity = {"config": config.identity_fields(), "fingerprints": fps, "n": n,
-                "finetuning_independent": True}
+    identity = {"config": config.identity_fields(), "fingerprints": fps, "n": n}
     _check_out_dir(out, identity, overwrite)
     if (out / MANIFEST).exists():
         return out                                    # already built with this config
@@ -249,42 +291,26 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     cleanup_stale_tmp(out)
     timings: dict[str, float] = {}
     prep = prepare(task, config)
-    build_info = {"identity": identity, "config": config.to_dict(), "projector": prep.projector.config(),
-                  "version": __version__}
-    write_json_atomic(out / BUILD_FILE, build_info)
     pre = prep.preconditioner
-    if not (out / ROWS).exists():
-        raw_dtype = "float64" if prep.dtype == torch.float64 else "float32"
-        raw = ShardedWriter(out / RAW, n, prep.projector.dim, raw_dtype, min(config.shard_rows, n),
-                            attrs={"identity": identity})
-        t0 = time.perf_counter()
-        _featurize(task, prep, config, raw, progress_bar)
-        timings["featurize_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        block_rows = max(1024, min(65536, (64 << 20) // (4 * prep.projector.dim)))
-        if config.preconditioner in ("hessian", "exact"):
-            _hessian_fit(task, prep, config, n)
-        else:
-            pre.fit(_raw_blocks(raw, block_rows), n)
-        timings["statistics_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        attrs = {"identity": identity, "config": config.to_dict(), "projector": prep.projector.config(),
-                 "preconditioner": pre.summary(), "w_cols": pre.w_cols.tolist()}
-        with RowWriter(out / ROWS, n, pre.dim_w, config.dtype, attrs=attrs) as writer:
-            with progress(n, "finalize", enabled=progress_bar) as advance:
-                for start, block in raw.iter_blocks(block_rows, dtype=raw.dtype):
-                    rows = pre.apply(torch.from_numpy(block).to(torch.float64))
-                    writer.write(start, rows.numpy())
-                    advance(len(block))
-            for key, value in pre.state_dict().items():
-                writer.add_dataset("preconditioner_" + key.replace("/", "_"), np.asarray(value, dtype=np.float32))
-        timings["finalize_s"] = time.perf_counter() - t0
+    write_json_atomic(out / BUILD_FILE, {"identity": identity, "config": config.to_dict(),
+                                         "projector": prep.projector.config(), "version": __version__})
     t0 = time.perf_counter()
-    with RowStore.open(out / ROWS) as store:
-        summary = store.attrs["preconditioner"]
-        index = SearchIndex.create(store.k, config.factory)
-        index.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n, seed=config.seed)
-        index.save(out / FAISS)
+    _load_or_fit(task, prep, config, out, n, progress_bar)
+    timings["statistics_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    shards = ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, min(config.shard_rows, max(n, 1)),
+                           attrs={"identity": identity})
+    _write_rows(task, prep, config, shards, progress_bar)
+    timings["featurize_s"] = time.perf_counter() - t0
+    summary = pre.summary()
+    link_shards(shards, out / ROWS, attrs={"identity": identity, "config": config.to_dict(),
+                                           "projector": prep.projector.config(), "preconditioner": summary})
+    t0 = time.perf_counter()
+    if config.factory != "Flat":                     # Flat is built from the rows when opened
+        with RowStore.open(out / ROWS) as store:
+            index = SearchIndex.create(store.k, config.factory)
+            index.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n, seed=config.seed)
+            index.save(out / FAISS)
     timings["index_s"] = time.perf_counter() - t0
     manifest = {
         "schema": 1, "version": __version__, "identity": identity, "config": config.to_dict(),
@@ -292,10 +318,9 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         "fingerprints": fps, "fingerprint_short": {k: short(v) for k, v in fps.items()},
         "w_names": prep.w_names, "u_names": prep.u_names,
         "projector": prep.projector.config(), "preconditioner": summary, "timings": timings,
-        "files": {"rows": ROWS, "faiss": FAISS},
+        "files": {"rows": ROWS, "shards": SHARDS, "preconditioner": PRECOND,
+                  "faiss": FAISS if config.factory != "Flat" else None},
         "sign_convention": "I(z, x_t) = -q_t . s_z; negative: helpful, positive: harmful",
     }
     write_json_atomic(out / MANIFEST, manifest)
-    if (out / RAW).exists():
-        shutil.rmtree(out / RAW)
     return out

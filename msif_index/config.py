@@ -34,6 +34,8 @@ class BuildConfig:
         "0 for exact, 0.1 otherwise.", None)
     hessian_examples: int = _help(
         "Pretraining examples (seeded subsample) for the 'hessian' preconditioner's HVPs.", 4096)
+    stats_examples: int = _help(
+        "Pretraining examples (seeded subsample) for the statistics of gauss-newton / kfac / ekfac.", 8192)
     seed: int = _help("Seed of the random projection (and of subsamples).", 0)
     dtype: str = _help("Storage dtype of the stored rows: float32 | float16 | float64.", "float32")
     compute_dtype: str = _help("Dtype of gradient computation: auto (the model's) | float32 | float64.", "auto")
@@ -58,7 +60,7 @@ class BuildConfig:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
-        for name in ("batch_size", "shard_rows", "hessian_examples"):
+        for name in ("batch_size", "shard_rows", "hessian_examples", "stats_examples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
 

@@ -88,7 +88,11 @@ class InfluenceIndex:
         if store.n != manifest.get("n") or store.k != manifest.get("k"):
             raise CorruptIndexError(f"{p / ROWS} holds {store.n}x{store.k} rows but the manifest says "
                                     f"{manifest.get('n')}x{manifest.get('k')}; rebuild with --overwrite")
-        search = SearchIndex.load(p / FAISS, device=device)
+        if manifest["config"]["factory"] == "Flat":           # exact search straight over the rows
+            search = SearchIndex.create(store.k, "Flat", device=device)
+            search.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n)
+        else:
+            search = SearchIndex.load(p / FAISS, device=device)
         if search.ntotal != store.n:
             raise CorruptIndexError(f"{p / FAISS} holds {search.ntotal} rows, expected {store.n}; "
                                     f"rebuild with --overwrite")

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import faiss
+from ._faiss import faiss
 import numpy as np
 
 from .errors import ConfigError, CorruptIndexError, DiskFullError, NonFiniteError, ShapeError

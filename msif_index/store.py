@@ -45,6 +45,7 @@ __all__ = [
     "RowStore",
     "RowWriter",
     "ShardedWriter",
+    "link_shards",
     "normalize_attrs",
     "normalize_dtype",
 ]
@@ -479,6 +480,11 @@ class RowStore:
             if not ok:
                 raise CorruptIndexError(f"{path} has no readable {name!r} dataset, so it is corrupted; {_REBUILD}")
         rows, written = f[ROWS], f[WRITTEN]
+        for ds in (rows, written):
+            if ds.is_virtual:
+                for src in ds.virtual_sources():
+                    if not (path.parent / src.file_name).is_file():
+                        raise CorruptIndexError(f"{path} links to {src.file_name}, which is missing; {_REBUILD}")
         if rows.shape != (n, k) or rows.dtype != np.dtype(dtype) or written.shape != (n,):
             raise CorruptIndexError(
                 f"{path} has inconsistent datasets (rows {rows.shape} {rows.dtype}, written {written.shape}; "
@@ -900,3 +906,37 @@ class ShardedWriter:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
         self._valid.clear()
+
+
+def link_shards(sharded: "ShardedWriter", path: Path | str, attrs: Mapping[str, Any] | None = None,
+                datasets: Mapping[str, Any] | None = None) -> None:
+    """Write ``path`` atomically: a row store whose ``rows`` and ``written`` are HDF5 virtual datasets
+    over the complete shards of ``sharded`` (no copy of the rows), plus small extra ``datasets``.
+
+    The shard files stay where they are and become part of the store (paths stored relative to
+    ``path``'s folder); RowStore.open checks that every one of them exists.
+    """
+    path = Path(path)
+    if not sharded.is_complete():
+        raise CorruptIndexError(f"shards in {sharded.folder} are incomplete; run the build again")
+    np_dtype = np.dtype(sharded.dtype)
+    rows = h5py.VirtualLayout(shape=(sharded.n, sharded.k), dtype=np_dtype)
+    written = h5py.VirtualLayout(shape=(sharded.n,), dtype=np.bool_)
+    for i in range(sharded.num_shards):
+        start, stop = sharded.shard_range(i)
+        rel = str(sharded.shard_path(i).relative_to(path.parent))
+        rows[start:stop] = h5py.VirtualSource(rel, ROWS, shape=(stop - start, sharded.k))
+        written[start:stop] = h5py.VirtualSource(rel, WRITTEN, shape=(stop - start,))
+    try:
+        with atomic_path(path) as tmp:
+            with _open_h5(tmp, "w") as f:
+                f.create_virtual_dataset(ROWS, rows, fillvalue=np.nan)
+                f.create_virtual_dataset(WRITTEN, written, fillvalue=False)
+                _write_attrs(f, {"schema_version": SCHEMA_VERSION, "n": sharded.n, "k": sharded.k,
+                                 "dtype": sharded.dtype, **dict(attrs or {})})
+                for name, array in (datasets or {}).items():
+                    f.create_dataset(name, data=np.asarray(array), fletcher32=True)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(path) from e
+        raise

@@ -1,0 +1,46 @@
+"""Packaging: the faiss extras, the namespaced CLI package, and the missing-faiss message."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_faiss_is_an_extra_not_a_core_dependency():
+    proj = _pyproject()["project"]
+    core = " ".join(proj["dependencies"])
+    assert "faiss" not in core                       # faiss-cpu and faiss-gpu cannot both be installed
+    extras = proj["optional-dependencies"]
+    assert any(d.startswith("faiss-cpu") for d in extras["cpu"])
+    assert any(d.startswith("faiss-gpu") for d in extras["gpu"])
+    assert not any("faiss-cpu" in d for d in extras["gpu"])
+
+
+def test_torch_range_admits_the_local_cpu_wheel_only():
+    deps = _pyproject()["project"]["dependencies"]
+    torch_dep = next(d for d in deps if d.startswith("torch"))
+    assert "<=2.13.0" in torch_dep                  # never pulls a newer (CUDA) build
+
+
+def test_cli_is_namespaced():
+    cfg = _pyproject()["tool"]["setuptools"]
+    assert cfg["package-dir"]["msif_index.cli"] == "cli"
+    assert "cli" not in cfg["packages"]
+    import msif_index.cli.main as m
+    assert Path(m.__file__).resolve().parent == ROOT / "cli"
+
+
+def test_missing_faiss_is_one_clear_line(tmp_path):
+    (tmp_path / "faiss.py").write_text("raise ImportError('no faiss here')\n")
+    code = "import msif_index.search"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert r.returncode != 0
+    assert 'pip install "msif-index[cpu]"' in r.stderr
