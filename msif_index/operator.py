@@ -137,7 +137,7 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
     c = None
     if task.finetuning == "proximal":
         alpha = float(task.alpha)
-        php, how = _projected_h_ww(projector, mean_f, x_theta, x_w)
+        php, how = _projected_h_ww(projector, mean_f, x_theta, x_w, task, data, m)
         gram = projector.gram().to(_F64)
         s_proj = php + alpha * gram - pf @ h_tt_inv @ pf.T
         s_proj = 0.5 * (s_proj + s_proj.T)
@@ -152,13 +152,17 @@ def _project_w(projector: GradientProjector, vecs: torch.Tensor) -> torch.Tensor
     return projector.project_dense(dict(zip(flat.names, flat.split(vecs.to(projector.dtype)))))
 
 
-def _projected_h_ww(projector: GradientProjector, mean_f, x_theta: torch.Tensor, x_w: torch.Tensor
-                    ) -> tuple[torch.Tensor, str]:
-    """P H_WW P^T of the finetuning objective, by HVPs along P_W's rows."""
+def _projected_h_ww(projector: GradientProjector, mean_f, x_theta: torch.Tensor, x_w: torch.Tensor,
+                    task: MultiStageTask, data: list, m: int) -> tuple[torch.Tensor, str]:
+    """P H_WW P^T of the finetuning objective: by HVPs along P_W's rows when the dense P_W fits
+    (exact), else the empirical Fisher of the projected per-example finetuning gradients."""
     k_w, d_w = projector.dim, x_w.numel()
     if k_w * d_w > MAX_HVP_PROJECTION:
-        raise TooLargeError(f"proximal attach needs P H_WW P^T with a dense {k_w}x{d_w} projection; "
-                            f"use a smaller --proj-dim (the Fisher estimate is not implemented yet)")
+        out = torch.zeros(k_w, k_w, dtype=_F64)
+        for batch in data:
+            rows = projector.project_batch(task.finetune_loss, batch).detach().to(_F64)
+            out.addmm_(rows.T, rows)
+        return out / m, "fisher"
     p_w = projector.matrix().to(x_w.dtype)                  # [k_W, d_W], shared_parameters order
 
     def f_w(ww: torch.Tensor) -> torch.Tensor:

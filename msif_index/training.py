@@ -33,8 +33,10 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
     def objective(x: torch.Tensor) -> torch.Tensor:
         return data_term(x) + 0.5 * (l2_t * (x - c) ** 2).sum()
 
+    newton = flat.dim <= newton_max_dim
     x = x0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1, max_iter=max_iter, tolerance_grad=grad_tol,
+    # with a Newton polish to follow, L-BFGS only needs to reach Newton's region of fast convergence
+    opt = torch.optim.LBFGS([x], lr=1, max_iter=max_iter, tolerance_grad=max(grad_tol, 1e-7) if newton else grad_tol,
                             tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -46,7 +48,7 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
     opt.step(closure)
     x = x.detach()
     gnorm = _grad_norm(objective, x)
-    if flat.dim <= newton_max_dim:
+    if newton:
         for _ in range(8):
             if gnorm < grad_tol:
                 break
