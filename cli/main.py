@@ -180,6 +180,10 @@ def _check_direction(direction: str) -> None:
         raise ConfigError(f"--direction must be 'helpful' or 'harmful', got {direction!r}")
 
 
+from .evaluate_cmd import register as _reg_evaluate; _reg_evaluate(app)  # noqa: E402,E702
+from .demo_cmd import register as _reg_demo; _reg_demo(app)  # noqa: E402,E702
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app, turning MsifError into one line on stderr (exit 2)."""
     try:

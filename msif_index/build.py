@@ -15,6 +15,7 @@ Memory is bounded by the batch, the statistics subsample and the preconditioner 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 import time
@@ -31,7 +32,7 @@ from .atomic import atomic_path, cleanup_stale_tmp, read_json, write_json_atomic
 from .autodiff import FlatParams, batched_objective
 from .config import BuildConfig
 from .data import batches, move
-from .errors import ConfigError, IndexMismatchError, NonFiniteError, OutputExistsError
+from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, OutputExistsError
 from .fingerprint import fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian
@@ -49,6 +50,15 @@ FAISS = "faiss.index"
 OPERATORS = "operators"
 _OURS = {BUILD_FILE, MANIFEST, ROWS, SHARDS, PRECOND, FAISS, OPERATORS, "report.png", "README.md"}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (read in 16 MiB pieces)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(16 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
 
 
 def pretrained_fingerprints(task: MultiStageTask, model: nn.Module) -> dict[str, str]:
@@ -140,7 +150,13 @@ def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
     previous = None
     for name in (MANIFEST, BUILD_FILE):
         if (out / name).exists():
-            previous = read_json(out / name, "the index's " + name)
+            try:
+                previous = read_json(out / name, "the index's " + name)
+            except CorruptIndexError:
+                if not overwrite:
+                    raise
+                _clear(out)                      # unreadable: --overwrite replaces it, as the error says
+                return
             break
     if previous is None:
         if entries and not overwrite:
@@ -185,9 +201,39 @@ def _raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, ids: An
                                                   device=prep.device)
     for bids, batch in batches(task.pretrain_dataset(), config.batch_size, ids):
         rows = buf[:len(bids)]
-        prep.projector.project_batch(task.pretrain_loss, move(batch, prep.device, prep.dtype), out=rows)
+        try:
+            prep.projector.project_batch(task.pretrain_loss, move(batch, prep.device, prep.dtype), out=rows)
+        except NonFiniteError:
+            # the projector checks the batch as a whole: find the example and name it
+            raise _nonfinite(_first_nonfinite(task, prep, bids)) from None
+        if buf.requires_grad:
+            # parameters outside the dense-path blocks can leave autograd history on the rows:
+            # drop it (and the graph it keeps alive) before the rows are used or the buffer reused
+            buf = buf.detach()
+            rows = buf[:len(bids)]
         _check_finite(rows, bids)
         yield bids, rows
+
+
+def _nonfinite(i: int | None) -> NonFiniteError:
+    if i is None:
+        return NonFiniteError("a pretraining loss or gradient is not finite (NaN or inf); check the losses, "
+                              "or build with --compute-dtype float64")
+    return NonFiniteError(f"the pretraining loss or gradient of example {i} is not finite (NaN or inf); "
+                          f"check that example and its loss, or build with --compute-dtype float64")
+
+
+def _first_nonfinite(task: MultiStageTask, prep: Prepared, ids: Any) -> int | None:
+    """The first of ``ids`` whose pretraining loss or projected gradient is NaN or infinite (one example
+    at a time: only used to name the culprit once a batch failed)."""
+    for bids, batch in batches(task.pretrain_dataset(), 1, ids):
+        try:
+            row = prep.projector.project_batch(task.pretrain_loss, move(batch, prep.device, prep.dtype))
+        except NonFiniteError:
+            return bids[0]
+        if not torch.isfinite(row).all():
+            return bids[0]
+    return None
 
 
 def _check_finite(rows: torch.Tensor, ids: list[int]) -> None:
@@ -195,9 +241,7 @@ def _check_finite(rows: torch.Tensor, ids: list[int]) -> None:
         return
     bad = (~torch.isfinite(rows)).any(1).nonzero()
     if len(bad):
-        i = ids[int(bad[0])]
-        raise NonFiniteError(f"the pretraining gradient of example {i} is not finite (NaN or inf); "
-                             f"check its loss, or build with --compute-dtype float64")
+        raise _nonfinite(ids[int(bad[0])])
 
 
 def _subsample(n: int, size: int, seed: int) -> list[int]:
@@ -218,7 +262,14 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
         flat = FlatParams(prep.model, prep.projector.param_names)
         data = [move(b, prep.device, prep.dtype) for _, b in batches(task.pretrain_dataset(), config.batch_size, ids)]
         mean_loss = batched_objective(flat.loss(task.pretrain_loss), data, len(ids))
-        pre.fit_hessian(projected_hessian(mean_loss, flat.get(), prep.projector.matrix()))
+        php = projected_hessian(mean_loss, flat.get(), prep.projector.matrix())
+        if not torch.isfinite(php).all():
+            # name the example that poisoned the Hessian (one pass over the subsample, error path only)
+            for _ in _raw_rows(task, prep, config, ids):
+                pass
+            raise NonFiniteError("the pretraining Hessian is not finite (NaN or inf) although every loss and "
+                                 "gradient is; build with --compute-dtype float64")
+        pre.fit_hessian(php)
         return
     if pre.passes == 0:
         return
@@ -242,7 +293,11 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
     if path.exists():
         try:
             with h5py.File(path, "r") as f:
-                pre.load_state_dict({k: f[k][()] for k in f})
+                # keys may hold '/' (kfac / ekfac: "0/qs"), which h5py stores as groups: read every dataset
+                state: dict[str, Any] = {}
+                f.visititems(lambda name, obj: state.__setitem__(name, obj[()])
+                             if isinstance(obj, h5py.Dataset) else None)
+                pre.load_state_dict(state)
                 pre.damping_used = json.loads(f.attrs["damping_used"])
             return
         except (OSError, KeyError, ValueError):
@@ -312,6 +367,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
             index.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n, seed=config.seed)
             index.save(out / FAISS)
     timings["index_s"] = time.perf_counter() - t0
+    checksums = {"faiss": file_sha256(out / FAISS)} if config.factory != "Flat" else {}
     manifest = {
         "schema": 1, "version": __version__, "identity": identity, "config": config.to_dict(),
         "n": n, "k": pre.dim_w, "k_raw": prep.projector.dim,
@@ -320,6 +376,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         "projector": prep.projector.config(), "preconditioner": summary, "timings": timings,
         "files": {"rows": ROWS, "shards": SHARDS, "preconditioner": PRECOND,
                   "faiss": FAISS if config.factory != "Flat" else None},
+        "checksums": checksums,          # the rows carry their own (HDF5 fletcher32) checksums
         "sign_convention": "I(z, x_t) = -q_t . s_z; negative: helpful, positive: harmful",
     }
     write_json_atomic(out / MANIFEST, manifest)

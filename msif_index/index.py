@@ -20,7 +20,7 @@ from torch import nn
 
 from .atomic import read_json
 from .autodiff import FlatParams, per_example_grads
-from .build import BUILD_FILE, FAISS, MANIFEST, OPERATORS, ROWS, pretrained_fingerprints
+from .build import BUILD_FILE, FAISS, MANIFEST, OPERATORS, ROWS, file_sha256, pretrained_fingerprints
 from .data import batch_size_of, move
 from .errors import ConfigError, CorruptIndexError, IndexMismatchError, ShapeError
 from .fingerprint import fingerprint_tensors, short
@@ -48,8 +48,9 @@ class QueryResult:
     test_ids: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        scores = [[None if np.isnan(v) else float(v) for v in row] for row in self.scores]   # JSON has no NaN
         return {"direction": self.direction, "finetuned": self.finetuned, "test_ids": self.test_ids,
-                "ids": self.ids.tolist(), "scores": self.scores.tolist()}
+                "ids": self.ids.tolist(), "scores": scores}
 
 
 @dataclass
@@ -92,6 +93,10 @@ class InfluenceIndex:
             search = SearchIndex.create(store.k, "Flat", device=device)
             search.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n)
         else:
+            want = manifest.get("checksums", {}).get("faiss")
+            if want is not None and (p / FAISS).is_file() and file_sha256(p / FAISS) != want:
+                raise CorruptIndexError(f"{p / FAISS} fails its checksum (corrupted or replaced); "
+                                        f"rebuild with --overwrite")
             search = SearchIndex.load(p / FAISS, device=device)
         if search.ntotal != store.n:
             raise CorruptIndexError(f"{p / FAISS} holds {search.ntotal} rows, expected {store.n}; "
@@ -204,7 +209,7 @@ class InfluenceIndex:
             try:
                 pw = a.projector.project_batch(a.task.measurement, batch)
                 gt = per_example_grads(a.theta.loss(a.task.measurement), a.theta.get(), batch)
-            except (RuntimeError, IndexError, ValueError) as e:
+            except (RuntimeError, IndexError, ValueError, TypeError) as e:
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ShapeError(f"the test batch does not fit the finetuned model: {msg}") from None
         if pw.shape[0] != q_n:
@@ -222,6 +227,9 @@ class InfluenceIndex:
         q = self.query_vectors(test_batch, finetuned)
         sign = 1.0 if direction == "helpful" else -1.0
         signed = np.ascontiguousarray(sign * q, dtype=np.float32)
+        if exact_rerank is None and self.store.dtype == "float64":
+            # float64 rows (the exact preset): rescore the float32 search's candidates in float64
+            exact_rerank = min(self.n, 2 * k)
         if exact_rerank:
             cand_s, cand = self.search_index.search(signed, max(exact_rerank, k), nprobe=nprobe)
             ids, dots = _rerank(sign * q, cand, self.store, k)

@@ -46,6 +46,9 @@ from .blocks import Block, plan_blocks
 MAX_MATRIX_ENTRIES = 50_000_000
 #: dense-block projections with at most this many entries are kept in memory between calls
 CACHE_DENSE_ENTRIES = 1 << 24
+#: unprojected conv2d blocks with at most this many patch entries (+ bias) capture their inputs by a
+#: convolution with one-hot kernels instead of unfold (cheaper while the kernels are few)
+CONV_IDENTITY_MAX = 64
 
 
 def _out_seed(seed: int, name: str) -> int:
@@ -103,6 +106,17 @@ class _KronState:
             else:
                 self.p_in_w_t = p_in[:, : self.d_in_w].t().contiguous()
                 self.p_in_b = p_in[:, self.d_in_w].contiguous() if b.bias else None
+        # conv2d: the projected patches are themselves a convolution of the input with P_in's rows as
+        # kernels (and P_in's bias column as the bias), which is much faster than unfold + matmul
+        # (no [B, C*kh*kw, L] patch matrix). Identity P_in with few patch entries uses the same
+        # route with one-hot kernels; large identity P_in (exact mode) keeps unfold.
+        self.conv_w = None
+        self.conv_b = None
+        if b.kind == "conv2d" and (self.p_in is not None or b.d_in <= CONV_IDENTITY_MAX):
+            p = self.p_in if self.p_in is not None else torch.eye(b.d_in, dtype=dtype, device=device)
+            w = module.weight
+            self.conv_w = p[:, : self.d_in_w].reshape(p.shape[0], *w.shape[1:]).contiguous()
+            self.conv_b = p[:, self.d_in_w].contiguous() if b.bias else None
         self.calls: list[_Call] = []
         self.dtype = dtype
 
@@ -441,6 +455,9 @@ class GradientProjector:
             padding = 0
         else:
             padding = m.padding
+        if st.conv_w is not None:
+            a = F.conv2d(x, st.conv_w, st.conv_b, stride=m.stride, padding=padding, dilation=m.dilation)
+            return a.reshape(a.shape[0], a.shape[1], -1).transpose(1, 2)  # [B, L, k_in] (a view)
         u = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)  # [B, CKK, L]
         u = u.transpose(1, 2)  # [B, L, CKK]
         if st.p_in_w_t is None:

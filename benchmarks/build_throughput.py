@@ -1,0 +1,482 @@
+"""Build throughput of the pretraining influence index (issue "Build the pretraining influence index").
+
+Run:  python benchmarks/build_throughput.py            (about 15-25 min on a 2-core CPU)
+      python benchmarks/build_throughput.py --quick    (smaller n, fewer variants: a few minutes)
+Prints tables and writes build_throughput.json next to this file. Not part of the test suite.
+
+What it measures, for a 784-512-512 MLP backbone and a small CNN backbone (benchmarks/common.py:
+untrained seeded weights, synthetic MNIST-shaped data with random labels, float32, batch 256,
+proj_dim 4096; W = backbone, U = a Linear(.., 10) pretraining head):
+
+(a) ``build_index`` end to end (statistics on the seeded subsample + featurize + preconditioning +
+    HDF5 shard writes + linking; task construction excluded), in examples/s, for the default
+    preconditioner ('auto' = ekfac here) and identity / kfac / gauss-newton, with a breakdown of
+    where the time goes (wrappers around the library's functions);
+(b) one batched training step on the same model and batch (zero_grad, forward, mean loss backward,
+    SGD step): the practical limit. Every build is bracketed by training-step measurements (before
+    and after, same process) and reported as a ratio, because the machine is shared and timings
+    drift;
+(c) a naive per-example loop: torch.autograd.grad per example for the full W gradient, then a dense
+    Gaussian projection to k=4096 (generated in 8192-column chunks with a fixed seed as
+    msif_index.projection.gaussian_chunks does). The projection matmul is timed on a few chunks
+    and extrapolated linearly to all d/8192 chunks; generating P is excluded (a naive
+    implementation could keep the 11 GB matrix), so the naive number is optimistic;
+(d) peak RSS of a build at n = 10k and n = 100k, each in a fresh subprocess (ru_maxrss), plus the
+    RSS before the build started;
+(e) write-path variants of the MLP build: float16 storage, a background writer thread
+    (msif_index.store.BACKGROUND_SHARD_WRITES), larger HDF5 chunks.
+
+torch and faiss use --threads threads (default 2). Targets (issue): build >= 0.6x (MLP) / 0.4x (CNN)
+of the training step's throughput, >= 20x the naive loop, and the same peak RSS at 10k and 100k
+(within ~10%).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
+from common import (TASKS, current_rss_mb, fmt_table, machine, median, peak_rss_mb, run_child,  # noqa: E402
+                    save_json, setup_threads)
+
+BATCH = 256
+PROJ_DIM = 4096
+PRECONDITIONERS = ("ekfac", "identity", "kfac", "gauss-newton")
+
+
+# ------------------------------------------------------------------------------------------------
+# instrumentation: where a build's time goes
+
+
+class Timers:
+    """Wall-clock seconds spent inside selected library functions during a build."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, obj: Any, name: str, label: str) -> None:
+        f = getattr(obj, name)
+        timers = self.t
+
+        @functools.wraps(f)
+        def g(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                timers[label] = timers.get(label, 0.0) + time.perf_counter() - t0
+
+        self._undo.append((obj, name, f))
+        setattr(obj, name, g)
+
+    def install(self) -> None:
+        import msif_index.build as B
+        import msif_index.preconditioners as P
+        import msif_index.store as S
+        from msif_index.gradients import capture as C
+        self.wrap(C.GradientProjector, "project_batch", "gradient capture (project_batch)")
+        for cls in (P.Preconditioner, P.KroneckerEigen, P.DenseInverse):
+            if "apply" in cls.__dict__:
+                self.wrap(cls, "apply", "preconditioner apply")
+        self.wrap(P.Preconditioner, "fit", "preconditioner fit (statistics)")
+        self.wrap(S.RowWriter, "write", "HDF5 write (RowWriter.write)")
+        self.wrap(S.RowWriter, "__exit__", "shard commit (flush, fsync, rename)")
+        self.wrap(B, "link_shards", "link shards (rows.h5)")
+        self.wrap(B, "_check_finite", "finite check (build)")
+        orig = B.batches
+        timers = self.t
+
+        def batches(*a, **k):
+            it = orig(*a, **k)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    timers["data loading + collate"] = timers.get("data loading + collate", 0.0) + \
+                        time.perf_counter() - t0
+                yield item
+
+        self._undo.append((B, "batches", orig))
+        B.batches = batches
+
+    def uninstall(self) -> None:
+        for obj, name, f in reversed(self._undo):
+            setattr(obj, name, f)
+        self._undo.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# the pieces
+
+
+def train_step(task) -> tuple[Any, Any]:
+    """(step function, batch): one SGD step of the pretraining model on a fixed batch of 256."""
+    import torch
+    model = copy.deepcopy(task.pretrained_model())
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    batch = task.pretrain_dataset().batch(range(BATCH))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=False)
+        loss = task.pretrain_loss(model, batch).mean()
+        loss.backward()
+        opt.step()
+
+    return step, batch
+
+
+def train_eps(step, steps: int = 12) -> float:
+    """Training-step throughput (examples/s) from the median of ``steps`` timed steps."""
+    step()
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        ts.append(time.perf_counter() - t0)
+    return BATCH / median(ts)
+
+
+def one_build(task, out: Path, config, timers: Timers | None = None) -> dict[str, Any]:
+    from msif_index.build import build_index
+    shutil.rmtree(out, ignore_errors=True)
+    if timers is not None:
+        timers.t.clear()
+        timers.install()
+    try:
+        t0 = time.perf_counter()
+        build_index(task, out, config, progress_bar=False)
+        wall = time.perf_counter() - t0
+    finally:
+        if timers is not None:
+            timers.uninstall()
+    manifest = json.loads((out / "manifest.json").read_text())
+    n = manifest["n"]
+    res = {"n": n, "k": manifest["k"], "preconditioner": manifest["preconditioner"]["name"],
+           "dtype": manifest["config"]["dtype"], "wall_s": wall, "examples_per_s": n / wall,
+           "timings": manifest["timings"]}
+    if timers is not None:
+        res["breakdown_s"] = dict(sorted(timers.t.items(), key=lambda kv: -kv[1]))
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def naive_loop(task, examples: int, chunks_timed: int = 2) -> dict[str, Any]:
+    """Per-example autograd.grad of the full W gradient + dense Gaussian projection to k=4096."""
+    import torch
+    from msif_index.projection import CHUNK_COLS, gaussian_chunks
+    from msif_index.task import split_parameters
+    model = copy.deepcopy(task.pretrained_model())
+    model.eval()
+    w, _ = split_parameters(task, model)
+    params = dict(model.named_parameters())
+    plist = [params[n] for n in w]
+    d = sum(p.numel() for p in plist)
+    ds = task.pretrain_dataset()
+    g_all = torch.empty(examples, d)
+    # warm-up
+    x, y = ds.batch([0])
+    torch.autograd.grad(task.pretrain_loss(model, (x, y))[0], plist)
+    t0 = time.perf_counter()
+    for i in range(examples):
+        x, y = ds.batch([i])
+        loss = task.pretrain_loss(model, (x, y))[0]
+        grads = torch.autograd.grad(loss, plist)
+        torch.cat([g.reshape(-1) for g in grads], out=g_all[i])
+    t_grad = time.perf_counter() - t0
+    out = torch.zeros(examples, PROJ_DIM)
+    t_mm, t_gen, cols = 0.0, 0.0, 0
+    gen = gaussian_chunks(PROJ_DIM, d, seed=0, dtype=torch.float32)
+    for c in range(chunks_timed):
+        t1 = time.perf_counter()
+        start, stop, p = next(gen)
+        t2 = time.perf_counter()
+        out.addmm_(g_all[:, start:stop], p.t())
+        t3 = time.perf_counter()
+        t_gen += t2 - t1
+        t_mm += t3 - t2
+        cols += stop - start
+    n_chunks = -(-d // CHUNK_COLS)
+    t_proj = t_mm * d / cols                       # matmul cost scales with the number of columns
+    t_gen_all = t_gen * d / cols
+    total = t_grad + t_proj
+    return {"examples": examples, "d_W": d, "k": PROJ_DIM, "chunks": n_chunks, "chunks_timed": chunks_timed,
+            "grad_s_per_example": t_grad / examples, "proj_s_per_example": t_proj / examples,
+            "P_generation_s_per_pass": t_gen_all,
+            "examples_per_s": examples / total,
+            "note": "projection matmul timed on the first chunks (8192 columns each) and extrapolated "
+                    "linearly to all columns; generating P excluded (it would add P_generation_s_per_pass "
+                    "per batch of examples)"}
+
+
+# ------------------------------------------------------------------------------------------------
+# children (one fresh process each)
+
+
+def child_throughput(args: dict[str, Any]) -> dict[str, Any]:
+    import msif_index.store as S
+    from msif_index.config import BuildConfig
+    setup_threads(args["threads"])
+    model, n = args["model"], args["n"]
+    task = TASKS[model](n)
+    step, _ = train_step(task)
+    tmp = Path(tempfile.mkdtemp(prefix=f"msif_bench_{model}_", dir=args.get("tmp")))
+    timers = Timers()
+    runs = []
+    try:
+        for rnd in range(args["rounds"]):
+            for variant in args["variants"]:
+                pre, dtype, background, chunk = variant["preconditioner"], variant.get("dtype", "float32"), \
+                    variant.get("background", False), variant.get("chunk_mib")
+                S.BACKGROUND_SHARD_WRITES = background
+                saved_chunk = S._MAX_CHUNK_BYTES
+                if chunk:
+                    S._MAX_CHUNK_BYTES = int(chunk) << 20
+                cfg = BuildConfig(proj_dim=PROJ_DIM, batch_size=BATCH, preconditioner=pre, dtype=dtype)
+                before = train_eps(step)
+                try:
+                    res = one_build(task, tmp / "index", cfg, timers)
+                finally:
+                    S.BACKGROUND_SHARD_WRITES = False
+                    S._MAX_CHUNK_BYTES = saved_chunk
+                after = train_eps(step)
+                train = 0.5 * (before + after)
+                res.update({"variant": variant["name"], "round": rnd, "train_examples_per_s": train,
+                            "train_before": before, "train_after": after,
+                            "build_over_train": res["examples_per_s"] / train})
+                runs.append(res)
+                print(json.dumps({"progress": f"{model} {variant['name']} round {rnd}: "
+                                  f"{res['examples_per_s']:.0f} ex/s, train {train:.0f} ex/s"}), flush=True)
+        naive = None
+        if args.get("naive_examples"):
+            naive = naive_loop(task, args["naive_examples"])
+            naive["train_examples_per_s"] = train_eps(step)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"model": model, "n": n, "runs": runs, "naive": naive}
+
+
+def child_rss(args: dict[str, Any]) -> dict[str, Any]:
+    from msif_index.config import BuildConfig
+    setup_threads(args["threads"])
+    model, n = args["model"], args["n"]
+    task = TASKS[model](n)
+    step, _ = train_step(task)
+    train_before = train_eps(step)
+    del step
+    import gc
+    gc.collect()
+    rss_before = current_rss_mb()
+    peak_before = peak_rss_mb()
+    tmp = Path(tempfile.mkdtemp(prefix=f"msif_rss_{model}_", dir=args.get("tmp")))
+    try:
+        res = one_build(task, tmp / "index", BuildConfig(proj_dim=PROJ_DIM, batch_size=BATCH), Timers())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res.update({"model": model, "rss_before_mb": rss_before, "peak_before_build_mb": peak_before,
+                "peak_rss_mb": peak_rss_mb(), "train_examples_per_s": train_before,
+                "build_over_train": res["examples_per_s"] / train_before})
+    return res
+
+
+def child_progress(args: dict[str, Any]) -> dict[str, Any]:
+    """Cost of one progress-bar update (rich, forced on), per call."""
+    import io
+    import contextlib
+    from msif_index.progress import progress
+    calls = 2000
+    with contextlib.redirect_stderr(io.StringIO()):
+        with progress(calls, "bench", enabled=True) as advance:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                advance(BATCH)
+            dt = time.perf_counter() - t0
+    return {"advance_s_per_call": dt / calls}
+
+
+CHILDREN = {"throughput": child_throughput, "rss": child_rss, "progress": child_progress}
+
+
+# ------------------------------------------------------------------------------------------------
+# the report
+
+
+def summarize(result: dict[str, Any]) -> str:
+    lines = []
+    tp_rows = []
+    for tp in result["throughput"]:
+        by: dict[str, list] = {}
+        for r in tp["runs"]:
+            by.setdefault(r["variant"], []).append(r)
+        for name, rs in by.items():
+            tp_rows.append({"model": tp["model"], "n": tp["n"], "variant": name, "k": rs[0]["k"],
+                            "build ex/s": median([r["examples_per_s"] for r in rs]),
+                            "train ex/s": median([r["train_examples_per_s"] for r in rs]),
+                            "build/train": median([r["build_over_train"] for r in rs]),
+                            "stats s": median([r["timings"]["statistics_s"] for r in rs]),
+                            "featurize s": median([r["timings"]["featurize_s"] for r in rs]),
+                            "runs": len(rs)})
+    lines.append("(a)/(b) build_index vs one training step (interleaved, same process; ratio = build/train):")
+    lines.append(fmt_table(tp_rows, [("model", "model"), ("n", "n"), ("variant", "variant"), ("k", "k"),
+                                     ("build ex/s", "build ex/s"), ("train ex/s", "train ex/s"),
+                                     ("build/train", "build/train"), ("stats s", "stats s"),
+                                     ("featurize s", "featurize s"), ("runs", "runs")]))
+    lines.append("")
+    lines.append("where the default build's time goes (share of wall time, first default run of each model):")
+    for tp in result["throughput"]:
+        r = next((r for r in tp["runs"] if r["variant"] == "default (ekfac)"), None)
+        if r is None:
+            continue
+        parts = ", ".join(f"{k} {100 * v / r['wall_s']:.0f}%" for k, v in r["breakdown_s"].items())
+        lines.append(f"  {tp['model']} n={tp['n']} ({r['wall_s']:.1f}s): {parts}")
+    lines.append("")
+    nv_rows = []
+    for tp in result["throughput"]:
+        nv = tp.get("naive")
+        if not nv:
+            continue
+        default = [r for r in tp["runs"] if r["variant"] == "default (ekfac)"]
+        b = median([r["examples_per_s"] for r in default]) if default else float("nan")
+        nv_rows.append({"model": tp["model"], "d_W": nv["d_W"], "naive ex/s": nv["examples_per_s"],
+                        "grad ms/ex": 1e3 * nv["grad_s_per_example"], "proj ms/ex": 1e3 * nv["proj_s_per_example"],
+                        "build ex/s": b, "build/naive": b / nv["examples_per_s"]})
+    if nv_rows:
+        lines.append("(c) naive per-example loop + dense projection to k=4096 (P generation excluded):")
+        lines.append(fmt_table(nv_rows, [("model", "model"), ("d_W", "d_W"), ("naive ex/s", "naive ex/s"),
+                                         ("grad ms/ex", "grad ms/ex"), ("proj ms/ex", "proj ms/ex"),
+                                         ("build ex/s", "build ex/s (default)"), ("build/naive", "build/naive")]))
+        lines.append("")
+    if result.get("rss"):
+        lines.append("(d) peak RSS of a default build, fresh process per n:")
+        lines.append(fmt_table(result["rss"], [("model", "model"), ("n", "n"), ("rss_before_mb", "RSS before MB"),
+                                               ("peak_rss_mb", "peak RSS MB"), ("examples_per_s", "build ex/s"),
+                                               ("train_examples_per_s", "train ex/s"),
+                                               ("build_over_train", "build/train")]))
+        lines.append("")
+    if result.get("progress"):
+        lines.append(f"progress bar: {1e6 * result['progress']['advance_s_per_call']:.0f} us per update "
+                     f"(one update per batch of {BATCH})")
+    lines.append("")
+    lines.append("targets:")
+    for t in result["targets"]:
+        lines.append(f"  [{'MET' if t['met'] else 'MISSED'}] {t['what']}: {t['value']}")
+    return "\n".join(lines)
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    goal = {"mlp": 0.6, "cnn": 0.4}
+    for tp in result["throughput"]:
+        default = [r for r in tp["runs"] if r["variant"] == "default (ekfac)"]
+        rss_n = [r for r in result.get("rss", []) if r["model"] == tp["model"]]
+        big = max(rss_n, key=lambda r: r["n"]) if rss_n else None
+        if default:
+            ratio = median([r["build_over_train"] for r in default])
+            out.append({"what": f"{tp['model']}: build >= {goal[tp['model']]}x training step (n={tp['n']})",
+                        "met": ratio >= goal[tp["model"]], "value": f"{ratio:.2f}x"})
+        if big is not None:
+            out.append({"what": f"{tp['model']}: build >= {goal[tp['model']]}x training step (n={big['n']})",
+                        "met": big["build_over_train"] >= goal[tp["model"]],
+                        "value": f"{big['build_over_train']:.2f}x"})
+        nv = tp.get("naive")
+        if nv and default:
+            r = median([r["examples_per_s"] for r in default]) / nv["examples_per_s"]
+            out.append({"what": f"{tp['model']}: build >= 20x the naive loop", "met": r >= 20, "value": f"{r:.0f}x"})
+        if len(rss_n) >= 2:
+            lo, hi = min(rss_n, key=lambda r: r["n"]), max(rss_n, key=lambda r: r["n"])
+            rel = hi["peak_rss_mb"] / lo["peak_rss_mb"] - 1
+            out.append({"what": f"{tp['model']}: peak RSS at n={hi['n']} within 10% of n={lo['n']}",
+                        "met": abs(rel) <= 0.10,
+                        "value": f"{lo['peak_rss_mb']:.0f} MB -> {hi['peak_rss_mb']:.0f} MB ({100 * rel:+.1f}%)"})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="smaller n, default preconditioner only, no RSS at 100k")
+    ap.add_argument("--threads", type=int, default=common.THREADS)
+    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--n", type=int, default=None, help="examples per throughput build (default 20000 MLP, 8192 CNN)")
+    ap.add_argument("--rounds", type=int, default=2, help="repetitions of each build variant")
+    ap.add_argument("--preconditioners", default=",".join(PRECONDITIONERS))
+    ap.add_argument("--no-write-variants", action="store_true")
+    ap.add_argument("--rss-n", default="10000,100000", help="n values of the RSS runs ('' to skip)")
+    ap.add_argument("--rss-models", default="mlp,cnn")
+    ap.add_argument("--naive-examples", type=int, default=256)
+    ap.add_argument("--tmp", default=None, help="folder for the temporary indexes (default: system temp)")
+    ap.add_argument("--out", default=str(HERE / "build_throughput.json"))
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        res = CHILDREN[spec.pop("kind")](spec)
+        print(json.dumps(res, default=float), flush=True)
+        return
+
+    setup_threads(args.threads)
+    script = Path(__file__).resolve()
+    models = [m for m in args.models.split(",") if m]
+    pres = [p for p in args.preconditioners.split(",") if p]
+    rss_n = [int(x) for x in args.rss_n.split(",") if x]
+    if args.quick:
+        pres, rss_n = pres[:1], [n for n in rss_n if n <= 10000] + [30000]
+        args.rounds = 1
+    result: dict[str, Any] = {"machine": machine(), "threads": args.threads, "batch_size": BATCH,
+                              "proj_dim": PROJ_DIM, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "throughput": [], "rss": []}
+    t_start = time.perf_counter()
+    for model in models:
+        n = args.n or (20000 if model == "mlp" else 8192)
+        if args.quick:
+            n = min(n, 8192)
+        variants = [{"name": f"default ({p})" if p == "ekfac" else p, "preconditioner": p} for p in pres]
+        if model == "mlp" and not args.no_write_variants and not args.quick:
+            variants += [{"name": "ekfac, float16 rows", "preconditioner": "ekfac", "dtype": "float16"},
+                         {"name": "ekfac, background writer", "preconditioner": "ekfac", "background": True},
+                         {"name": "ekfac, 16 MiB chunks", "preconditioner": "ekfac", "chunk_mib": 16}]
+        rounds_variants = variants
+        # gauss-newton's fit (a dense k x k eigendecomposition) is slow: one round only
+        spec = {"kind": "throughput", "threads": args.threads, "model": model, "n": n, "rounds": args.rounds,
+                "variants": [v for v in rounds_variants if v["preconditioner"] != "gauss-newton"],
+                "naive_examples": args.naive_examples, "tmp": args.tmp}
+        print(f"== throughput {model} n={n}: {', '.join(v['name'] for v in spec['variants'])}", flush=True)
+        tp = run_child(script, spec, timeout=7200)
+        gn = [v for v in variants if v["preconditioner"] == "gauss-newton"]
+        if gn:
+            print(f"== throughput {model} n={n}: gauss-newton (1 round)", flush=True)
+            extra = run_child(script, {**spec, "variants": gn, "rounds": 1, "naive_examples": 0}, timeout=7200)
+            tp["runs"] += extra["runs"]
+        result["throughput"].append(tp)
+    for model in [m for m in args.rss_models.split(",") if m in models]:
+        for n in rss_n:
+            print(f"== peak RSS {model} n={n}", flush=True)
+            result["rss"].append(run_child(script, {"kind": "rss", "threads": args.threads, "model": model, "n": n,
+                                                    "tmp": args.tmp}, timeout=7200))
+    result["progress"] = run_child(script, {"kind": "progress"})
+    result["targets"] = targets(result)
+    result["total_s"] = time.perf_counter() - t_start
+    text = summarize(result)
+    result["table"] = text
+    print()
+    print(text)
+    save_json(Path(args.out), result)
+    print(f"\nwrote {args.out} ({result['total_s'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

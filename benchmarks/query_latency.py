@@ -1,0 +1,385 @@
+"""Query latency of the influence index (issue "Query").
+
+Run:  python benchmarks/query_latency.py            (n = 10k and 100k; about 5-10 min on a 2-core CPU)
+      python benchmarks/query_latency.py --with-1m  (adds n = 1M: 4 GB of rows in RAM, +10-15 min)
+Prints a table and writes query_latency.json next to this file. Not part of the test suite.
+
+What it measures, end to end (a test input to pretraining ids: ``InfluenceIndex.query`` on a real
+attached finetuned model, k = 10 results, direction 'helpful'):
+
+* p50 / p99 latency of one query (a batch of one test example), and queries/s of batches of 64;
+* the split of a single query into the model part (``query_vectors``: the test gradient through the
+  finetuned model and the attach-time operator) and the search part;
+* with exact search ('Flat': msif's torch matmul + top-k over the rows) and with one approximate
+  index (--approx, default 'IVF<nlist>,Flat' with nlist 256 below 65536 rows, else 1024; nprobe,
+  or efSearch for HNSW, tuned as the smallest power of two reaching recall@10 >= 0.95 on 64 tuning
+  queries, else the largest tried: nprobe = nlist, efSearch = 2048), plus its recall@10 against
+  Flat on the other 192 test queries (msif_index.search.recall_at_k, tie-aware);
+* the cost of answering the same query without an index: the per-example gradient path of the
+  build (GradientProjector.project_batch with the index's projection, the fitted preconditioner's
+  apply, then the dot with q_t) timed on --noindex-examples pretraining examples and extrapolated
+  linearly to n.
+
+Index sizes: a real index is built for the MLP task of benchmarks/common.py (784-512-512 backbone,
+untrained, frozen finetuning of a Linear(512, 2) head) at n = 10k with proj_dim = 1024 (k_W = 1058
+stored columns, ekfac). Bigger n reuse it: an index folder per n with the same manifest (n
+changed), the same fingerprints and the cached attach operator, and synthetic rows written with
+msif_index.store.RowWriter: real rows resampled with replacement plus Gaussian noise (0.3 x each
+column's std), so the rows keep the real rows' structure. The task attached to them has a lazy
+pretraining dataset of length n (attach checks it). 1M x 1058 float32 rows = 4.2 GB.
+
+Targets (issue): one query <= 10 ms p50 at n = 100k with recall@10 >= 0.95; >= 1000x faster than
+answering without the index at n = 100k.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+from common import fmt_table, machine, median, mlp_task, peak_rss_mb, save_json, setup_threads  # noqa: E402
+
+PROJ_DIM = 1024
+N_REAL = 10_000
+TOPK = 10
+TUNE_QUERIES = 64
+NOISE = 0.3
+
+
+def pct(xs, q) -> float:
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q))
+
+
+# ------------------------------------------------------------------------------------------------
+# index folders
+
+
+def build_real(folder: Path, n: int) -> dict[str, Any]:
+    from msif_index.build import build_index
+    from msif_index.config import BuildConfig
+    task = mlp_task(n)
+    t0 = time.perf_counter()
+    build_index(task, folder, BuildConfig(proj_dim=PROJ_DIM), progress_bar=False)
+    return {"build_s": time.perf_counter() - t0}
+
+
+def synthetic_folder(real: Path, folder: Path, n: int, seed: int = 0) -> dict[str, Any]:
+    """An index folder of n rows: the real manifest with n changed, real rows resampled + noise."""
+    from msif_index.store import RowStore, RowWriter
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    manifest = json.loads((real / "manifest.json").read_text())
+    manifest["n"] = n
+    manifest["identity"]["n"] = n
+    manifest["synthetic"] = {"from": str(real), "noise": NOISE, "seed": seed}
+    with RowStore.open(real / "rows.h5") as st:
+        base = st.read(0, st.n)
+        attrs = {k: v for k, v in st.attrs.items() if k not in ("schema_version", "n", "k", "dtype", "_json_attrs")}
+    std = base.std(0, keepdims=True).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    attrs["identity"] = manifest["identity"]
+    with RowWriter(folder / "rows.h5", n, base.shape[1], "float32", attrs=attrs) as w:
+        block = 65536
+        for s in range(0, n, block):
+            m = min(block, n - s)
+            rows = base[rng.integers(0, base.shape[0], size=m)]
+            rows += NOISE * std * rng.standard_normal((m, base.shape[1]), dtype=np.float32)
+            w.write(s, rows)
+    write_s = time.perf_counter() - t0
+    for name in ("preconditioner.h5",):
+        shutil.copy2(real / name, folder / name)
+    if (real / "operators").exists():
+        shutil.copytree(real / "operators", folder / "operators")
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return {"write_s": write_s}
+
+
+def _link(src, dst) -> None:
+    """Hard link (no copy of the rows), or copy where the file system refuses."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def approx_folder(flat: Path, folder: Path, factory: str, n: int) -> dict[str, Any]:
+    """The same rows (hard link) with a trained faiss index ``factory`` saved as faiss.index."""
+    from msif_index.search import SearchIndex
+    from msif_index.store import RowStore
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in ("rows.h5", "preconditioner.h5"):
+        _link(flat / name, folder / name)
+    if (flat / "shards").exists():          # the real index's rows.h5 is a view over its shards
+        shutil.copytree(flat / "shards", folder / "shards", copy_function=_link)
+    if (flat / "operators").exists():
+        shutil.copytree(flat / "operators", folder / "operators")
+    manifest = json.loads((flat / "manifest.json").read_text())
+    manifest["config"]["factory"] = factory
+    manifest["files"]["faiss"] = "faiss.index"
+    t0 = time.perf_counter()
+    with RowStore.open(folder / "rows.h5") as st:
+        idx = SearchIndex.create(st.k, factory, device="cpu")
+        idx.train_and_add(lambda: (b for _, b in st.iter_blocks()), st.n, seed=0)
+        idx.save(folder / "faiss.index")
+    build_s = time.perf_counter() - t0
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return {"faiss_build_s": build_s}
+
+
+# ------------------------------------------------------------------------------------------------
+# measuring one index folder
+
+
+def open_attached(folder: Path, n: int):
+    from msif_index.index import InfluenceIndex
+    t0 = time.perf_counter()
+    index = InfluenceIndex.open(folder, device="cpu")
+    open_s = time.perf_counter() - t0
+    task = mlp_task(n)
+    t0 = time.perf_counter()
+    index.attach(task, progress_bar=False)
+    attach_s = time.perf_counter() - t0
+    return index, task, open_s, attach_s
+
+
+def latency(index, task, ids: list[int], nprobe: int | None, repeats_batch: int) -> dict[str, Any]:
+    test = task.test_dataset()
+    one = [test.batch([i]) for i in ids]
+    index.query(one[0], k=TOPK, nprobe=nprobe)          # warm-up
+    index.query(one[1], k=TOPK, nprobe=nprobe)
+    lat, qv, srch = [], [], []
+    for b in one:
+        t0 = time.perf_counter()
+        index.query(b, k=TOPK, nprobe=nprobe)
+        lat.append(time.perf_counter() - t0)
+    for b in one[: max(20, len(one) // 4)]:
+        t0 = time.perf_counter()
+        q = index.query_vectors(b)
+        t1 = time.perf_counter()
+        index.search_index.search(np.ascontiguousarray(q, dtype=np.float32), TOPK, nprobe=nprobe)
+        t2 = time.perf_counter()
+        qv.append(t1 - t0)
+        srch.append(t2 - t1)
+    b64 = test.batch(list(range(64)))
+    index.query(b64, k=TOPK, nprobe=nprobe)
+    tb = []
+    for _ in range(repeats_batch):
+        t0 = time.perf_counter()
+        index.query(b64, k=TOPK, nprobe=nprobe)
+        tb.append(time.perf_counter() - t0)
+    return {"p50_ms": 1e3 * pct(lat, 50), "p99_ms": 1e3 * pct(lat, 99), "mean_ms": 1e3 * float(np.mean(lat)),
+            "queries": len(lat), "model_part_p50_ms": 1e3 * pct(qv, 50), "search_part_p50_ms": 1e3 * pct(srch, 50),
+            "batch64_queries_per_s": 64 / median(tb), "batch64_s_median": median(tb)}
+
+
+def query_vectors(index, task, ids: list[int]) -> np.ndarray:
+    return np.ascontiguousarray(index.query_vectors(task.test_dataset().batch(ids)), dtype=np.float32)
+
+
+def tune(index, q: np.ndarray, exact: tuple[np.ndarray, np.ndarray], factory: str) -> tuple[str, int, list]:
+    """The smallest power of two of nprobe (IVF) or efSearch (HNSW) reaching recall@10 >= 0.95 on ``q``
+    (else the largest tried), and the recall curve."""
+    import faiss
+    from msif_index.search import recall_at_k
+    if factory.startswith("HNSW"):
+        name, values = "ef_search", [2 ** i for i in range(4, 12)]                     # 16 .. 2048
+    else:
+        nlist = faiss.downcast_index(index.search_index._index).nlist
+        name, values = "nprobe", [2 ** i for i in range(0, 20) if 2 ** i <= nlist]
+    curve = []
+    for v in values:
+        _, ids = index.search_index.search(q, TOPK, **{name: v})
+        r = recall_at_k(exact[0], exact[1], ids, TOPK)
+        curve.append({name: v, "recall@10": r})
+        if r >= 0.95:
+            break
+    return name, curve[-1][name], curve
+
+
+def set_ef_search(index, ef: int) -> None:
+    """InfluenceIndex.query has no ef_search argument: set the HNSW index's own default."""
+    import faiss
+    faiss.downcast_index(index.search_index._index).hnsw.efSearch = int(ef)
+
+
+def no_index_cost(real: Path, examples: int, q: np.ndarray) -> dict[str, Any]:
+    """Seconds per pretraining example of the gradient path a query needs without an index."""
+    import torch
+    from msif_index.build import _load_or_fit, prepare, resolve_config
+    from msif_index.config import BuildConfig
+    from msif_index.data import batches, move
+    manifest = json.loads((real / "manifest.json").read_text())
+    task = mlp_task(N_REAL)
+    config = BuildConfig.from_dict(manifest["config"])
+    config = resolve_config(task, config)
+    prep = prepare(task, config)
+    _load_or_fit(task, prep, config, real, N_REAL, False)       # loads preconditioner.h5
+    qt = torch.from_numpy(q[:1]).to(prep.dtype)                  # one query
+    buf = torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype)
+    ids = list(range(min(examples, N_REAL)))
+    scores = []
+    t0 = time.perf_counter()
+    for bids, batch in batches(task.pretrain_dataset(), config.batch_size, ids):
+        rows = buf[:len(bids)]
+        prep.projector.project_batch(task.pretrain_loss, move(batch, prep.device, prep.dtype), out=rows)
+        s = prep.preconditioner.apply(rows)
+        scores.append(-(s @ qt.T))
+    dt = time.perf_counter() - t0
+    return {"examples": len(ids), "s_per_example": dt / len(ids), "seconds": dt}
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=common.THREADS)
+    ap.add_argument("--with-1m", action="store_true", help="also n = 1M (4.2 GB of rows, slow to write and index)")
+    ap.add_argument("--ns", default=None, help="comma-separated n values (default 10000,100000[,1000000])")
+    ap.add_argument("--queries", type=int, default=192, help="single queries timed per index")
+    ap.add_argument("--batch-repeats", type=int, default=5)
+    ap.add_argument("--approx", default="IVF{nlist},Flat",
+                    help="approximate faiss factory ({nlist}: 256 below 65536 rows, else 1024), e.g. HNSW32")
+    ap.add_argument("--noindex-examples", type=int, default=10_000)
+    ap.add_argument("--tmp", default=None, help="folder for the index folders (default: system temp)")
+    ap.add_argument("--keep", action="store_true", help="keep the index folders")
+    ap.add_argument("--out", default=str(HERE / "query_latency.json"))
+    args = ap.parse_args()
+    setup_threads(args.threads)
+    ns = [int(x) for x in args.ns.split(",")] if args.ns else [N_REAL, 100_000] + ([1_000_000] if args.with_1m else [])
+    tmp = Path(tempfile.mkdtemp(prefix="msif_query_bench_", dir=args.tmp))
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {"machine": machine(), "threads": args.threads, "proj_dim": PROJ_DIM, "topk": TOPK,
+                              "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+    try:
+        real = tmp / f"real_{N_REAL}"
+        print(f"== building the real index (n={N_REAL}, proj_dim={PROJ_DIM})", flush=True)
+        result["real_build"] = build_real(real, N_REAL)
+        index, task, open_s, attach_s = open_attached(real, N_REAL)      # computes and caches the operator
+        result["attach_s"] = attach_s
+        result["k"] = index.k
+        n_test = len(task.test_dataset())
+        tune_ids = list(range(TUNE_QUERIES))
+        eval_ids = list(range(TUNE_QUERIES, n_test))
+
+        def time_ids_for(n: int) -> list[int]:
+            count = args.queries if n < 1_000_000 else min(args.queries, 48)     # Flat at 1M: ~0.5 s each
+            return [eval_ids[i % len(eval_ids)] for i in range(count)]
+        q_tune = query_vectors(index, task, tune_ids)
+        q_eval = query_vectors(index, task, eval_ids)
+        index.close()
+        print(f"== no-index cost on {args.noindex_examples} examples", flush=True)
+        result["no_index"] = no_index_cost(real, args.noindex_examples, q_eval)
+        for n in ns:
+            flat = real if n == N_REAL else tmp / f"flat_{n}"
+            row: dict[str, Any] = {"n": n, "rows": "real" if n == N_REAL else "synthetic (resampled real + noise)"}
+            if n != N_REAL:
+                print(f"== writing {n} synthetic rows", flush=True)
+                row.update(synthetic_folder(real, flat, n))
+            # exact
+            print(f"== n={n}: Flat", flush=True)
+            index, task, open_s, attach_s = open_attached(flat, n)
+            ex_tune = index.search_index.search(q_tune, 100)
+            ex_eval = index.search_index.search(q_eval, 100)
+            lat = latency(index, task, time_ids_for(n), None, args.batch_repeats)
+            index.close()
+            del index
+            no_index_s = result["no_index"]["s_per_example"] * n
+            row_flat = {**row, "index": "Flat", "nprobe": None, "open_s": open_s, "recall@10": 1.0, **lat,
+                        "no_index_s": no_index_s, "speedup_vs_no_index": no_index_s / (lat["p50_ms"] / 1e3)}
+            result["rows"].append(row_flat)
+            print(json.dumps({k: row_flat[k] for k in ("n", "index", "p50_ms", "p99_ms", "batch64_queries_per_s")}),
+                  flush=True)
+            # approximate
+            factory = args.approx.format(nlist=1024 if n >= 65536 else 256)
+            print(f"== n={n}: {factory}", flush=True)
+            approx = tmp / f"approx_{n}"
+            info = approx_folder(flat, approx, factory, n)
+            index, task, open_s, attach_s = open_attached(approx, n)
+            param, value, curve = tune(index, q_tune, ex_tune, factory)
+            from msif_index.search import recall_at_k
+            _, ids = index.search_index.search(q_eval, TOPK, **{param: value})
+            recall = recall_at_k(ex_eval[0], ex_eval[1], ids, TOPK)
+            nprobe = value if param == "nprobe" else None
+            if param == "ef_search":
+                set_ef_search(index, value)
+            lat = latency(index, task, time_ids_for(n), nprobe, args.batch_repeats)
+            index.close()
+            del index
+            row_ann = {**row, "index": factory, "nprobe": f"{param}={value}", "open_s": open_s, **info,
+                       "recall@10": recall, "recall_curve": curve, **lat, "no_index_s": no_index_s,
+                       "speedup_vs_no_index": no_index_s / (lat["p50_ms"] / 1e3)}
+            result["rows"].append(row_ann)
+            print(json.dumps({k: row_ann[k] for k in ("n", "index", "nprobe", "recall@10", "p50_ms", "p99_ms",
+                                                        "batch64_queries_per_s")}), flush=True)
+            shutil.rmtree(approx, ignore_errors=True)
+            if flat != real and not args.keep:
+                shutil.rmtree(flat, ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["total_s"] = time.perf_counter() - t_start
+    result["targets"] = targets(result)
+    text = summarize(result)
+    result["table"] = text
+    print()
+    print(text)
+    save_json(Path(args.out), result)
+    print(f"\nwrote {args.out} ({result['total_s'] / 60:.1f} min)")
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    at = [r for r in result["rows"] if r["n"] == 100_000]
+    if at:
+        best = [r for r in at if r["recall@10"] >= 0.95]
+        fastest = min(best, key=lambda r: r["p50_ms"]) if best else None
+        out.append({"what": "one query <= 10 ms p50 at n=100k with recall@10 >= 0.95",
+                    "met": bool(fastest and fastest["p50_ms"] <= 10.0),
+                    "value": (f"{fastest['p50_ms']:.1f} ms p50 ({fastest['index']}, recall@10 "
+                              f"{fastest['recall@10']:.3f})") if fastest else "no index reached recall 0.95"})
+        if fastest:
+            out.append({"what": ">= 1000x faster than answering without the index at n=100k",
+                        "met": fastest["speedup_vs_no_index"] >= 1000,
+                        "value": f"{fastest['speedup_vs_no_index']:,.0f}x ({fastest['index']}; without index "
+                                 f"{fastest['no_index_s']:.1f} s, extrapolated)"})
+    return out
+
+
+def summarize(result: dict[str, Any]) -> str:
+    lines = [f"MLP task, k_W = {result.get('k')} stored columns (proj_dim={PROJ_DIM}, ekfac), top-{TOPK}, "
+             f"{result['threads']} threads; one query = a batch of 1 test example, end to end "
+             f"(InfluenceIndex.query on the attached finetuned model)"]
+    lines.append(fmt_table(result["rows"], [
+        ("n", "n"), ("index", "index"), ("nprobe", "search param"), ("recall@10", "recall@10"),
+        ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("model_part_p50_ms", "model part ms"),
+        ("search_part_p50_ms", "search part ms"), ("batch64_queries_per_s", "batch-64 q/s"),
+        ("no_index_s", "no-index s"), ("speedup_vs_no_index", "speedup")]))
+    ni = result.get("no_index", {})
+    lines.append(f"no-index cost: {1e3 * ni.get('s_per_example', float('nan')):.3f} ms per pretraining example "
+                 f"(project_batch + ekfac apply + dot, measured on {ni.get('examples')} examples, extrapolated "
+                 f"linearly to n); attach (operator, once): {result.get('attach_s', float('nan')):.1f} s")
+    lines.append("")
+    lines.append("targets:")
+    for t in result["targets"]:
+        lines.append(f"  [{'MET' if t['met'] else 'MISSED'}] {t['what']}: {t['value']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

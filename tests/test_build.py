@@ -1,0 +1,569 @@
+"""Acceptance tests of building the index (msif_index.build.build_index).
+
+- exact preset on the digits task: stored rows are -DW(z) = [H_G^{-1} grad g(z)]_W, permuted by P_W;
+- every preconditioner builds (digits, and a Conv2d + Embedding + LayerNorm model) and the kfac /
+  ekfac / gauss-newton / hessian rows equal their brute-force definitions on a tiny model;
+- a build killed midway resumes to the same rows; corrupt files, changed configs, foreign folders,
+  changed pretrained models and non-finite gradients fail with one clear line.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import msif_index
+from msif_index.build import build_index
+from msif_index.config import PRESETS, BuildConfig
+from msif_index.data import full_batch
+from msif_index.errors import (ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError)
+from msif_index.exact import pretrain_side
+from msif_index.gradients import GradientProjector
+from msif_index.index import InfluenceIndex
+from msif_index.store import RowStore
+
+ROOT = Path(__file__).resolve().parents[1]
+PRECONDITIONERS = ("identity", "gauss-newton", "kfac", "ekfac", "hessian", "exact")
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny tasks (untrained: nothing here needs an optimum, and building them takes well under a second)
+
+
+def _init(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    return model
+
+
+class TinyNet(nn.Module):
+    def __init__(self, d: int, h: int, c: int):
+        super().__init__()
+        self.embed = nn.Linear(d, h)
+        self.head = nn.Linear(h, c)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)))
+
+
+class TinyTask(msif_index.MultiStageTask):
+    """W = embed (one Linear), U / theta = head. Pretraining items are (x, y, id).
+
+    ``nan_id``: that example's input holds a NaN (so its loss and gradient are NaN);
+    ``slow``: seconds slept per pretraining loss call; ``seen``: set to a list to record the ids
+    whose pretraining loss was evaluated.
+    """
+
+    shared_parameters = ("embed.weight", "embed.bias")
+    pretrain_weight_decay = 0.01
+    finetune_weight_decay = 0.1
+
+    def __init__(self, n: int = 64, d: int = 6, h: int = 4, seed: int = 0, nan_id: int | None = None,
+                 slow: float = 0.0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+        if nan_id is not None:
+            x[nan_id, 0] = float("nan")
+        self._pre = TensorDataset(x, torch.randint(0, 3, (n,), generator=g), torch.arange(n))
+        self._fin = TensorDataset(torch.randn(20, d, generator=g, dtype=torch.float64),
+                                  torch.randint(0, 2, (20,), generator=g))
+        self._test = TensorDataset(torch.randn(8, d, generator=g, dtype=torch.float64),
+                                   torch.randint(0, 2, (8,), generator=g))
+        self.slow = slow
+        self.seen: list[int] | None = None
+        self._pm = _init(TinyNet(d, h, 3).double(), seed + 1)
+        self._fm = _init(TinyNet(d, h, 2).double(), seed + 2)
+        self._fm.embed.load_state_dict(self._pm.embed.state_dict())
+
+    def pretrained_model(self):
+        return self._pm
+
+    def finetuned_model(self):
+        return self._fm
+
+    def pretrain_dataset(self):
+        return self._pre
+
+    def finetune_dataset(self):
+        return self._fin
+
+    def test_dataset(self):
+        return self._test
+
+    def pretrain_loss(self, model, batch):
+        x, y, ids = batch
+        if self.slow:
+            time.sleep(self.slow)
+        if self.seen is not None:
+            self.seen.extend(ids.tolist())
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+    def finetune_loss(self, model, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+class MixedNet(nn.Module):
+    """Conv2d on an image + Embedding of tokens, LayerNorm, Linear head."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.emb = nn.Embedding(7, 3)
+        self.norm = nn.LayerNorm(2 * 4 * 4 + 3)
+        self.head = nn.Linear(2 * 4 * 4 + 3, c)
+
+    def forward(self, batch):
+        img, tok = batch[0], batch[1]
+        a = torch.relu(self.conv(img)).flatten(1)
+        b = self.emb(tok).mean(1)
+        return self.head(self.norm(torch.cat([a, b], 1)))
+
+
+class MixedTask(msif_index.MultiStageTask):
+    shared_parameters = ("conv.weight", "conv.bias", "emb.weight", "norm.weight", "norm.bias")
+    pretrain_weight_decay = 0.01
+    finetune_weight_decay = 0.1
+
+    def __init__(self, n: int = 24, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+
+        def data(m: int, classes: int) -> TensorDataset:
+            return TensorDataset(torch.randn(m, 1, 6, 6, generator=g, dtype=torch.float64),
+                                 torch.randint(0, 7, (m, 3), generator=g),
+                                 torch.randint(0, classes, (m,), generator=g))
+        self._pre, self._fin, self._test = data(n, 3), data(16, 2), data(4, 2)
+        self._pm = _init(MixedNet(3).double(), seed + 1)
+        self._fm = _init(MixedNet(2).double(), seed + 2)
+        for name in ("conv", "emb", "norm"):
+            getattr(self._fm, name).load_state_dict(getattr(self._pm, name).state_dict())
+
+    def pretrained_model(self):
+        return self._pm
+
+    def finetuned_model(self):
+        return self._fm
+
+    def pretrain_dataset(self):
+        return self._pre
+
+    def finetune_dataset(self):
+        return self._fin
+
+    def test_dataset(self):
+        return self._test
+
+    def pretrain_loss(self, model, batch):
+        return nn.functional.cross_entropy(model(batch), batch[2], reduction="none")
+
+    def finetune_loss(self, model, batch):
+        return nn.functional.cross_entropy(model(batch), batch[2], reduction="none")
+
+
+def _rows(path: Path) -> np.ndarray:
+    with RowStore.open(path / "rows.h5") as store:
+        return store.read(0, store.n, dtype=store.dtype)
+
+
+def _manifest(path: Path) -> dict:
+    with InfluenceIndex.open(path) as index:
+        return index.manifest
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------
+# exact preset: the stored rows are the exact H_G^{-1} gradients
+
+
+def test_exact_preset_rows_are_exact_inverse_hessian_gradients(tmp_path, digits_frozen):
+    task = digits_frozen
+    path = build_index(task, tmp_path / "exact", PRESETS["exact"])
+    rows = _rows(path)                                          # [n, k_W] float64
+    side = pretrain_side(task)                                  # DW(z) = -[H_G^{-1} grad g(z)]_W
+    model = task.pretrained_model()
+    p_w = GradientProjector(model, side.w_names, proj_dim=None, dtype=torch.float64).matrix()
+    assert torch.equal(p_w @ p_w.T, torch.eye(p_w.shape[0], dtype=torch.float64))   # a permutation
+    want = (-side.displacements @ p_w.T).numpy()
+    assert rows.shape == want.shape == (len(task.pretrain_dataset()), 780)
+    err = np.abs(rows - want).max() / np.abs(want).max()
+    assert err < 1e-6, err
+    # row by row too (small rows must not hide behind large ones)
+    rel = np.linalg.norm(rows - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert rel.max() < 1e-6, rel.max()
+    m = _manifest(path)
+    assert m["preconditioner"]["name"] == "exact" and m["preconditioner"]["damping_used"] == {"all": 0.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# every preconditioner builds
+
+
+@pytest.mark.parametrize("pre", PRECONDITIONERS)
+def test_every_preconditioner_builds_on_digits(tmp_path, digits_frozen, pre):
+    task = digits_frozen
+    cfg = BuildConfig(proj_dim=128, preconditioner=pre)
+    path = build_index(task, tmp_path / pre, cfg)
+    rows = _rows(path)
+    assert rows.shape[0] == len(task.pretrain_dataset()) and np.isfinite(rows).all()
+    assert np.abs(rows).max() > 0
+    m = _manifest(path)
+    summary = m["preconditioner"]
+    assert summary["name"] == pre
+    expected_damping = {"hessian": 1e-3, "exact": 0.0}.get(pre, 0.1)
+    assert summary["damping"] == expected_damping == m["config"]["damping"]
+    if pre != "identity":
+        used = summary["damping_used"]
+        assert used and all(np.isfinite(v) and v >= 0 for v in used.values())
+        assert (max(used.values()) > 0) == (pre != "exact")
+    # the rows answer queries
+    with InfluenceIndex.open(path) as index:
+        index.attach(task, validate=False)
+        res = index.query(full_batch(task.test_dataset(), [0, 1]), k=5)
+    assert res.ids.shape == (2, 5) and np.isfinite(res.scores).all()
+
+
+@pytest.mark.parametrize("proj_dim", [None, 32])
+def test_every_preconditioner_builds_on_conv_embedding_layernorm_model(tmp_path, proj_dim):
+    task = MixedTask()
+    msif_index.validate_task(task)
+    kinds = {b.kind for b in GradientProjector(task.pretrained_model(), list(task.shared_parameters)).blocks}
+    assert kinds == {"conv2d", "embedding", "dense"}            # LayerNorm: dense blocks
+    for pre in PRECONDITIONERS:
+        cfg = BuildConfig(proj_dim=proj_dim, preconditioner=pre, dtype="float64", hessian_examples=8)
+        path = build_index(task, tmp_path / f"{pre}", cfg)
+        rows = _rows(path)
+        assert rows.shape[0] == 24 and np.isfinite(rows).all() and np.abs(rows).max() > 0, pre
+        m = _manifest(path)
+        assert m["preconditioner"]["name"] == pre
+        assert m["preconditioner"]["damping"] == {"hessian": 1e-3, "exact": 0.0}.get(pre, 0.1)
+        if pre in ("kfac", "ekfac"):          # one damping per W block
+            assert set(m["preconditioner"]["damping_used"]) == {"conv", "emb", "norm.weight", "norm.bias"}
+        if pre in ("ekfac", "exact"):         # the query side, with a W-only and a (W, U) projector
+            with InfluenceIndex.open(path) as index:
+                index.attach(task, validate=False)
+                res = index.query(full_batch(task.test_dataset()), k=3, direction="harmful")
+            assert res.ids.shape == (4, 3) and np.isfinite(res.scores).all()
+        if pre == "exact" and proj_dim is None:
+            # exact rows through the Kronecker conv / embedding blocks and the dense LayerNorm blocks
+            side = pretrain_side(task)
+            p_w = GradientProjector(task.pretrained_model(), side.w_names, proj_dim=None,
+                                    dtype=torch.float64).matrix()
+            want = (-side.displacements @ p_w.T).numpy()
+            assert np.abs(rows - want).max() / np.abs(want).max() < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# brute-force definitions of the preconditioners on a tiny model
+
+
+def _example_grads(model: nn.Module, names: list[str], loss_fn, dataset) -> torch.Tensor:
+    """Per-example gradients [n, d] over ``names`` (concatenated p.reshape(-1)), one backward each."""
+    params = dict(model.named_parameters())
+    out = []
+    for i in range(len(dataset)):
+        batch = full_batch(dataset, [i])
+        loss = loss_fn(model, batch).sum()
+        gs = torch.autograd.grad(loss, [params[n] for n in names])
+        out.append(torch.cat([g.reshape(-1) for g in gs]))
+    return torch.stack(out).to(torch.float64)
+
+
+@pytest.mark.parametrize("proj_dim", [None, 12])
+@pytest.mark.parametrize("pre", ["kfac", "ekfac"])
+def test_kronecker_preconditioners_equal_their_definition(tmp_path, pre, proj_dim):
+    """kfac: M = S (x) A / E||Phi||^2; ekfac: M = Q diag(E[(Q^T vec Phi)^2]) Q^T, Q = Q_S (x) Q_A;
+    both + (wd mean diag(P P^T) + damping * mean eigenvalue) I; stored row = M^{-1} vec Phi."""
+    task = TinyTask()
+    damping = 0.05
+    path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=proj_dim, preconditioner=pre,
+                                                           damping=damping, dtype="float64"))
+    model = task.pretrained_model()
+    w = list(task.shared_parameters)
+    proj = GradientProjector(model, w, proj_dim=proj_dim, dtype=torch.float64)
+    (block,) = proj.blocks
+    p = proj.matrix()                                               # [k, 28]
+    phi = (_example_grads(model, w, task.pretrain_loss, task.pretrain_dataset()) @ p.T)
+    n = phi.shape[0]
+    mats = phi.reshape(n, block.k_out, block.k_in)                  # row-major Phi_z
+    s = torch.einsum("zoi,zpi->op", mats, mats) / n
+    a = torch.einsum("zoi,zoj->ij", mats, mats) / n
+    mean_sq = (phi ** 2).sum() / n
+    es, qs = torch.linalg.eigh(s)
+    ea, qa = torch.linalg.eigh(a)
+    q = torch.kron(qs, qa)
+    if pre == "kfac":
+        lam = torch.kron(torch.diag(es), torch.diag(ea)).diagonal() / mean_sq
+        m_eig = lam
+        # the explicit matrix: S (x) A / E||Phi||^2 has the eigenvalues lam in the basis q
+        assert torch.allclose(q @ torch.diag(m_eig) @ q.T, torch.kron(s, a) / mean_sq, atol=1e-12)
+    else:
+        m_eig = ((phi @ q) ** 2).mean(0)
+    wd = task.pretrain_weight_decay * float(torch.diagonal(p @ p.T).mean())
+    lam_damp = damping * float(m_eig.mean())
+    m_full = q @ torch.diag(m_eig + wd + lam_damp) @ q.T
+    want = torch.linalg.solve(m_full, phi.T).T.numpy()
+    rows = _rows(path)
+    assert np.abs(rows - want).max() / np.abs(want).max() < 1e-10
+    used = _manifest(path)["preconditioner"]["damping_used"]
+    assert used == pytest.approx({"embed": lam_damp}, rel=1e-10)
+
+
+@pytest.mark.parametrize("proj_dim", [None, 16])
+@pytest.mark.parametrize("pre", ["gauss-newton", "hessian"])
+def test_dense_preconditioners_equal_their_definition(tmp_path, pre, proj_dim):
+    """gauss-newton: M = (1/n) sum phi phi^T + wd P P^T; hessian: M = P H_G P^T (H_G with its weight
+    decay; eigenvalues clamped at 0); stored row = [(M + damping * mean eig(M) I)^{-1} phi]_W."""
+    task = TinyTask()
+    damping = 0.05
+    path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=proj_dim, preconditioner=pre,
+                                                           damping=damping, dtype="float64"))
+    model = task.pretrained_model()
+    w = list(task.shared_parameters)
+    names = w + ["head.weight", "head.bias"]
+    proj = GradientProjector(model, names, proj_dim=proj_dim, dtype=torch.float64)
+    p = proj.matrix()
+    w_cols = torch.cat([torch.arange(b.offset, b.offset + b.dim) for b in proj.blocks if set(b.params) <= set(w)])
+    grads = _example_grads(model, names, task.pretrain_loss, task.pretrain_dataset())
+    phi = grads @ p.T
+    wd = task.pretrain_weight_decay
+    if pre == "gauss-newton":
+        m = phi.T @ phi / phi.shape[0] + wd * (p @ p.T)
+    else:
+        m = p @ pretrain_side(task).hessian @ p.T                 # pretrain_side's H_G includes wd I
+    evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
+    if pre == "hessian":
+        evals = evals.clamp_min(0)
+    lam = damping * float(evals.mean())
+    inv = evecs @ torch.diag(1 / (evals + lam)) @ evecs.T
+    want = (phi @ inv)[:, w_cols].numpy()
+    rows = _rows(path)
+    assert rows.shape == want.shape
+    assert np.abs(rows - want).max() / np.abs(want).max() < 1e-8
+    assert _manifest(path)["preconditioner"]["damping_used"] == pytest.approx({"all": lam}, rel=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------
+# resuming, corruption, reuse, refusal
+
+KILL_CONFIG = dict(proj_dim=12, preconditioner="ekfac", shard_rows=8, batch_size=4)
+_KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.test_build import KILL_CONFIG, TinyTask
+from msif_index.build import build_index
+from msif_index.config import BuildConfig
+build_index(TinyTask(slow={slow}), {out!r}, BuildConfig(**KILL_CONFIG))
+"""
+
+
+def test_killed_build_resumes_to_identical_rows(tmp_path):
+    out = tmp_path / "killed"
+    script = _KILL_SCRIPT.format(root=str(ROOT), slow=0.1, out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    first = out / "shards" / "shard_00000.h5"
+    deadline = time.monotonic() + 240
+    try:
+        while not first.exists():
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline, "the build never wrote its first shard"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    done = sorted(p.name for p in (out / "shards").glob("shard_*.h5"))
+    assert 1 <= len(done) < 8, done                      # killed midway: shard 0 done, not all of them
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(CorruptIndexError) as e:          # half-built: open says so, in one line
+        InfluenceIndex.open(out)
+    assert "did not finish" in _one_line(e)
+
+    task = TinyTask()
+    task.seen = []
+    build_index(task, out, BuildConfig(**KILL_CONFIG))   # resume (same command)
+    n_done = 8 * len(done)
+    assert set(task.seen) == set(range(n_done, 64)), "the resumed build recomputed finished shards"
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+    ref = build_index(TinyTask(), tmp_path / "uninterrupted", BuildConfig(**KILL_CONFIG))
+    assert np.array_equal(_rows(out), _rows(ref))
+    queries = np.random.default_rng(0).standard_normal((5, _rows(ref).shape[1])).astype(np.float32)
+    with InfluenceIndex.open(out) as a, InfluenceIndex.open(ref) as b:
+        sa, ia = a.search_index.search(queries, 10)
+        sb, ib = b.search_index.search(queries, 10)
+        assert np.array_equal(ia, ib) and np.array_equal(sa, sb)
+        batch = full_batch(task.test_dataset())
+        a.attach(task)
+        b.attach(task)
+        ra, rb = a.query(batch, k=10), b.query(batch, k=10)
+        assert np.array_equal(ra.ids, rb.ids) and np.array_equal(ra.scores, rb.scores)
+        assert a.manifest["preconditioner"] == b.manifest["preconditioner"]
+
+
+@pytest.fixture()
+def tiny_index(tmp_path) -> Path:
+    return build_index(TinyTask(), tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="gauss-newton",
+                                                                 shard_rows=16))
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_truncated_rows_file_is_detected(tmp_path, tiny_index):
+    InfluenceIndex.open(tiny_index).close()
+    rows = tiny_index / "rows.h5"
+    size = rows.stat().st_size
+    with open(rows, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(CorruptIndexError) as e:
+        InfluenceIndex.open(tiny_index)
+    assert "rows.h5" in _one_line(e)
+
+
+def test_truncated_or_missing_shard_is_detected(tmp_path, tiny_index):
+    shard = tiny_index / "shards" / "shard_00002.h5"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.raises(CorruptIndexError) as e:
+        InfluenceIndex.open(tiny_index)
+    _one_line(e)
+    shard.unlink()
+    with pytest.raises(CorruptIndexError) as e:
+        InfluenceIndex.open(tiny_index)
+    assert "shard_00002.h5" in _one_line(e)
+
+
+def test_corrupted_row_byte_is_detected(tmp_path, tiny_index):
+    shard = tiny_index / "shards" / "shard_00001.h5"
+    with h5py.File(shard, "r") as f:
+        info = f["rows"].id.get_chunk_info(0)
+    _flip_byte(shard, info.byte_offset + info.size // 2)
+    with pytest.raises(CorruptIndexError) as e:        # opening reads every row (Flat search) ...
+        InfluenceIndex.open(tiny_index)
+    _one_line(e)
+    with RowStore.open(tiny_index / "rows.h5") as store:  # ... and any read of that row fails
+        store.read(0, 16)
+        with pytest.raises(CorruptIndexError) as e:
+            store.take([20])
+        _one_line(e)
+
+
+def test_corrupted_faiss_file_is_detected(tmp_path):
+    task = TinyTask()
+    path = build_index(task, tmp_path / "hnsw", BuildConfig(proj_dim=16, preconditioner="identity",
+                                                            factory="HNSW8"))
+    with InfluenceIndex.open(path) as index:
+        index.attach(task)
+        before = index.query(full_batch(task.test_dataset()), k=5)
+    faiss_file = path / "faiss.index"
+    _flip_byte(faiss_file, faiss_file.stat().st_size // 2)
+    with pytest.raises(CorruptIndexError) as e:
+        InfluenceIndex.open(path)
+    assert "faiss.index" in _one_line(e)
+    assert before.ids.shape == (8, 5)
+
+
+def test_corrupted_manifest_is_detected(tmp_path, tiny_index):
+    manifest = tiny_index / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:-40])
+    with pytest.raises(CorruptIndexError) as e:
+        InfluenceIndex.open(tiny_index)
+    assert "manifest" in _one_line(e) and "--overwrite" in _one_line(e)
+    cfg = BuildConfig(proj_dim=16, preconditioner="gauss-newton", shard_rows=16)
+    with pytest.raises(CorruptIndexError):                # a rebuild refuses to guess ...
+        build_index(TinyTask(), tiny_index, cfg)
+    build_index(TinyTask(), tiny_index, cfg, overwrite=True)   # ... and --overwrite, as the error says, works
+    InfluenceIndex.open(tiny_index).close()
+
+
+def test_rerun_reuses_and_other_config_refuses_unless_overwrite(tmp_path, tiny_index):
+    task = TinyTask()
+    cfg = BuildConfig(proj_dim=16, preconditioner="gauss-newton", shard_rows=16)
+    before = _rows(tiny_index)
+    mtime = (tiny_index / "manifest.json").stat().st_mtime_ns
+    task.seen = []
+    assert build_index(task, tiny_index, cfg.with_(batch_size=7, shard_rows=9)) == tiny_index  # same rows
+    assert task.seen == [] and (tiny_index / "manifest.json").stat().st_mtime_ns == mtime
+    other = cfg.with_(preconditioner="kfac")
+    with pytest.raises(ConfigError) as e:
+        build_index(task, tiny_index, other)
+    msg = _one_line(e)
+    assert "preconditioner" in msg and "overwrite" in msg
+    assert np.array_equal(_rows(tiny_index), before)      # refused: untouched
+    build_index(task, tiny_index, other, overwrite=True)
+    m = _manifest(tiny_index)
+    assert m["config"]["preconditioner"] == "kfac"
+    assert not np.array_equal(_rows(tiny_index), before)
+
+
+def test_folder_with_foreign_files_is_refused_and_untouched(tmp_path):
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    (out / "rows.h5").write_bytes(b"not ours either")
+
+    def snapshot():
+        return sorted((str(p.relative_to(out)), p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+                      for p in out.rglob("*"))
+    before = snapshot()
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError) as e:
+            build_index(TinyTask(), out, BuildConfig(proj_dim=16, preconditioner="identity"), overwrite=overwrite)
+        assert "notes.txt" in _one_line(e)
+        assert snapshot() == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError) as e:
+        build_index(TinyTask(), tmp_path / "file", BuildConfig(proj_dim=16, preconditioner="identity"))
+    _one_line(e)
+
+
+def test_changed_pretrained_model_is_refused(tmp_path, tiny_index):
+    task = TinyTask()
+    with torch.no_grad():
+        task.pretrained_model().head.bias[0] += 1e-9          # U only
+    cfg = BuildConfig(proj_dim=16, preconditioner="gauss-newton", shard_rows=16)
+    with pytest.raises(ConfigError) as e:
+        build_index(task, tiny_index, cfg)
+    assert "pretrained" in _one_line(e)
+    with InfluenceIndex.open(tiny_index) as index:           # attaching that task is refused too
+        with pytest.raises(msif_index.errors.IndexMismatchError) as e:
+            index.attach(task)
+        assert "pretrained U" in _one_line(e)
+
+
+@pytest.mark.parametrize("pre", ["ekfac", "hessian", "identity"])
+def test_nonfinite_gradient_names_the_example(tmp_path, pre):
+    task = TinyTask(nan_id=37)
+    msif_index.validate_task(task)                            # the first two examples are fine
+    with pytest.raises(NonFiniteError) as e:
+        build_index(task, tmp_path / "nan", BuildConfig(proj_dim=16, preconditioner=pre, batch_size=8))
+    msg = _one_line(e)
+    assert "example 37" in msg, msg
+    assert not (tmp_path / "nan" / "manifest.json").exists()

@@ -1,0 +1,153 @@
+"""The `msif` command line: help, build-index + query --json on the digits task, one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from msif_index.cli.main import main
+from msif_index.data import full_batch
+from msif_index.index import InfluenceIndex
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits" / "task.py"
+MSIF = [sys.executable, "-m", "msif_index.cli.main"]
+
+# a task that needs no training, so a fresh `msif` process loads it in a moment
+TINY_TASK = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+import msif_index
+
+
+class Net(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embed = nn.Linear(4, 3)
+        self.head = nn.Linear(3, c)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)))
+
+
+class Tiny(msif_index.MultiStageTask):
+    shared_parameters = ("embed.weight", "embed.bias")
+    finetune_weight_decay = 0.1
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        self.pre, self.fin = Net(3), Net(2)
+        self.fin.embed.load_state_dict(self.pre.embed.state_dict())
+        self.data = [TensorDataset(torch.randn(m, 4, generator=g), torch.randint(0, c, (m,), generator=g))
+                     for m, c in ((16, 3), (8, 2), (4, 2))]
+
+    def pretrained_model(self): return self.pre
+    def finetuned_model(self): return self.fin
+    def pretrain_dataset(self): return self.data[0]
+    def finetune_dataset(self): return self.data[1]
+    def test_dataset(self): return self.data[2]
+    def pretrain_loss(self, model, batch): return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+    def finetune_loss(self, model, batch): return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+task = Tiny()
+'''
+
+
+def _strict_json(text: str):
+    """JSON as the standard defines it (no NaN / Infinity)."""
+    def bad(constant):
+        raise AssertionError(f"not valid JSON: {constant}")
+    return json.loads(text, parse_constant=bad)
+
+
+def _msif(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(MSIF + list(args), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "tiny_task.py"
+    path.write_text(TINY_TASK)
+    return path
+
+
+def test_help_lists_the_commands():
+    proc = _msif("--help")
+    assert proc.returncode == 0, proc.stderr
+    for command in ("build-index", "attach", "query", "exact", "check-task"):
+        assert command in proc.stdout
+    assert "negative = helpful" in proc.stdout.replace("\n", " ")       # the sign convention, once
+
+
+def test_build_index_then_query_json_on_digits(tmp_path, capsys, digits_frozen):
+    """In-process (the session's trained digits task is reused: load_task caches the module)."""
+    out = tmp_path / "idx"
+    task_spec = f"{DIGITS}:task"
+    main(["build-index", "--task", task_spec, "--out", str(out), "--proj-dim", "128",
+          "--preconditioner", "kfac", "--json"])
+    summary = _strict_json(capsys.readouterr().out)
+    assert summary["n"] == 300 and summary["preconditioner"] == "kfac" and summary["attached"]
+    assert (out / "manifest.json").exists() and (out / "operators" / f"{summary['attached']}.h5").exists()
+
+    test_ids = [0, 3, 4, 5]
+    for direction in ("helpful", "harmful"):
+        main(["query", "--index", str(out), "--task", task_spec, "--test-ids", "0,3-5", "--k", "7",
+              "--direction", direction, "--json"])
+        res = _strict_json(capsys.readouterr().out)
+        assert res["test_ids"] == test_ids and res["direction"] == direction and res["method"] == "index"
+        ids, scores = np.array(res["ids"]), np.array(res["scores"])
+        assert ids.shape == scores.shape == (4, 7)
+        assert ((ids >= 0) & (ids < 300)).all() and all(len(set(row)) == 7 for row in ids.tolist())
+        if direction == "helpful":
+            assert (np.diff(scores, axis=1) >= 0).all()            # most negative (helpful) first
+        else:
+            assert (np.diff(scores, axis=1) <= 0).all()
+        with InfluenceIndex.open(out) as index:                     # the same as the library's answer
+            index.attach(digits_frozen)
+            lib = index.query(full_batch(digits_frozen.test_dataset(), test_ids), k=7, direction=direction)
+        np.testing.assert_array_equal(ids, lib.ids)
+        np.testing.assert_allclose(scores, lib.scores, rtol=1e-6)
+
+    main(["query", "--index", str(out), "--task", task_spec, "--test-ids", "2", "--k", "3"])
+    text = capsys.readouterr().out
+    assert "negative = helpful" in text and "test 2: most helpful" in text
+
+
+@pytest.mark.parametrize("case", ["bad-test-ids", "test-id-out-of-range", "missing-task-file",
+                                  "task-without-name", "missing-index"])
+def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny, case):
+    spec = f"{tiny}:task"
+    args = {
+        "bad-test-ids": ["exact", "--task", spec, "--test-ids", "1,x"],
+        "test-id-out-of-range": ["query", "--index", str(tmp_path / "idx"), "--task", spec, "--test-ids", "2,9"],
+        "missing-task-file": ["check-task", "--task", f"{tmp_path / 'nowhere.py'}:task"],
+        "task-without-name": ["build-index", "--task", str(tiny), "--out", str(tmp_path / "idx")],
+        "missing-index": ["query", "--index", str(tmp_path / "nope"), "--task", spec, "--test-ids", "0"],
+    }[case]
+    proc = _msif(*args)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    expected = {"bad-test-ids": "1,x", "test-id-out-of-range": "[9]", "missing-task-file": "nowhere.py",
+                "task-without-name": "FILE.py:NAME", "missing-index": "nope"}[case]
+    assert expected in lines[0]
+
+
+def test_tiny_task_works_end_to_end_in_a_fresh_process(tmp_path, tiny):
+    """The same process boundary as a user's: build-index, then query in another process."""
+    out = tmp_path / "idx"
+    proc = _msif("build-index", "--task", f"{tiny}:task", "--out", str(out), "--preset", "exact", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert _strict_json(proc.stdout)["n"] == 16
+    proc = _msif("query", "--index", str(out), "--task", f"{tiny}:task", "--test-ids", "0-3", "--k", "16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    ids = np.array(_strict_json(proc.stdout)["ids"])
+    assert ids.shape == (4, 16) and all(sorted(row) == list(range(16)) for row in ids.tolist())

@@ -1,0 +1,356 @@
+"""Acceptance tests of querying the index (InfluenceIndex.attach / query / scores) on the digits task.
+
+- exact mode (proj_dim=None, exact preconditioner): top-k ids and scores equal exact_influence, for
+  frozen and proximal finetuning attached to one index, helpful and harmful;
+- default config: rank correlation, recall@10 and the scale of the scores against exact_influence;
+  with real compression (proj_dim=256) the measured Spearman is printed and checked against a bar;
+- answers survive a new process, do not depend on the finetuning set size in time, and are the
+  same from 4 threads; user errors give one clear line.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from msif_index.build import build_index, pretrained_fingerprints, resolve_config
+from msif_index.config import PRESETS, BuildConfig
+from msif_index.data import full_batch
+from msif_index.errors import ConfigError, CorruptIndexError, IndexMismatchError, ShapeError
+from msif_index.exact import chained_test_vectors, exact_influence, pretrain_side
+from msif_index.gradients import GradientProjector
+from msif_index.index import InfluenceIndex
+from msif_index.search import recall_at_k
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits" / "task.py"
+TEST_IDS = list(range(10))
+STYLES = ("frozen", "proximal")
+
+
+@pytest.fixture(scope="module")
+def tasks(digits_frozen, digits_proximal):
+    return {"frozen": digits_frozen, "proximal": digits_proximal}
+
+
+@pytest.fixture(scope="module")
+def batch(digits_frozen):
+    return full_batch(digits_frozen.test_dataset(), TEST_IDS)
+
+
+@pytest.fixture(scope="module")
+def side(tasks):
+    """The exact pretraining side (H_G, per-example gradients, DW), shared by both styles."""
+    f, p = (t.pretrained_model() for t in tasks.values())
+    assert pretrained_fingerprints(tasks["frozen"], f) == pretrained_fingerprints(tasks["proximal"], p)
+    return pretrain_side(tasks["frozen"])
+
+
+@pytest.fixture(scope="module")
+def exact(tasks, batch, side):
+    """exact_influence [Q, n] per finetuning style: v_t . DW(z), its definition (exact.py), with the
+    pretraining side computed once for both styles (they share the pretrained model)."""
+    return {s: (chained_test_vectors(t, batch) @ side.displacements.T).numpy() for s, t in tasks.items()}
+
+
+@pytest.fixture(scope="module")
+def exact_index(tmp_path_factory, tasks):
+    return build_index(tasks["frozen"], tmp_path_factory.mktemp("q") / "exact", PRESETS["exact"])
+
+
+@pytest.fixture(scope="module")
+def default_index(tmp_path_factory, tasks):
+    return build_index(tasks["frozen"], tmp_path_factory.mktemp("q") / "default", BuildConfig())
+
+
+def _exact_topk(scores: np.ndarray, k: int, direction: str) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(scores if direction == "helpful" else -scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, 1)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([spearmanr(a[q], b[q])[0] for q in range(len(a))]))
+
+
+def _recall(approx_ids: np.ndarray, exact_scores: np.ndarray, k: int, direction: str) -> float:
+    sim = -exact_scores if direction == "helpful" else exact_scores       # larger = more helpful/harmful
+    order = np.argsort(-sim, axis=1, kind="stable")
+    return recall_at_k(np.take_along_axis(sim, order, 1), order, approx_ids, k)
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_frozen_and_proximal_share_the_pretrained_model(tasks):
+    f, p = (t.pretrained_model() for t in tasks.values())
+    assert pretrained_fingerprints(tasks["frozen"], f) == pretrained_fingerprints(tasks["proximal"], p)
+    assert tasks["frozen"].pretrain_dataset().tensors[0].equal(tasks["proximal"].pretrain_dataset().tensors[0])
+
+
+def test_exact_mode_equals_exact_influence(exact_index, tasks, batch, exact):
+    """Two finetuned models on one index; each answers as its own exact influence, both directions."""
+    two = full_batch(tasks["proximal"].test_dataset(), [0, 1])       # the fixture is exact_influence
+    np.testing.assert_allclose(exact_influence(tasks["proximal"], two).numpy(), exact["proximal"][:2],
+                               rtol=1e-10, atol=0)
+    index = InfluenceIndex.open(exact_index)
+    keys = {s: index.attach(t) for s, t in tasks.items()}
+    assert keys["frozen"] != keys["proximal"] and sorted(index.attached) == sorted(keys.values())
+    k = 10
+    answers = {}
+    for style in STYLES:
+        for direction in ("helpful", "harmful"):
+            res = index.query(batch, k=k, direction=direction, finetuned=keys[style])
+            want_ids, want_scores = _exact_topk(exact[style], k, direction)
+            assert res.finetuned == keys[style] and res.direction == direction
+            np.testing.assert_array_equal(res.ids, want_ids)
+            np.testing.assert_allclose(res.scores, want_scores, rtol=1e-6, atol=0)
+            assert (res.scores < 0).all() if direction == "helpful" else (res.scores > 0).all()
+            answers[style, direction] = res
+        np.testing.assert_allclose(index.scores(batch, finetuned=keys[style]), exact[style],
+                                   rtol=1e-6, atol=1e-9 * np.abs(exact[style]).max())
+    # the two finetuned models answer differently (and so does exact influence)
+    assert not np.array_equal(answers["frozen", "helpful"].ids, answers["proximal", "helpful"].ids)
+    assert not np.allclose(exact["frozen"], exact["proximal"], rtol=1e-2)
+    # the default key is the last one attached; naming it explicitly gives the same answer
+    again = index.query(batch, k=k, direction="harmful")
+    np.testing.assert_array_equal(again.ids, answers["proximal", "harmful"].ids)
+    index.close()
+
+
+def test_default_config_ranks_like_exact(default_index, tasks, batch, exact, capsys):
+    index = InfluenceIndex.open(default_index)
+    assert index.manifest["preconditioner"]["name"] == "hessian"          # auto at this size
+    report = []
+    for style in STYLES:
+        key = index.attach(tasks[style])
+        scores = index.scores(batch, finetuned=key)
+        rho = _spearman(scores, exact[style])
+        recalls = {d: _recall(index.query(batch, k=10, direction=d, finetuned=key).ids, exact[style], 10, d)
+                   for d in ("helpful", "harmful")}
+        slope = float((scores * exact[style]).sum() / (exact[style] ** 2).sum())
+        report.append(f"{style}: Spearman {rho:.4f}, recall@10 helpful {recalls['helpful']:.2f} "
+                      f"harmful {recalls['harmful']:.2f}, slope {slope:.3f}")
+        assert rho >= 0.9, report[-1]
+        assert min(recalls.values()) >= 0.8, report[-1]
+        # scale: least-squares slope of index scores against exact ones
+        assert 0.8 <= slope <= 1.25, report[-1]
+    with capsys.disabled():
+        print("\n[default config] " + "; ".join(report))
+    index.close()
+
+
+@pytest.mark.parametrize("pre, bar", [("hessian", 0.25), ("ekfac", 0.08)])
+def test_compressed_projection_is_informative(tmp_path, tasks, batch, exact, side, pre, bar, capsys):
+    """proj_dim=256 compresses the 780 W parameters to 144 (hessian: rows over (W, U)) or 252 (ekfac:
+    W only) columns. Measured Spearman vs exact (frozen, 10 test points): hessian 0.343, ekfac 0.154."""
+    task = tasks["frozen"]
+    cfg = BuildConfig(proj_dim=256, preconditioner=pre, dtype="float64")
+    path = build_index(task, tmp_path / pre, cfg)
+    index = InfluenceIndex.open(path)
+    index.attach(task)
+    scores = index.scores(batch)
+    rho = _spearman(scores, exact["frozen"])
+    rec = _recall(index.query(batch, k=10).ids, exact["frozen"], 10, "helpful")
+    with capsys.disabled():
+        print(f"\n[proj_dim=256, {pre}, k={index.k}] Spearman {rho:.3f}, recall@10 helpful {rec:.2f}")
+    assert rho >= bar
+    if pre == "hessian":
+        # it is exactly the Galerkin formula of MATH.md: -(P_W v_t) . [(P H_G P^T + lambda I)^{-1} P g]_W
+        model = task.pretrained_model()
+        proj = GradientProjector(model, side.w_names + side.u_names, proj_dim=256, seed=0, dtype=torch.float64)
+        p = proj.matrix()
+        w_cols = torch.cat([torch.arange(b.offset, b.offset + b.dim) for b in proj.blocks
+                            if set(b.params) <= set(side.w_names)])
+        evals, evecs = torch.linalg.eigh(p @ side.hessian @ p.T)
+        evals = evals.clamp_min(0)
+        lam = resolve_config(task, cfg).damping * float(evals.mean())
+        inv = evecs @ torch.diag(1 / (evals + lam)) @ evecs.T
+        s = (side.grads @ p.T @ inv)[:, w_cols]
+        d_w = side.displacements.shape[1]
+        q = chained_test_vectors(task, batch) @ p[w_cols, :d_w].T
+        galerkin = -(q @ s.T).numpy()
+        assert np.abs(scores - galerkin).max() < 1e-8 * np.abs(galerkin).max()
+    index.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# persistence, finetuning-set size, threads
+
+_SUBPROCESS = """
+import json, sys, torch
+import msif_index
+from msif_index.data import full_batch
+from msif_index.index import InfluenceIndex
+base = msif_index.load_task({digits!r} + ":task", validate=False)
+mod = sys.modules[type(base).__module__]
+states = torch.load({models!r})
+out = {{}}
+with InfluenceIndex.open({index!r}) as index:
+    for style, alpha in (("frozen", 1.0), ("proximal", {alpha!r})):
+        t = mod.DigitsTask(style, alpha=alpha)
+        pre = mod.DigitsNet(12, 10).double(); pre.load_state_dict(states["pre"])
+        fin = mod.DigitsNet(12, 2).double(); fin.load_state_dict(states[style])
+        t.__dict__["_pretrained"], t.__dict__["_finetuned"] = pre, fin     # no retraining here
+        key = index.attach(t)
+        for direction in ("helpful", "harmful"):
+            r = index.query(full_batch(t.test_dataset(), {ids!r}), k=10, direction=direction, finetuned=key)
+            out[style + "/" + direction] = {{"key": key, "ids": r.ids.tolist(), "scores": r.scores.tolist()}}
+print(json.dumps(out))
+"""
+
+
+def test_attached_index_answers_the_same_in_a_new_process(tmp_path, default_index, tasks, batch):
+    path = tmp_path / "index"
+    shutil.copytree(default_index, path)
+    here = {}
+    with InfluenceIndex.open(path) as index:
+        for style in STYLES:
+            key = index.attach(tasks[style])
+            for direction in ("helpful", "harmful"):
+                here[style + "/" + direction] = (key, index.query(batch, k=10, direction=direction, finetuned=key))
+    ops = {p.name: p.stat().st_mtime_ns for p in (path / "operators").iterdir()}
+    assert len(ops) == 2
+    models = tmp_path / "models.pt"
+    torch.save({"pre": tasks["frozen"].pretrained_model().state_dict(),
+                "frozen": tasks["frozen"].finetuned_model().state_dict(),
+                "proximal": tasks["proximal"].finetuned_model().state_dict()}, models)
+    script = _SUBPROCESS.format(digits=str(DIGITS), models=str(models), index=str(path),
+                                alpha=float(tasks["proximal"].alpha), ids=TEST_IDS)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    there = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(there) == set(here)
+    for name, (key, res) in here.items():
+        assert there[name]["key"] == key
+        np.testing.assert_array_equal(np.array(there[name]["ids"]), res.ids)
+        np.testing.assert_allclose(np.array(there[name]["scores"]), res.scores, rtol=1e-6)
+    # the new process read the cached operators: nothing was recomputed or rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in (path / "operators").iterdir()} == ops
+    assert not np.array_equal(np.array(there["frozen/helpful"]["ids"]), np.array(there["proximal/helpful"]["ids"]))
+
+
+def test_query_time_does_not_grow_with_the_finetuning_set(default_index, tasks, capsys):
+    base = tasks["frozen"]
+    cls = type(base)
+    m = 60
+    index = InfluenceIndex.open(default_index)
+    keys, seconds = {}, {}
+    for size in (m, 4 * m):
+        t = cls("frozen", n_finetune=size)
+        # the split is by position after one seeded permutation: the pretraining set is unchanged,
+        # so the pretrained model is reused instead of trained again
+        assert t.pretrain_dataset().tensors[0].equal(base.pretrain_dataset().tensors[0])
+        t.__dict__["_pretrained"] = base.pretrained_model()
+        assert len(t.finetune_dataset()) == size
+        keys[size] = index.attach(t)
+        seconds[size] = []
+    assert keys[m] != keys[4 * m]
+    one = full_batch(base.test_dataset(), [3])
+    for size in keys:                                             # warm up
+        index.query(one, k=10, finetuned=keys[size])
+    for _ in range(40):                                           # interleaved, so load hits both alike
+        for size, key in keys.items():
+            t0 = time.perf_counter()
+            index.query(one, k=10, finetuned=key)
+            seconds[size].append(time.perf_counter() - t0)
+    med = {size: float(np.median(s)) for size, s in seconds.items()}
+    ratio = med[4 * m] / med[m]
+    with capsys.disabled():
+        print(f"\n[query time] m={m}: {med[m] * 1e3:.2f} ms, m={4 * m}: {med[4 * m] * 1e3:.2f} ms, "
+              f"ratio {ratio:.2f}")
+    assert ratio < 1.5
+    index.close()
+
+
+def test_concurrent_queries_equal_sequential_ones(exact_index, tasks, batch):
+    index = InfluenceIndex.open(exact_index)
+    keys = {s: index.attach(t) for s, t in tasks.items()}
+    test = tasks["frozen"].test_dataset()
+    jobs = [(ids, style, direction, k) for ids in ([0], [1, 2], [3, 4, 5], [6, 7, 8, 9])
+            for style in STYLES for direction in ("helpful", "harmful") for k in (1, 7)]
+
+    def run(job):
+        ids, style, direction, k = job
+        return index.query(full_batch(test, ids), k=k, direction=direction, finetuned=keys[style])
+
+    sequential = [run(j) for j in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(2):
+            parallel = list(pool.map(run, jobs))
+            for job, a, b in zip(jobs, sequential, parallel):
+                np.testing.assert_array_equal(a.ids, b.ids, err_msg=str(job))
+                np.testing.assert_allclose(a.scores, b.scores, rtol=1e-12, err_msg=str(job))
+                assert b.finetuned == keys[job[1]]
+    index.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# one-line errors
+
+
+def test_wrong_shape_test_batch(exact_index, tasks):
+    task = tasks["frozen"]
+    x, y = full_batch(task.test_dataset(), [0, 1, 2])
+    with InfluenceIndex.open(exact_index) as index:
+        index.attach(task)
+        for bad in ((x[:, :63], y), (x.reshape(3, 8, 8), y), (x, y[:2]), ("not", "tensors"), {"x": x, "y": y}):
+            with pytest.raises(ShapeError) as e:
+                index.query(bad, k=5)
+            _one_line(e)
+        assert index.query((x, y), k=5).ids.shape == (3, 5)      # the index still works afterwards
+
+
+def test_index_of_another_pretrained_model(exact_index, tasks):
+    task = copy.copy(tasks["frozen"])                              # shares the datasets and models ...
+    other = copy.deepcopy(task.pretrained_model())
+    with torch.no_grad():
+        other.embed.weight[0, 0] += 1e-6
+    task.__dict__["_pretrained"] = other                           # ... except the pretrained one
+    with InfluenceIndex.open(exact_index) as index:
+        with pytest.raises(IndexMismatchError) as e:
+            index.attach(task)
+        assert "pretrained W" in _one_line(e)
+
+
+def test_frozen_finetuning_with_moved_w(exact_index, tasks):
+    with InfluenceIndex.open(exact_index) as index:
+        with pytest.raises(IndexMismatchError) as e:
+            index.attach(tasks["frozen"], finetuned=tasks["proximal"].finetuned_model())
+        assert "frozen" in _one_line(e)
+        with pytest.raises(ConfigError) as e:                     # nothing attached
+            index.query(full_batch(tasks["frozen"].test_dataset(), [0]))
+        _one_line(e)
+
+
+def test_missing_or_unfinished_index(tmp_path, exact_index, tasks):
+    with pytest.raises(CorruptIndexError) as e:
+        InfluenceIndex.open(tmp_path / "does-not-exist")
+    assert "does-not-exist" in _one_line(e)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(exact_index, unfinished)
+    (unfinished / "manifest.json").unlink()
+    with pytest.raises(CorruptIndexError) as e:
+        InfluenceIndex.open(unfinished)
+    assert "did not finish" in _one_line(e)
+    with InfluenceIndex.open(exact_index) as index:
+        index.attach(tasks["frozen"])
+        for kwargs in ({"direction": "sideways"}, {"k": 0}, {"finetuned": "nope"}):
+            with pytest.raises(ConfigError) as e:
+                index.query(full_batch(tasks["frozen"].test_dataset(), [0]), **kwargs)
+            _one_line(e)
