@@ -136,10 +136,9 @@ def resolve_config(task: MultiStageTask, config: BuildConfig) -> BuildConfig:
 # the output folder
 
 
-def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
-    """Refuse a folder that holds something else, or another build unless ``overwrite``."""
-    if not out.exists():
-        return
+def index_folder_entries(out: Path) -> set[str]:
+    """The entries of an existing output folder; OutputExistsError if it is not a folder or holds
+    anything that is not an msif index file."""
     if not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a folder; choose another --out")
     entries = {p.name for p in out.iterdir() if not p.name.startswith(".")}
@@ -147,6 +146,14 @@ def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
     if foreign:
         raise OutputExistsError(f"{out} holds files that are not an msif index ({', '.join(sorted(foreign)[:3])}); "
                                 f"choose an empty or new --out folder")
+    return entries
+
+
+def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
+    """Refuse a folder that holds something else, or another build unless ``overwrite``."""
+    if not out.exists():
+        return
+    entries = index_folder_entries(out)
     previous = None
     for name in (MANIFEST, BUILD_FILE):
         if (out / name).exists():

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path, write_bytes_atomic
-from .build import _OURS, MANIFEST, build_index
+from .build import MANIFEST, build_index, index_folder_entries
 from .config import BuildConfig
 from .data import full_batch
 from .errors import ConfigError, OutputExistsError
@@ -105,13 +105,7 @@ def _prepare_out(out: Path) -> bool:
     README says so). Fails at once, before any training, on a folder holding anything but index files."""
     if not out.exists():
         return True
-    if not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a folder; choose another --out")
-    entries = {p.name for p in out.iterdir() if not p.name.startswith(".")}
-    foreign = entries - _OURS
-    if foreign:
-        raise OutputExistsError(f"{out} holds files that are not an msif index ({', '.join(sorted(foreign)[:3])}); "
-                                f"choose an empty or new --out folder")
+    entries = index_folder_entries(out)
     readme = out / "README.md"
     return not entries or (readme.is_file() and readme.read_text(errors="replace").startswith(_MARKER))
 
