@@ -24,7 +24,8 @@ proj_dim 4096; W = backbone, U = a Linear(.., 10) pretraining head):
 (d) peak RSS of a build at n = 10k and n = 100k, each in a fresh subprocess (ru_maxrss), plus the
     RSS before the build started;
 (e) write-path variants of the MLP build: float16 storage, a background writer thread
-    (msif_index.store.BACKGROUND_SHARD_WRITES), larger HDF5 chunks.
+    (msif_index.store.BACKGROUND_SHARD_WRITES), HDF5 chunks of 4 MiB (the old default) and 16 MiB
+    instead of <= 1 MiB.
 
 torch and faiss use --threads threads (default 2). Targets (issue): build >= 0.6x (MLP) / 0.4x (CNN)
 of the training step's throughput, >= 20x the naive loop, and the same peak RSS at 10k and 100k
@@ -246,7 +247,7 @@ def child_throughput(args: dict[str, Any]) -> dict[str, Any]:
                 S.BACKGROUND_SHARD_WRITES = background
                 saved_chunk = S._MAX_CHUNK_BYTES
                 if chunk:
-                    S._MAX_CHUNK_BYTES = int(chunk) << 20
+                    S._MAX_CHUNK_BYTES = int(float(chunk) * (1 << 20))
                 cfg = BuildConfig(proj_dim=PROJ_DIM, batch_size=BATCH, preconditioner=pre, dtype=dtype)
                 before = train_eps(step)
                 try:
@@ -288,9 +289,13 @@ def child_rss(args: dict[str, Any]) -> dict[str, Any]:
         res = one_build(task, tmp / "index", BuildConfig(proj_dim=PROJ_DIM, batch_size=BATCH), Timers())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    peak = peak_rss_mb()
+    step, _ = train_step(task)
+    train_after = train_eps(step)
+    train = 0.5 * (train_before + train_after)
     res.update({"model": model, "rss_before_mb": rss_before, "peak_before_build_mb": peak_before,
-                "peak_rss_mb": peak_rss_mb(), "train_examples_per_s": train_before,
-                "build_over_train": res["examples_per_s"] / train_before})
+                "peak_rss_mb": peak, "train_examples_per_s": train, "train_before": train_before,
+                "train_after": train_after, "build_over_train": res["examples_per_s"] / train})
     return res
 
 
@@ -337,13 +342,19 @@ def summarize(result: dict[str, Any]) -> str:
                                      ("build/train", "build/train"), ("stats s", "stats s"),
                                      ("featurize s", "featurize s"), ("runs", "runs")]))
     lines.append("")
-    lines.append("where the default build's time goes (share of wall time, first default run of each model):")
+    lines.append("where the default build's time goes (share of wall time; first default run of each model, then the largest-n RSS run):")
     for tp in result["throughput"]:
         r = next((r for r in tp["runs"] if r["variant"] == "default (ekfac)"), None)
         if r is None:
             continue
         parts = ", ".join(f"{k} {100 * v / r['wall_s']:.0f}%" for k, v in r["breakdown_s"].items())
         lines.append(f"  {tp['model']} n={tp['n']} ({r['wall_s']:.1f}s): {parts}")
+    shown = set()
+    for r in result.get("rss", []):
+        if r["model"] not in shown and r["n"] == max(x["n"] for x in result["rss"] if x["model"] == r["model"]):
+            shown.add(r["model"])
+            parts = ", ".join(f"{k} {100 * v / r['wall_s']:.0f}%" for k, v in r["breakdown_s"].items())
+            lines.append(f"  {r['model']} n={r['n']} ({r['wall_s']:.1f}s): {parts}")
     lines.append("")
     nv_rows = []
     for tp in result["throughput"]:
@@ -384,25 +395,38 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for tp in result["throughput"]:
         default = [r for r in tp["runs"] if r["variant"] == "default (ekfac)"]
         rss_n = [r for r in result.get("rss", []) if r["model"] == tp["model"]]
-        big = max(rss_n, key=lambda r: r["n"]) if rss_n else None
+        big = None
+        if rss_n:                                   # the median run at the largest n
+            top = [r for r in rss_n if r["n"] == max(x["n"] for x in rss_n)]
+            top.sort(key=lambda r: r["build_over_train"])
+            big = top[len(top) // 2]
         if default:
             ratio = median([r["build_over_train"] for r in default])
             out.append({"what": f"{tp['model']}: build >= {goal[tp['model']]}x training step (n={tp['n']})",
                         "met": ratio >= goal[tp["model"]], "value": f"{ratio:.2f}x"})
         if big is not None:
-            out.append({"what": f"{tp['model']}: build >= {goal[tp['model']]}x training step (n={big['n']})",
+            runs = sorted(r["build_over_train"] for r in rss_n if r["n"] == big["n"])
+            out.append({"what": f"{tp['model']}: build >= {goal[tp['model']]}x training step (n={big['n']}, "
+                                f"median of {len(runs)} fresh-process runs)",
                         "met": big["build_over_train"] >= goal[tp["model"]],
-                        "value": f"{big['build_over_train']:.2f}x"})
+                        "value": f"{big['build_over_train']:.2f}x (runs: {', '.join(f'{x:.2f}' for x in runs)})"})
         nv = tp.get("naive")
         if nv and default:
             r = median([r["examples_per_s"] for r in default]) / nv["examples_per_s"]
-            out.append({"what": f"{tp['model']}: build >= 20x the naive loop", "met": r >= 20, "value": f"{r:.0f}x"})
-        if len(rss_n) >= 2:
-            lo, hi = min(rss_n, key=lambda r: r["n"]), max(rss_n, key=lambda r: r["n"])
-            rel = hi["peak_rss_mb"] / lo["peak_rss_mb"] - 1
-            out.append({"what": f"{tp['model']}: peak RSS at n={hi['n']} within 10% of n={lo['n']}",
+            out.append({"what": f"{tp['model']}: build >= 20x the naive loop (build at n={tp['n']})",
+                        "met": r >= 20, "value": f"{r:.0f}x"})
+        if nv and big is not None:
+            r = big["examples_per_s"] / nv["examples_per_s"]
+            out.append({"what": f"{tp['model']}: build >= 20x the naive loop (build at n={big['n']})",
+                        "met": r >= 20, "value": f"{r:.0f}x"})
+        ns = sorted({r["n"] for r in rss_n})
+        if len(ns) >= 2:
+            lo = max(r["peak_rss_mb"] for r in rss_n if r["n"] == ns[0])
+            hi = max(r["peak_rss_mb"] for r in rss_n if r["n"] == ns[-1])
+            rel = hi / lo - 1
+            out.append({"what": f"{tp['model']}: peak RSS at n={ns[-1]} within 10% of n={ns[0]} (max over runs)",
                         "met": abs(rel) <= 0.10,
-                        "value": f"{lo['peak_rss_mb']:.0f} MB -> {hi['peak_rss_mb']:.0f} MB ({100 * rel:+.1f}%)"})
+                        "value": f"{lo:.0f} MB -> {hi:.0f} MB ({100 * rel:+.1f}%)"})
     return out
 
 
@@ -418,6 +442,7 @@ def main() -> None:
     ap.add_argument("--no-write-variants", action="store_true")
     ap.add_argument("--rss-n", default="10000,100000", help="n values of the RSS runs ('' to skip)")
     ap.add_argument("--rss-models", default="mlp,cnn")
+    ap.add_argument("--rss-repeats", type=int, default=3, help="fresh-process builds per (model, n)")
     ap.add_argument("--naive-examples", type=int, default=256)
     ap.add_argument("--tmp", default=None, help="folder for the temporary indexes (default: system temp)")
     ap.add_argument("--out", default=str(HERE / "build_throughput.json"))
@@ -448,6 +473,7 @@ def main() -> None:
         if model == "mlp" and not args.no_write_variants and not args.quick:
             variants += [{"name": "ekfac, float16 rows", "preconditioner": "ekfac", "dtype": "float16"},
                          {"name": "ekfac, background writer", "preconditioner": "ekfac", "background": True},
+                         {"name": "ekfac, 4 MiB chunks (old)", "preconditioner": "ekfac", "chunk_mib": 4},
                          {"name": "ekfac, 16 MiB chunks", "preconditioner": "ekfac", "chunk_mib": 16}]
         rounds_variants = variants
         # gauss-newton's fit (a dense k x k eigendecomposition) is slow: one round only
@@ -463,10 +489,11 @@ def main() -> None:
             tp["runs"] += extra["runs"]
         result["throughput"].append(tp)
     for model in [m for m in args.rss_models.split(",") if m in models]:
-        for n in rss_n:
-            print(f"== peak RSS {model} n={n}", flush=True)
-            result["rss"].append(run_child(script, {"kind": "rss", "threads": args.threads, "model": model, "n": n,
-                                                    "tmp": args.tmp}, timeout=7200))
+        for rep in range(args.rss_repeats):
+            for n in rss_n:
+                print(f"== peak RSS {model} n={n} (run {rep + 1}/{args.rss_repeats})", flush=True)
+                result["rss"].append(run_child(script, {"kind": "rss", "threads": args.threads, "model": model,
+                                                        "n": n, "tmp": args.tmp}, timeout=7200))
     result["progress"] = run_child(script, {"kind": "progress"})
     result["targets"] = targets(result)
     result["total_s"] = time.perf_counter() - t_start

@@ -201,3 +201,24 @@ def test_float16_conversion_and_overflow(tmp_path):
     with pytest.raises(NonFiniteError, match="NaN or infinite"):
         with RowWriter(tmp_path / "i.h5", 9, 5, "float16") as w:
             w.write(0, x)
+
+
+def test_project_batch_frees_captured_tensors():
+    """Module outputs (and what the hooks captured) die with the call: no growth per batch."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = _ConvNet()
+    names = [n for n, _ in model.named_parameters()]
+    proj = GradientProjector(model, names, proj_dim=60, seed=3)
+    refs = []
+    handles = [m.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+               for m in (model.c1, model.c2, model.head)]
+    batch = (torch.randn(4, 2, 8, 8), torch.randint(0, 3, (4,)))
+    for _ in range(2):
+        proj.project_batch(_loss, batch)
+    for h in handles:
+        h.remove()
+    gc.collect()
+    assert len(refs) == 6 and all(r() is None for r in refs)

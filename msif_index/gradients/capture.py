@@ -373,6 +373,12 @@ class GradientProjector:
                 self._need_check = False
         finally:
             for st in self._kron:
+                # break the reference cycle output -> grad_fn -> tensor hook -> call -> output: it runs
+                # through autograd's C++ graph, which Python's garbage collector cannot see, so without
+                # this every batch's captured tensors and module outputs stayed alive (memory grew
+                # with the number of batches: ~45 MB per batch of 256 for a small CNN)
+                for c in st.calls:
+                    c.output = c.a = c.delta = c.ids = None
                 st.calls = []
         return n, out
 
@@ -494,7 +500,13 @@ class GradientProjector:
                 else:
                     view.addcmul_(dv, av)
             else:
-                view.baddbmm_(d.transpose(1, 2), c.a, beta=0.0 if first else 1.0)
+                # a batched product into a contiguous result, then one copy: baddbmm_ straight into
+                # the strided block of ``out`` falls back to one small matmul per example
+                prod = torch.bmm(d.transpose(1, 2), c.a)
+                if first:
+                    view.copy_(prod)
+                else:
+                    view.add_(prod)
             first = False
         if first:
             view.zero_()
