@@ -10,11 +10,13 @@ attached finetuned model, k = 10 results, direction 'helpful'):
 * p50 / p99 latency of one query (a batch of one test example), and queries/s of batches of 64;
 * the split of a single query into the model part (``query_vectors``: the test gradient through the
   finetuned model and the attach-time operator) and the search part;
-* with exact search ('Flat': msif's torch matmul + top-k over the rows) and with one approximate
-  index (--approx, default 'IVF<nlist>,Flat' with nlist 256 below 65536 rows, else 1024; nprobe,
-  or efSearch for HNSW, tuned as the smallest power of two reaching recall@10 >= 0.95 on 64 tuning
-  queries, else the largest tried: nprobe = nlist, efSearch = 2048), plus its recall@10 against
-  Flat on the other 192 test queries (msif_index.search.recall_at_k, tie-aware);
+* with exact search ('Flat': msif's torch matmul + top-k over the rows) and with approximate
+  indexes (--approx, default 'SVD128;IVF<nlist>,Flat'; SVD128 is msif's two-stage index, candidates
+  in the rows' top-128 principal subspace rescored exactly; nlist 256 below 65536 rows, else 1024).
+  Their parameter (candidates for SVD, nprobe for IVF, efSearch for HNSW) is tuned as the smallest
+  power of two (candidates: 20 x a power of two) reaching recall@10 >= 0.95 on 64 tuning queries,
+  else the largest tried; then recall@10 against Flat on the other 192 test queries
+  (msif_index.search.recall_at_k, tie-aware);
 * the cost of answering the same query without an index: the per-example gradient path of the
   build (GradientProjector.project_batch with the index's projection, the fitted preconditioner's
   apply, then the dot with q_t) timed on --noindex-examples pretraining examples and extrapolated
@@ -117,7 +119,7 @@ def _link(src, dst) -> None:
 
 def approx_folder(flat: Path, folder: Path, factory: str, n: int) -> dict[str, Any]:
     """The same rows (hard link) with a trained faiss index ``factory`` saved as faiss.index."""
-    from msif_index.search import SearchIndex
+    from msif_index.search import SearchIndex, built_at_open
     from msif_index.store import RowStore
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -129,6 +131,9 @@ def approx_folder(flat: Path, folder: Path, factory: str, n: int) -> dict[str, A
         shutil.copytree(flat / "operators", folder / "operators")
     manifest = json.loads((flat / "manifest.json").read_text())
     manifest["config"]["factory"] = factory
+    if built_at_open(factory):                   # SVD<r>: built from the rows when opened (timed there)
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        return {"faiss_build_s": None}
     manifest["files"]["faiss"] = "faiss.index"
     t0 = time.perf_counter()
     with RowStore.open(folder / "rows.h5") as st:
@@ -156,30 +161,39 @@ def open_attached(folder: Path, n: int):
     return index, task, open_s, attach_s
 
 
-def latency(index, task, ids: list[int], nprobe: int | None, repeats_batch: int) -> dict[str, Any]:
+def _query_kw(param: str | None, value: int | None) -> dict[str, Any]:
+    """InfluenceIndex.query's argument for a search parameter (SVD candidates = exact_rerank)."""
+    if param is None:
+        return {}
+    return {"exact_rerank": value} if param == "candidates" else {param: value}
+
+
+def latency(index, task, ids: list[int], param: str | None, value: int | None, repeats_batch: int) -> dict[str, Any]:
     test = task.test_dataset()
     one = [test.batch([i]) for i in ids]
-    index.query(one[0], k=TOPK, nprobe=nprobe)          # warm-up
-    index.query(one[1], k=TOPK, nprobe=nprobe)
+    qkw = _query_kw(param, value)
+    skw = {param: value} if param else {}
+    index.query(one[0], k=TOPK, **qkw)          # warm-up
+    index.query(one[1], k=TOPK, **qkw)
     lat, qv, srch = [], [], []
     for b in one:
         t0 = time.perf_counter()
-        index.query(b, k=TOPK, nprobe=nprobe)
+        index.query(b, k=TOPK, **qkw)
         lat.append(time.perf_counter() - t0)
     for b in one[: max(20, len(one) // 4)]:
         t0 = time.perf_counter()
         q = index.query_vectors(b)
         t1 = time.perf_counter()
-        index.search_index.search(np.ascontiguousarray(q, dtype=np.float32), TOPK, nprobe=nprobe)
+        index.search_index.search(np.ascontiguousarray(q, dtype=np.float32), TOPK, **skw)
         t2 = time.perf_counter()
         qv.append(t1 - t0)
         srch.append(t2 - t1)
     b64 = test.batch(list(range(64)))
-    index.query(b64, k=TOPK, nprobe=nprobe)
+    index.query(b64, k=TOPK, **qkw)
     tb = []
     for _ in range(repeats_batch):
         t0 = time.perf_counter()
-        index.query(b64, k=TOPK, nprobe=nprobe)
+        index.query(b64, k=TOPK, **qkw)
         tb.append(time.perf_counter() - t0)
     return {"p50_ms": 1e3 * pct(lat, 50), "p99_ms": 1e3 * pct(lat, 99), "mean_ms": 1e3 * float(np.mean(lat)),
             "queries": len(lat), "model_part_p50_ms": 1e3 * pct(qv, 50), "search_part_p50_ms": 1e3 * pct(srch, 50),
@@ -191,11 +205,13 @@ def query_vectors(index, task, ids: list[int]) -> np.ndarray:
 
 
 def tune(index, q: np.ndarray, exact: tuple[np.ndarray, np.ndarray], factory: str) -> tuple[str, int, list]:
-    """The smallest power of two of nprobe (IVF) or efSearch (HNSW) reaching recall@10 >= 0.95 on ``q``
-    (else the largest tried), and the recall curve."""
+    """The smallest power of two of nprobe (IVF), efSearch (HNSW) or candidates (SVD<r>, from 20)
+    reaching recall@10 >= 0.95 on ``q`` (else the largest tried), and the recall curve."""
     import faiss
     from msif_index.search import recall_at_k
-    if factory.startswith("HNSW"):
+    if factory.startswith("SVD"):
+        name, values = "candidates", [20 * 2 ** i for i in range(0, 8)]                # 20 .. 2560
+    elif factory.startswith("HNSW"):
         name, values = "ef_search", [2 ** i for i in range(4, 12)]                     # 16 .. 2048
     else:
         nlist = faiss.downcast_index(index.search_index._index).nlist
@@ -252,8 +268,9 @@ def main() -> None:
     ap.add_argument("--ns", default=None, help="comma-separated n values (default 10000,100000[,1000000])")
     ap.add_argument("--queries", type=int, default=192, help="single queries timed per index")
     ap.add_argument("--batch-repeats", type=int, default=5)
-    ap.add_argument("--approx", default="IVF{nlist},Flat",
-                    help="approximate faiss factory ({nlist}: 256 below 65536 rows, else 1024), e.g. HNSW32")
+    ap.add_argument("--approx", default="SVD128;IVF{nlist},Flat",
+                    help="approximate indexes, ';'-separated: SVD<r> or faiss factories ({nlist}: 256 below "
+                         "65536 rows, else 1024), e.g. 'SVD128;HNSW32'")
     ap.add_argument("--noindex-examples", type=int, default=10_000)
     ap.add_argument("--tmp", default=None, help="folder for the index folders (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the index folders")
@@ -295,7 +312,7 @@ def main() -> None:
             index, task, open_s, attach_s = open_attached(flat, n)
             ex_tune = index.search_index.search(q_tune, 100)
             ex_eval = index.search_index.search(q_eval, 100)
-            lat = latency(index, task, time_ids_for(n), None, args.batch_repeats)
+            lat = latency(index, task, time_ids_for(n), None, None, args.batch_repeats)
             index.close()
             del index
             no_index_s = result["no_index"]["s_per_example"] * n
@@ -304,29 +321,29 @@ def main() -> None:
             result["rows"].append(row_flat)
             print(json.dumps({k: row_flat[k] for k in ("n", "index", "p50_ms", "p99_ms", "batch64_queries_per_s")}),
                   flush=True)
-            # approximate
-            factory = args.approx.format(nlist=1024 if n >= 65536 else 256)
-            print(f"== n={n}: {factory}", flush=True)
-            approx = tmp / f"approx_{n}"
-            info = approx_folder(flat, approx, factory, n)
-            index, task, open_s, attach_s = open_attached(approx, n)
-            param, value, curve = tune(index, q_tune, ex_tune, factory)
-            from msif_index.search import recall_at_k
-            _, ids = index.search_index.search(q_eval, TOPK, **{param: value})
-            recall = recall_at_k(ex_eval[0], ex_eval[1], ids, TOPK)
-            nprobe = value if param == "nprobe" else None
-            if param == "ef_search":
-                set_ef_search(index, value)
-            lat = latency(index, task, time_ids_for(n), nprobe, args.batch_repeats)
-            index.close()
-            del index
-            row_ann = {**row, "index": factory, "nprobe": f"{param}={value}", "open_s": open_s, **info,
-                       "recall@10": recall, "recall_curve": curve, **lat, "no_index_s": no_index_s,
-                       "speedup_vs_no_index": no_index_s / (lat["p50_ms"] / 1e3)}
-            result["rows"].append(row_ann)
-            print(json.dumps({k: row_ann[k] for k in ("n", "index", "nprobe", "recall@10", "p50_ms", "p99_ms",
-                                                        "batch64_queries_per_s")}), flush=True)
-            shutil.rmtree(approx, ignore_errors=True)
+            for approx_spec in args.approx.split(";"):
+                factory = approx_spec.strip().format(nlist=1024 if n >= 65536 else 256)
+                print(f"== n={n}: {factory}", flush=True)
+                approx = tmp / f"approx_{n}"
+                info = approx_folder(flat, approx, factory, n)
+                index, task, open_s, attach_s = open_attached(approx, n)
+                param, value, curve = tune(index, q_tune, ex_tune, factory)
+                from msif_index.search import recall_at_k
+                _, ids = index.search_index.search(q_eval, TOPK, **{param: value})
+                recall = recall_at_k(ex_eval[0], ex_eval[1], ids, TOPK)
+                if param == "ef_search":
+                    set_ef_search(index, value)
+                lat = latency(index, task, time_ids_for(n), None if param == "ef_search" else param, value,
+                              args.batch_repeats)
+                index.close()
+                del index
+                row_ann = {**row, "index": factory, "nprobe": f"{param}={value}", "open_s": open_s, **info,
+                           "recall@10": recall, "recall_curve": curve, **lat, "no_index_s": no_index_s,
+                           "speedup_vs_no_index": no_index_s / (lat["p50_ms"] / 1e3)}
+                result["rows"].append(row_ann)
+                print(json.dumps({k: row_ann[k] for k in ("n", "index", "nprobe", "recall@10", "p50_ms", "p99_ms",
+                                                            "batch64_queries_per_s")}), flush=True)
+                shutil.rmtree(approx, ignore_errors=True)
             if flat != real and not args.keep:
                 shutil.rmtree(flat, ignore_errors=True)
     finally:

@@ -19,15 +19,15 @@ import torch
 from torch import nn
 
 from .atomic import read_json
-from .autodiff import FlatParams, per_example_grads
+from .autodiff import FlatParams
 from .build import BUILD_FILE, FAISS, MANIFEST, OPERATORS, ROWS, file_sha256, pretrained_fingerprints
 from .data import batch_size_of, move
 from .errors import ConfigError, CorruptIndexError, IndexMismatchError, ShapeError
 from .fingerprint import fingerprint_tensors, short
 from .gradients import GradientProjector
-from .gradients.blocks import Block
+from .gradients.blocks import Block, plan_blocks
 from .operator import FinetuneOperator, compute_operator
-from .search import SearchIndex
+from .search import SearchIndex, built_at_open
 from .store import RowStore
 from .task import MultiStageTask, split_parameters, validate_task
 
@@ -60,7 +60,49 @@ class _Attached:
     projector: GradientProjector     # P_W on the finetuned model
     theta: FlatParams
     operator: FinetuneOperator
+    query: "_QueryPath"
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class _QueryPath:
+    """One backward pass per query: a projector over (W, theta) whose W blocks are P_W and whose
+    theta blocks are unprojected, so a row is [P_W grad_W l | grad_theta l (block layout)].
+
+    ``b_rows`` is B with its columns permuted into the theta blocks' layout, ``c`` is C (or None),
+    both in the projector's dtype:  q_t = (P_W g_W - g_t B^T) C^T.
+    """
+
+    projector: GradientProjector
+    k_w: int
+    b_rows: torch.Tensor             # [k_W, d_theta]
+    c: torch.Tensor | None           # [k_W, k_W]
+
+    @classmethod
+    def make(cls, model: nn.Module, w_proj: GradientProjector, theta_names: list[str],
+             op: FinetuneOperator) -> "_QueryPath":
+        dtype = w_proj.dtype
+        theta_blocks = plan_blocks(model, theta_names, None)
+        blocks = list(w_proj.blocks) + [replace(b, offset=b.offset + w_proj.dim) for b in theta_blocks]
+        proj = GradientProjector.from_blocks(model, list(w_proj.param_names) + list(theta_names), blocks,
+                                             seed=w_proj.seed, dtype=dtype)
+        # where each flat theta coordinate (FlatParams order, B's columns) lands in the block layout:
+        # project the vector 0, 1, 2, ... through the (unprojected, permutation-only) theta blocks
+        flat = FlatParams(model, theta_names)
+        ident = GradientProjector.from_blocks(model, theta_names, theta_blocks, seed=w_proj.seed,
+                                              dtype=torch.float64, check=False)
+        pos = torch.arange(flat.dim, dtype=torch.float64)
+        perm = ident.project_dense(flat.as_dict(pos))[0].round().long()
+        if not torch.equal(perm.sort().values, torch.arange(flat.dim)):
+            raise RuntimeError("internal error: the theta blocks are not a permutation of theta")
+        b_rows = op.b[:, perm].to(dtype).contiguous()
+        c = None if op.c is None else op.c.to(dtype).contiguous()
+        return cls(proj, w_proj.dim, b_rows, c)
+
+    def vectors(self, measurement, batch) -> torch.Tensor:
+        rows = self.projector.project_batch(measurement, batch)
+        q = torch.addmm(rows[:, :self.k_w], rows[:, self.k_w:], self.b_rows.T, alpha=-1.0)
+        return q if self.c is None else q @ self.c.T
 
 
 class InfluenceIndex:
@@ -89,9 +131,11 @@ class InfluenceIndex:
         if store.n != manifest.get("n") or store.k != manifest.get("k"):
             raise CorruptIndexError(f"{p / ROWS} holds {store.n}x{store.k} rows but the manifest says "
                                     f"{manifest.get('n')}x{manifest.get('k')}; rebuild with --overwrite")
-        if manifest["config"]["factory"] == "Flat":           # exact search straight over the rows
-            search = SearchIndex.create(store.k, "Flat", device=device)
-            search.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n)
+        factory = manifest["config"]["factory"]
+        if built_at_open(factory):              # Flat, SVD<r>: built straight from the rows
+            search = SearchIndex.create(store.k, factory, device=device)
+            search.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n,
+                                 seed=manifest["config"].get("seed", 0))
         else:
             want = manifest.get("checksums", {}).get("faiss")
             if want is not None and (p / FAISS).is_file() and file_sha256(p / FAISS) != want:
@@ -180,7 +224,8 @@ class InfluenceIndex:
             op = compute_operator(task, model, projector, key, batch_size=batch_size, show=progress_bar)
             op_path.parent.mkdir(exist_ok=True)
             op.save(op_path)
-        self._attached[key] = _Attached(task, model, projector, FlatParams(model, theta), op)
+        query = _QueryPath.make(model, projector, theta, op)
+        self._attached[key] = _Attached(task, model, projector, FlatParams(model, theta), op, query)
         self._default = key
         return key
 
@@ -207,14 +252,13 @@ class InfluenceIndex:
             raise ShapeError(f"the test batch holds no tensors: {e}") from None
         with a.lock:
             try:
-                pw = a.projector.project_batch(a.task.measurement, batch)
-                gt = per_example_grads(a.theta.loss(a.task.measurement), a.theta.get(), batch)
+                q = a.query.vectors(a.task.measurement, batch).detach()
             except (RuntimeError, IndexError, ValueError, TypeError) as e:
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ShapeError(f"the test batch does not fit the finetuned model: {msg}") from None
-        if pw.shape[0] != q_n:
-            raise ShapeError(f"measurement returned {pw.shape[0]} values for {q_n} test examples")
-        return a.operator.query_vectors(pw.detach(), gt.detach()).numpy()
+        if q.shape[0] != q_n:
+            raise ShapeError(f"measurement returned {q.shape[0]} values for {q_n} test examples")
+        return q.to(torch.float64).numpy()
 
     def query(self, test_batch: Any, k: int = 10, direction: str = "helpful", finetuned: str | None = None,
               exact_rerank: int | None = None, nprobe: int | None = None,
@@ -230,7 +274,10 @@ class InfluenceIndex:
         if exact_rerank is None and self.store.dtype == "float64":
             # float64 rows (the exact preset): rescore the float32 search's candidates in float64
             exact_rerank = min(self.n, 2 * k)
-        if exact_rerank:
+        if exact_rerank and self.search_index.two_stage and self.store.dtype != "float64":
+            # SVD<r> rescores its candidates exactly against the rows it holds in memory
+            dots, ids = self.search_index.search(signed, k, candidates=max(exact_rerank, k))
+        elif exact_rerank:
             cand_s, cand = self.search_index.search(signed, max(exact_rerank, k), nprobe=nprobe)
             ids, dots = _rerank(sign * q, cand, self.store, k)
         else:

@@ -10,8 +10,21 @@ views that storage as a torch tensor (no copy) and runs matmul + topk in blocks,
 torch matmul + topk on the 2-core development machine (n in {10k, 100k}, k in {1024, 4096},
 Q in {1, 64}; faiss never won). See ``EXACT_PATH``.
 
+Two-stage index ``"SVD<r>"`` (msif's own, not a faiss factory string): candidates by inner product
+in the top-r *uncentered* principal subspace of the rows (q V . x V, V from the eigenvectors of the
+second moment of a seeded row sample; uncentered because centering would change the ranking by a
+per-row term), then exact rescoring of ``candidates`` of them (default ``SVD_K_FACTOR * topk``)
+against the full float32 rows. It is stored as faiss objects (IndexRefineFlat over
+IndexPreTransform(LinearTransform, IndexFlatIP)), so faiss can save, load and search it; on CPU
+the same two stages run as torch matmul + topk over zero-copy views (like Flat). Like Flat it is
+built from the rows when an index folder is opened (no faiss.index file). Why: MIPS over
+preconditioned gradients is hard for IVF and HNSW (benchmarks/query_latency.py: IVF needs a
+quarter of the lists for recall 0.95), while the rows have a strong low-rank part.
+
 GPU: when faiss reports GPUs (``faiss.get_num_gpus() > 0``; builds without it count as none),
-the index is copied to GPU 0 with ``index_cpu_to_gpu`` and searched there (Flat too). If the copy
+the index is copied to GPU 0 with ``index_cpu_to_gpu`` and searched there (Flat too). Flat without
+faiss-gpu, and SVD<r> always, search with torch on CUDA when torch sees a CUDA device: the rows are
+copied to the GPU once (matmul + topk there; results come back as numpy). If the copy
 fails (e.g. an index type faiss cannot move, such as HNSW) search falls back to the CPU index
 with a warning. The CPU index stays the master copy (used by ``save``).
 
@@ -41,7 +54,9 @@ __all__ = [
     "EXACT_PATH",
     "FACTORY_EXAMPLES",
     "MISSING_SCORE",
+    "SVD_K_FACTOR",
     "SearchIndex",
+    "built_at_open",
     "exact_topk",
     "physical_cores",
     "precision_at_k",
@@ -58,7 +73,22 @@ EXACT_PATH = "torch"
 #: Score faiss reports for a missing result (id -1): -FLT_MAX.
 MISSING_SCORE = float(np.finfo(np.float32).min)
 
-FACTORY_EXAMPLES = ("Flat", "IVF1024,Flat", "HNSW32", "IVF256,PQ32")
+FACTORY_EXAMPLES = ("Flat", "SVD128", "IVF1024,Flat", "HNSW32", "IVF256,PQ32")
+
+#: SVD<r> indexes rescore this many candidates per requested result unless ``candidates`` is given
+SVD_K_FACTOR = 40
+_SVD_RE = re.compile(r"^SVD(\d+)$")
+
+
+def svd_rank(factory: str) -> int | None:
+    """r of an "SVD<r>" factory string, else None."""
+    m = _SVD_RE.match(factory.strip()) if isinstance(factory, str) else None
+    return int(m.group(1)) if m else None
+
+
+def built_at_open(factory: str) -> bool:
+    """Whether an index folder builds this index from its rows when opened (no faiss.index file)."""
+    return factory.strip() == "Flat" or svd_rank(factory) is not None
 
 # Largest score matrix (elements) the torch exact path materialises at once: 2**25 floats = 128 MiB.
 _SCORE_BLOCK_ELEMENTS = 1 << 25
@@ -195,6 +225,8 @@ def _first_line(exc: BaseException) -> str:
 def _describe(index) -> str:
     """Factory-like description of a (CPU) faiss index; faiss 1.15 has no reverse_index_factory."""
     idx = faiss.downcast_index(index)
+    if _svd_parts(idx) is not None:
+        return f"SVD{faiss.downcast_index(idx.base_index).index.d}"
     if isinstance(idx, faiss.IndexPreTransform):
         return f"{type(idx).__name__}({_describe(idx.index)})"
     if isinstance(idx, faiss.IndexHNSW):
@@ -229,6 +261,51 @@ def _no_polysemous_training(index) -> None:
 def _is_flat_ip(index) -> bool:
     idx = faiss.downcast_index(index)
     return type(idx) in (faiss.IndexFlat, faiss.IndexFlatIP) and idx.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def _make_svd(k: int, r: int):
+    """The untrained faiss structure of an "SVD<r>" index: refine(pretransform(V^T, flat IP r), flat IP k)."""
+    if not 1 <= r < k:
+        raise ConfigError(f"SVD{r}: the rank must be between 1 and k-1 = {k - 1}; use 'Flat' for exact search")
+    lt = faiss.LinearTransform(int(k), int(r), False)
+    base = faiss.IndexPreTransform(lt, faiss.IndexFlatIP(int(r)))
+    index = faiss.IndexRefineFlat(base)
+    index.k_factor = float(SVD_K_FACTOR)
+    # faiss keeps the python objects alive (referenced_objects) while the C++ ones point to them
+    assert getattr(index, "referenced_objects", None) and getattr(base, "referenced_objects", None)
+    return index
+
+
+def _svd_parts(index):
+    """(LinearTransform, reduced IndexFlatIP, full IndexFlat) of an SVD<r> structure, else None."""
+    idx = faiss.downcast_index(index)
+    if not isinstance(idx, faiss.IndexRefineFlat):
+        return None
+    base = faiss.downcast_index(idx.base_index)
+    if not isinstance(base, faiss.IndexPreTransform) or base.chain.size() != 1:
+        return None
+    lt = faiss.downcast_VectorTransform(base.chain.at(0))
+    inner = faiss.downcast_index(base.index)
+    full = faiss.downcast_index(idx.refine_index)
+    if type(lt) is not faiss.LinearTransform or lt.have_bias or not _is_flat_ip(inner) or not _is_flat_ip(full):
+        return None
+    return lt, inner, full
+
+
+def _train_svd(index, sample: np.ndarray) -> None:
+    """V = the top-r eigenvectors of the (uncentered) second moment of ``sample``; sets A = V^T."""
+    import torch
+
+    lt, _, _ = _svd_parts(index)
+    r = lt.d_out
+    x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32)).to(torch.float64)
+    evals, evecs = torch.linalg.eigh(x.T @ x)
+    v = evecs[:, -r:].flip(1)                                  # [k, r], largest first
+    faiss.copy_array_to_vector(np.ascontiguousarray(v.T.numpy(), dtype=np.float32).ravel(), lt.A)
+    lt.is_trained = True
+    base = faiss.downcast_index(faiss.downcast_index(index).base_index)
+    base.is_trained = True
+    index.is_trained = True
 
 
 def _search_params(index, nprobe, ef_search, factory: str):
@@ -292,8 +369,23 @@ def _num_gpus() -> int:
         return 0
 
 
-def _torch_topk(queries: np.ndarray, rows: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact MIPS by torch matmul + topk over ``rows`` [n, k] (a view; not copied), in blocks."""
+#: where the torch GPU path puts the rows (tests set "cpu" to run that path without a GPU)
+_CUDA_DEVICE = "cuda"
+
+
+def _torch_cuda() -> bool:
+    """Whether torch can use a CUDA device (the GPU path of Flat and SVD<r> without faiss-gpu)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - a broken CUDA runtime counts as none
+        return False
+
+
+def _torch_topk(queries: np.ndarray, rows, topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact MIPS by torch matmul + topk over ``rows`` [n, k] (a numpy view, not copied, or a torch
+    tensor on any device), in blocks."""
     import torch
 
     nq, n = queries.shape[0], rows.shape[0]
@@ -301,8 +393,8 @@ def _torch_topk(queries: np.ndarray, rows: np.ndarray, topk: int) -> tuple[np.nd
     if n == 0 or nq == 0:
         return out_s, out_i
     kk = min(topk, n)
-    rows_t = torch.from_numpy(rows)
-    q_all = torch.from_numpy(queries)
+    rows_t = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)
+    q_all = torch.from_numpy(queries).to(rows_t.device)
     qb = max(1, min(nq, _SCORE_BLOCK_ELEMENTS // n))
     rb = min(n, max(_SCORE_BLOCK_ELEMENTS // qb, kk))
     with torch.inference_mode():
@@ -323,8 +415,8 @@ def _torch_topk(queries: np.ndarray, rows: np.ndarray, topk: int) -> tuple[np.nd
             if rb < n:  # merged chunks: final sort
                 best_s, order = torch.sort(best_s, dim=1, descending=True)
                 best_i = torch.gather(best_i, 1, order)
-            out_s[q0 : q0 + qb, :kk] = best_s.numpy()
-            out_i[q0 : q0 + qb, :kk] = best_i.numpy()
+            out_s[q0 : q0 + qb, :kk] = best_s.cpu().numpy()
+            out_i[q0 : q0 + qb, :kk] = best_i.cpu().numpy()
     return out_s, out_i
 
 
@@ -347,9 +439,11 @@ class SearchIndex:
         self._factory = factory if factory is not None else _describe(index)
         self._device = device
         self._flat = _is_flat_ip(index)
+        self._svd = _svd_parts(index)
         self._lock = _RWLock()
         self._gpu_index = None
         self._gpu_res = None
+        self._cuda: dict | None = None   # torch CUDA copies of the rows (Flat, SVD<r> without faiss-gpu)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -361,6 +455,9 @@ class SearchIndex:
         if not isinstance(factory, str) or not factory.strip():
             raise ConfigError(f"index factory must be a non-empty faiss factory string such as {', '.join(repr(e) for e in FACTORY_EXAMPLES)}; got {factory!r}")
         factory = factory.strip()
+        r = svd_rank(factory)
+        if r is not None:
+            return cls(_make_svd(int(k), r), factory=factory, device=device)
         try:
             index = faiss.index_factory(int(k), factory, faiss.METRIC_INNER_PRODUCT)
         except Exception as e:
@@ -419,7 +516,10 @@ class SearchIndex:
                 if seen != n:
                     raise ShapeError(f"block_iter yielded {seen} rows but n={n}: pass the true row count")
                 try:
-                    index.train(sample)
+                    if self._svd is not None:
+                        _train_svd(index, sample)
+                    else:
+                        index.train(sample)
                 except Exception as e:
                     raise ConfigError(
                         f"cannot train index {self._factory!r} on {m} rows ({_first_line(e)}): "
@@ -457,8 +557,13 @@ class SearchIndex:
         return self._factory
 
     @property
+    def two_stage(self) -> bool:
+        """An SVD<r> index: candidates in a reduced space, rescored exactly."""
+        return self._svd is not None
+
+    @property
     def on_gpu(self) -> bool:
-        return self._gpu_index is not None
+        return self._gpu_index is not None or self._cuda is not None
 
     @property
     def is_trained(self) -> bool:
@@ -475,18 +580,30 @@ class SearchIndex:
         topk: int,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        candidates: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``topk`` rows by inner product for each query row: ``(scores [Q,topk], ids [Q,topk])``.
 
-        ``nprobe`` (IVF) and ``ef_search`` (HNSW) apply to this call only; passing one that does
-        not apply to this index type raises ConfigError (so both raise for "Flat").
+        ``nprobe`` (IVF), ``ef_search`` (HNSW) and ``candidates`` (SVD<r>: rows rescored exactly,
+        default ``SVD_K_FACTOR * topk``) apply to this call only; passing one that does not apply
+        to this index type raises ConfigError (so all raise for "Flat").
         """
         topk = _check_topk(topk)
         q = _as_queries(queries, self.dim)
+        if candidates is not None:
+            if self._svd is None:
+                raise ConfigError(f"candidates applies only to SVD<r> indexes, this index is {self._factory!r}: drop candidates")
+            if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+                raise ConfigError(f"candidates must be a positive integer, got {candidates!r}")
         params, keep = _search_params(self._index, nprobe, ef_search, self._factory)
         with self._lock.read():
             if q.shape[0] == 0 or self._index.ntotal == 0:
                 return _empty_result(q.shape[0], topk)
+            if self._svd is not None:
+                cand = max(topk, int(candidates) if candidates is not None else SVD_K_FACTOR * topk)
+                return self._svd_search(q, topk, cand)
+            if self._cuda is not None:
+                return _torch_topk(q, self._cuda["rows"], topk)
             if self._gpu_index is not None:
                 return self._faiss_search(self._gpu_index, q, topk, params, keep)
             if self._flat and EXACT_PATH == "torch":
@@ -494,6 +611,39 @@ class SearchIndex:
                 rows = faiss.rev_swig_ptr(self._typed.get_xb(), n * d).reshape(n, d)
                 return _torch_topk(q, rows, topk)
             return self._faiss_search(self._index, q, topk, params, keep)
+
+    def _svd_search(self, q: np.ndarray, topk: int, cand: int) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates by q V . (x V) (torch, zero-copy over the reduced rows), then exact q . x."""
+        import torch
+
+        n = self._index.ntotal
+        parts = self._cuda if self._cuda is not None else self._svd_views()
+        rows, reduced, a = parts["rows"], parts["reduced"], parts["a"]
+        dev = rows.device
+        qt = torch.from_numpy(q).to(dev)
+        with torch.inference_mode():
+            q_red = (qt @ a.T).contiguous().cpu().numpy()
+        _, cid = _torch_topk(q_red, reduced, min(cand, n))
+        out_s, out_i = _empty_result(q.shape[0], topk)
+        kk = min(topk, n)
+        with torch.inference_mode():
+            for q0 in range(0, q.shape[0], 16):                 # at most 16 x cand full rows at once
+                ids = torch.from_numpy(cid[q0:q0 + 16]).to(dev)
+                s = torch.bmm(rows[ids], qt[q0:q0 + 16, :, None])[..., 0]     # [g, cand] exact
+                bs, pos = torch.topk(s, kk, dim=1)
+                out_s[q0:q0 + 16, :kk] = bs.cpu().numpy()
+                out_i[q0:q0 + 16, :kk] = torch.gather(ids, 1, pos).cpu().numpy()
+        return out_s, out_i
+
+    def _svd_views(self) -> dict:
+        """Zero-copy torch views of an SVD<r> index: full rows [n, k], reduced rows [n, r], V^T [r, k]."""
+        import torch
+
+        lt, inner, full = self._svd
+        n, k, r = self._index.ntotal, self.dim, inner.d
+        return {"rows": torch.from_numpy(faiss.rev_swig_ptr(full.get_xb(), n * k).reshape(n, k)),
+                "reduced": torch.from_numpy(faiss.rev_swig_ptr(inner.get_xb(), n * r).reshape(n, r)),
+                "a": torch.from_numpy(faiss.vector_to_array(lt.A).reshape(r, k))}
 
     @staticmethod
     def _faiss_search(index, q, topk, params, keepalive=()):
@@ -562,7 +712,18 @@ class SearchIndex:
 
     def _place(self, device: str) -> None:
         """Copy the index to GPU when ``device`` allows and faiss sees a GPU; else stay on CPU."""
-        if device == "cpu" or self._gpu_index is not None:
+        if device == "cpu" or self.on_gpu:
+            return
+        # Flat without faiss-gpu, and SVD<r> always (faiss cannot move its refine structure): torch CUDA
+        if self._index.ntotal and (self._svd is not None or (self._flat and _num_gpus() <= 0)) and _torch_cuda():
+            import torch
+
+            n, d = self._index.ntotal, self.dim
+            if self._svd is not None:
+                self._cuda = {k: v.to(_CUDA_DEVICE, copy=True) for k, v in self._svd_views().items()}
+            else:
+                rows = faiss.rev_swig_ptr(self._typed.get_xb(), n * d).reshape(n, d)
+                self._cuda = {"rows": torch.from_numpy(rows).to(_CUDA_DEVICE, copy=True)}
             return
         if _num_gpus() <= 0:
             if device == "gpu":
@@ -577,6 +738,7 @@ class SearchIndex:
     def _drop_gpu(self) -> None:
         self._gpu_index = None
         self._gpu_res = None
+        self._cuda = None
 
 
 def _check_device(device) -> None:

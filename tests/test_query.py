@@ -269,7 +269,8 @@ def test_query_time_does_not_grow_with_the_finetuning_set(default_index, tasks, 
             t0 = time.perf_counter()
             index.query(one, k=10, finetuned=key)
             seconds[size].append(time.perf_counter() - t0)
-    med = {size: float(np.median(s)) for size, s in seconds.items()}
+    # the lower quartile: robust to other processes sharing the CPUs (a timing test on 2 cores)
+    med = {size: float(np.percentile(s, 25)) for size, s in seconds.items()}
     ratio = med[4 * m] / med[m]
     with capsys.disabled():
         print(f"\n[query time] m={m}: {med[m] * 1e3:.2f} ms, m={4 * m}: {med[4 * m] * 1e3:.2f} ms, "
@@ -354,3 +355,27 @@ def test_missing_or_unfinished_index(tmp_path, exact_index, tasks):
             with pytest.raises(ConfigError) as e:
                 index.query(full_batch(tasks["frozen"].test_dataset(), [0]), **kwargs)
             _one_line(e)
+
+
+def test_svd_index_agrees_with_flat(tmp_path, tasks, default_index, batch):
+    """factory='SVD<r>' (built from the rows at open, like Flat): recall@10 >= 0.9 against the Flat
+    index's answers, both directions, and its scores are the exact row scores of the ids it returns."""
+    cfg = BuildConfig(factory="SVD48")
+    svd_dir = build_index(tasks["frozen"], tmp_path / "svd", cfg)
+    assert not (svd_dir / "faiss.index").exists()
+    flat = InfluenceIndex.open(default_index)
+    svd = InfluenceIndex.open(svd_dir)
+    flat.attach(tasks["frozen"])
+    svd.attach(tasks["frozen"])
+    assert svd.search_index.two_stage
+    all_scores = svd.scores(batch)
+    for direction in ("helpful", "harmful"):
+        a = flat.query(batch, k=10, direction=direction)
+        b = svd.query(batch, k=10, direction=direction)
+        sign = 1.0 if direction == "helpful" else -1.0
+        assert recall_at_k(-sign * a.scores, a.ids, b.ids, 10) >= 0.9
+        np.testing.assert_allclose(b.scores, np.take_along_axis(all_scores, b.ids, 1), rtol=1e-4, atol=1e-6)
+        wide = svd.query(batch, k=10, direction=direction, exact_rerank=svd.n)       # every row rescored
+        np.testing.assert_array_equal(np.sort(wide.ids, 1), np.sort(a.ids, 1))
+    flat.close()
+    svd.close()

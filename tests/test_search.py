@@ -421,6 +421,7 @@ def _patch_gpu(monkeypatch, ngpu=1, fail=False):
         made.append(_FakeGpuIndex(index))
         return made[-1]
 
+    monkeypatch.setattr(S, "_torch_cuda", lambda: False)          # the faiss branch, also on CUDA machines
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: ngpu, raising=False)
     monkeypatch.setattr(faiss, "StandardGpuResources", FakeRes, raising=False)
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
@@ -467,6 +468,7 @@ def test_no_gpu_support_stays_on_cpu(tmp_path, monkeypatch):
     x, q = _clustered(500, 16)
     p = tmp_path / "c.faiss"
     _flat_index(x).save(p)
+    monkeypatch.setattr(S, "_torch_cuda", lambda: False)
     monkeypatch.delattr(faiss, "get_num_gpus", raising=False)  # builds lacking it
     assert not SearchIndex.load(p).on_gpu
     with pytest.raises(ConfigError, match="no GPU"):
@@ -522,3 +524,90 @@ def test_set_threads():
             S.set_threads(0)
     finally:
         S.set_threads(old)
+
+
+# ---------------------------------------------------------------------------- SVD<r> two-stage
+
+
+def _low_rank(n=4000, d=64, r=12, nq=40, seed=3):
+    """Rows with a strong rank-r part plus isotropic noise (like preconditioned gradients)."""
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((r, d))
+    x = rng.standard_normal((n, r)) @ basis * rng.lognormal(0, 0.5, (n, 1)) + 0.3 * rng.standard_normal((n, d))
+    q = rng.standard_normal((nq, r)) @ basis + 0.3 * rng.standard_normal((nq, d))
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(q, dtype=np.float32)
+
+
+def test_svd_two_stage_recall_and_exact_scores():
+    """Recall@10 >= 0.95 against brute force at the default candidates, and every returned score is
+    the exact inner product of its row (the second stage rescores exactly)."""
+    x, q = _low_rank()
+    idx = SearchIndex.create(x.shape[1], "SVD16")
+    idx.train_and_add(lambda: _blocks(x, 1000), len(x))
+    assert idx.two_stage and idx.factory == "SVD16"
+    s, i = idx.search(q, 10)
+    es, ei = _brute(q, x, 10)
+    assert recall_at_k(es, ei, i, 10) >= 0.95
+    exact = np.einsum("qk,qtk->qt", q.astype(np.float64), x[i].astype(np.float64))
+    np.testing.assert_allclose(s, exact, rtol=1e-5, atol=1e-4)
+    assert np.all(np.diff(s, axis=1) <= 0)
+    # with every row a candidate the result is the exact top-k
+    s_all, i_all = idx.search(q, 10, candidates=len(x))
+    assert recall_at_k(es, ei, i_all, 10) == 1.0
+    # faiss's own search of the same structure agrees (it is what save/load and GPU fallbacks use)
+    fs, fi = SearchIndex._faiss_search(idx._index, q, 10, None)
+    assert recall_at_k(s, i, fi, 10) >= 0.95
+
+
+def test_svd_basis_is_uncentered_principal_subspace():
+    x, _ = _low_rank(n=2000, d=32, r=4)
+    x = x + 5.0                                             # a large mean: centering would lose it
+    idx = SearchIndex.create(32, "SVD4")
+    idx.train_and_add([x], len(x), train_size=len(x))
+    lt, _, _ = S._svd_parts(idx._index)
+    a = faiss.vector_to_array(lt.A).reshape(4, 32).astype(np.float64)
+    evals, evecs = np.linalg.eigh(x.astype(np.float64).T @ x)
+    top = evecs[:, -4:]
+    # same subspace: the projector onto it is the same
+    np.testing.assert_allclose(a.T @ a, top @ top.T, atol=1e-4)
+
+
+def test_svd_save_load_and_errors(tmp_path):
+    x, q = _low_rank(n=1500, d=32, r=6)
+    idx = SearchIndex.create(32, "SVD8")
+    idx.train_and_add(lambda: _blocks(x, 500), len(x))
+    s, i = idx.search(q, 5, candidates=60)
+    idx.save(tmp_path / "svd.faiss")
+    back = SearchIndex.load(tmp_path / "svd.faiss")
+    assert back.two_stage and back.factory == "SVD8"
+    s2, i2 = back.search(q, 5, candidates=60)
+    np.testing.assert_array_equal(i, i2)
+    with pytest.raises(ConfigError, match="between 1 and"):
+        SearchIndex.create(32, "SVD32")
+    with pytest.raises(ConfigError, match="needs training"):
+        SearchIndex.create(32, "SVD8").train_and_add(iter(_blocks(x, 500)), len(x))
+    flat = SearchIndex.create(32, "Flat")
+    flat.train_and_add([x], len(x))
+    with pytest.raises(ConfigError, match="candidates applies only"):
+        flat.search(q, 5, candidates=10)
+    with pytest.raises(ConfigError, match="positive integer"):
+        idx.search(q, 5, candidates=0)
+    assert S.built_at_open("SVD8") and S.built_at_open("Flat") and not S.built_at_open("IVF8,Flat")
+
+
+@pytest.mark.parametrize("factory", ["Flat", "SVD8"])
+def test_torch_gpu_path_logic_without_a_gpu(monkeypatch, factory):
+    """The torch CUDA path (Flat without faiss-gpu, SVD<r>) with its copies placed on the CPU: the
+    same answers as the zero-copy path (tests/test_gpu.py runs it on a real GPU where there is one)."""
+    x, q = _low_rank(n=2000, d=40, r=6)
+    ref = SearchIndex.create(40, factory, device="cpu")
+    ref.train_and_add(lambda: _blocks(x, 700), len(x))
+    monkeypatch.setattr(S, "_torch_cuda", lambda: True)
+    monkeypatch.setattr(S, "_CUDA_DEVICE", "cpu")
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)
+    g = SearchIndex.create(40, factory)
+    g.train_and_add(lambda: _blocks(x, 700), len(x))
+    assert g.on_gpu and g._cuda is not None and g._gpu_index is None
+    for topk in (1, 7):
+        np.testing.assert_array_equal(g.search(q, topk)[1], ref.search(q, topk)[1])
+        np.testing.assert_allclose(g.search(q, topk)[0], ref.search(q, topk)[0], rtol=1e-5, atol=1e-5)
