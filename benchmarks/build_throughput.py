@@ -91,7 +91,9 @@ class Timers:
         for cls in (P.Preconditioner, P.KroneckerEigen, P.DenseInverse):
             if "apply" in cls.__dict__:
                 self.wrap(cls, "apply", "preconditioner apply")
-        self.wrap(P.Preconditioner, "fit", "preconditioner fit (statistics)")
+        for cls in (P.Preconditioner, P.KroneckerEigen):
+            if "fit" in cls.__dict__:
+                self.wrap(cls, "fit", "preconditioner fit (statistics)")
         self.wrap(S.RowWriter, "write", "HDF5 write (RowWriter.write)")
         self.wrap(S.RowWriter, "__exit__", "shard commit (flush, fsync, rename)")
         self.wrap(B, "link_shards", "link shards (rows.h5)")

@@ -105,6 +105,15 @@ class LazyImages(Dataset):
         x = self.pool_a[i % self.POOL_A] + self.pool_b[i % self.POOL_B]
         return x, (_hash(i + self.seed * 7_919) % self.classes)
 
+    def __getitems__(self, ids) -> list:
+        """Items ``ids`` in one indexing operation per pool (torch's batched-fetch protocol, used by
+        DataLoader and msif_index.data.batches); the same items as ``[self[i] for i in ids]``."""
+        idx = torch.as_tensor([int(i) for i in ids], dtype=torch.long)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
+            raise IndexError(f"ids outside 0..{self.n - 1}")
+        x = self.pool_a[idx % self.POOL_A] + self.pool_b[idx % self.POOL_B]
+        return [(xi, _hash(int(i) + self.seed * 7_919) % self.classes) for xi, i in zip(x.unbind(0), idx.tolist())]
+
     def batch(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """A collated batch of ``ids`` (what msif_index.data.batches would make)."""
         from msif_index.data import full_batch

@@ -202,12 +202,16 @@ def _clear(out: Path) -> None:
 
 
 def _raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, ids: Any,
-              out: torch.Tensor | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """(ids, raw rows phi = P grad g) batch by batch, in the compute dtype, into a reused buffer."""
+              out: torch.Tensor | None = None, fill: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(ids, raw rows phi = P grad g) batch by batch, in the compute dtype, into a reused buffer
+    (``fill``: ``out`` holds a row for every id, and each batch goes to its own rows of it)."""
     buf = out if out is not None else torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype,
                                                   device=prep.device)
+    pos = 0
     for bids, batch in batches(task.pretrain_dataset(), config.batch_size, ids):
-        rows = buf[:len(bids)]
+        lo = pos if fill else 0
+        pos += len(bids)
+        rows = buf[lo:lo + len(bids)]
         try:
             prep.projector.project_batch(task.pretrain_loss, move(batch, prep.device, prep.dtype), out=rows)
         except NonFiniteError:
@@ -217,7 +221,7 @@ def _raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, ids: An
             # parameters outside the dense-path blocks can leave autograd history on the rows:
             # drop it (and the graph it keeps alive) before the rows are used or the buffer reused
             buf = buf.detach()
-            rows = buf[:len(bids)]
+            rows = buf[lo:lo + len(bids)]
         _check_finite(rows, bids)
         yield bids, rows
 
@@ -258,10 +262,53 @@ def _subsample(n: int, size: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=g)[:size].tolist())
 
 
+class _Sample:
+    """Raw rows phi of the statistics subsample, grouped by the shard their ids fall in.
+
+    The statistics pass computes them (each shard's group in batches of its own, so a group never
+    shares a batch with another shard's ids) and featurize reuses them for those ids instead of a
+    second gradient pass. A resumed build that loaded the fitted preconditioner recomputes only the
+    groups of the shards still to write, in the same batches: the rows are bitwise the same as in
+    the uninterrupted build. Memory is bounded by ``stats_examples``, whatever n is."""
+
+    def __init__(self, ids: list[int], shard_rows: int):
+        self.shard_rows = shard_rows
+        self.groups: dict[int, list[int]] = {}
+        for i in ids:
+            self.groups.setdefault(i // shard_rows, []).append(i)
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def compute(self, task: MultiStageTask, prep: Prepared, config: BuildConfig, shard: int,
+                advance: Callable[[int], None] | None = None) -> torch.Tensor:
+        ids = self.groups.get(shard, [])
+        rows = torch.empty(len(ids), prep.projector.dim, dtype=prep.dtype, device=prep.device)
+        for bids, r in _raw_rows(task, prep, config, ids, rows, fill=True):
+            if advance is not None:
+                advance(len(bids))
+        return rows.detach()       # dense-path blocks can leave autograd history on the buffer
+
+    def take(self, task: MultiStageTask, prep: Prepared, config: BuildConfig,
+             shard: int) -> tuple[list[int], torch.Tensor]:
+        """(ids, rows) of one shard's group, from memory (then released) or computed again."""
+        ids = self.groups.get(shard, [])
+        rows = self.rows.pop(shard, None)
+        if rows is None:
+            rows = self.compute(task, prep, config, shard)
+        return ids, rows
+
+
+def _stats_ids(n: int, config: BuildConfig) -> list[int]:
+    return _subsample(n, config.stats_examples, config.seed)
+
+
+def _shard_rows(n: int, config: BuildConfig) -> int:
+    return min(config.shard_rows, max(n, 1))
+
+
 def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfig, n: int,
-                        show: bool | None) -> None:
-    """Statistics from a seeded subsample of ``stats_examples`` (kept in memory: bounded by its size),
-    or Hessian-vector products for hessian / exact."""
+                        show: bool | None) -> _Sample | None:
+    """Statistics from a seeded subsample of ``stats_examples`` (kept in memory: bounded by its size,
+    and returned for featurize to reuse), or Hessian-vector products for hessian / exact."""
     pre = prep.preconditioner
     if config.preconditioner in ("hessian", "exact"):
         ids = list(range(n)) if config.preconditioner == "exact" else _subsample(n, config.hessian_examples,
@@ -277,24 +324,30 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
             raise NonFiniteError("the pretraining Hessian is not finite (NaN or inf) although every loss and "
                                  "gradient is; build with --compute-dtype float64")
         pre.fit_hessian(php)
-        return
+        return None
     if pre.passes == 0:
-        return
-    ids = _subsample(n, config.stats_examples, config.seed)
-    sample = torch.empty(len(ids), prep.projector.dim, dtype=torch.float64)
+        return None
+    ids = _stats_ids(n, config)
+    sample = _Sample(ids, _shard_rows(n, config))
     with progress(len(ids), "statistics", enabled=show) as advance:
-        pos = 0
-        for bids, rows in _raw_rows(task, prep, config, ids):
-            sample[pos:pos + len(bids)] = rows
-            pos += len(bids)
-            advance(len(bids))
-    step = 4096
-    pre.fit(lambda: (sample[i:i + step] for i in range(0, len(ids), step)), len(ids))
+        for shard in sorted(sample.groups):
+            sample.rows[shard] = sample.compute(task, prep, config, shard, advance)
+    step = 1024
+
+    def blocks():
+        for shard in sorted(sample.groups):
+            rows = sample.rows[shard]
+            for i in range(0, rows.shape[0], step):
+                yield rows[i:i + step]
+
+    pre.fit(blocks, len(ids))
+    return sample
 
 
 def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out: Path, n: int,
-                 show: bool | None) -> None:
-    """The preconditioner state, saved atomically once fitted so a resumed build reuses it."""
+                 show: bool | None) -> _Sample | None:
+    """The preconditioner state, saved atomically once fitted so a resumed build reuses it; returns
+    the statistics subsample's rows for featurize (their groups are recomputed where not in memory)."""
     path = out / PRECOND
     pre = prep.preconditioner
     if path.exists():
@@ -306,32 +359,80 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
                              if isinstance(obj, h5py.Dataset) else None)
                 pre.load_state_dict(state)
                 pre.damping_used = json.loads(f.attrs["damping_used"])
-            return
+            if pre.passes == 0 or config.preconditioner in ("hessian", "exact"):
+                return None
+            return _Sample(_stats_ids(n, config), _shard_rows(n, config))    # rows recomputed per shard
         except (OSError, KeyError, ValueError):
             path.unlink()                        # unreadable: fit again (deterministic)
-    _fit_preconditioner(task, prep, config, n, show)
+    sample = _fit_preconditioner(task, prep, config, n, show)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for k, v in pre.state_dict().items():
                 f.create_dataset(k, data=v, fletcher32=True)
             f.attrs["damping_used"] = json.dumps(pre.damping_used)
+    return sample
+
+
+def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, start: int, stop: int,
+                    sample: _Sample | None, cbuf: torch.Tensor, wbuf: torch.Tensor
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first id, raw rows) of the ids [start, stop) in order, in blocks of at most batch_size rows:
+    the subsample's rows come from ``sample``, the others from a gradient pass over just them."""
+    ids, srows = ([], None) if sample is None else sample.take(task, prep, config,
+                                                               start // sample.shard_rows)
+    if not ids:
+        for bids, rows in _raw_rows(task, prep, config, range(start, stop), cbuf):
+            yield bids[0], rows
+        return
+    size = stop - start
+    spos = torch.full((size,), -1, dtype=torch.long)
+    spos[torch.tensor(ids, dtype=torch.long) - start] = torch.arange(len(ids))
+    in_sample = spos >= 0
+    rest = (torch.nonzero(~in_sample).flatten() + start).tolist()
+    cursor = start
+    bsz = config.batch_size
+
+    def emit(w1: int, crows: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor]]:
+        # rows [cursor, w1): the computed ones are crows, in order
+        w0 = cursor
+        m = in_sample[w0 - start:w1 - start]
+        cpos = torch.cumsum(~m, 0) - 1
+        for a in range(w0, w1, bsz):
+            b = min(w1, a + bsz)
+            mm = m[a - w0:b - w0]
+            piece = wbuf[:b - a]
+            dst_s = torch.nonzero(mm).flatten()
+            if dst_s.numel():
+                piece.index_copy_(0, dst_s, srows.index_select(0, spos[a - start:b - start].index_select(0, dst_s)))
+            if dst_s.numel() < b - a:
+                dst_c = torch.nonzero(~mm).flatten()
+                piece.index_copy_(0, dst_c, crows.index_select(0, cpos[a - w0:b - w0].index_select(0, dst_c)))
+            yield a, piece
+
+    for bids, rows in _raw_rows(task, prep, config, rest, cbuf):
+        yield from emit(bids[-1] + 1, rows)
+        cursor = bids[-1] + 1
+    if cursor < stop:
+        yield from emit(stop, None)
 
 
 def _write_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, shards: ShardedWriter,
-                show: bool | None) -> None:
-    """Stored rows s_z = [M^{-1} phi_z]_W, one gradient pass, shard by shard (resumable)."""
+                sample: _Sample | None, show: bool | None) -> None:
+    """Stored rows s_z = [M^{-1} phi_z]_W, one gradient pass (the statistics subsample's rows are
+    reused), shard by shard (resumable)."""
     pending = list(shards.pending_ranges())
     todo = sum(b - a for a, b in pending)
     if not todo:
         return
     pre = prep.preconditioner
-    buf = torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype, device=prep.device)
+    cbuf = torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype, device=prep.device)
+    wbuf = torch.empty_like(cbuf)
     with progress(todo, "featurize", enabled=show) as advance:
         for start, stop in pending:
             with shards.shard(shards.shard_index(start)) as shard:
-                for bids, rows in _raw_rows(task, prep, config, range(start, stop), buf):
-                    shard.write(bids[0], pre.apply(rows).cpu().numpy())
-                    advance(len(bids))
+                for first, rows in _shard_raw_rows(task, prep, config, start, stop, sample, cbuf, wbuf):
+                    shard.write(first, pre.apply(rows).cpu().numpy())
+                    advance(rows.shape[0])
 
 
 def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig | None = None,
@@ -357,12 +458,13 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     write_json_atomic(out / BUILD_FILE, {"identity": identity, "config": config.to_dict(),
                                          "projector": prep.projector.config(), "version": __version__})
     t0 = time.perf_counter()
-    _load_or_fit(task, prep, config, out, n, progress_bar)
+    sample = _load_or_fit(task, prep, config, out, n, progress_bar)
     timings["statistics_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    shards = ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, min(config.shard_rows, max(n, 1)),
+    shards = ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, _shard_rows(n, config),
                            attrs={"identity": identity})
-    _write_rows(task, prep, config, shards, progress_bar)
+    _write_rows(task, prep, config, shards, sample, progress_bar)
+    del sample
     timings["featurize_s"] = time.perf_counter() - t0
     summary = pre.summary()
     link_shards(shards, out / ROWS, attrs={"identity": identity, "config": config.to_dict(),

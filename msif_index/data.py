@@ -5,9 +5,23 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils._pytree import tree_map
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from .task import collate
+
+
+def fetch(dataset: Dataset, ids: Sequence[int]) -> Any:
+    """The collated batch of ``ids``: ``collate([dataset[i] for i in ids])``, fetched in one indexing
+    operation per tensor for a ``TensorDataset`` (exact type: a subclass may override __getitem__), and
+    through ``dataset.__getitems__(ids)`` (torch's batched-fetch protocol, as DataLoader uses it) where
+    the dataset defines it. Both give the same batch as the per-item collate."""
+    if type(dataset) is TensorDataset and len(ids):
+        idx = torch.as_tensor(list(ids), dtype=torch.long)
+        return tuple(t[idx] for t in dataset.tensors)
+    getitems = getattr(dataset, "__getitems__", None)
+    if getitems is not None:
+        return collate(getitems(list(ids)))
+    return collate([dataset[i] for i in ids])
 
 
 def batches(dataset: Dataset, batch_size: int, ids: Sequence[int] | None = None
@@ -18,14 +32,14 @@ def batches(dataset: Dataset, batch_size: int, ids: Sequence[int] | None = None
     ids = list(ids)
     for s in range(0, len(ids), batch_size):
         chunk = ids[s:s + batch_size]
-        yield chunk, collate([dataset[i] for i in chunk])
+        yield chunk, fetch(dataset, chunk)
 
 
 def full_batch(dataset: Dataset, ids: Sequence[int] | None = None) -> Any:
     """Every example (or those in ``ids``) as one batch."""
     if ids is None:
         ids = range(len(dataset))  # type: ignore[arg-type]
-    return collate([dataset[i] for i in ids])
+    return fetch(dataset, list(ids))
 
 
 def move(batch: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:

@@ -213,16 +213,34 @@ class KroneckerEigen(Preconditioner):
         b = self._wb[i]
         return rows[:, b.offset:b.offset + b.dim].reshape(-1, b.k_out, b.k_in)
 
+    def fit(self, row_blocks: Callable[[], Iterable[torch.Tensor]], n: int) -> None:
+        """As Preconditioner.fit, but the products of each block of rows are computed in the rows' own
+        dtype when it is float32 (float64 otherwise) and summed across blocks in float64; the
+        eigendecompositions are float64 (the statistics dtypes Kronfluence uses by default)."""
+        for p in range(self.passes):
+            for rows in row_blocks():
+                if rows.dtype != torch.float32:
+                    rows = rows.to(_F64)
+                self.accumulate(p, rows)
+            self.end_pass(p, n)
+
     def accumulate(self, p: int, rows: torch.Tensor) -> None:
-        for i in range(len(self._wb)):
-            phi = self._mats(rows, i)
+        # S and A as one large matrix product each over the whole block of rows (not an einsum of
+        # small per-example products): sums over examples b of Phi_b Phi_b^T and Phi_b^T Phi_b
+        for i, b in enumerate(self._wb):
+            phi = self._mats(rows, i)                                   # [B, k_out, k_in]
+            m = phi.shape[0]
             if p == 0:
-                self.s[i] += torch.einsum("boi,bpi->op", phi, phi)
-                self.a[i] += torch.einsum("boi,boj->ij", phi, phi)
-                self.sq[i] += float((phi * phi).sum())
+                by_out = phi.transpose(0, 1).reshape(b.k_out, m * b.k_in)   # [k_out, B*k_in]
+                self.s[i] += (by_out @ by_out.T).to(_F64)
+                by_in = phi.reshape(m * b.k_out, b.k_in)                    # [B*k_out, k_in]
+                self.a[i] += (by_in.T @ by_in).to(_F64)
+                flat = phi.reshape(-1)
+                self.sq[i] += float(torch.dot(flat, flat))
             else:
-                rot = self.qs[i].T @ phi @ self.qa[i]
-                self._lam_raw[i] += (rot * rot).sum(0)
+                qs, qa = self.qs[i].to(rows.dtype), self.qa[i].to(rows.dtype)
+                rot = qs.T @ phi @ qa                                       # Q_S^T Phi_b Q_A
+                self._lam_raw[i] += (rot * rot).sum(0).to(_F64)
 
     def end_pass(self, p: int, n: int) -> None:
         self._eigen(n)

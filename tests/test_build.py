@@ -567,3 +567,94 @@ def test_nonfinite_gradient_names_the_example(tmp_path, pre):
     msg = _one_line(e)
     assert "example 37" in msg, msg
     assert not (tmp_path / "nan" / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# featurize reuses the statistics subsample's rows (no second gradient pass over them)
+
+
+def _load_preconditioner(task, config: BuildConfig, path: Path):
+    from msif_index.build import prepare, resolve_config
+    prep = prepare(task, resolve_config(task, config))
+    state: dict = {}
+    with h5py.File(path / "preconditioner.h5", "r") as f:
+        f.visititems(lambda name, obj: state.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    prep.preconditioner.load_state_dict(state)
+    return prep
+
+
+@pytest.mark.parametrize("pre", ["kfac", "ekfac", "gauss-newton"])
+def test_rows_with_reused_statistics_rows_equal_brute_force(tmp_path, pre):
+    """stats_examples < n, several shards, batches that do not divide them: every stored row (those of
+    the subsample, reused from the statistics pass, and the others) equals M^-1 P grad g(z) with
+    per-example gradients taken one at a time, and M is fitted on exactly the seeded subsample."""
+    from msif_index.build import _subsample
+    task = TinyTask(n=64)
+    config = BuildConfig(proj_dim=12, preconditioner=pre, damping=0.05, stats_examples=24, shard_rows=16,
+                         batch_size=5, dtype="float64")
+    path = build_index(task, tmp_path / "idx", config)
+    prep = _load_preconditioner(task, config, path)
+    names = prep.projector.param_names
+    p = prep.projector.matrix()
+    phi = _example_grads(task.pretrained_model(), names, task.pretrain_loss, task.pretrain_dataset()) @ p.T
+    want = prep.preconditioner.apply(phi).numpy()
+    rows = _rows(path)
+    assert rows.shape == want.shape
+    assert np.abs(rows - want).max() / np.abs(want).max() < 1e-10
+    # the preconditioner was fitted on the seeded subsample's rows, each once
+    ids = _subsample(64, 24, config.seed)
+    fresh = _load_preconditioner(task, config, path).preconditioner
+    ref = type(fresh)(fresh.blocks, fresh.w_blocks, damping=fresh.damping, weight_decay=fresh.weight_decay,
+                      gram=fresh.gram)
+    ref.fit(lambda: iter([phi[ids]]), len(ids))
+    assert np.abs(ref.apply(phi).numpy() - want).max() / np.abs(want).max() < 1e-9
+
+
+def test_resumed_build_with_a_statistics_subsample_gives_identical_rows(tmp_path):
+    """A shard lost after the statistics were saved is recomputed (its subsample rows in the same
+    batches as the statistics pass, the others in their own) to bitwise the same rows, touching only
+    that shard's examples."""
+    config = BuildConfig(proj_dim=12, preconditioner="ekfac", stats_examples=24, shard_rows=16, batch_size=5,
+                         compute_dtype="float32", dtype="float32")
+    ref = build_index(TinyTask(n=64), tmp_path / "ref", config)
+    out = tmp_path / "resumed"
+    shutil.copytree(ref, out)
+    for name in ("manifest.json", "rows.h5", "shards/shard_00001.h5"):
+        (out / name).unlink()
+    task = TinyTask(n=64)
+    task.seen = []
+    build_index(task, out, config)
+    assert set(task.seen) == set(range(16, 32))
+    assert np.array_equal(_rows(out), _rows(ref))
+
+
+def test_fetch_equals_the_per_item_collate():
+    from torch.utils.data import Dataset, Subset
+
+    from msif_index.data import batches, fetch
+    from msif_index.task import collate
+
+    class Batched(Dataset):
+        def __init__(self):
+            self.x = torch.randn(30, 3, 2)
+
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "y": i % 4}
+
+        def __getitems__(self, ids):
+            return [{"x": xi, "y": i % 4} for xi, i in zip(self.x[torch.as_tensor(ids)].unbind(0), ids)]
+
+    td = TensorDataset(torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 5, (30,)), torch.arange(30))
+    ids = [7, 3, 29, 0, 3]
+    for ds in (td, Batched(), Subset(td, list(range(29, -1, -1))), Subset(Batched(), list(range(30)))):
+        want = collate([ds[i] for i in ids])
+        got = fetch(ds, ids)
+        flat_w, flat_g = torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)
+        assert len(flat_w) == len(flat_g)
+        for a, b in zip(flat_w, flat_g):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        (got_ids, got_batch), = list(batches(ds, 10, ids))
+        assert got_ids == ids

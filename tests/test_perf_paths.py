@@ -106,6 +106,50 @@ def test_kronecker_apply_matches_dense_inverse(name, dtype):
     torch.testing.assert_close(pre.apply(rows), 2 * got)
 
 
+def _brute_kronecker_fit(name, blocks, w_blocks, rows):
+    """S, A, E||Phi||^2, eigenbases and (ekfac) refitted eigenvalues by per-example loops in float64."""
+    rows = rows.double()
+    n = rows.shape[0]
+    out = []
+    for b, w in zip(blocks, w_blocks):
+        if not w:
+            continue
+        mats = [rows[z, b.offset:b.offset + b.dim].reshape(b.k_out, b.k_in) for z in range(n)]
+        s = sum(m @ m.T for m in mats) / n
+        a = sum(m.T @ m for m in mats) / n
+        es, qs = torch.linalg.eigh(s)
+        ea, qa = torch.linalg.eigh(a)
+        if name == "kfac":
+            lam = torch.outer(es.clamp_min(0), ea.clamp_min(0)) / (sum(float((m * m).sum()) for m in mats) / n)
+        else:
+            lam = sum((qs.T @ m @ qa) ** 2 for m in mats) / n
+        out.append((qs, qa, lam))
+    return out
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kronecker_fit_matches_per_example_loops(name, dtype):
+    """fit's block products (float32 rows: products in float32, sums and eigendecompositions in
+    float64) equal the per-example float64 definition; blocks of rows of any size give the same."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    names = [n for n, _ in model.named_parameters()]
+    blocks = plan_blocks(model, names, 40, 0, None)
+    w_blocks = [b.name != "4" for b in blocks]
+    rows = torch.randn(50, sum(b.dim for b in blocks), dtype=torch.float64).to(dtype)
+    pre = make_preconditioner(name, blocks, w_blocks, 0.1, 1e-3, None)
+    pre.fit(lambda: (rows[i:i + 16] for i in range(0, 50, 16)), 50)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for i, (qs, qa, lam) in enumerate(_brute_kronecker_fit(name, blocks, w_blocks, rows)):
+        # eigenvectors are defined up to sign: compare the projectors Q diag(1/(lam + d)) Q^T
+        got = torch.kron(pre.qs[i], pre.qa[i]) @ torch.diag(pre.inv_eig[i].reshape(-1)) @ torch.kron(pre.qs[i], pre.qa[i]).T
+        damp = pre.damping_used[pre._wb[i].name]
+        assert damp == pytest.approx(0.1 * float(lam.mean()), rel=tol * 10)
+        want = torch.kron(qs, qa) @ torch.diag(1.0 / (lam.reshape(-1) + 1e-3 + damp)) @ torch.kron(qs, qa).T
+        torch.testing.assert_close(got, want, rtol=tol * 100, atol=tol * 100 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("name", ["identity", "gauss-newton"])
 def test_identity_and_dense_apply(name):
     pre, blocks, rows = _fitted(name)
