@@ -433,6 +433,7 @@ def _write_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, shard
                 for first, rows in _shard_raw_rows(task, prep, config, start, stop, sample, cbuf, wbuf):
                     shard.write(first, pre.apply(rows).cpu().numpy())
                     advance(rows.shape[0])
+    shards.wait_commits()         # the last shard's commit (fsync, rename) ran in the background
 
 
 def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig | None = None,
@@ -462,7 +463,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     timings["statistics_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     shards = ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, _shard_rows(n, config),
-                           attrs={"identity": identity})
+                           attrs={"identity": identity}, background_commit=True)
     _write_rows(task, prep, config, shards, sample, progress_bar)
     del sample
     timings["featurize_s"] = time.perf_counter() - t0

@@ -71,6 +71,12 @@ _MAX_BLOCK_BYTES = 256 << 20  # iter_blocks never yields more than this per bloc
 #: whether ShardedWriter (the build's featurize pass) writes shards from a background thread by
 #: default (see RowWriter's ``background``; benchmarks/build_throughput.py measures both)
 BACKGROUND_SHARD_WRITES = False
+#: whether ShardedWriter commits a finished shard (fsync, rename, fsync of the folder) from a
+#: background thread while the caller computes the next shard (os.fsync releases the GIL, so the
+#: disk write-back overlaps the computation), by default. The shard is on disk only once its commit
+#: ended: ``completed_shards`` / ``pending_ranges`` / ``is_complete`` / ``iter_blocks`` and the
+#: next ``shard`` wait for it (``wait_commits``). The build's featurize pass turns it on.
+BACKGROUND_SHARD_COMMITS = False
 
 _REBUILD = "rebuild the index with `msif build-index ... --overwrite`"
 
@@ -252,6 +258,7 @@ class RowWriter:
         attrs: Mapping[str, Any] | None = None,
         chunk_rows: int = 1024,
         background: bool = False,
+        background_commit: bool = False,
     ) -> None:
         self.path = Path(path)
         if int(n) != n or n < 0:
@@ -280,6 +287,9 @@ class RowWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._abandon = False
+        self.background_commit = bool(background_commit)
+        self._commit_thread: threading.Thread | None = None
+        self._commit_error: BaseException | None = None
 
     # -- context management
 
@@ -330,8 +340,30 @@ class RowWriter:
             raise
         stack, self._stack = self._stack, None
         assert stack is not None
-        stack.__exit__(None, None, None)  # fsync + rename; DiskFullError on a full disk
+        if not self.background_commit:
+            stack.__exit__(None, None, None)  # fsync + rename; DiskFullError on a full disk
+            return False
+
+        def commit() -> None:
+            try:
+                stack.__exit__(None, None, None)
+            except BaseException as e:  # noqa: BLE001 - raised by wait_commit in the caller's thread
+                self._commit_error = e
+
+        self._commit_error = None
+        self._commit_thread = threading.Thread(target=commit, name=f"msif-commit-{self.path.name}")
+        self._commit_thread.start()
         return False
+
+    def wait_commit(self) -> None:
+        """With ``background_commit``: wait until the file is fsynced and renamed into place; raise
+        the commit's error (e.g. DiskFullError; the temporary file is then removed). No-op otherwise."""
+        t, self._commit_thread = self._commit_thread, None
+        if t is not None:
+            t.join()
+        if self._commit_error is not None:
+            err, self._commit_error = self._commit_error, None
+            raise err
 
     def _close_h5_quietly(self) -> None:
         self._abandon = True  # the file is being discarded: queued blocks need not be written
@@ -814,6 +846,7 @@ class ShardedWriter:
         attrs: Mapping[str, Any] | None = None,
         chunk_rows: int = 1024,
         background: bool | None = None,
+        background_commit: bool | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.background = BACKGROUND_SHARD_WRITES if background is None else bool(background)
@@ -833,6 +866,8 @@ class ShardedWriter:
         self._norm_attrs = normalize_attrs(self.attrs)
         self.num_shards = math.ceil(self.n / self.shard_rows)
         self._valid: dict[int, tuple[int, int, int]] = {}
+        self.background_commit = BACKGROUND_SHARD_COMMITS if background_commit is None else bool(background_commit)
+        self._committing: tuple[int, RowWriter] | None = None
         self.folder.mkdir(parents=True, exist_ok=True)
         cleanup_stale_tmp(self.folder, ".shard_*.h5.tmp-*")
 
@@ -918,8 +953,20 @@ class ShardedWriter:
         self._valid[i] = key
         return True
 
+    def wait_commits(self) -> None:
+        """Wait for the shard being committed in the background (if any); raise its error."""
+        pending, self._committing = self._committing, None
+        if pending is None:
+            return
+        i, writer = pending
+        writer.wait_commit()
+        key = self._stat_key(self.shard_path(i))
+        if key is not None:
+            self._valid[i] = key
+
     def completed_shards(self) -> list[int]:
         """Indices of the shard files that exist and are complete and valid (sorted)."""
+        self.wait_commits()
         for p in self.folder.glob("shard_*.h5"):
             m = _SHARD_RE.match(p.name)
             if m and int(m.group(1)) >= self.num_shards:
@@ -954,8 +1001,14 @@ class ShardedWriter:
         start, stop = self.shard_range(i)
         path = self.shard_path(i)
         with RowWriter(path, stop - start, self.k, self.dtype, self._shard_attrs(i), self.chunk_rows,
-                       background=self.background) as w:
+                       background=self.background, background_commit=self.background_commit) as w:
             yield _ShardWriter(w, i, start, stop)
+        if self.background_commit:
+            # this shard's commit runs while the caller computes the next one; the previous shard's
+            # commit (overlapped with this shard's computation) is awaited now: at most two in flight
+            self.wait_commits()
+            self._committing = (i, w)             # completed_shards / the next shard wait for it
+            return
         key = self._stat_key(path)
         if key is not None:
             self._valid[i] = key
@@ -963,6 +1016,7 @@ class ShardedWriter:
     # -- reading
 
     def open_shard(self, i: int) -> RowStore:
+        self.wait_commits()
         return RowStore.open(self.shard_path(i))
 
     def iter_blocks(

@@ -231,6 +231,52 @@ def test_sharded_writer_background(tmp_path):
     np.testing.assert_array_equal(got, _rows(0, 10).astype(np.float16).astype(np.float32))
 
 
+def test_sharded_writer_background_commit(tmp_path):
+    """Commits from a background thread give the same shards; every reader-facing method waits for
+    the commit in flight; the next shard starts before the previous commit has ended."""
+    plain = ShardedWriter(tmp_path / "a", 10, 6, "float32", shard_rows=4)
+    bg = ShardedWriter(tmp_path / "b", 10, 6, "float32", shard_rows=4, background_commit=True)
+    for sw in (plain, bg):
+        for start, stop in list(sw.pending_ranges()):
+            with sw.shard(sw.shard_index(start)) as w:
+                w.write(start, _rows(start, stop))
+    assert bg._committing is not None                     # the last shard's commit may still run
+    assert bg.is_complete() and bg._committing is None    # ... is_complete waited for it
+    for i in range(3):
+        assert (tmp_path / "b" / f"shard_{i:05d}.h5").read_bytes() != b""
+    got = np.concatenate([b for _, b in bg.iter_blocks(3)])
+    np.testing.assert_array_equal(got, np.concatenate([b for _, b in plain.iter_blocks(3)]))
+    assert not [p for p in (tmp_path / "b").iterdir() if ".tmp-" in p.name]
+
+
+def test_sharded_writer_background_commit_disk_full(tmp_path, monkeypatch):
+    """A commit that fails in the background (disk full at fsync) is raised by the next wait, the
+    shard's temporary file is removed and the shard counts as not written."""
+    import errno
+    import os
+
+    from msif_index.errors import DiskFullError
+
+    sw = ShardedWriter(tmp_path / "s", 8, 6, "float32", shard_rows=4, background_commit=True)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with sw.shard(0) as w:
+        w.write(0, _rows(0, 4))
+    with pytest.raises(DiskFullError):
+        sw.wait_commits()
+    monkeypatch.undo()
+    assert sw.pending_shards() == [0, 1]
+    assert not [p for p in (tmp_path / "s").iterdir() if ".tmp-" in p.name]
+    for start, stop in list(sw.pending_ranges()):       # the rerun writes both
+        with sw.shard(sw.shard_index(start)) as w:
+            w.write(start, _rows(start, stop))
+    assert sw.is_complete()
+    np.testing.assert_array_equal(np.concatenate([b for _, b in sw.iter_blocks(8)]), _rows(0, 8))
+
+
 def test_float16_conversion_and_overflow(tmp_path):
     x = np.random.default_rng(0).standard_normal((9, 5)).astype(np.float32) * 100
     with RowWriter(tmp_path / "h.h5", 9, 5, "float16") as w:
