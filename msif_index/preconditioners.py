@@ -85,7 +85,7 @@ class Preconditioner:
         """Run the statistics passes; ``row_blocks()`` yields raw row blocks [B, dim] afresh each call."""
         for p in range(self.passes):
             for rows in row_blocks():
-                self.accumulate(p, rows.to(_F64))
+                self.accumulate(p, rows.to(device="cpu", dtype=_F64))   # statistics live on the CPU
             self.end_pass(p, n)
 
     def accumulate(self, p: int, rows: torch.Tensor) -> None:  # noqa: D102
@@ -183,7 +183,7 @@ class ProjectedHessian(DenseInverse):
 
     def fit_hessian(self, php: torch.Tensor) -> None:
         """``php`` = P (H_G without weight decay) P^T, [dim, dim]."""
-        self._factor(php.to(_F64), clamp=self.name == "hessian")
+        self._factor(php.to(device="cpu", dtype=_F64), clamp=self.name == "hessian")
 
 
 class ExactHessian(ProjectedHessian):
@@ -219,9 +219,8 @@ class KroneckerEigen(Preconditioner):
         eigendecompositions are float64 (the statistics dtypes Kronfluence uses by default)."""
         for p in range(self.passes):
             for rows in row_blocks():
-                if rows.dtype != torch.float32:
-                    rows = rows.to(_F64)
-                self.accumulate(p, rows)
+                rows = rows.to(device="cpu", dtype=torch.float32 if rows.dtype == torch.float32 else _F64)
+                self.accumulate(p, rows)          # statistics live on the CPU (rows may come from a GPU)
             self.end_pass(p, n)
 
     def accumulate(self, p: int, rows: torch.Tensor) -> None:

@@ -39,7 +39,7 @@ def flat_data():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3000, 48)).astype(np.float32)
     q = rng.standard_normal((64, 48)).astype(np.float32)
-    idx = SearchIndex.create(48, "Flat")
+    idx = SearchIndex.create(48, "Flat", device="cpu")   # the CPU paths (tests/test_gpu.py: the GPU one)
     idx.train_and_add(iter(_blocks(x, 700)), n=len(x))  # one-shot iterator is fine for Flat
     return x, q, idx
 

@@ -218,6 +218,8 @@ class GradientProjector:
         if not self.dtype.is_floating_point:
             raise ConfigError(f"dtype must be a floating point dtype, got {self.dtype}")
         self.device = torch.device(device) if device is not None else first.device
+        if self.device.type == "cuda" and self.device.index is None:   # "cuda" -> "cuda:0": tensors report an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.d: int = sum(p.numel() for p in self._params.values())
         self._offsets: dict[str, int] = {}
         off = 0
