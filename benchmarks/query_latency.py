@@ -14,7 +14,8 @@ attached finetuned model, k = 10 results, direction 'helpful'):
   indexes (--approx, default 'SVD128;IVF<nlist>,Flat'; SVD128 is msif's two-stage index, candidates
   in the rows' top-128 principal subspace rescored exactly; nlist 256 below 65536 rows, else 1024).
   Their parameter (candidates for SVD, nprobe for IVF, efSearch for HNSW) is tuned as the smallest
-  power of two (candidates: 20 x a power of two) reaching recall@10 >= 0.95 on 64 tuning queries,
+  power of two (candidates: 20 x a power of two) reaching recall@10 >= TUNE_RECALL = 0.97 on 64
+  tuning queries (a margin: the target, 0.95, is checked on the other queries),
   else the largest tried; then recall@10 against Flat on the other 192 test queries
   (msif_index.search.recall_at_k, tie-aware);
 * the cost of answering the same query without an index: the per-example gradient path of the
@@ -58,6 +59,7 @@ N_REAL = 10_000
 TOPK = 10
 TUNE_QUERIES = 64
 NOISE = 0.3
+TUNE_RECALL = 0.97      # tuning bar on the tuning queries; the 0.95 target is checked on the others
 
 
 def pct(xs, q) -> float:
@@ -206,7 +208,7 @@ def query_vectors(index, task, ids: list[int]) -> np.ndarray:
 
 def tune(index, q: np.ndarray, exact: tuple[np.ndarray, np.ndarray], factory: str) -> tuple[str, int, list]:
     """The smallest power of two of nprobe (IVF), efSearch (HNSW) or candidates (SVD<r>, from 20)
-    reaching recall@10 >= 0.95 on ``q`` (else the largest tried), and the recall curve."""
+    reaching recall@10 >= TUNE_RECALL on ``q`` (else the largest tried), and the recall curve."""
     import faiss
     from msif_index.search import recall_at_k
     if factory.startswith("SVD"):
@@ -221,7 +223,7 @@ def tune(index, q: np.ndarray, exact: tuple[np.ndarray, np.ndarray], factory: st
         _, ids = index.search_index.search(q, TOPK, **{name: v})
         r = recall_at_k(exact[0], exact[1], ids, TOPK)
         curve.append({name: v, "recall@10": r})
-        if r >= 0.95:
+        if r >= TUNE_RECALL:
             break
     return name, curve[-1][name], curve
 

@@ -37,7 +37,7 @@ from .fingerprint import fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian
 from .progress import progress
-from .search import SearchIndex
+from .search import SearchIndex, built_at_open
 from .store import RowStore, ShardedWriter, link_shards
 from .task import MultiStageTask, split_parameters
 
@@ -461,6 +461,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     t0 = time.perf_counter()
     sample = _load_or_fit(task, prep, config, out, n, progress_bar)
     timings["statistics_s"] = time.perf_counter() - t0
+    SearchIndex.create(pre.dim_w, config.factory)    # a bad factory string fails now, not after the pass
     t0 = time.perf_counter()
     shards = ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, _shard_rows(n, config),
                            attrs={"identity": identity}, background_commit=True)
@@ -471,13 +472,13 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     link_shards(shards, out / ROWS, attrs={"identity": identity, "config": config.to_dict(),
                                            "projector": prep.projector.config(), "preconditioner": summary})
     t0 = time.perf_counter()
-    if config.factory != "Flat":                     # Flat is built from the rows when opened
+    if not built_at_open(config.factory):            # Flat and SVD<r> are built from the rows when opened
         with RowStore.open(out / ROWS) as store:
             index = SearchIndex.create(store.k, config.factory)
             index.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n, seed=config.seed)
             index.save(out / FAISS)
     timings["index_s"] = time.perf_counter() - t0
-    checksums = {"faiss": file_sha256(out / FAISS)} if config.factory != "Flat" else {}
+    checksums = {"faiss": file_sha256(out / FAISS)} if not built_at_open(config.factory) else {}
     manifest = {
         "schema": 1, "version": __version__, "identity": identity, "config": config.to_dict(),
         "n": n, "k": pre.dim_w, "k_raw": prep.projector.dim,
@@ -485,7 +486,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         "w_names": prep.w_names, "u_names": prep.u_names,
         "projector": prep.projector.config(), "preconditioner": summary, "timings": timings,
         "files": {"rows": ROWS, "shards": SHARDS, "preconditioner": PRECOND,
-                  "faiss": FAISS if config.factory != "Flat" else None},
+                  "faiss": None if built_at_open(config.factory) else FAISS},
         "checksums": checksums,          # the rows carry their own (HDF5 fletcher32) checksums
         "sign_convention": "I(z, x_t) = -q_t . s_z; negative: helpful, positive: harmful",
     }

@@ -41,8 +41,9 @@ class BuildConfig:
     compute_dtype: str = _help("Dtype of gradient computation: auto (the model's) | float32 | float64.", "auto")
     batch_size: int = _help("Pretraining examples per batch.", 256)
     device: str = _help("Torch device of the gradient computation: cpu, cuda, cuda:1 ...", "cpu")
-    factory: str = _help("FAISS index factory string (inner product): Flat, IVF1024,Flat, HNSW32, "
-                         "IVF256,PQ32 ...", "Flat")
+    factory: str = _help("Search index: Flat (exact), SVD<r> (msif's two-stage index: candidates in "
+                         "the rows' top-r principal subspace, rescored exactly; e.g. SVD128), or a FAISS "
+                         "inner-product factory string (IVF1024,Flat, HNSW32, IVF256,PQ32 ...).", "Flat")
     shard_rows: int = _help("Rows per resumable shard of the featurize pass.", 16384)
 
     def __post_init__(self) -> None:

@@ -658,3 +658,15 @@ def test_fetch_equals_the_per_item_collate():
             assert a.dtype == b.dtype and torch.equal(a, b)
         (got_ids, got_batch), = list(batches(ds, 10, ids))
         assert got_ids == ids
+
+
+@pytest.mark.parametrize("factory", ["bogus", "SVD999"])
+def test_bad_factory_fails_before_the_gradient_pass(tmp_path, factory):
+    """A factory string that cannot make an index (or an SVD rank >= k) is one ConfigError raised
+    after the statistics and before any row is written."""
+    out = tmp_path / "idx"
+    with pytest.raises(ConfigError):
+        build_index(TinyTask(), out, BuildConfig(proj_dim=16, preconditioner="gauss-newton", shard_rows=16,
+                                                 factory=factory))
+    assert not list((out / "shards").glob("*.h5")) if (out / "shards").exists() else True
+    assert not (out / "manifest.json").exists()
