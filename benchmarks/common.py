@@ -80,6 +80,15 @@ def _hash(i: int) -> int:
     return x ^ (x >> 29)
 
 
+def _hash_np(i: np.ndarray) -> np.ndarray:
+    """``_hash`` of every entry of a uint64 array (uint64 arithmetic wraps modulo 2**64)."""
+    with np.errstate(over="ignore"):
+        x = i * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019)
+        x ^= x >> np.uint64(31)
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        return x ^ (x >> np.uint64(29))
+
+
 class LazyImages(Dataset):
     """n synthetic [1, 28, 28] float32 images with random labels; memory O(1) in n.
 
@@ -112,7 +121,9 @@ class LazyImages(Dataset):
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
             raise IndexError(f"ids outside 0..{self.n - 1}")
         x = self.pool_a[idx % self.POOL_A] + self.pool_b[idx % self.POOL_B]
-        return [(xi, _hash(int(i) + self.seed * 7_919) % self.classes) for xi, i in zip(x.unbind(0), idx.tolist())]
+        labels = (_hash_np(idx.numpy().astype(np.uint64) + np.uint64(self.seed * 7_919))
+                  % np.uint64(self.classes)).tolist()
+        return list(zip(x.unbind(0), labels))
 
     def batch(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """A collated batch of ``ids`` (what msif_index.data.batches would make)."""

@@ -230,7 +230,14 @@ class KroneckerEigen(Preconditioner):
             phi = self._mats(rows, i)                                   # [B, k_out, k_in]
             m = phi.shape[0]
             if p == 0:
-                by_out = phi.transpose(0, 1).reshape(b.k_out, m * b.k_in)   # [k_out, B*k_in]
+                # [k_out, B*k_in], copied into a reused buffer (a fresh one per block of rows costs
+                # page faults that take as long as the copy)
+                scratch = getattr(self, "_scratch", None)
+                if scratch is None or scratch.numel() < phi.numel() or scratch.dtype != phi.dtype:
+                    scratch = self._scratch = torch.empty(phi.numel(), dtype=phi.dtype, device=phi.device)
+                by_out = scratch[:phi.numel()].view(b.k_out, m, b.k_in)
+                by_out.copy_(phi.transpose(0, 1))
+                by_out = by_out.view(b.k_out, m * b.k_in)
                 self.s[i] += (by_out @ by_out.T).to(_F64)
                 by_in = phi.reshape(m * b.k_out, b.k_in)                    # [B*k_out, k_in]
                 self.a[i] += (by_in.T @ by_in).to(_F64)
@@ -242,6 +249,7 @@ class KroneckerEigen(Preconditioner):
                 self._lam_raw[i] += (rot * rot).sum(0).to(_F64)
 
     def end_pass(self, p: int, n: int) -> None:
+        self._scratch = None
         self._eigen(n)
         self._finish()
 
@@ -309,6 +317,7 @@ class EKFAC(KroneckerEigen):
     passes = 2
 
     def end_pass(self, p: int, n: int) -> None:
+        self._scratch = None
         if p == 0:
             self._eigen(n)
             self._lam_raw = [torch.zeros_like(lam) for lam in self._lam_raw]
