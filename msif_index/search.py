@@ -298,8 +298,11 @@ def _train_svd(index, sample: np.ndarray) -> None:
 
     lt, _, _ = _svd_parts(index)
     r = lt.d_out
-    x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32)).to(torch.float64)
-    evals, evecs = torch.linalg.eigh(x.T @ x)
+    x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
+    m = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for s in range(0, x.shape[0], 8192):          # float32 products (fast), summed in float64
+        m += (x[s:s + 8192].T @ x[s:s + 8192]).to(torch.float64)
+    evals, evecs = torch.linalg.eigh(m)
     v = evecs[:, -r:].flip(1)                                  # [k, r], largest first
     faiss.copy_array_to_vector(np.ascontiguousarray(v.T.numpy(), dtype=np.float32).ravel(), lt.A)
     lt.is_trained = True
