@@ -106,12 +106,10 @@ def prepare(task: MultiStageTask, config: BuildConfig) -> Prepared:
                               f"list all or none of them in shared_parameters")
         w_blocks.append(all(inside))
     gram_cache: dict[str, torch.Tensor] = {}
-    full_gram = projector.gram()
 
-    def gram(b):
+    def gram(b):                      # one block of P P^T, when a preconditioner asks for it
         if b.name not in gram_cache:
-            s = slice(b.offset, b.offset + b.dim)
-            gram_cache[b.name] = full_gram[s, s]
+            gram_cache[b.name] = projector.gram_block(b)
         return gram_cache[b.name]
 
     pre = make_preconditioner(config.preconditioner, projector.blocks, w_blocks, config.damping,
@@ -391,6 +389,7 @@ def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, s
     rest = (torch.nonzero(~in_sample).flatten() + start).tolist()
     cursor = start
     bsz = config.batch_size
+    dev = wbuf.device
 
     def emit(w1: int, crows: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor]]:
         # rows [cursor, w1): the computed ones are crows, in order
@@ -401,12 +400,14 @@ def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, s
             b = min(w1, a + bsz)
             mm = m[a - w0:b - w0]
             piece = wbuf[:b - a]
-            dst_s = torch.nonzero(mm).flatten()
+            dst_s = torch.nonzero(mm).flatten()          # positions (CPU) -> the rows' device
             if dst_s.numel():
-                piece.index_copy_(0, dst_s, srows.index_select(0, spos[a - start:b - start].index_select(0, dst_s)))
+                src = spos[a - start:b - start].index_select(0, dst_s)
+                piece.index_copy_(0, dst_s.to(dev), srows.index_select(0, src.to(dev)))
             if dst_s.numel() < b - a:
                 dst_c = torch.nonzero(~mm).flatten()
-                piece.index_copy_(0, dst_c, crows.index_select(0, cpos[a - w0:b - w0].index_select(0, dst_c)))
+                src = cpos[a - w0:b - w0].index_select(0, dst_c)
+                piece.index_copy_(0, dst_c.to(dev), crows.index_select(0, src.to(dev)))
             yield a, piece
 
     for bids, rows in _raw_rows(task, prep, config, rest, cbuf):

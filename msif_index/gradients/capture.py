@@ -686,20 +686,22 @@ class GradientProjector:
         """P P^T [dim, dim] (block diagonal; Kronecker blocks kron(P_out P_out^T, P_in P_in^T)),
         computed without forming P."""
         gm = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
-        states = {st.block.name: st for st in self._kron}
         for b in self.blocks:
             sl = slice(b.offset, b.offset + b.dim)
-            if b.kronecker:
-                st = states[b.name]
-                po, pi = st.p_out_matrix(), st.p_in_matrix()
-                gm[sl, sl] = torch.kron(po @ po.t(), pi @ pi.t())
-            elif b.name in self._dense_cache and self._dense_cache[b.name] is not None:
-                p = self._dense_cache[b.name]
-                gm[sl, sl] = p @ p.t()
-            else:
-                k = None if is_identity(b.k_out, b.d_out) else b.k_out
-                gm[sl, sl] = gram_chunked(k, b.d_out, _dense_seed(self.seed, b.name), self.dtype, self.device)
+            gm[sl, sl] = self.gram_block(b)
         return gm
+
+    def gram_block(self, b: Block) -> torch.Tensor:
+        """The diagonal block of P P^T of block ``b`` ([b.dim, b.dim]), alone."""
+        if b.kronecker:
+            st = next(st for st in self._kron if st.block.name == b.name)
+            po, pi = st.p_out_matrix(), st.p_in_matrix()
+            return torch.kron(po @ po.t(), pi @ pi.t())
+        if b.name in self._dense_cache and self._dense_cache[b.name] is not None:
+            p = self._dense_cache[b.name]
+            return p @ p.t()
+        k = None if is_identity(b.k_out, b.d_out) else b.k_out
+        return gram_chunked(k, b.d_out, _dense_seed(self.seed, b.name), self.dtype, self.device)
 
 
 def _check_plan(model: nn.Module, param_names: Sequence[str], plan: Sequence[Block]) -> list[Block]:
