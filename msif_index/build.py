@@ -3,7 +3,9 @@
 Lifecycle, each step resumable, each artifact written atomically:
     statistics  the preconditioner, fitted on raw rows phi_z = P grad_{(W,U)} g(z) of a seeded
                 subsample (or by Hessian-vector products for hessian / exact)   (preconditioner.h5)
-    featurize   one gradient pass: stored rows s_z = [M^{-1} phi_z]_W, written shard by shard
+    featurize   stored rows s_z = [M^{-1} phi_z]_W, written shard by shard; the subsample's raw
+                rows are reused from the statistics pass, so every example's gradient is computed
+                once; each shard's commit (fsync, rename) overlaps the next shard
                                                                                   (shards/shard_*.h5)
     link        one HDF5 row store over the shards (virtual datasets, no copy)   (rows.h5)
     index       a FAISS inner-product index over the stored rows (not for Flat, which is
@@ -374,7 +376,8 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
 def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, start: int, stop: int,
                     sample: _Sample | None, cbuf: torch.Tensor, wbuf: torch.Tensor
                     ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first id, raw rows) of the ids [start, stop) in order, in blocks of at most batch_size rows:
+    """(first id, raw rows) of the ids [start, stop) in order, in blocks of batch_size rows (the last
+    one shorter), aligned to the shard's start:
     the subsample's rows come from ``sample``, the others from a gradient pass over just them."""
     ids, srows = ([], None) if sample is None else sample.take(task, prep, config,
                                                                start // sample.shard_rows)
@@ -391,30 +394,43 @@ def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, s
     bsz = config.batch_size
     dev = wbuf.device
 
+    filled = 0                    # rows of wbuf filled so far, for the block that starts at out_start
+    out_start = start
+
     def emit(w1: int, crows: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor]]:
-        # rows [cursor, w1): the computed ones are crows, in order
+        # rows [cursor, w1) in order into wbuf (the computed ones are crows, in order); a full wbuf is
+        # yielded, so blocks are batch_size rows from the shard's start (whole HDF5 chunks)
+        nonlocal filled, out_start
         w0 = cursor
         m = in_sample[w0 - start:w1 - start]
         cpos = torch.cumsum(~m, 0) - 1
-        for a in range(w0, w1, bsz):
-            b = min(w1, a + bsz)
+        a = w0
+        while a < w1:
+            take = min(w1 - a, bsz - filled)
+            b = a + take
             mm = m[a - w0:b - w0]
-            piece = wbuf[:b - a]
             dst_s = torch.nonzero(mm).flatten()          # positions (CPU) -> the rows' device
             if dst_s.numel():
                 src = spos[a - start:b - start].index_select(0, dst_s)
-                piece.index_copy_(0, dst_s.to(dev), srows.index_select(0, src.to(dev)))
-            if dst_s.numel() < b - a:
+                wbuf.index_copy_(0, (dst_s + filled).to(dev), srows.index_select(0, src.to(dev)))
+            if dst_s.numel() < take:
                 dst_c = torch.nonzero(~mm).flatten()
                 src = cpos[a - w0:b - w0].index_select(0, dst_c)
-                piece.index_copy_(0, dst_c.to(dev), crows.index_select(0, src.to(dev)))
-            yield a, piece
+                wbuf.index_copy_(0, (dst_c + filled).to(dev), crows.index_select(0, src.to(dev)))
+            filled += take
+            a = b
+            if filled == bsz:
+                yield out_start, wbuf[:bsz]
+                out_start += bsz
+                filled = 0
 
     for bids, rows in _raw_rows(task, prep, config, rest, cbuf):
         yield from emit(bids[-1] + 1, rows)
         cursor = bids[-1] + 1
     if cursor < stop:
         yield from emit(stop, None)
+    if filled:
+        yield out_start, wbuf[:filled]
 
 
 def _write_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, shards: ShardedWriter,
