@@ -276,7 +276,7 @@ class InfluenceIndex:
             exact_rerank = min(self.n, 2 * k)
         if exact_rerank and self.search_index.two_stage and self.store.dtype != "float64":
             # SVD<r> rescores its candidates exactly against the rows it holds in memory
-            dots, ids = self.search_index.search(signed, k, candidates=max(exact_rerank, k))
+            dots, ids = self.search_index.search(signed, k, nprobe=nprobe, candidates=max(exact_rerank, k))
         elif exact_rerank:
             cand_s, cand = self.search_index.search(signed, max(exact_rerank, k), nprobe=nprobe)
             ids, dots = _rerank(sign * q, cand, self.store, k)
