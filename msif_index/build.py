@@ -111,7 +111,7 @@ def prepare(task: MultiStageTask, config: BuildConfig) -> Prepared:
 
     def gram(b):                      # one block of P P^T, when a preconditioner asks for it
         if b.name not in gram_cache:
-            gram_cache[b.name] = projector.gram_block(b)
+            gram_cache[b.name] = projector.gram_block(b).cpu()    # preconditioner state lives on the CPU
         return gram_cache[b.name]
 
     pre = make_preconditioner(config.preconditioner, projector.blocks, w_blocks, config.damping,

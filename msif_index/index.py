@@ -214,7 +214,9 @@ class InfluenceIndex:
         key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()[:16]
         dtype = torch.float64 if self.manifest["config"]["compute_dtype"] == "float64" else \
             next(source.parameters()).dtype
-        model = copy.deepcopy(source).to(dtype)
+        # the finetune side (attach, query vectors) runs on a CPU copy of the model, whatever device
+        # the task's model is on; the search index uses the GPU when there is one
+        model = copy.deepcopy(source).to(device="cpu", dtype=dtype)
         model.eval()
         projector = self._w_projector(model, dtype)
         op_path = self.path / OPERATORS / f"{key}.h5"
@@ -245,7 +247,7 @@ class InfluenceIndex:
     def query_vectors(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
         """q_t = P_W v_t for each test point, [Q, k] float64."""
         a = self._get(finetuned)
-        batch = move(test_batch, dtype=a.projector.dtype)
+        batch = move(test_batch, device="cpu", dtype=a.projector.dtype)
         try:
             q_n = batch_size_of(batch)
         except ValueError as e:

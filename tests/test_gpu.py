@@ -63,3 +63,22 @@ def test_build_on_cuda_equals_cpu_build(tmp_path, digits_frozen):
         b = on_gpu.query(batch, k=10, direction=direction)
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-6)
+
+
+def test_a_task_model_on_cuda_attaches_and_queries_like_cpu(tmp_path, digits_frozen):
+    """attach / query run on a CPU copy of the finetuned model: a CUDA-resident model and a CUDA test
+    batch give the CPU answers."""
+    import copy
+
+    from msif_index.data import move
+
+    folder = build_index(digits_frozen, tmp_path / "i", BuildConfig(proj_dim=256))
+    batch = full_batch(digits_frozen.test_dataset(), list(range(6)))
+    index = InfluenceIndex.open(folder)
+    cpu_key = index.attach(digits_frozen)
+    ref = index.query(batch, k=10, finetuned=cpu_key)
+    cuda_model = copy.deepcopy(digits_frozen.finetuned_model()).to("cuda")
+    key = index.attach(digits_frozen, finetuned=cuda_model)
+    got = index.query(move(batch, "cuda"), k=10, finetuned=key)
+    np.testing.assert_array_equal(got.ids, ref.ids)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-6, atol=1e-9)
