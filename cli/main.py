@@ -195,15 +195,26 @@ def main(argv: Optional[list[str]] = None) -> None:
         typer.echo("interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
     except Exception as e:  # click usage errors carry their own exit code
-        import click
-        if isinstance(e, click.exceptions.ClickException):
+        click_exception, exit_, abort = _usage_exceptions()
+        if isinstance(e, click_exception):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, exit_):
+            sys.exit(getattr(e, "exit_code", 0))
+        if isinstance(e, abort):
             sys.exit(1)
         raise
+
+
+def _usage_exceptions() -> tuple[type, type, type]:
+    """(ClickException, Exit, Abort): from click, or from typer where it vendors click (typer >= 0.2x
+    no longer installs click)."""
+    try:
+        from click.exceptions import Abort, ClickException, Exit
+    except ImportError:
+        from typer import Abort, Exit
+        from typer._click.exceptions import ClickException
+    return ClickException, Exit, Abort
 
 
 if __name__ == "__main__":

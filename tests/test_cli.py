@@ -151,3 +151,14 @@ def test_tiny_task_works_end_to_end_in_a_fresh_process(tmp_path, tiny):
     assert proc.returncode == 0, proc.stderr
     ids = np.array(_strict_json(proc.stdout)["ids"])
     assert ids.shape == (4, 16) and all(sorted(row) == list(range(16)) for row in ids.tolist())
+
+
+@pytest.mark.parametrize("args, expected", [(["query", "--bogus"], "No such option: --bogus"),
+                                            (["build-index"], "Missing option"),
+                                            (["no-such-command"], "No such command")])
+def test_usage_errors_exit_2_without_traceback(args, expected):
+    """Usage errors come from click (typer < 0.2x) or typer's vendored click: both give click's short
+    usage message and exit code 2, never a traceback."""
+    proc = _msif(*args)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
