@@ -154,7 +154,9 @@ def query_cmd(index: str = typer.Option(..., help="Index folder (from msif build
               test_ids: str = typer.Option(..., help="Comma-separated test example ids, e.g. 3,17."),
               k: int = typer.Option(10, min=1, help="How many pretraining examples per test point."),
               direction: str = typer.Option("helpful", help="helpful | harmful."),
-              exact_rerank: Optional[int] = typer.Option(None, help="Search this many candidates, rescore exactly."),
+              exact_rerank: Optional[int] = typer.Option(
+                  None, help="Search this many candidates and rescore them exactly (SVD<r>: its candidates)."),
+              nprobe: Optional[int] = typer.Option(None, help="IVF indexes: lists to visit (recall vs speed)."),
               as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """Top pretraining examples for test points of the task's finetuned model, by index search."""
     from msif_index.data import full_batch
@@ -166,7 +168,7 @@ def query_cmd(index: str = typer.Option(..., help="Index folder (from msif build
     with InfluenceIndex.open(index) as idx:
         idx.attach(t, validate=False)
         res = idx.query(full_batch(t.test_dataset(), ids), k=k, direction=direction,
-                        exact_rerank=exact_rerank, test_ids=ids)
+                        exact_rerank=exact_rerank, nprobe=nprobe, test_ids=ids)
     out = res.to_dict()
     out["method"] = "index"
     if as_json:

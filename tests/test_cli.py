@@ -162,3 +162,20 @@ def test_usage_errors_exit_2_without_traceback(args, expected):
     proc = _msif(*args)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_query_nprobe_reaches_the_ivf_index(tmp_path, tiny):
+    """--nprobe is passed to an IVF index (all lists visited: the exact top-k), and refused by
+    others with one line."""
+    out = tmp_path / "ivf"
+    proc = _msif("build-index", "--task", f"{tiny}:task", "--out", str(out), "--factory", "IVF2,Flat", "--json")
+    assert proc.returncode == 0, proc.stderr
+    proc = _msif("query", "--index", str(out), "--task", f"{tiny}:task", "--test-ids", "0,1", "--k", "16",
+                 "--nprobe", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    ids = np.array(_strict_json(proc.stdout)["ids"])
+    assert all(sorted(row) == list(range(16)) for row in ids.tolist())
+    flat = tmp_path / "flat"
+    assert _msif("build-index", "--task", f"{tiny}:task", "--out", str(flat), "--json").returncode == 0
+    proc = _msif("query", "--index", str(flat), "--task", f"{tiny}:task", "--test-ids", "0", "--nprobe", "2")
+    assert proc.returncode == 2 and "nprobe applies only to IVF" in proc.stderr and "Traceback" not in proc.stderr
