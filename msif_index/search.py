@@ -728,6 +728,11 @@ class SearchIndex:
                 rows = faiss.rev_swig_ptr(self._typed.get_xb(), n * d).reshape(n, d)
                 self._cuda = {"rows": torch.from_numpy(rows).to(_CUDA_DEVICE, copy=True)}
             return
+        if self._svd is not None:                # its GPU path is torch's, and torch sees no GPU
+            if device == "gpu" and self._index.ntotal:
+                raise ConfigError(f"device='gpu': {self._factory} searches on the GPU with torch, which sees no "
+                                  f"CUDA device; use device='cpu'/'auto'")
+            return
         if _num_gpus() <= 0:
             if device == "gpu":
                 raise ConfigError("device='gpu' but faiss sees no GPU: install faiss-gpu and check CUDA, or use device='cpu'/'auto'")

@@ -611,3 +611,15 @@ def test_torch_gpu_path_logic_without_a_gpu(monkeypatch, factory):
     for topk in (1, 7):
         np.testing.assert_array_equal(g.search(q, topk)[1], ref.search(q, topk)[1])
         np.testing.assert_allclose(g.search(q, topk)[0], ref.search(q, topk)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_svd_never_takes_the_faiss_gpu_branch(monkeypatch):
+    """faiss-gpu cannot move an SVD<r> structure: without torch CUDA it stays on the CPU under 'auto'
+    and device='gpu' is a one-line error."""
+    x, q = _low_rank(n=600, d=24, r=4)
+    made = _patch_gpu(monkeypatch)                      # faiss "sees" a GPU; torch does not
+    idx = SearchIndex.create(24, "SVD4")
+    idx.train_and_add(lambda: [x], len(x))
+    assert not idx.on_gpu and not made
+    with pytest.raises(ConfigError, match="torch"):
+        SearchIndex.create(24, "SVD4", device="gpu").train_and_add(lambda: [x], len(x))
