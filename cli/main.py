@@ -88,6 +88,7 @@ def build_index_cmd(
         proj_dim: Optional[int] = typer.Option(None, "--proj-dim", help=help_text("proj_dim") + " 0: no projection."),
         proj_dim_per_layer: Optional[int] = typer.Option(None, help=help_text("proj_dim_per_layer")),
         damping: Optional[float] = typer.Option(None, help=help_text("damping")),
+        fisher: Optional[str] = typer.Option(None, help=help_text("fisher")),
         dtype: Optional[str] = typer.Option(None, help=help_text("dtype")),
         compute_dtype: Optional[str] = typer.Option(None, help=help_text("compute_dtype")),
         batch_size: Optional[int] = typer.Option(None, help=help_text("batch_size")),
@@ -107,7 +108,7 @@ def build_index_cmd(
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     changes = {k: v for k, v in dict(preconditioner=preconditioner, proj_dim_per_layer=proj_dim_per_layer,
-                                      damping=damping, dtype=dtype, compute_dtype=compute_dtype,
+                                      damping=damping, fisher=fisher, dtype=dtype, compute_dtype=compute_dtype,
                                       batch_size=batch_size, device=device, factory=factory,
                                       seed=seed).items() if v is not None}
     if proj_dim is not None:
@@ -124,7 +125,8 @@ def build_index_cmd(
     if as_json:
         print_json(summary)
         return
-    typer.echo(f"index {path}: n={m['n']} rows of k={m['k']} ({m['preconditioner']['name']} preconditioner, "
+    stats = f", {m['config']['fisher']} statistics" if m["preconditioner"]["name"] in ("gauss-newton", "kfac", "ekfac") else ""
+    typer.echo(f"index {path}: n={m['n']} rows of k={m['k']} ({m['preconditioner']['name']} preconditioner{stats}, "
                f"{m['config']['factory']} search)")
     if m["timings"]:
         typer.echo("  " + "  ".join(f"{k[:-2]} {v:.2f}s" for k, v in m["timings"].items()))

@@ -34,14 +34,14 @@ from .atomic import atomic_path, cleanup_stale_tmp, read_json, write_json_atomic
 from .autodiff import FlatParams, batched_objective
 from .config import BuildConfig
 from .data import batches, move
-from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, OutputExistsError
+from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, OutputExistsError, ShapeError
 from .fingerprint import fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian
 from .progress import progress
 from .search import SearchIndex, built_at_open
 from .store import RowStore, ShardedWriter, link_shards
-from .task import MultiStageTask, split_parameters
+from .task import MultiStageTask, has_fisher_losses, split_parameters
 
 BUILD_FILE = "build.json"
 MANIFEST = "manifest.json"
@@ -120,7 +120,13 @@ def prepare(task: MultiStageTask, config: BuildConfig) -> Prepared:
 
 
 def resolve_config(task: MultiStageTask, config: BuildConfig) -> BuildConfig:
-    """Make ``auto`` choices concrete for this task's pretrained model (see BuildConfig.resolved)."""
+    """Make ``auto`` choices concrete for this task's pretrained model (see BuildConfig.resolved); the
+    curvature of the statistics: gauss-newton when the task defines ``pretrain_fisher_losses``."""
+    if config.fisher == "auto":
+        config = config.with_(fisher="gauss-newton" if has_fisher_losses(task) else "empirical")
+    elif config.fisher == "gauss-newton" and not has_fisher_losses(task):
+        raise ConfigError(f"fisher='gauss-newton' needs the task to define pretrain_fisher_losses(model, batch) "
+                          f"({type(task).__name__} does not); use fisher='empirical' or define it")
     if config.preconditioner != "auto" and config.damping is not None:
         return config
     model = task.pretrained_model()
@@ -202,9 +208,12 @@ def _clear(out: Path) -> None:
 
 
 def _raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, ids: Any,
-              out: torch.Tensor | None = None, fill: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
+              out: torch.Tensor | None = None, fill: bool = False,
+              loss: Callable | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
     """(ids, raw rows phi = P grad g) batch by batch, in the compute dtype, into a reused buffer
-    (``fill``: ``out`` holds a row for every id, and each batch goes to its own rows of it)."""
+    (``fill``: ``out`` holds a row for every id, and each batch goes to its own rows of it).
+    ``loss``: the per-example loss to differentiate (default: ``task.pretrain_loss``)."""
+    loss = loss or task.pretrain_loss
     buf = out if out is not None else torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype,
                                                   device=prep.device)
     pos = 0
@@ -213,7 +222,7 @@ def _raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, ids: An
         pos += len(bids)
         rows = buf[lo:lo + len(bids)]
         try:
-            prep.projector.project_batch(task.pretrain_loss, move(batch, prep.device, prep.dtype), out=rows)
+            prep.projector.project_batch(loss, move(batch, prep.device, prep.dtype), out=rows)
         except NonFiniteError:
             # the projector checks the batch as a whole: find the example and name it
             raise _nonfinite(_first_nonfinite(task, prep, bids)) from None
@@ -327,6 +336,9 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
         return None
     if pre.passes == 0:
         return None
+    if config.fisher == "gauss-newton":
+        _fit_gauss_newton(task, prep, config, n, show)
+        return None
     ids = _stats_ids(n, config)
     sample = _Sample(ids, _shard_rows(n, config))
     with progress(len(ids), "statistics", enabled=show) as advance:
@@ -344,6 +356,32 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
     return sample
 
 
+def _fit_gauss_newton(task: MultiStageTask, prep: Prepared, config: BuildConfig, n: int,
+                      show: bool | None) -> None:
+    """Statistics of the Gauss-Newton matrix (1/m) sum_b sum_r phi_br phi_br^T, phi_br = P grad L[b, r]
+    for the task's pseudo-losses L = pretrain_fisher_losses [B, R], over a seeded subsample of
+    m = ceil(stats_examples / R) examples (so about stats_examples rows, as the empirical statistics).
+    Not the stored rows (those are at the data's targets), so featurize computes every row itself."""
+    probe = next(iter(batches(task.pretrain_dataset(), 1, [0])))[1]
+    with torch.no_grad():
+        r_count = int(task.pretrain_fisher_losses(prep.model, move(probe, prep.device, prep.dtype)).shape[-1])
+    ids = _subsample(n, max(1, -(-config.stats_examples // r_count)), config.seed)
+    rows = torch.empty(len(ids) * r_count, prep.projector.dim, dtype=prep.dtype, device=prep.device)
+    with progress(len(ids) * r_count, "statistics (Gauss-Newton)", enabled=show) as advance:
+        for r in range(r_count):
+            def loss_r(model, batch, r=r):
+                out = task.pretrain_fisher_losses(model, batch)
+                if out.dim() != 2 or out.shape[1] != r_count:
+                    raise ShapeError(f"pretrain_fisher_losses must return [B, {r_count}] (one row of R "
+                                     f"pseudo-losses per example), got {tuple(out.shape)}")
+                return out[:, r]
+            block = rows[r * len(ids):(r + 1) * len(ids)]
+            for bids, _ in _raw_rows(task, prep, config, ids, block, fill=True, loss=loss_r):
+                advance(len(bids))
+    rows = rows.detach()
+    prep.preconditioner.fit(lambda: (rows[i:i + 1024] for i in range(0, rows.shape[0], 1024)), len(ids))
+
+
 def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out: Path, n: int,
                  show: bool | None) -> _Sample | None:
     """The preconditioner state, saved atomically once fitted so a resumed build reuses it; returns
@@ -359,7 +397,7 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
                              if isinstance(obj, h5py.Dataset) else None)
                 pre.load_state_dict(state)
                 pre.damping_used = json.loads(f.attrs["damping_used"])
-            if pre.passes == 0 or config.preconditioner in ("hessian", "exact"):
+            if pre.passes == 0 or config.preconditioner in ("hessian", "exact") or config.fisher == "gauss-newton":
                 return None
             return _Sample(_stats_ids(n, config), _shard_rows(n, config))    # rows recomputed per shard
         except (OSError, KeyError, ValueError):

@@ -11,6 +11,7 @@ from .preconditioners import PRECONDITIONERS
 AUTO_HESSIAN_ENTRIES = 50_000_000
 DTYPES = ("float32", "float16", "float64")
 COMPUTE_DTYPES = ("auto", "float32", "float64")
+FISHERS = ("gauss-newton", "empirical")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -35,7 +36,12 @@ class BuildConfig:
     hessian_examples: int = _help(
         "Pretraining examples (seeded subsample) for the 'hessian' preconditioner's HVPs.", 4096)
     stats_examples: int = _help(
-        "Pretraining examples (seeded subsample) for the statistics of gauss-newton / kfac / ekfac.", 8192)
+        "Pretraining examples (seeded subsample) for the statistics of gauss-newton / kfac / ekfac; with "
+        "fisher=gauss-newton, gradient rows (examples x the task's R pseudo-losses).", 8192)
+    fisher: str = _help(
+        "Curvature of gauss-newton / kfac / ekfac: gauss-newton (task.pretrain_fisher_losses: the true "
+        "Fisher / Gauss-Newton matrix) | empirical (gradients at the data's targets) | auto (gauss-newton "
+        "when the task defines pretrain_fisher_losses).", "auto")
     seed: int = _help("Seed of the random projection (and of subsamples).", 0)
     dtype: str = _help("Storage dtype of the stored rows: float32 | float16 | float64.", "float32")
     compute_dtype: str = _help("Dtype of gradient computation: auto (the model's) | float32 | float64.", "auto")
@@ -61,6 +67,8 @@ class BuildConfig:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.fisher not in FISHERS + ("auto",):
+            raise ConfigError(f"fisher must be auto, {' or '.join(FISHERS)}, got {self.fisher!r}")
         for name in ("batch_size", "shard_rows", "hessian_examples", "stats_examples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")

@@ -78,6 +78,18 @@ class MultiStageTask(ABC):
     def finetune_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-example finetuning loss f(x; theta, W), shape [B], unreduced."""
 
+    def pretrain_fisher_losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Optional. Pseudo-losses L [B, R] whose per-example gradients give the Gauss-Newton matrix:
+        sum_r grad L[b, r] grad L[b, r]^T = J_b^T H_out,b J_b for example b (H_out: the loss's Hessian
+        in the model's output). For cross-entropy use :func:`cross_entropy_fisher_losses`, which
+        returns sqrt(p_c) * (-log p_c) with p detached: its outer products sum to
+        E_{y ~ p}[grad l_y grad l_y^T], the true Fisher, which equals the Gauss-Newton matrix there.
+
+        When defined, gauss-newton / kfac / ekfac fit their statistics to this matrix instead of the
+        empirical Fisher of the data's targets (``BuildConfig.fisher``; README, "Why auto").
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define pretrain_fisher_losses(model, batch)")
+
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-example test measurement l(x_t; theta, W), shape [B]. Default: the finetuning loss."""
         return self.finetune_loss(model, batch)
@@ -90,6 +102,18 @@ class MultiStageTask(ABC):
     def finetune(self, pretrained_model: nn.Module) -> nn.Module:
         """Finetune ``pretrained_model`` exactly as the task's recipe does; return the finetuned model."""
         raise NotImplementedError(f"{type(self).__name__} does not define finetune(pretrained_model)")
+
+
+def cross_entropy_fisher_losses(logits: torch.Tensor) -> torch.Tensor:
+    """[B, C] pseudo-losses sqrt(p_c) * (-log softmax(logits)_c) with p = softmax(logits) detached: the
+    ``pretrain_fisher_losses`` of a cross-entropy classifier (``return cross_entropy_fisher_losses(model(x))``)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -logp * logp.detach().exp().sqrt()
+
+
+def has_fisher_losses(task: MultiStageTask) -> bool:
+    """Whether the task defines ``pretrain_fisher_losses`` (the Gauss-Newton statistics hook)."""
+    return type(task).pretrain_fisher_losses is not MultiStageTask.pretrain_fisher_losses
 
 
 def collate(items: list) -> Any:

@@ -24,10 +24,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import msif_index
+from msif_index.task import cross_entropy_fisher_losses
 from msif_index.build import build_index
 from msif_index.config import PRESETS, BuildConfig
 from msif_index.data import full_batch
-from msif_index.errors import (ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError)
+from msif_index.errors import (ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError,
+                               ShapeError)
 from msif_index.exact import pretrain_side
 from msif_index.gradients import GradientProjector
 from msif_index.index import InfluenceIndex
@@ -114,6 +116,23 @@ class TinyTask(msif_index.MultiStageTask):
     def finetune_loss(self, model, batch):
         x, y = batch
         return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+class TinyGN(TinyTask):
+    """TinyTask with the Gauss-Newton statistics hook (cross-entropy: one pseudo-loss per class)."""
+
+    def pretrain_fisher_losses(self, model, batch):
+        return cross_entropy_fisher_losses(model(batch[0]))
+
+
+def _stats_rows(task, model, names, p) -> torch.Tensor:
+    """The statistics' gradient rows by brute force: phi at the data's targets (empirical), or
+    P grad of every pseudo-loss sqrt(p_c) (-log p_c) of every example (Gauss-Newton), [rows, k]."""
+    if not isinstance(task, TinyGN):
+        return _example_grads(model, names, task.pretrain_loss, task.pretrain_dataset()) @ p.T
+    c = model(task.pretrain_dataset().tensors[0]).shape[1]
+    return torch.cat([_example_grads(model, names, lambda m, b, r=r: task.pretrain_fisher_losses(m, b)[:, r],
+                                     task.pretrain_dataset()) @ p.T for r in range(c)])
 
 
 class MixedNet(nn.Module):
@@ -286,15 +305,18 @@ def _example_grads(model: nn.Module, names: list[str], loss_fn, dataset) -> torc
     return torch.stack(out).to(torch.float64)
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "gauss-newton"])
 @pytest.mark.parametrize("proj_dim", [None, 12])
 @pytest.mark.parametrize("pre", ["kfac", "ekfac"])
-def test_kronecker_preconditioners_equal_their_definition(tmp_path, pre, proj_dim):
+def test_kronecker_preconditioners_equal_their_definition(tmp_path, pre, proj_dim, fisher):
     """kfac: M = S (x) A / E||Phi||^2; ekfac: M = Q diag(E[(Q^T vec Phi)^2]) Q^T, Q = Q_S (x) Q_A;
-    both + (wd mean diag(P P^T) + damping * mean eigenvalue) I; stored row = M^{-1} vec Phi."""
-    task = TinyTask()
+    both + (wd mean diag(P P^T) + damping * mean eigenvalue) I; stored row = M^{-1} vec Phi.
+    The statistics' Phi: the stored rows' (empirical) or every pseudo-loss's (Gauss-Newton), summed
+    over them and averaged over the examples."""
+    task = TinyTask() if fisher == "empirical" else TinyGN()
     damping = 0.05
     path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=proj_dim, preconditioner=pre,
-                                                           damping=damping, dtype="float64"))
+                                                           damping=damping, dtype="float64", fisher=fisher))
     model = task.pretrained_model()
     w = list(task.shared_parameters)
     proj = GradientProjector(model, w, proj_dim=proj_dim, dtype=torch.float64)
@@ -302,10 +324,11 @@ def test_kronecker_preconditioners_equal_their_definition(tmp_path, pre, proj_di
     p = proj.matrix()                                               # [k, 28]
     phi = (_example_grads(model, w, task.pretrain_loss, task.pretrain_dataset()) @ p.T)
     n = phi.shape[0]
-    mats = phi.reshape(n, block.k_out, block.k_in)                  # row-major Phi_z
+    stats = _stats_rows(task, model, w, p)
+    mats = stats.reshape(-1, block.k_out, block.k_in)               # row-major Phi
     s = torch.einsum("zoi,zpi->op", mats, mats) / n
     a = torch.einsum("zoi,zoj->ij", mats, mats) / n
-    mean_sq = (phi ** 2).sum() / n
+    mean_sq = (stats ** 2).sum() / n
     es, qs = torch.linalg.eigh(s)
     ea, qa = torch.linalg.eigh(a)
     q = torch.kron(qs, qa)
@@ -315,7 +338,7 @@ def test_kronecker_preconditioners_equal_their_definition(tmp_path, pre, proj_di
         # the explicit matrix: S (x) A / E||Phi||^2 has the eigenvalues lam in the basis q
         assert torch.allclose(q @ torch.diag(m_eig) @ q.T, torch.kron(s, a) / mean_sq, atol=1e-12)
     else:
-        m_eig = ((phi @ q) ** 2).mean(0)
+        m_eig = ((stats @ q) ** 2).sum(0) / n
     wd = task.pretrain_weight_decay * float(torch.diagonal(p @ p.T).mean())
     lam_damp = damping * float(m_eig.mean())
     m_full = q @ torch.diag(m_eig + wd + lam_damp) @ q.T
@@ -327,14 +350,17 @@ def test_kronecker_preconditioners_equal_their_definition(tmp_path, pre, proj_di
 
 
 @pytest.mark.parametrize("proj_dim", [None, 16])
-@pytest.mark.parametrize("pre", ["gauss-newton", "hessian"])
-def test_dense_preconditioners_equal_their_definition(tmp_path, pre, proj_dim):
-    """gauss-newton: M = (1/n) sum phi phi^T + wd P P^T; hessian: M = P H_G P^T (H_G with its weight
-    decay; eigenvalues clamped at 0); stored row = [(M + damping * mean eig(M) I)^{-1} phi]_W."""
-    task = TinyTask()
+@pytest.mark.parametrize("pre, fisher", [("gauss-newton", "empirical"), ("gauss-newton", "gauss-newton"),
+                                         ("hessian", "empirical")])
+def test_dense_preconditioners_equal_their_definition(tmp_path, pre, fisher, proj_dim):
+    """gauss-newton: M = (1/n) sum phi phi^T + wd P P^T (phi: the stored rows, or with fisher
+    gauss-newton every pseudo-loss's projected gradient: then M is P (GGN + wd I) P^T); hessian:
+    M = P H_G P^T (H_G with its weight decay; eigenvalues clamped at 0); stored row =
+    [(M + damping * mean eig(M) I)^{-1} phi]_W."""
+    task = TinyTask() if fisher == "empirical" else TinyGN()
     damping = 0.05
     path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=proj_dim, preconditioner=pre,
-                                                           damping=damping, dtype="float64"))
+                                                           damping=damping, dtype="float64", fisher=fisher))
     model = task.pretrained_model()
     w = list(task.shared_parameters)
     names = w + ["head.weight", "head.bias"]
@@ -345,7 +371,8 @@ def test_dense_preconditioners_equal_their_definition(tmp_path, pre, proj_dim):
     phi = grads @ p.T
     wd = task.pretrain_weight_decay
     if pre == "gauss-newton":
-        m = phi.T @ phi / phi.shape[0] + wd * (p @ p.T)
+        stats = _stats_rows(task, model, names, p)
+        m = stats.T @ stats / phi.shape[0] + wd * (p @ p.T)
     else:
         m = p @ pretrain_side(task).hessian @ p.T                 # pretrain_side's H_G includes wd I
     evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
@@ -670,3 +697,21 @@ def test_bad_factory_fails_before_the_gradient_pass(tmp_path, factory):
                                                  factory=factory))
     assert not list((out / "shards").glob("*.h5")) if (out / "shards").exists() else True
     assert not (out / "manifest.json").exists()
+
+
+def test_fisher_choice_and_errors(tmp_path):
+    """auto: gauss-newton when the task defines pretrain_fisher_losses, else empirical (in the manifest);
+    asking for gauss-newton without the hook, or a hook of the wrong shape, is one clear error."""
+    cfg = BuildConfig(proj_dim=12, preconditioner="kfac", shard_rows=16)
+    assert _manifest(build_index(TinyGN(), tmp_path / "gn", cfg))["config"]["fisher"] == "gauss-newton"
+    assert _manifest(build_index(TinyTask(), tmp_path / "emp", cfg))["config"]["fisher"] == "empirical"
+    with pytest.raises(ConfigError, match="pretrain_fisher_losses"):
+        build_index(TinyTask(), tmp_path / "x", cfg.with_(fisher="gauss-newton"))
+    with pytest.raises(ConfigError, match="fisher must be"):
+        BuildConfig(fisher="true")
+
+    class Flat1D(TinyGN):
+        def pretrain_fisher_losses(self, model, batch):
+            return super().pretrain_fisher_losses(model, batch).sum(1)       # [B]: wrong
+    with pytest.raises(ShapeError, match=r"\[B, "):
+        build_index(Flat1D(), tmp_path / "bad", cfg)

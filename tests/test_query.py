@@ -158,7 +158,9 @@ def test_default_config_ranks_like_exact(default_index, tasks, batch, exact, cap
 @pytest.mark.parametrize("pre, bar", [("hessian", 0.25), ("ekfac", 0.08)])
 def test_compressed_projection_is_informative(tmp_path, tasks, batch, exact, side, pre, bar, capsys):
     """proj_dim=256 compresses the 780 W parameters to 144 (hessian: rows over (W, U)) or 252 (ekfac:
-    W only) columns. Measured Spearman vs exact (frozen, 10 test points): hessian 0.343, ekfac 0.154."""
+    W only) columns. Measured Spearman vs exact (frozen, 10 test points): hessian 0.336, ekfac 0.293
+    (Gauss-Newton statistics: the digits task defines pretrain_fisher_losses; 0.154 with the empirical
+    Fisher)."""
     task = tasks["frozen"]
     cfg = BuildConfig(proj_dim=256, preconditioner=pre, dtype="float64")
     path = build_index(task, tmp_path / pre, cfg)
@@ -399,3 +401,19 @@ def test_single_pass_query_equals_two_pass_reference(default_index, tasks, batch
     got = index.query_vectors(batch, key)
     np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
     index.close()
+
+
+def test_gauss_newton_statistics_track_exact_influence_better(tmp_path, tasks, batch, exact):
+    """ekfac (the scalable preconditioner) fitted to the Gauss-Newton matrix (the digits task defines
+    pretrain_fisher_losses) against the empirical Fisher, at proj_dim 4096: mean Spearman of the index
+    scores over all pretraining examples vs exact_influence. Measured 0.55 vs 0.27 (README)."""
+    rho = {}
+    for fisher in ("gauss-newton", "empirical"):
+        out = build_index(tasks["frozen"], tmp_path / fisher, BuildConfig(preconditioner="ekfac", fisher=fisher))
+        with InfluenceIndex.open(out) as index:
+            index.attach(tasks["frozen"])
+            scores = index.scores(batch)
+        rho[fisher] = float(np.mean([spearmanr(s, e)[0] for s, e in zip(scores, exact["frozen"])]))
+    print(f"\n[ekfac statistics] Spearman vs exact: gauss-newton {rho['gauss-newton']:.3f}, "
+          f"empirical {rho['empirical']:.3f}")
+    assert rho["gauss-newton"] >= 0.45 and rho["gauss-newton"] >= rho["empirical"] + 0.15

@@ -142,3 +142,31 @@ def test_exact_refuses_large_models(digits_frozen):
     with pytest.raises(TooLargeError) as e:
         exact_influence(digits_frozen, full_batch(digits_frozen.test_dataset(), [0]), max_params=100)
     assert "build-index" in _one_line(e)
+
+
+def test_cross_entropy_fisher_losses_give_the_gauss_newton_matrix():
+    """sum_c grad L_c grad L_c^T = J^T (diag p - p p^T) J (the cross-entropy Gauss-Newton matrix, J the
+    Jacobian of the logits), float64, for each example."""
+    from torch.func import functional_call, jacrev
+
+    from msif_index.task import cross_entropy_fisher_losses
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5)).double()
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for b in range(2):
+        def logits(flat_params):
+            return functional_call(model, flat_params, (x[b:b + 1],))[0]
+        jac = jacrev(logits)(params)                                  # name -> [C, *shape]
+        j = torch.cat([jac[n].reshape(5, -1) for n in names], 1)       # [C, d]
+        p = torch.softmax(logits(params), -1)
+        ggn = j.T @ (torch.diag(p) - torch.outer(p, p)) @ j
+        rows = []
+        for c in range(5):
+            model.zero_grad()
+            cross_entropy_fisher_losses(model(x[b:b + 1]))[0, c].backward()
+            rows.append(torch.cat([q.grad.reshape(-1) for q in model.parameters()]))
+        g = torch.stack(rows)
+        torch.testing.assert_close(g.T @ g, ggn, rtol=1e-10, atol=1e-12)

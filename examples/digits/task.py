@@ -79,6 +79,10 @@ class DigitsTask(msif_index.MultiStageTask):
     def pretrain_loss(self, model, batch):
         return _cross_entropy(model, batch)
 
+    def pretrain_fisher_losses(self, model, batch):
+        # optional hook: gauss-newton / kfac / ekfac fit the Gauss-Newton matrix (README, "Why auto")
+        return msif_index.cross_entropy_fisher_losses(model(batch[0]))
+
     def finetune_loss(self, model, batch):
         return _cross_entropy(model, batch)
 
