@@ -243,6 +243,10 @@ class MnistToDigitsTask(msif_index.MultiStageTask):
     def pretrain_loss(self, model, batch):
         return cross_entropy(model, batch)
 
+    def pretrain_fisher_losses(self, model, batch):
+        # optional: the curvature statistics fit the Gauss-Newton matrix, not the empirical Fisher
+        return msif_index.cross_entropy_fisher_losses(model(batch[0]))
+
     def finetune_loss(self, model, batch):
         return cross_entropy(model, batch)
 
