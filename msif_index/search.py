@@ -447,6 +447,7 @@ class SearchIndex:
         self._gpu_index = None
         self._gpu_res = None
         self._cuda: dict | None = None   # torch CUDA copies of the rows (Flat, SVD<r> without faiss-gpu)
+        self._views: dict | None = None  # SVD<r>: cached zero-copy views (see _svd_views)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -624,9 +625,13 @@ class SearchIndex:
         rows, reduced, a = parts["rows"], parts["reduced"], parts["a"]
         dev = rows.device
         qt = torch.from_numpy(q).to(dev)
+        cand = min(cand, n)
         with torch.inference_mode():
-            q_red = (qt @ a.T).contiguous().cpu().numpy()
-        _, cid = _torch_topk(q_red, reduced, min(cand, n))
+            q_red = qt @ a.T
+            if q.shape[0] * n <= _SCORE_BLOCK_ELEMENTS:       # one product; candidates need no order
+                cid = torch.topk(q_red @ reduced.T, cand, dim=1, sorted=False).indices.cpu().numpy()
+            else:
+                _, cid = _torch_topk(q_red.contiguous().cpu().numpy(), reduced, cand)
         out_s, out_i = _empty_result(q.shape[0], topk)
         kk = min(topk, n)
         with torch.inference_mode():
@@ -639,14 +644,20 @@ class SearchIndex:
         return out_s, out_i
 
     def _svd_views(self) -> dict:
-        """Zero-copy torch views of an SVD<r> index: full rows [n, k], reduced rows [n, r], V^T [r, k]."""
+        """Zero-copy torch views of an SVD<r> index: full rows [n, k], reduced rows [n, r], V^T [r, k]
+        (a copy). Cached until rows are added (train_and_add clears it with the GPU copies)."""
         import torch
 
         lt, inner, full = self._svd
         n, k, r = self._index.ntotal, self.dim, inner.d
-        return {"rows": torch.from_numpy(faiss.rev_swig_ptr(full.get_xb(), n * k).reshape(n, k)),
-                "reduced": torch.from_numpy(faiss.rev_swig_ptr(inner.get_xb(), n * r).reshape(n, r)),
-                "a": torch.from_numpy(faiss.vector_to_array(lt.A).reshape(r, k))}
+        cached = self._views
+        if cached is not None and cached["n"] == n:
+            return cached
+        self._views = {"n": n,
+                       "rows": torch.from_numpy(faiss.rev_swig_ptr(full.get_xb(), n * k).reshape(n, k)),
+                       "reduced": torch.from_numpy(faiss.rev_swig_ptr(inner.get_xb(), n * r).reshape(n, r)),
+                       "a": torch.from_numpy(faiss.vector_to_array(lt.A).reshape(r, k))}
+        return self._views
 
     @staticmethod
     def _faiss_search(index, q, topk, params, keepalive=()):
@@ -723,7 +734,7 @@ class SearchIndex:
 
             n, d = self._index.ntotal, self.dim
             if self._svd is not None:
-                self._cuda = {k: v.to(_CUDA_DEVICE, copy=True) for k, v in self._svd_views().items()}
+                self._cuda = {k: v.to(_CUDA_DEVICE, copy=True) for k, v in self._svd_views().items() if k != "n"}
             else:
                 rows = faiss.rev_swig_ptr(self._typed.get_xb(), n * d).reshape(n, d)
                 self._cuda = {"rows": torch.from_numpy(rows).to(_CUDA_DEVICE, copy=True)}
@@ -747,6 +758,7 @@ class SearchIndex:
         self._gpu_index = None
         self._gpu_res = None
         self._cuda = None
+        self._views = None
 
 
 def _check_device(device) -> None:
