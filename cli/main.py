@@ -121,6 +121,7 @@ def build_index_cmd(
         key = index.attach(t, validate=False) if attach else None
         m = index.manifest
     summary = {"index": str(path), "n": m["n"], "k": m["k"], "preconditioner": m["preconditioner"]["name"],
+               "fisher": m["config"].get("fisher"), "factory": m["config"]["factory"],
                "damping_used": m["preconditioner"]["damping_used"], "timings": m["timings"], "attached": key}
     if as_json:
         print_json(summary)
