@@ -146,13 +146,7 @@ def train_step(task) -> tuple[Any, Any]:
 
 def train_eps(step, steps: int = 12) -> float:
     """Training-step throughput (examples/s) from the median of ``steps`` timed steps."""
-    step()
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t0)
-    return BATCH / median(ts)
+    return BATCH / median(common.timeit(step, repeats=steps, warmup=1))
 
 
 def one_build(task, out: Path, config, timers: Timers | None = None) -> dict[str, Any]:
@@ -385,9 +379,7 @@ def summarize(result: dict[str, Any]) -> str:
         lines.append(f"progress bar: {1e6 * result['progress']['advance_s_per_call']:.0f} us per update "
                      f"(one update per batch of {BATCH})")
     lines.append("")
-    lines.append("targets:")
-    for t in result["targets"]:
-        lines.append(f"  [{'MET' if t['met'] else 'MISSED'}] {t['what']}: {t['value']}")
+    lines += common.format_targets(result["targets"])
     return "\n".join(lines)
 
 

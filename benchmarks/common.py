@@ -229,6 +229,11 @@ TASKS = {"mlp": mlp_task, "cnn": cnn_task}
 # measurement
 
 
+def format_targets(targets: list[dict[str, Any]]) -> list[str]:
+    """The "targets:" block of a benchmark summary, one MET/MISSED line per target."""
+    return ["targets:"] + [f"  [{'MET' if t['met'] else 'MISSED'}] {t['what']}: {t['value']}" for t in targets]
+
+
 def timeit(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> list[float]:
     """Wall-clock seconds of ``repeats`` calls after ``warmup`` calls."""
     for _ in range(warmup):

@@ -394,9 +394,7 @@ def summarize(result: dict[str, Any]) -> str:
                  f"(project_batch + ekfac apply + dot, measured on {ni.get('examples')} examples, extrapolated "
                  f"linearly to n); attach (operator, once): {result.get('attach_s', float('nan')):.1f} s")
     lines.append("")
-    lines.append("targets:")
-    for t in result["targets"]:
-        lines.append(f"  [{'MET' if t['met'] else 'MISSED'}] {t['what']}: {t['value']}")
+    lines += common.format_targets(result["targets"])
     return "\n".join(lines)
 
 

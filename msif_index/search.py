@@ -497,6 +497,7 @@ class SearchIndex:
 
         with self._lock.write():
             index = self._index
+            self._drop_gpu()              # copies and views of the rows are stale once rows are added
             if not index.is_trained:
                 if not callable(block_iter) and iter(block_iter) is block_iter:
                     raise ConfigError(
@@ -543,7 +544,6 @@ class SearchIndex:
                 if start == 0:
                     index.reset()  # leave no half-added index behind
                 raise
-            self._drop_gpu()
             self._place(self._device)
 
     # -- properties -----------------------------------------------------------------------------
@@ -645,18 +645,15 @@ class SearchIndex:
 
     def _svd_views(self) -> dict:
         """Zero-copy torch views of an SVD<r> index: full rows [n, k], reduced rows [n, r], V^T [r, k]
-        (a copy). Cached until rows are added (train_and_add clears it with the GPU copies)."""
+        (a copy). Cached until rows are added (train_and_add drops it with the GPU copies)."""
         import torch
 
-        lt, inner, full = self._svd
-        n, k, r = self._index.ntotal, self.dim, inner.d
-        cached = self._views
-        if cached is not None and cached["n"] == n:
-            return cached
-        self._views = {"n": n,
-                       "rows": torch.from_numpy(faiss.rev_swig_ptr(full.get_xb(), n * k).reshape(n, k)),
-                       "reduced": torch.from_numpy(faiss.rev_swig_ptr(inner.get_xb(), n * r).reshape(n, r)),
-                       "a": torch.from_numpy(faiss.vector_to_array(lt.A).reshape(r, k))}
+        if self._views is None:
+            lt, inner, full = self._svd
+            n, k, r = self._index.ntotal, self.dim, inner.d
+            self._views = {"rows": torch.from_numpy(faiss.rev_swig_ptr(full.get_xb(), n * k).reshape(n, k)),
+                           "reduced": torch.from_numpy(faiss.rev_swig_ptr(inner.get_xb(), n * r).reshape(n, r)),
+                           "a": torch.from_numpy(faiss.vector_to_array(lt.A).reshape(r, k))}
         return self._views
 
     @staticmethod
@@ -734,7 +731,7 @@ class SearchIndex:
 
             n, d = self._index.ntotal, self.dim
             if self._svd is not None:
-                self._cuda = {k: v.to(_CUDA_DEVICE, copy=True) for k, v in self._svd_views().items() if k != "n"}
+                self._cuda = {k: v.to(_CUDA_DEVICE, copy=True) for k, v in self._svd_views().items()}
             else:
                 rows = faiss.rev_swig_ptr(self._typed.get_xb(), n * d).reshape(n, d)
                 self._cuda = {"rows": torch.from_numpy(rows).to(_CUDA_DEVICE, copy=True)}

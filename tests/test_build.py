@@ -61,7 +61,32 @@ class TinyNet(nn.Module):
         return self.head(torch.tanh(self.embed(x)))
 
 
-class TinyTask(msif_index.MultiStageTask):
+class _HeldTask(msif_index.MultiStageTask):
+    """The contract's models and datasets from attributes set by a subclass's __init__."""
+
+    _pm: nn.Module
+    _fm: nn.Module
+    _pre: TensorDataset
+    _fin: TensorDataset
+    _test: TensorDataset
+
+    def pretrained_model(self):
+        return self._pm
+
+    def finetuned_model(self):
+        return self._fm
+
+    def pretrain_dataset(self):
+        return self._pre
+
+    def finetune_dataset(self):
+        return self._fin
+
+    def test_dataset(self):
+        return self._test
+
+
+class TinyTask(_HeldTask):
     """W = embed (one Linear), U / theta = head. Pretraining items are (x, y, id).
 
     ``nan_id``: that example's input holds a NaN (so its loss and gradient are NaN);
@@ -89,21 +114,6 @@ class TinyTask(msif_index.MultiStageTask):
         self._pm = _init(TinyNet(d, h, 3).double(), seed + 1)
         self._fm = _init(TinyNet(d, h, 2).double(), seed + 2)
         self._fm.embed.load_state_dict(self._pm.embed.state_dict())
-
-    def pretrained_model(self):
-        return self._pm
-
-    def finetuned_model(self):
-        return self._fm
-
-    def pretrain_dataset(self):
-        return self._pre
-
-    def finetune_dataset(self):
-        return self._fin
-
-    def test_dataset(self):
-        return self._test
 
     def pretrain_loss(self, model, batch):
         x, y, ids = batch
@@ -152,7 +162,7 @@ class MixedNet(nn.Module):
         return self.head(self.norm(torch.cat([a, b], 1)))
 
 
-class MixedTask(msif_index.MultiStageTask):
+class MixedTask(_HeldTask):
     shared_parameters = ("conv.weight", "conv.bias", "emb.weight", "norm.weight", "norm.bias")
     pretrain_weight_decay = 0.01
     finetune_weight_decay = 0.1
@@ -169,21 +179,6 @@ class MixedTask(msif_index.MultiStageTask):
         self._fm = _init(MixedNet(2).double(), seed + 2)
         for name in ("conv", "emb", "norm"):
             getattr(self._fm, name).load_state_dict(getattr(self._pm, name).state_dict())
-
-    def pretrained_model(self):
-        return self._pm
-
-    def finetuned_model(self):
-        return self._fm
-
-    def pretrain_dataset(self):
-        return self._pre
-
-    def finetune_dataset(self):
-        return self._fin
-
-    def test_dataset(self):
-        return self._test
 
     def pretrain_loss(self, model, batch):
         return nn.functional.cross_entropy(model(batch), batch[2], reduction="none")

@@ -45,24 +45,23 @@ def _constant(x: np.ndarray) -> bool:
     return x.size == 0 or bool(np.all(x == x[0])) or float(np.ptp(x)) <= 1e-300
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (ties get average ranks); NaN with < 3 points or a constant side."""
+def _correlation(fn, a: Sequence[float], b: Sequence[float]) -> float:
     x, y = _finite_pair(np.asarray(a), np.asarray(b))
     if x.size < 3 or _constant(x) or _constant(y):
         return float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(stats.spearmanr(x, y).statistic)
+        return float(fn(x, y).statistic)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (ties get average ranks); NaN with < 3 points or a constant side."""
+    return _correlation(stats.spearmanr, a, b)
 
 
 def pearson(a: Sequence[float], b: Sequence[float]) -> float:
     """Pearson correlation; NaN with < 3 points or a constant side."""
-    x, y = _finite_pair(np.asarray(a), np.asarray(b))
-    if x.size < 3 or _constant(x) or _constant(y):
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(stats.pearsonr(x, y).statistic)
+    return _correlation(stats.pearsonr, a, b)
 
 
 def scale(scores: Sequence[float], truth: Sequence[float]) -> float:
