@@ -21,6 +21,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "model predict this? " + SIGN_CONVENTION)
 
 TASK_HELP = "Task as FILE.py:NAME (NAME: a MultiStageTask instance, or a class/factory called with no arguments)."
+H_TT_HELP = ("How the finetuning head's Hessian H_tt is inverted: auto (exact up to 8192 head parameters, "
+             "ekfac beyond) | dense | kfac | ekfac.")
+CG_HELP = "kfac / ekfac H_tt: conjugate-gradient steps with exact Hessian-vector products that refine it (default 5)."
 
 
 @app.command("check-task")
@@ -138,17 +141,20 @@ def build_index_cmd(
 @app.command("attach")
 def attach_cmd(index: str = typer.Option(..., help="Index folder (from msif build-index)."),
                task: str = typer.Option(..., help=TASK_HELP),
+               h_tt: str = typer.Option("auto", "--h-tt", help=H_TT_HELP),
+               cg_iters: Optional[int] = typer.Option(None, "--cg-iters", min=0, help=CG_HELP),
                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Attach the task's finetuned model to an index (precomputes the finetune-side operator once)."""
     from msif_index.index import InfluenceIndex
     from msif_index.task import load_task
     t = load_task(task)
     with InfluenceIndex.open(index) as idx:
-        key = idx.attach(t, validate=False)
+        key = idx.attach(t, validate=False, h_tt=h_tt, cg_iters=cg_iters)
+        info = idx._attached[key].operator.info
     if as_json:
-        print_json({"index": index, "attached": key, "finetuning": t.finetuning})
+        print_json({"index": index, "attached": key, "finetuning": t.finetuning, "h_tt": info.get("h_tt")})
     else:
-        typer.echo(f"attached finetuned model {key} ({t.finetuning}) to {index}")
+        typer.echo(f"attached finetuned model {key} ({t.finetuning}, {info.get('h_tt')} H_tt) to {index}")
 
 
 @app.command("query")
@@ -160,6 +166,8 @@ def query_cmd(index: str = typer.Option(..., help="Index folder (from msif build
               exact_rerank: Optional[int] = typer.Option(
                   None, help="Search this many candidates and rescore them exactly (SVD<r>: its candidates)."),
               nprobe: Optional[int] = typer.Option(None, help="IVF indexes: lists to visit (recall vs speed)."),
+              h_tt: str = typer.Option("auto", "--h-tt", help=H_TT_HELP),
+              cg_iters: Optional[int] = typer.Option(None, "--cg-iters", min=0, help=CG_HELP),
               as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """Top pretraining examples for test points of the task's finetuned model, by index search."""
     from msif_index.data import full_batch
@@ -169,7 +177,7 @@ def query_cmd(index: str = typer.Option(..., help="Index folder (from msif build
     ids = parse_ids(test_ids, len(t.test_dataset()), "test")
     _check_direction(direction)
     with InfluenceIndex.open(index) as idx:
-        idx.attach(t, validate=False)
+        idx.attach(t, validate=False, h_tt=h_tt, cg_iters=cg_iters)
         res = idx.query(full_batch(t.test_dataset(), ids), k=k, direction=direction,
                         exact_rerank=exact_rerank, nprobe=nprobe, test_ids=ids)
     out = res.to_dict()

@@ -26,10 +26,11 @@ from .errors import ConfigError, CorruptIndexError, IndexMismatchError, ShapeErr
 from .fingerprint import fingerprint_tensors, short
 from .gradients import GradientProjector
 from .gradients.blocks import Block, plan_blocks
+from .head_curvature import block_permutation, resolve_h_tt
 from .operator import FinetuneOperator, compute_operator
 from .search import SearchIndex, built_at_open
 from .store import RowStore
-from .task import MultiStageTask, split_parameters, validate_task
+from .task import MultiStageTask, has_finetune_fisher_losses, split_parameters, validate_task
 
 DIRECTIONS = ("helpful", "harmful")
 
@@ -86,15 +87,7 @@ class _QueryPath:
         blocks = list(w_proj.blocks) + [replace(b, offset=b.offset + w_proj.dim) for b in theta_blocks]
         proj = GradientProjector.from_blocks(model, list(w_proj.param_names) + list(theta_names), blocks,
                                              seed=w_proj.seed, dtype=dtype)
-        # where each flat theta coordinate (FlatParams order, B's columns) lands in the block layout:
-        # project the vector 0, 1, 2, ... through the (unprojected, permutation-only) theta blocks
-        flat = FlatParams(model, theta_names)
-        ident = GradientProjector.from_blocks(model, theta_names, theta_blocks, seed=w_proj.seed,
-                                              dtype=torch.float64, check=False)
-        pos = torch.arange(flat.dim, dtype=torch.float64)
-        perm = ident.project_dense(flat.as_dict(pos))[0].round().long()
-        if not torch.equal(perm.sort().values, torch.arange(flat.dim)):
-            raise RuntimeError("internal error: the theta blocks are not a permutation of theta")
+        perm = block_permutation(model, theta_names, theta_blocks)
         b_rows = op.b[:, perm].to(dtype).contiguous()
         c = None if op.c is None else op.c.to(dtype).contiguous()
         return cls(proj, w_proj.dim, b_rows, c)
@@ -193,11 +186,20 @@ class InfluenceIndex:
         return GradientProjector.from_blocks(model, names, blocks, seed=proj["seed"], dtype=dtype)
 
     def attach(self, task: MultiStageTask, finetuned: nn.Module | None = None, batch_size: int = 256,
-               progress_bar: bool | None = None, validate: bool = True) -> str:
+               progress_bar: bool | None = None, validate: bool = True, h_tt: str = "auto",
+               damping: float | None = None, cg_iters: int | None = None) -> str:
         """Attach a finetuned model (default: the task's); returns its key. Computed once, then cached
-        under ``operators/`` keyed by a fingerprint of the finetuned model and the finetuning style."""
+        under ``operators/`` keyed by a fingerprint of the finetuned model, the finetuning style and
+        the H_tt method.
+
+        ``h_tt``: 'auto' (exact dense H_tt up to 8192 head parameters, ekfac beyond), 'dense', 'kfac'
+        or 'ekfac' (msif_index.head_curvature); ``damping``: its relative damping (default 0 for
+        dense, 1e-3 for kfac / ekfac); ``cg_iters``: CG steps with exact HVPs that refine kfac /
+        ekfac (default 5)."""
         if validate:
             validate_task(task)
+        if cg_iters is not None and (isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 0):
+            raise ConfigError(f"cg_iters must be an integer >= 0, got {cg_iters!r}")
         self.check_pretrained(task)
         source = finetuned if finetuned is not None else task.finetuned_model()
         params = dict(source.named_parameters())
@@ -210,7 +212,11 @@ class InfluenceIndex:
                                          "frozen finetuned model")
         ident = {"model": fingerprint_tensors({n: params[n] for n in w + theta}),
                  "finetuning": task.finetuning, "alpha": float(task.alpha) if task.finetuning == "proximal" else None,
-                 "finetune_n": len(task.finetune_dataset()), "wd": float(task.finetune_weight_decay)}
+                 "finetune_n": len(task.finetune_dataset()), "wd": float(task.finetune_weight_decay),
+                 "h_tt": resolve_h_tt(h_tt, sum(params[n].numel() for n in theta)), "damping": damping}
+        if ident["h_tt"] != "dense":
+            ident["h_tt_gauss_newton"] = has_finetune_fisher_losses(task)
+            ident["cg_iters"] = cg_iters
         key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()[:16]
         dtype = torch.float64 if self.manifest["config"]["compute_dtype"] == "float64" else \
             next(source.parameters()).dtype
@@ -223,7 +229,8 @@ class InfluenceIndex:
         if op_path.exists():
             op = FinetuneOperator.load(op_path)
         else:
-            op = compute_operator(task, model, projector, key, batch_size=batch_size, show=progress_bar)
+            op = compute_operator(task, model, projector, key, batch_size=batch_size, damping=damping,
+                                  h_tt=ident["h_tt"], cg_iters=cg_iters, show=progress_bar)
             op_path.parent.mkdir(exist_ok=True)
             op.save(op_path)
         query = _QueryPath.make(model, projector, theta, op)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -25,15 +25,17 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from .atomic import atomic_path
-from .autodiff import FlatParams, batched_objective, dense_hessian, hvp
+from .autodiff import FlatParams, batched_objective, hvp
 from .data import batches, move
-from .errors import CorruptIndexError, TooLargeError
+from .errors import CorruptIndexError
 from .gradients import GradientProjector
+from .head_curvature import (CG_ITERS, DenseHeadCurvature, HeadCurvature, KroneckerHeadCurvature,
+                             conjugate_gradient_rows, resolve_h_tt)
 from .progress import progress
 from .task import MultiStageTask, split_parameters
 
-#: H_tt is factored densely up to this many theta parameters
-MAX_DENSE_THETA = 8192
+#: default relative damping of Kronecker-factored H_tt (x each block's mean eigenvalue)
+KRONECKER_DAMPING = 1e-3
 #: P H_WW P^T by HVPs along P's rows when the dense P has at most this many entries
 MAX_HVP_PROJECTION = 50_000_000
 _F64 = torch.float64
@@ -85,19 +87,21 @@ class FinetuneOperator:
 
 
 def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: GradientProjector,
-                     fingerprint: str, batch_size: int = 256, damping: float = 0.0,
+                     fingerprint: str, batch_size: int = 256, damping: float | None = None,
+                     h_tt: str = "auto", cg_iters: int | None = None,
                      show: bool | None = None) -> FinetuneOperator:
     """Precompute B (and C) for ``finetuned``.
 
     ``projector`` is P_W: it projects exactly the W parameters, in ``task.shared_parameters`` order.
+    ``h_tt`` picks how H_tt^{-1} is formed (msif_index.head_curvature); ``damping`` is its relative
+    damping (default 0 for dense, i.e. exact, and KRONECKER_DAMPING for kfac / ekfac); kfac / ekfac
+    are refined by ``cg_iters`` CG steps with exact HVPs (default head_curvature.CG_ITERS).
     """
     model = finetuned
     w, theta = split_parameters(task, model)
     flat = FlatParams(model, theta + w)
     d_theta = sum(flat.sizes[: len(theta)])
-    if d_theta > MAX_DENSE_THETA:
-        raise TooLargeError(f"the finetuning head has {d_theta} parameters; dense H_tt is limited to "
-                            f"{MAX_DENSE_THETA} (Kronecker-factored H_tt is not implemented yet)")
+    method = resolve_h_tt(h_tt, d_theta)
     x = flat.get()
     f = flat.loss(task.finetune_loss)
     dataset = task.finetune_dataset()
@@ -106,23 +110,65 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
     data = [move(b, dtype=dtype) for _, b in batches(dataset, batch_size)]
     mean_f = batched_objective(f, data, m)
     wd = float(task.finetune_weight_decay)
-
-    # H_tt (dense, over theta only, W held at W_hat) + weight decay
     x_theta, x_w = x[:d_theta], x[d_theta:]
 
-    def f_theta(t: torch.Tensor) -> torch.Tensor:
-        return mean_f(torch.cat([t, x_w]))
+    if method == "dense":
+        curv: HeadCurvature = DenseHeadCurvature(lambda t: mean_f(torch.cat([t, x_w])), x_theta, wd,
+                                                 0.0 if damping is None else damping)
+    else:
+        curv = KroneckerHeadCurvature(task, model, theta, method,
+                                      KRONECKER_DAMPING if damping is None else damping, batch_size, show)
+    # P_W F_Wt [k_W, d_theta]: one forward-over-reverse pass over the finetuning set per theta
+    # direction (columns) or per row of P_W (rows), whichever is fewer
+    if projector.dim < d_theta:
+        pf = _mixed_by_rows(projector, mean_f, x_theta, x_w, show)
+    else:
+        pf = _mixed_by_columns(projector, mean_f, x_theta, x_w, show)
+    info: dict[str, Any] = {"d_theta": d_theta, "m": m, "mixed_term": "rows" if projector.dim < d_theta
+                            else "columns", **curv.info}
+    if method == "dense":
+        b = curv.solve_rows(pf.to(_F64))
+    else:
+        iters = CG_ITERS if cg_iters is None else int(cg_iters)
+        b, cg = conjugate_gradient_rows(pf, _theta_hvp_rows(f, data, m, x_theta, x_w, wd), curv.solve_rows,
+                                        iters, show)
+        info.update({"h_tt_" + k: v for k, v in cg.items()})
+    c = None
+    if task.finetuning == "proximal":
+        alpha = float(task.alpha)
+        php, how = _projected_h_ww(projector, mean_f, x_theta, x_w, task, data, m)
+        gram = projector.gram().to(_F64)
+        s_proj = php + alpha * gram - (b.to(_F64) @ pf.to(_F64).T)
+        s_proj = 0.5 * (s_proj + s_proj.T)
+        c = alpha * gram @ torch.linalg.inv(s_proj)
+        info.update({"h_ww": how, "alpha": alpha})
+    return FinetuneOperator(task.finetuning, float(task.alpha), b, c, theta, fingerprint, info)
 
-    h_tt = dense_hessian(f_theta, x_theta).to(_F64) + wd * torch.eye(d_theta, dtype=_F64)
-    evals, evecs = torch.linalg.eigh(h_tt)
-    lam = damping * float(evals.mean())
-    h_tt_inv = (evecs / (evals + lam)) @ evecs.T
 
-    # P_W F_Wt: column j = P_W d/dtheta_j grad_W F, a forward-over-reverse pass per theta direction
+def _theta_hvp_rows(f, data: list, m: int, x_theta: torch.Tensor, x_w: torch.Tensor, wd: float,
+                    chunk: int = 32) -> Callable[[torch.Tensor], torch.Tensor]:
+    """V [r, d_theta] -> V H_tt (H_tt of the finetuning objective incl. weight decay, W held at its
+    value): forward-over-reverse HVPs, accumulated batch by batch (memory: one batch x ``chunk``)."""
+    def rows_h(v: torch.Tensor) -> torch.Tensor:
+        out = wd * v
+        for batch in data:
+            def f_b(t: torch.Tensor, batch=batch) -> torch.Tensor:
+                return f(torch.cat([t, x_w]), batch).sum() / m
+            for s in range(0, v.shape[0], chunk):
+                out[s:s + chunk] += vmap(lambda u: hvp(f_b, x_theta, u))(v[s:s + chunk].to(x_theta.dtype)).to(v.dtype)
+        return out
+    return rows_h
+
+
+def _mixed_by_columns(projector: GradientProjector, mean_f, x_theta: torch.Tensor, x_w: torch.Tensor,
+                      show: bool | None) -> torch.Tensor:
+    """P_W F_Wt by columns: column j = P_W d/dtheta_j grad_W F (jvp along e_j of grad_W)."""
+    d_theta = x_theta.numel()
+
     def grad_w(t: torch.Tensor) -> torch.Tensor:
         return grad(lambda ww: mean_f(torch.cat([t, ww])))(x_w)
 
-    eye = torch.eye(d_theta, dtype=dtype)
+    eye = torch.eye(d_theta, dtype=x_theta.dtype)
     chunk = max(1, min(64, (1 << 22) // max(1, x_w.numel())))
     cols = []
     with progress(d_theta, "attach: mixed term P F_Wt", unit="dir", enabled=show) as advance:
@@ -130,20 +176,39 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
             mixed = vmap(lambda e: jvp(grad_w, (x_theta,), (e,))[1])(eye[s:s + chunk])   # [c, d_W]
             cols.append(_project_w(projector, mixed))
             advance(mixed.shape[0])
-    pf = torch.cat(cols).T.to(_F64)                      # [k_W, d_theta]
-    b = pf @ h_tt_inv
-    info: dict[str, Any] = {"d_theta": d_theta, "m": m, "h_tt_damping": lam,
-                            "h_tt_min_eig": float(evals.min())}
-    c = None
-    if task.finetuning == "proximal":
-        alpha = float(task.alpha)
-        php, how = _projected_h_ww(projector, mean_f, x_theta, x_w, task, data, m)
-        gram = projector.gram().to(_F64)
-        s_proj = php + alpha * gram - pf @ h_tt_inv @ pf.T
-        s_proj = 0.5 * (s_proj + s_proj.T)
-        c = alpha * gram @ torch.linalg.inv(s_proj)
-        info.update({"h_ww": how, "alpha": alpha})
-    return FinetuneOperator(task.finetuning, float(task.alpha), b, c, theta, fingerprint, info)
+    return torch.cat(cols).T.contiguous()                  # [k_W, d_theta]
+
+
+def _mixed_by_rows(projector: GradientProjector, mean_f, x_theta: torch.Tensor, x_w: torch.Tensor,
+                   show: bool | None) -> torch.Tensor:
+    """P_W F_Wt by rows: row i = p_i^T F_Wt = d/deps grad_theta F(theta, W + eps p_i), a jvp of
+    grad_theta along the i-th row p_i of P_W (for heads with more parameters than k_W)."""
+    k_w = projector.dim
+
+    def grad_theta(ww: torch.Tensor) -> torch.Tensor:
+        return grad(lambda t: mean_f(torch.cat([t, ww])))(x_theta)
+
+    chunk = max(1, min(64, (1 << 22) // max(1, x_w.numel())))
+    out = torch.empty(k_w, x_theta.numel(), dtype=x_theta.dtype)
+    with progress(k_w, "attach: mixed term P F_Wt", unit="row", enabled=show) as advance:
+        for s in range(0, k_w, chunk):
+            dirs = projection_rows(projector, s, min(k_w, s + chunk)).to(x_w.dtype)     # [c, d_W]
+            out[s:s + dirs.shape[0]] = vmap(lambda p: jvp(grad_theta, (x_w,), (p,))[1])(dirs)
+            advance(dirs.shape[0])
+    return out
+
+
+def projection_rows(projector: GradientProjector, start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop of the explicit P [stop - start, d] (flat ``param_names`` order), as
+    P^T e_i: the gradient of the linear map ``project_dense`` (never forms all of P)."""
+    flat = FlatParams(projector.model, projector.param_names)
+    z = torch.zeros(stop - start, flat.dim, dtype=projector.dtype, requires_grad=True)
+    with torch.enable_grad():
+        y = projector.project_dense(flat.as_dict(z))
+        e = torch.zeros_like(y)
+        e[:, start:stop] = torch.eye(stop - start, dtype=y.dtype)
+        (rows,) = torch.autograd.grad(y, z, grad_outputs=e)
+    return rows
 
 
 def _project_w(projector: GradientProjector, vecs: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,14 @@ class MultiStageTask(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not define pretrain_fisher_losses(model, batch)")
 
+    def finetune_fisher_losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Optional. The same as ``pretrain_fisher_losses`` for the finetuned model and finetuning
+        batches: when defined, Kronecker-factored H_tt (heads above 8192 parameters, or
+        ``attach(h_tt='kfac' | 'ekfac')``) fits the Gauss-Newton matrix of the head instead of the
+        empirical Fisher of the finetuning targets (msif_index.head_curvature).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define finetune_fisher_losses(model, batch)")
+
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-example test measurement l(x_t; theta, W), shape [B]. Default: the finetuning loss."""
         return self.finetune_loss(model, batch)
@@ -114,6 +122,11 @@ def cross_entropy_fisher_losses(logits: torch.Tensor) -> torch.Tensor:
 def has_fisher_losses(task: MultiStageTask) -> bool:
     """Whether the task defines ``pretrain_fisher_losses`` (the Gauss-Newton statistics hook)."""
     return type(task).pretrain_fisher_losses is not MultiStageTask.pretrain_fisher_losses
+
+
+def has_finetune_fisher_losses(task: MultiStageTask) -> bool:
+    """Whether the task defines ``finetune_fisher_losses`` (the head's Gauss-Newton statistics hook)."""
+    return type(task).finetune_fisher_losses is not MultiStageTask.finetune_fisher_losses
 
 
 def collate(items: list) -> Any:

@@ -119,6 +119,12 @@ def test_build_index_then_query_json_on_digits(tmp_path, capsys, digits_frozen):
     text = capsys.readouterr().out
     assert "negative = helpful" in text and "test 2: most helpful" in text
 
+    # a Kronecker-factored H_tt, attached as its own operator next to the dense one
+    main(["attach", "--index", str(out), "--task", task_spec, "--h-tt", "ekfac", "--cg-iters", "2", "--json"])
+    res = _strict_json(capsys.readouterr().out)
+    assert res["h_tt"] == "ekfac" and res["attached"] != summary["attached"]
+    assert len(list((out / "operators").glob("*.h5"))) == 2
+
 
 @pytest.mark.parametrize("case", ["bad-test-ids", "test-id-out-of-range", "missing-task-file",
                                   "task-without-name", "missing-index"])

@@ -86,6 +86,10 @@ class DigitsTask(msif_index.MultiStageTask):
     def finetune_loss(self, model, batch):
         return _cross_entropy(model, batch)
 
+    def finetune_fisher_losses(self, model, batch):
+        # optional: Kronecker-factored H_tt (large heads) fits the head's Gauss-Newton matrix
+        return msif_index.cross_entropy_fisher_losses(model(batch[0]))
+
     def pretrained_model(self) -> nn.Module:
         return self._pretrained
 

@@ -250,6 +250,10 @@ class MnistToDigitsTask(msif_index.MultiStageTask):
     def finetune_loss(self, model, batch):
         return cross_entropy(model, batch)
 
+    def finetune_fisher_losses(self, model, batch):
+        # optional: Kronecker-factored H_tt (large heads) fits the head's Gauss-Newton matrix
+        return msif_index.cross_entropy_fisher_losses(model(batch[0]))
+
     # --- the models: trained by the recipe below once, then loaded from the cache ----------------
     def pretrained_model(self) -> nn.Module:
         return self._cached("pretrained", self._pretrain_settings(),
