@@ -11,8 +11,10 @@ attached finetuned model, k = 10 results, direction 'helpful'):
 * the split of a single query into the model part (``query_vectors``: the test gradient through the
   finetuned model and the attach-time operator) and the search part;
 * with exact search ('Flat': msif's torch matmul + top-k over the rows) and with approximate
-  indexes (--approx, default 'SVD128;IVF<nlist>,Flat'; SVD128 is msif's two-stage index, candidates
-  in the rows' top-128 principal subspace rescored exactly; nlist 256 below 65536 rows, else 1024).
+  indexes (--approx, default 'SVD128;SVD128,PQ64fs;IVF<nlist>,Flat'; SVD128 is msif's two-stage
+  index, candidates in the rows' top-128 principal subspace rescored exactly; SVD128,PQ64fs puts a
+  faiss 4-bit fast-scan PQ over the 128-dim reduced rows in front of it; nlist 256 below 65536 rows,
+  else 1024).
   Their parameter (candidates for SVD, nprobe for IVF, efSearch for HNSW) is tuned as the smallest
   power of two (candidates: 20 x a power of two) reaching recall@10 >= TUNE_RECALL = 0.97 on 64
   tuning queries (a margin: the target, 0.95, is checked on the other queries),
@@ -270,7 +272,7 @@ def main() -> None:
     ap.add_argument("--ns", default=None, help="comma-separated n values (default 10000,100000[,1000000])")
     ap.add_argument("--queries", type=int, default=192, help="single queries timed per index")
     ap.add_argument("--batch-repeats", type=int, default=5)
-    ap.add_argument("--approx", default="SVD128;IVF{nlist},Flat",
+    ap.add_argument("--approx", default="SVD128;SVD128,PQ64fs;IVF{nlist},Flat",
                     help="approximate indexes, ';'-separated: SVD<r> or faiss factories ({nlist}: 256 below "
                          "65536 rows, else 1024), e.g. 'SVD128;HNSW32'")
     ap.add_argument("--noindex-examples", type=int, default=10_000)

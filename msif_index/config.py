@@ -48,7 +48,8 @@ class BuildConfig:
     batch_size: int = _help("Pretraining examples per batch.", 256)
     device: str = _help("Torch device of the gradient computation: cpu, cuda, cuda:1 ...", "cpu")
     factory: str = _help("Search index: Flat (exact), SVD<r> (msif's two-stage index: candidates in "
-                         "the rows' top-r principal subspace, rescored exactly; e.g. SVD128), or a FAISS "
+                         "the rows' top-r principal subspace, rescored exactly; e.g. SVD128; fastest "
+                         "SVD128,PQ64fs, with a 4-bit fast-scan PQ stage in front), or a FAISS "
                          "inner-product factory string (IVF1024,Flat, HNSW32, IVF256,PQ32 ...).", "Flat")
     shard_rows: int = _help("Rows per resumable shard of the featurize pass.", 16384)
 

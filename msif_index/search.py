@@ -17,7 +17,12 @@ per-row term), then exact rescoring of ``candidates`` of them (default ``SVD_K_F
 against the full float32 rows. It is stored as faiss objects (IndexRefineFlat over
 IndexPreTransform(LinearTransform, IndexFlatIP)), so faiss can save, load and search it; on CPU
 the same two stages run as torch matmul + topk over zero-copy views (like Flat). Like Flat it is
-built from the rows when an index folder is opened (no faiss.index file). Why: MIPS over
+built from the rows when an index folder is opened (no faiss.index file).
+``"SVD<r>,PQ<M>fs"`` adds a first stage: a faiss 4-bit fast-scan product quantizer (M sub-vectors,
+M/2 bytes per row, trained on a seeded sample at open) over the r-dim reduced rows gives
+``SVD_PQ_FACTOR x candidates`` ids, which are rescored exactly in the reduced space, then the best
+``candidates`` exactly against the full rows (three stages; the returned scores stay exact; below
+FAST_SCAN_MIN_ROWS rows, and on CUDA, it searches as SVD<r>). Why: MIPS over
 preconditioned gradients is hard for IVF and HNSW (benchmarks/query_latency.py: IVF needs a
 quarter of the lists for recall 0.95), while the rows have a strong low-rank part.
 
@@ -73,17 +78,27 @@ EXACT_PATH = "torch"
 #: Score faiss reports for a missing result (id -1): -FLT_MAX.
 MISSING_SCORE = float(np.finfo(np.float32).min)
 
-FACTORY_EXAMPLES = ("Flat", "SVD128", "IVF1024,Flat", "HNSW32", "IVF256,PQ32")
+FACTORY_EXAMPLES = ("Flat", "SVD128", "SVD128,PQ64fs", "IVF1024,Flat", "HNSW32", "IVF256,PQ32")
 
 #: SVD<r> indexes rescore this many candidates per requested result unless ``candidates`` is given
 SVD_K_FACTOR = 40
-_SVD_RE = re.compile(r"^SVD(\d+)$")
+#: SVD<r>,PQ<M>fs: the fast-scan stage passes this many ids per final candidate to the reduced stage
+SVD_PQ_FACTOR = 4
+#: below this many rows SVD<r>,PQ<M>fs skips its fast-scan stage (searches as SVD<r>)
+FAST_SCAN_MIN_ROWS = 256
+_SVD_RE = re.compile(r"^SVD(\d+)(?:,PQ(\d+)fs)?$")
 
 
 def svd_rank(factory: str) -> int | None:
-    """r of an "SVD<r>" factory string, else None."""
+    """r of an "SVD<r>" or "SVD<r>,PQ<M>fs" factory string, else None."""
     m = _SVD_RE.match(factory.strip()) if isinstance(factory, str) else None
     return int(m.group(1)) if m else None
+
+
+def svd_fast_scan(factory: str) -> int | None:
+    """M of an "SVD<r>,PQ<M>fs" factory string (its fast-scan stage), else None."""
+    m = _SVD_RE.match(factory.strip()) if isinstance(factory, str) else None
+    return int(m.group(2)) if m and m.group(2) else None
 
 
 def built_at_open(factory: str) -> bool:
@@ -448,6 +463,8 @@ class SearchIndex:
         self._gpu_res = None
         self._cuda: dict | None = None   # torch CUDA copies of the rows (Flat, SVD<r> without faiss-gpu)
         self._views: dict | None = None  # SVD<r>: cached zero-copy views (see _svd_views)
+        self._fast_scan_m: int | None = None   # SVD<r>,PQ<M>fs: M
+        self._fast_scan = None                 # its faiss IndexPQFastScan over the reduced rows
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -461,7 +478,14 @@ class SearchIndex:
         factory = factory.strip()
         r = svd_rank(factory)
         if r is not None:
-            return cls(_make_svd(int(k), r), factory=factory, device=device)
+            out = cls(_make_svd(int(k), r), factory=factory, device=device)
+            m = svd_fast_scan(factory)
+            if m is not None:
+                if m < 1 or r % m:
+                    raise ConfigError(f"{factory}: the fast-scan stage needs M >= 1 dividing r = {r} "
+                                      f"(e.g. 'SVD{r},PQ{max(1, r // 2)}fs')")
+                out._fast_scan_m = m
+            return out
         try:
             index = faiss.index_factory(int(k), factory, faiss.METRIC_INNER_PRODUCT)
         except Exception as e:
@@ -544,6 +568,8 @@ class SearchIndex:
                 if start == 0:
                     index.reset()  # leave no half-added index behind
                 raise
+            if self._fast_scan_m is not None:
+                self._fit_fast_scan(int(train_size), seed)
             self._place(self._device)
 
     # -- properties -----------------------------------------------------------------------------
@@ -605,6 +631,8 @@ class SearchIndex:
                 return _empty_result(q.shape[0], topk)
             if self._svd is not None:
                 cand = max(topk, int(candidates) if candidates is not None else SVD_K_FACTOR * topk)
+                if self._fast_scan is not None and self._cuda is None:
+                    return self._fast_scan_search(q, topk, cand)
                 return self._svd_search(q, topk, cand)
             if self._cuda is not None:
                 return _torch_topk(q, self._cuda["rows"], topk)
@@ -637,10 +665,59 @@ class SearchIndex:
         with torch.inference_mode():
             for q0 in range(0, q.shape[0], 16):                 # at most 16 x cand full rows at once
                 ids = torch.from_numpy(cid[q0:q0 + 16]).to(dev)
-                s = torch.bmm(rows[ids], qt[q0:q0 + 16, :, None])[..., 0]     # [g, cand] exact
+                g = ids.shape[0]                                    # index_select: faster than rows[ids]
+                full = rows.index_select(0, ids.reshape(-1)).view(g, ids.shape[1], rows.shape[1])
+                s = torch.bmm(full, qt[q0:q0 + 16, :, None])[..., 0]         # [g, cand] exact
                 bs, pos = torch.topk(s, kk, dim=1)
                 out_s[q0:q0 + 16, :kk] = bs.cpu().numpy()
                 out_i[q0:q0 + 16, :kk] = torch.gather(ids, 1, pos).cpu().numpy()
+        return out_s, out_i
+
+    def _fit_fast_scan(self, train_size: int, seed: int) -> None:
+        """(Re)build the SVD<r>,PQ<M>fs first stage over all reduced rows: a 4-bit fast-scan PQ,
+        trained on a seeded sample of ``train_size`` reduced rows (faiss k-means, fixed seed)."""
+        reduced = self._svd_views()["reduced"].numpy()
+        n, r = reduced.shape
+        self._fast_scan = None
+        if n < FAST_SCAN_MIN_ROWS:                  # too few rows to train it: the plain SVD<r> search
+            return
+        m = min(train_size, n)
+        sample = reduced[np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))]
+        fs = faiss.IndexPQFastScan(r, self._fast_scan_m, 4, faiss.METRIC_INNER_PRODUCT)
+        fs.pq.cp.min_points_per_centroid = 1        # no faiss warning on small samples
+        fs.train(np.ascontiguousarray(sample))
+        fs.add(reduced)
+        self._fast_scan = fs
+
+    def _fast_scan_search(self, q: np.ndarray, topk: int, cand: int) -> tuple[np.ndarray, np.ndarray]:
+        """SVD<r>,PQ<M>fs on CPU: ``SVD_PQ_FACTOR x cand`` ids from the fast-scan PQ over the reduced
+        rows, the best ``cand`` of them by exact reduced score, then the best ``topk`` of those by
+        exact full score. Per query, a handful of torch ops (their overhead is most of the time)."""
+        import torch
+
+        parts = self._svd_views()
+        rows, reduced, a = parts["rows"], parts["reduced"], parts["a"]
+        n = self._index.ntotal
+        out_s, out_i = _empty_result(q.shape[0], topk)
+        with torch.inference_mode():
+            qt = torch.from_numpy(q)
+            q_red = qt @ a.T
+            _, first = self._fast_scan.search(q_red.numpy(), min(n, SVD_PQ_FACTOR * cand))
+            for i in range(q.shape[0]):
+                ids = first[i]
+                if ids[-1] < 0:                                  # fewer found than asked
+                    ids = ids[ids >= 0]
+                ids_t = torch.from_numpy(ids)
+                c = min(cand, ids_t.numel())
+                if c == 0:
+                    continue
+                red_s = reduced.index_select(0, ids_t) @ q_red[i]
+                top = ids_t[torch.topk(red_s, c, sorted=False).indices]
+                full_s = rows.index_select(0, top) @ qt[i]
+                kk = min(topk, c)
+                bs, pos = torch.topk(full_s, kk)
+                out_s[i, :kk] = bs.numpy()
+                out_i[i, :kk] = top[pos].numpy()
         return out_s, out_i
 
     def _svd_views(self) -> dict:
@@ -675,6 +752,9 @@ class SearchIndex:
         folder = path.parent
         if not folder.is_dir():
             raise ConfigError(f"cannot save index to {path}: folder {folder} does not exist; create it first")
+        if self._fast_scan_m is not None:
+            raise ConfigError(f"{self._factory} is built from the rows when an index is opened and is not saved "
+                              f"to a file; save 'SVD<r>' instead, or keep the rows")
         tmp = folder / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             with self._lock.read():
@@ -756,6 +836,7 @@ class SearchIndex:
         self._gpu_res = None
         self._cuda = None
         self._views = None
+        self._fast_scan = None
 
 
 def _check_device(device) -> None:

@@ -359,10 +359,12 @@ def test_missing_or_unfinished_index(tmp_path, exact_index, tasks):
             _one_line(e)
 
 
-def test_svd_index_agrees_with_flat(tmp_path, tasks, default_index, batch):
-    """factory='SVD<r>' (built from the rows at open, like Flat): recall@10 >= 0.9 against the Flat
-    index's answers, both directions, and its scores are the exact row scores of the ids it returns."""
-    cfg = BuildConfig(factory="SVD48")
+@pytest.mark.parametrize("factory", ["SVD48", "SVD48,PQ24fs"])
+def test_svd_index_agrees_with_flat(tmp_path, tasks, default_index, batch, factory):
+    """factory='SVD<r>' (built from the rows at open, like Flat), also with its fast-scan stage:
+    recall@10 >= 0.9 against the Flat index's answers, both directions, and its scores are the exact
+    row scores of the ids it returns."""
+    cfg = BuildConfig(factory=factory)
     svd_dir = build_index(tasks["frozen"], tmp_path / "svd", cfg)
     assert not (svd_dir / "faiss.index").exists()
     flat = InfluenceIndex.open(default_index)
@@ -370,6 +372,7 @@ def test_svd_index_agrees_with_flat(tmp_path, tasks, default_index, batch):
     flat.attach(tasks["frozen"])
     svd.attach(tasks["frozen"])
     assert svd.search_index.two_stage
+    assert (svd.search_index._fast_scan is not None) == factory.endswith("fs")
     all_scores = svd.scores(batch)
     for direction in ("helpful", "harmful"):
         a = flat.query(batch, k=10, direction=direction)

@@ -595,6 +595,52 @@ def test_svd_save_load_and_errors(tmp_path):
     assert S.built_at_open("SVD8") and S.built_at_open("Flat") and not S.built_at_open("IVF8,Flat")
 
 
+def test_svd_fast_scan_stage_recall_exact_scores_and_determinism():
+    """SVD<r>,PQ<M>fs: the fast-scan first stage keeps recall@10 >= 0.95 at the default candidates,
+    scores stay exact, every row a candidate gives the exact top-k, and two builds from the same
+    rows and seed answer identically."""
+    x, q = _low_rank()
+    es, ei = _brute(q, x, 10)
+    answers = []
+    for _ in range(2):
+        idx = SearchIndex.create(x.shape[1], "SVD16,PQ8fs")
+        idx.train_and_add(lambda: _blocks(x, 1000), len(x), seed=4)
+        assert idx.two_stage and idx.factory == "SVD16,PQ8fs" and idx._fast_scan is not None
+        s, i = idx.search(q, 10)
+        answers.append(i)
+    assert recall_at_k(es, ei, i, 10) >= 0.95
+    exact = np.einsum("qk,qtk->qt", q.astype(np.float64), x[i].astype(np.float64))
+    np.testing.assert_allclose(s, exact, rtol=1e-5, atol=1e-4)
+    assert np.all(np.diff(s, axis=1) <= 0)
+    np.testing.assert_array_equal(answers[0], answers[1])
+    _, i_all = idx.search(q, 10, candidates=len(x))
+    assert recall_at_k(es, ei, i_all, 10) == 1.0
+    # the first stage matters: with few candidates it is an approximation of the plain SVD stage
+    plain = SearchIndex.create(x.shape[1], "SVD16")
+    plain.train_and_add(lambda: _blocks(x, 1000), len(x), seed=4)
+    _, i_few = idx.search(q, 10, candidates=10)
+    _, p_few = plain.search(q, 10, candidates=10)
+    assert not np.array_equal(i_few, p_few)
+
+
+def test_svd_fast_scan_errors_and_small_n(tmp_path):
+    x, q = _low_rank(n=300, d=32, r=6)
+    with pytest.raises(ConfigError, match="M >= 1 dividing r = 8"):
+        SearchIndex.create(32, "SVD8,PQ3fs")
+    tiny = SearchIndex.create(32, "SVD8,PQ4fs")
+    tiny.train_and_add([x[:100]], 100)               # too few rows for the fast scan: plain SVD8
+    assert tiny._fast_scan is None and tiny.search(q, 3)[1].shape == (len(q), 3)
+    idx = SearchIndex.create(32, "SVD8,PQ4fs")
+    idx.train_and_add([x], len(x))
+    assert idx._fast_scan is not None
+    s, i = idx.search(q, 10, candidates=200)         # 4 x 200 > n: the first stage returns all n
+    es, ei = _brute(q, x, 10)
+    assert recall_at_k(es, ei, i, 10) == 1.0
+    with pytest.raises(ConfigError, match="not saved"):
+        idx.save(tmp_path / "x.faiss")
+    assert S.built_at_open("SVD8,PQ4fs") and S.svd_fast_scan("SVD8,PQ4fs") == 4 and S.svd_fast_scan("SVD8") is None
+
+
 @pytest.mark.parametrize("factory", ["Flat", "SVD8"])
 def test_torch_gpu_path_logic_without_a_gpu(monkeypatch, factory):
     """The torch CUDA path (Flat without faiss-gpu, SVD<r>) with its copies placed on the CPU: the
