@@ -22,10 +22,10 @@ import h5py
 import numpy as np
 import torch
 from torch import nn
-from torch.func import grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
 from .atomic import atomic_path
-from .autodiff import FlatParams, batched_objective, hvp
+from .autodiff import FlatParams, _LossCall, hvp
 from .data import batches, move
 from .errors import CorruptIndexError
 from .gradients import GradientProjector
@@ -103,17 +103,21 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
     d_theta = sum(flat.sizes[: len(theta)])
     method = resolve_h_tt(h_tt, d_theta)
     x = flat.get()
-    f = flat.loss(task.finetune_loss)
+    f = split_loss(model, theta, w, task.finetune_loss)
     dataset = task.finetune_dataset()
     m = len(dataset)  # type: ignore[arg-type]
     dtype = x.dtype
     data = [move(b, dtype=dtype) for _, b in batches(dataset, batch_size)]
-    mean_f = batched_objective(f, data, m)
+
+    def mean_f(t: torch.Tensor, ww: torch.Tensor) -> torch.Tensor:
+        """F(theta, W) without weight decay: the mean finetuning loss."""
+        return sum(f(t, ww, b).sum() for b in data) / m
+
     wd = float(task.finetune_weight_decay)
     x_theta, x_w = x[:d_theta], x[d_theta:]
 
     if method == "dense":
-        curv: HeadCurvature = DenseHeadCurvature(lambda t: mean_f(torch.cat([t, x_w])), x_theta, wd,
+        curv: HeadCurvature = DenseHeadCurvature(lambda t: mean_f(t, x_w), x_theta, wd,
                                                  0.0 if damping is None else damping)
     else:
         curv = KroneckerHeadCurvature(task, model, theta, method,
@@ -145,6 +149,23 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
     return FinetuneOperator(task.finetuning, float(task.alpha), b, c, theta, fingerprint, info)
 
 
+def split_loss(model: nn.Module, theta: list[str], w: list[str], loss_fn) -> Callable:
+    """``f(t, ww, batch) -> Tensor[B]``: per-example losses with theta = t and W = ww (flat vectors).
+
+    Two arguments rather than one concatenated vector, so that under ``vmap`` over directions in
+    theta the backbone (a function of W alone) stays unbatched and runs once per batch, not once
+    per direction (and likewise for directions in W and the head)."""
+    ft, fw = FlatParams(model, theta), FlatParams(model, w)
+    call = _LossCall(model, loss_fn)
+
+    def f(t: torch.Tensor, ww: torch.Tensor, batch: Any) -> torch.Tensor:
+        params = {"model." + n: p for n, p in ft.as_dict(t).items()}
+        params.update({"model." + n: p for n, p in fw.as_dict(ww).items()})
+        return functional_call(call, params, (batch,))
+
+    return f
+
+
 def _theta_hvp_rows(f, data: list, m: int, x_theta: torch.Tensor, x_w: torch.Tensor, wd: float,
                     chunk: int = 32) -> Callable[[torch.Tensor], torch.Tensor]:
     """V [r, d_theta] -> V H_tt (H_tt of the finetuning objective incl. weight decay, W held at its
@@ -153,7 +174,7 @@ def _theta_hvp_rows(f, data: list, m: int, x_theta: torch.Tensor, x_w: torch.Ten
         out = wd * v
         for batch in data:
             def f_b(t: torch.Tensor, batch=batch) -> torch.Tensor:
-                return f(torch.cat([t, x_w]), batch).sum() / m
+                return f(t, x_w, batch).sum() / m
             for s in range(0, v.shape[0], chunk):
                 out[s:s + chunk] += vmap(lambda u: hvp(f_b, x_theta, u))(v[s:s + chunk].to(x_theta.dtype)).to(v.dtype)
         return out
@@ -166,7 +187,7 @@ def _mixed_by_columns(projector: GradientProjector, mean_f, x_theta: torch.Tenso
     d_theta = x_theta.numel()
 
     def grad_w(t: torch.Tensor) -> torch.Tensor:
-        return grad(lambda ww: mean_f(torch.cat([t, ww])))(x_w)
+        return grad(lambda ww: mean_f(t, ww))(x_w)
 
     eye = torch.eye(d_theta, dtype=x_theta.dtype)
     chunk = max(1, min(64, (1 << 22) // max(1, x_w.numel())))
@@ -186,7 +207,7 @@ def _mixed_by_rows(projector: GradientProjector, mean_f, x_theta: torch.Tensor, 
     k_w = projector.dim
 
     def grad_theta(ww: torch.Tensor) -> torch.Tensor:
-        return grad(lambda t: mean_f(torch.cat([t, ww])))(x_theta)
+        return grad(lambda t: mean_f(t, ww))(x_theta)
 
     chunk = max(1, min(64, (1 << 22) // max(1, x_w.numel())))
     out = torch.empty(k_w, x_theta.numel(), dtype=x_theta.dtype)
@@ -231,7 +252,7 @@ def _projected_h_ww(projector: GradientProjector, mean_f, x_theta: torch.Tensor,
     p_w = projector.matrix().to(x_w.dtype)                  # [k_W, d_W], shared_parameters order
 
     def f_w(ww: torch.Tensor) -> torch.Tensor:
-        return mean_f(torch.cat([x_theta, ww]))
+        return mean_f(x_theta, ww)
 
     out = torch.empty(k_w, k_w, dtype=_F64)
     for s in range(0, k_w, 64):

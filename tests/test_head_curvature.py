@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 
 import msif_index
 import msif_index.head_curvature as hc
-from msif_index.autodiff import FlatParams, batched_objective
+from msif_index.autodiff import FlatParams
 from msif_index.build import build_index
 from msif_index.config import PRESETS, BuildConfig
 from msif_index.data import batches, full_batch, move
@@ -28,7 +28,7 @@ from msif_index.errors import TooLargeError
 from msif_index.exact import exact_influence
 from msif_index.gradients import GradientProjector
 from msif_index.index import InfluenceIndex
-from msif_index.operator import _mixed_by_columns, _mixed_by_rows, compute_operator, projection_rows
+from msif_index.operator import _mixed_by_columns, _mixed_by_rows, compute_operator, projection_rows, split_loss
 from msif_index.task import split_parameters
 from msif_index.training import fit
 from tests.test_build import MixedTask, TinyNet, _HeldTask, _init
@@ -37,13 +37,13 @@ TEST_IDS = list(range(8))
 
 
 def _mean_f(task, model):
+    """(mean_f(t, ww), theta, W, W names): the mean finetuning loss as compute_operator builds it."""
     w, theta = split_parameters(task, model)
-    flat = FlatParams(model, theta + w)
-    x = flat.get()
-    data = [move(b, dtype=x.dtype) for _, b in batches(task.finetune_dataset(), 7)]
-    d_theta = sum(flat.sizes[:len(theta)])
-    return batched_objective(flat.loss(task.finetune_loss), data, len(task.finetune_dataset())), \
-        x[:d_theta], x[d_theta:], w
+    x_theta, x_w = FlatParams(model, theta).get(), FlatParams(model, w).get()
+    f = split_loss(model, theta, w, task.finetune_loss)
+    data = [move(b, dtype=x_w.dtype) for _, b in batches(task.finetune_dataset(), 7)]
+    m = len(task.finetune_dataset())
+    return (lambda t, ww: sum(f(t, ww, b).sum() for b in data) / m), x_theta, x_w, w
 
 
 def test_projection_rows_are_the_explicit_matrix():
@@ -66,7 +66,7 @@ def test_mixed_term_by_rows_equals_by_columns_and_finite_differences():
     assert by_rows.shape == (proj.dim, x_theta.numel())
     assert torch.allclose(by_rows, by_cols, rtol=1e-10, atol=1e-12)
     # central differences of grad_theta F along two rows p_i of P_W (LayerNorm's weight is in W)
-    grad_theta = torch.func.grad(lambda t, ww: mean_f(torch.cat([t, ww])))
+    grad_theta = torch.func.grad(mean_f)
     p = proj.matrix()
     h = 1e-5
     for i in (0, proj.dim - 1):
@@ -278,7 +278,7 @@ def test_mixed_term_by_rows_in_an_attached_operator(tmp_path, digits_frozen):
         model = a.model
         mean_f, x_theta, x_w, _ = _mean_f(task, model)
         pf = _mixed_by_columns(a.projector, mean_f, x_theta, x_w, show=False).to(torch.float64)
-        dense = hc.DenseHeadCurvature(lambda t: mean_f(torch.cat([t, x_w])), x_theta,
+        dense = hc.DenseHeadCurvature(lambda t: mean_f(t, x_w), x_theta,
                                       task.finetune_weight_decay)
         assert torch.allclose(op.b, dense.solve_rows(pf), rtol=1e-8, atol=1e-10)
 
