@@ -4,15 +4,13 @@ Every user-caused error (msif_index.errors.MsifError) is printed as one line, ex
 """
 from __future__ import annotations
 
-import json
 import sys
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import typer
 
-from msif_index.errors import ConfigError, MsifError
-
 from msif_index.config import help_text
+from msif_index.errors import ConfigError, MsifError
 
 from .output import SIGN_CONVENTION, parse_ids, print_json, print_ranking
 

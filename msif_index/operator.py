@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import h5py
-import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
