@@ -7,10 +7,12 @@ at the finetuned model (theta_hat, W_hat):
     proximal:  q_t = C (P_W g_W - B g_t),    C = alpha P P^T (P S P^T)^{-1}         [k_W, k_W]
                P S P^T = P H_WW P^T + alpha P P^T - (P F_Wt) H_tt^{-1} (P F_Wt)^T   (Schur complement)
 
-B and C are computed once at attach time (a pass over the finetuning set per theta coordinate for
-P F_Wt, HVPs along P's rows or a projected Fisher for P H_WW P^T), so a query is one backward pass
-of the test batch plus small products and never touches the finetuning data. With no projection
-(P = I) and dense Hessians both are exact (tests/test_query_exact.py).
+B and C are computed once at attach time: P F_Wt by a forward-over-reverse pass over the finetuning
+set per theta coordinate or per row of P_W (whichever is fewer), H_tt^{-1} dense or Kronecker-
+factored and refined by CG (msif_index.head_curvature), P H_WW P^T by HVPs along P's rows or a
+projected Fisher. A query is then one backward pass of the test batch plus small products and never
+touches the finetuning data. With no projection (P = I) and dense Hessians both are exact
+(tests/test_query.py, exact mode).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from .atomic import atomic_path
 from .autodiff import FlatParams, _LossCall, hvp
 from .data import batches, move
-from .errors import CorruptIndexError
+from .errors import CorruptIndexError, NonFiniteError
 from .gradients import GradientProjector
 from .head_curvature import (CG_ITERS, DenseHeadCurvature, HeadCurvature, KroneckerHeadCurvature,
                              conjugate_gradient_rows, resolve_h_tt)
@@ -136,6 +138,9 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
         b, cg = conjugate_gradient_rows(pf, _theta_hvp_rows(f, data, m, x_theta, x_w, wd), curv.solve_rows,
                                         iters, show)
         info.update({"h_tt_" + k: v for k, v in cg.items()})
+    if not torch.isfinite(b).all():
+        raise NonFiniteError(f"the finetune operator B is not finite ({method} H_tt is singular or the "
+                             f"finetuning losses are not finite); attach with damping > 0, e.g. 1e-3")
     c = None
     if task.finetuning == "proximal":
         alpha = float(task.alpha)

@@ -692,7 +692,8 @@ class SearchIndex:
     def _fast_scan_search(self, q: np.ndarray, topk: int, cand: int) -> tuple[np.ndarray, np.ndarray]:
         """SVD<r>,PQ<M>fs on CPU: ``SVD_PQ_FACTOR x cand`` ids from the fast-scan PQ over the reduced
         rows, the best ``cand`` of them by exact reduced score, then the best ``topk`` of those by
-        exact full score. Per query, a handful of torch ops (their overhead is most of the time)."""
+        exact full score. Most of its time is random memory reads: the fast scan and the two gathers
+        of candidate rows (benchmarks/README.md)."""
         import torch
 
         parts = self._svd_views()

@@ -24,7 +24,7 @@ from msif_index.autodiff import FlatParams
 from msif_index.build import build_index
 from msif_index.config import PRESETS, BuildConfig
 from msif_index.data import batches, full_batch, move
-from msif_index.errors import TooLargeError
+from msif_index.errors import NonFiniteError, TooLargeError
 from msif_index.exact import exact_influence
 from msif_index.gradients import GradientProjector
 from msif_index.index import InfluenceIndex
@@ -291,6 +291,20 @@ class BigRawHead(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.embed(x)).sum(1, keepdim=True) * self.scale
+
+
+def test_a_singular_kronecker_h_tt_without_damping_is_one_clear_error():
+    """No damping and no weight decay: a dead head input makes a Kronecker factor singular."""
+    task = SquaredHeadTask()
+    task.finetune_weight_decay = 0.0
+    model = task.finetuned_model()
+    with torch.no_grad():
+        model.embed.weight[0].zero_()
+        model.embed.bias[0] = 0.0                      # hidden unit 0 is tanh(0) = 0 for every input
+    w, _ = split_parameters(task, model)
+    proj = GradientProjector(model, w, proj_dim=None, dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match="attach with damping > 0"):
+        compute_operator(task, model, proj, "x", h_tt="kfac", damping=0.0, cg_iters=0, show=False)
 
 
 def test_a_raw_head_parameter_too_large_for_a_dense_block(monkeypatch):
