@@ -200,6 +200,7 @@ class InfluenceIndex:
             validate_task(task)
         if cg_iters is not None and (isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 0):
             raise ConfigError(f"cg_iters must be an integer >= 0, got {cg_iters!r}")
+        resolve_h_tt(h_tt, 0)                    # an unknown h_tt fails before any work
         self.check_pretrained(task)
         source = finetuned if finetuned is not None else task.finetuned_model()
         params = dict(source.named_parameters())

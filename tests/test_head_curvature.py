@@ -24,7 +24,7 @@ from msif_index.autodiff import FlatParams
 from msif_index.build import build_index
 from msif_index.config import PRESETS, BuildConfig
 from msif_index.data import batches, full_batch, move
-from msif_index.errors import NonFiniteError, TooLargeError
+from msif_index.errors import ConfigError, NonFiniteError, TooLargeError
 from msif_index.exact import exact_influence
 from msif_index.gradients import GradientProjector
 from msif_index.index import InfluenceIndex
@@ -263,6 +263,10 @@ def test_auto_switches_to_ekfac_above_the_dense_limit(exact_index, digits_frozen
     assert op.info["h_tt"] == "ekfac" and op.info["d_theta"] == 26
     with pytest.raises(TooLargeError, match="dense H_tt is limited to 10; use h_tt='ekfac'"):
         index.attach(digits_frozen, h_tt="dense")
+    with pytest.raises(ConfigError, match="unknown h_tt 'bogus'"):
+        index.attach(digits_frozen, h_tt="bogus")
+    with pytest.raises(ConfigError, match="cg_iters must be an integer >= 0"):
+        index.attach(digits_frozen, h_tt="ekfac", cg_iters=-1)
 
 
 def test_mixed_term_by_rows_in_an_attached_operator(tmp_path, digits_frozen):
