@@ -187,36 +187,53 @@ def conjugate_gradient_rows(rows: torch.Tensor, hvp_rows: Callable[[torch.Tensor
     """X ~ rows H^{-1} by ``iters`` steps of preconditioned CG per row, started at precondition(rows),
     ``block_rows`` rows at a time (memory: five blocks of rows besides X).
 
-    ``hvp_rows(V) = V H`` (H symmetric positive definite), ``precondition(V) ~ V H^{-1}``. Rows that
-    are 0 stay 0. Returns X and {cg_iters, cg_residual: max over rows of ||rows - X H|| / ||rows||}.
+    ``hvp_rows(V) = V H`` (H symmetric; positive definite at a finetuned minimum),
+    ``precondition(V) ~ V H^{-1}`` (positive definite). A row stops early once its residual is at
+    rounding level, or when it meets a direction of non-positive curvature (H not positive definite:
+    the head is not at a minimum), keeping its iterate. Rows that are 0 stay 0. Returns X and
+    {cg_iters, cg_residual: max over rows of ||rows - X H|| / ||rows||, cg_negative_curvature: rows
+    stopped by non-positive curvature}.
     """
     def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a * b).sum(1, keepdim=True)
 
     tiny = torch.finfo(rows.dtype).tiny
+    tol = 16 * torch.finfo(rows.dtype).eps
     out = torch.empty_like(rows)
-    worst = 0.0
+    worst, negative = 0.0, 0
     starts = range(0, rows.shape[0], block_rows)
     with progress(len(starts) * (iters + 1), "attach: CG refinement of H_tt^{-1}", unit="step",
                   enabled=show) as advance:
         for s0 in starts:
             b = rows[s0:s0 + block_rows]
+            b_norm = b.norm(dim=1, keepdim=True)
             x = precondition(b)
             r = b - hvp_rows(x)
             advance(1)
             z = precondition(r)
             p = z.clone()
             rz = dot(r, z)
+            active = r.norm(dim=1, keepdim=True) > tol * b_norm
+            bent = torch.zeros_like(active)
             for _ in range(iters):
+                if not bool(active.any()):
+                    advance(1)
+                    continue
                 hp = hvp_rows(p)
-                a = rz / dot(p, hp).clamp_min(tiny)
+                php = dot(p, hp)
+                bent |= active & (php <= 0)
+                active &= php > 0
+                a = torch.where(active, rz / php.clamp_min(tiny), torch.zeros_like(rz))
                 x.add_(a * p)
                 r.sub_(a * hp)
                 z = precondition(r)
                 rz_new = dot(r, z)
-                p = z + (rz_new / rz.clamp_min(tiny)) * p
+                beta = torch.where(active, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
+                p = z + beta * p
                 rz = rz_new
+                active &= r.norm(dim=1, keepdim=True) > tol * b_norm
                 advance(1)
             out[s0:s0 + block_rows] = x
+            negative += int(bent.sum())
             worst = max(worst, float((r.norm(dim=1) / b.norm(dim=1).clamp_min(tiny)).max()))
-    return out, {"cg_iters": iters, "cg_residual": worst}
+    return out, {"cg_iters": iters, "cg_residual": worst, "cg_negative_curvature": negative}

@@ -16,6 +16,7 @@ touches the finetuning data. With no projection (P = I) and dense Hessians both 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,8 +31,8 @@ from .autodiff import FlatParams, _LossCall, hvp
 from .data import batches, move
 from .errors import CorruptIndexError, NonFiniteError
 from .gradients import GradientProjector
-from .head_curvature import (CG_ITERS, DenseHeadCurvature, HeadCurvature, KroneckerHeadCurvature,
-                             conjugate_gradient_rows, resolve_h_tt)
+from .head_curvature import (CG_ITERS, MAX_DENSE_THETA, DenseHeadCurvature, HeadCurvature,
+                             KroneckerHeadCurvature, conjugate_gradient_rows, resolve_h_tt)
 from .progress import progress
 from .task import MultiStageTask, split_parameters
 
@@ -138,6 +139,11 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
         b, cg = conjugate_gradient_rows(pf, _theta_hvp_rows(f, data, m, x_theta, x_w, wd), curv.solve_rows,
                                         iters, show)
         info.update({"h_tt_" + k: v for k, v in cg.items()})
+        if cg["cg_negative_curvature"]:
+            warnings.warn(f"H_tt is not positive definite (the finetuned head is not at a minimum): CG stopped "
+                          f"early on {cg['cg_negative_curvature']} of {pf.shape[0]} rows of B; finetune the head to "
+                          f"convergence or attach with h_tt='dense' (heads up to {MAX_DENSE_THETA} parameters)",
+                          RuntimeWarning, stacklevel=3)
     if not torch.isfinite(b).all():
         raise NonFiniteError(f"the finetune operator B is not finite ({method} H_tt is singular or the "
                              f"finetuning losses are not finite); attach with damping > 0, e.g. 1e-3")

@@ -114,6 +114,61 @@ def test_kronecker_h_tt_is_exact_for_a_kronecker_hessian(kind):
     assert torch.allclose(kron.b.to(torch.float64), dense.b, rtol=1e-8, atol=1e-10)
 
 
+class NormHeadNet(nn.Module):
+    """W: a tanh embedding; theta: LayerNorm (a dense block) then a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.tanh(self.embed(x))))
+
+
+class NormHeadTask(SquaredHeadTask):
+    """The head is trained to its minimum (H_tt positive definite there, as CG needs)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        self._pm = _init(NormHeadNet().double(), seed + 1)
+        self._fm = _init(NormHeadNet().double(), seed + 2)
+        self._fm.embed.load_state_dict(self._pm.embed.state_dict())
+        _, theta = split_parameters(self, self._fm)
+        fit(self._fm, theta, self.finetune_loss, [full_batch(self._fin)], len(self._fin),
+            l2=self.finetune_weight_decay)
+
+    def pretrain_loss(self, model, batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1].argmax(1), reduction="none")
+
+    finetune_loss = pretrain_loss
+
+    def finetune_fisher_losses(self, model, batch):
+        return msif_index.cross_entropy_fisher_losses(model(batch[0]))
+
+
+@pytest.mark.parametrize("finetuning", ["frozen", "proximal"])
+def test_kronecker_h_tt_with_cg_converges_to_the_dense_operator(finetuning):
+    """A head with a LayerNorm (a dense block of the Kronecker H_tt) and a Linear: with as many CG
+    steps as head parameters, B (and C) equal the dense operator's (float64, 1e-7): the exact HVPs
+    through LayerNorm's weight and the CG are right, whatever the Kronecker approximation."""
+    task = NormHeadTask()
+    task.finetuning, task.alpha = finetuning, 2.0
+    model = task.finetuned_model()
+    w, theta = split_parameters(task, model)
+    d_theta = sum(dict(model.named_parameters())[n].numel() for n in theta)
+    proj = GradientProjector(model, w, proj_dim=None, dtype=torch.float64)
+    dense = compute_operator(task, model, proj, "x", h_tt="dense")
+    kron = compute_operator(task, model, proj, "x", h_tt="ekfac", cg_iters=d_theta, show=False)
+    assert dense.info["h_tt_min_eig"] > 0
+    assert kron.info["h_tt_blocks"] == ["norm.weight", "norm.bias", "head"]
+    assert kron.info["h_tt_cg_residual"] < 1e-8 and kron.info["h_tt_cg_negative_curvature"] == 0
+    assert torch.allclose(kron.b, dense.b, rtol=1e-7, atol=1e-9)
+    if finetuning == "proximal":
+        assert torch.allclose(kron.c, dense.c, rtol=1e-6, atol=1e-8)
+
+
 @pytest.fixture(scope="module")
 def exact_index(tmp_path_factory, digits_frozen):
     return build_index(digits_frozen, tmp_path_factory.mktemp("hc") / "exact", PRESETS["exact"])
@@ -224,6 +279,17 @@ def test_kronecker_h_tt_against_exact_influence(exact_index, deep_head, kind, cg
     assert rho >= bar
     if cg_iters == 0:
         assert rho > rho_emp
+
+
+def test_conjugate_gradient_rows_stops_on_negative_curvature():
+    """An indefinite H (a head not at a minimum): rows meeting p.Hp <= 0 stop and are counted; the
+    result stays finite."""
+    h = torch.diag(torch.tensor([2.0, 1.0, -0.5], dtype=torch.float64))
+    rows = torch.tensor([[1.0, 1.0, 1.0], [1.0, 2.0, 0.0]], dtype=torch.float64)
+    x, info = hc.conjugate_gradient_rows(rows, lambda v: v @ h, lambda v: v.clone(), 5, show=False)
+    assert torch.isfinite(x).all()
+    assert info["cg_negative_curvature"] == 1            # row 0 sees -0.5; row 1 is solved exactly
+    assert torch.allclose(x[1], rows[1] @ torch.linalg.inv(h), atol=1e-12)
 
 
 def test_conjugate_gradient_rows_reaches_the_exact_solve():
