@@ -480,7 +480,8 @@ def test_no_gpu_support_stays_on_cpu(tmp_path, monkeypatch):
 # -------------------------------------------------------------------------------- concurrency
 
 
-@pytest.mark.parametrize("factory, kw", [("Flat", {}), ("IVF32,Flat", {"nprobe": 8}), ("HNSW16", {"ef_search": 64})])
+@pytest.mark.parametrize("factory, kw", [("Flat", {}), ("IVF32,Flat", {"nprobe": 8}), ("HNSW16", {"ef_search": 64}),
+                                         ("SVD8", {"candidates": 60}), ("SVD8,PQ4fs", {"candidates": 60})])
 def test_concurrent_searches_equal_sequential(factory, kw):
     x, q = _clustered(4000, 32, nq=40, seed=11)
     idx = SearchIndex.create(32, factory)
