@@ -34,14 +34,14 @@ from .atomic import atomic_path, cleanup_stale_tmp, read_json, write_json_atomic
 from .autodiff import FlatParams, batched_objective
 from .config import BuildConfig
 from .data import batches, move
-from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, OutputExistsError, ShapeError
+from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, OutputExistsError
 from .fingerprint import fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian
 from .progress import progress
 from .search import SearchIndex, built_at_open
 from .store import RowStore, ShardedWriter, link_shards
-from .task import MultiStageTask, has_fisher_losses, split_parameters
+from .task import MultiStageTask, fisher_loss_columns, has_fisher_losses, split_parameters
 
 BUILD_FILE = "build.json"
 MANIFEST = "manifest.json"
@@ -306,6 +306,12 @@ class _Sample:
         return ids, rows
 
 
+def _reuses_sample(pre: Preconditioner, config: BuildConfig) -> bool:
+    """Whether the statistics are the stored rows' own raw rows of a subsample (so featurize can reuse
+    them): not for identity (no statistics), hessian / exact (HVPs) or Gauss-Newton pseudo-losses."""
+    return pre.passes > 0 and config.preconditioner not in ("hessian", "exact") and config.fisher != "gauss-newton"
+
+
 def _stats_ids(n: int, config: BuildConfig) -> list[int]:
     return _subsample(n, config.stats_examples, config.seed)
 
@@ -362,19 +368,13 @@ def _fit_gauss_newton(task: MultiStageTask, prep: Prepared, config: BuildConfig,
     for the task's pseudo-losses L = pretrain_fisher_losses [B, R], over a seeded subsample of
     m = ceil(stats_examples / R) examples (so about stats_examples rows, as the empirical statistics).
     Not the stored rows (those are at the data's targets), so featurize computes every row itself."""
-    probe = next(iter(batches(task.pretrain_dataset(), 1, [0])))[1]
-    with torch.no_grad():
-        r_count = int(task.pretrain_fisher_losses(prep.model, move(probe, prep.device, prep.dtype)).shape[-1])
+    probe = move(next(iter(batches(task.pretrain_dataset(), 1, [0])))[1], prep.device, prep.dtype)
+    columns = fisher_loss_columns(task.pretrain_fisher_losses, prep.model, probe, "pretrain_fisher_losses")
+    r_count = len(columns)
     ids = _subsample(n, max(1, -(-config.stats_examples // r_count)), config.seed)
     rows = torch.empty(len(ids) * r_count, prep.projector.dim, dtype=prep.dtype, device=prep.device)
     with progress(len(ids) * r_count, "statistics (Gauss-Newton)", enabled=show) as advance:
-        for r in range(r_count):
-            def loss_r(model, batch, r=r):
-                out = task.pretrain_fisher_losses(model, batch)
-                if out.dim() != 2 or out.shape[1] != r_count:
-                    raise ShapeError(f"pretrain_fisher_losses must return [B, {r_count}] (one row of R "
-                                     f"pseudo-losses per example), got {tuple(out.shape)}")
-                return out[:, r]
+        for r, loss_r in enumerate(columns):
             block = rows[r * len(ids):(r + 1) * len(ids)]
             for bids, _ in _raw_rows(task, prep, config, ids, block, fill=True, loss=loss_r):
                 advance(len(bids))
@@ -397,7 +397,7 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
                              if isinstance(obj, h5py.Dataset) else None)
                 pre.load_state_dict(state)
                 pre.damping_used = json.loads(f.attrs["damping_used"])
-            if pre.passes == 0 or config.preconditioner in ("hessian", "exact") or config.fisher == "gauss-newton":
+            if not _reuses_sample(pre, config):
                 return None
             return _Sample(_stats_ids(n, config), _shard_rows(n, config))    # rows recomputed per shard
         except (OSError, KeyError, ValueError):

@@ -38,11 +38,11 @@ from torch import nn
 
 from .autodiff import FlatParams, dense_hessian
 from .data import batches, move
-from .errors import ConfigError, ShapeError, TooLargeError
+from .errors import ConfigError, TooLargeError
 from .gradients import GradientProjector
 from .preconditioners import make_preconditioner
 from .progress import progress
-from .task import MultiStageTask, has_finetune_fisher_losses
+from .task import MultiStageTask, fisher_loss_columns, has_finetune_fisher_losses
 
 H_TT_CHOICES = ("auto", "dense", "kfac", "ekfac")
 #: H_tt is factored densely (h_tt='auto') up to this many theta parameters
@@ -122,7 +122,11 @@ class KroneckerHeadCurvature(HeadCurvature):
         gauss_newton = has_finetune_fisher_losses(task)
         data = task.finetune_dataset()
         m = len(data)  # type: ignore[arg-type]
-        losses = _stat_losses(task, model) if gauss_newton else [task.finetune_loss]
+        if gauss_newton:
+            probe = move(next(iter(batches(data, 1)))[1], dtype=dtype)
+            losses = fisher_loss_columns(task.finetune_fisher_losses, model, probe, "finetune_fisher_losses")
+        else:
+            losses = [task.finetune_loss]
         step = max(1, min(batch_size, _ROW_ENTRIES // max(1, self.projector.dim)))
         total = self.pre.passes * m * len(losses)
         with progress(total, f"attach: {kind} H_tt statistics", enabled=show) as advance:
@@ -146,27 +150,6 @@ class KroneckerHeadCurvature(HeadCurvature):
     @property
     def pre_dtype(self) -> torch.dtype:
         return self.projector.dtype
-
-
-def _stat_losses(task: MultiStageTask, model: nn.Module) -> list[Callable]:
-    """One loss per Gauss-Newton pseudo-loss column r of ``task.finetune_fisher_losses`` [B, R]."""
-    probe = next(iter(batches(task.finetune_dataset(), 1)))[1]
-    with torch.no_grad():
-        out = task.finetune_fisher_losses(model, move(probe, dtype=next(model.parameters()).dtype))
-    if out.dim() != 2:
-        raise ShapeError(f"finetune_fisher_losses must return [B, R] (R pseudo-losses per example), "
-                         f"got {tuple(out.shape)}")
-    r_count = int(out.shape[1])
-
-    def column(r: int) -> Callable:
-        def loss(mdl, batch):
-            val = task.finetune_fisher_losses(mdl, batch)
-            if val.dim() != 2 or val.shape[1] != r_count:
-                raise ShapeError(f"finetune_fisher_losses must return [B, {r_count}], got {tuple(val.shape)}")
-            return val[:, r]
-        return loss
-
-    return [column(r) for r in range(r_count)]
 
 
 def block_permutation(model: nn.Module, theta: list[str], blocks) -> torch.Tensor:

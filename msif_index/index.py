@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .atomic import read_json
-from .autodiff import FlatParams
 from .build import BUILD_FILE, FAISS, MANIFEST, OPERATORS, ROWS, file_sha256, pretrained_fingerprints
 from .data import batch_size_of, move
 from .errors import ConfigError, CorruptIndexError, IndexMismatchError, ShapeError
@@ -59,7 +58,6 @@ class _Attached:
     task: MultiStageTask
     model: nn.Module
     projector: GradientProjector     # P_W on the finetuned model
-    theta: FlatParams
     operator: FinetuneOperator
     query: "_QueryPath"
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -235,7 +233,7 @@ class InfluenceIndex:
             op_path.parent.mkdir(exist_ok=True)
             op.save(op_path)
         query = _QueryPath.make(model, projector, theta, op)
-        self._attached[key] = _Attached(task, model, projector, FlatParams(model, theta), op, query)
+        self._attached[key] = _Attached(task, model, projector, op, query)
         self._default = key
         return key
 

@@ -16,13 +16,13 @@ import math
 import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from .errors import TaskError
+from .errors import ShapeError, TaskError
 
 FINETUNING_STYLES = ("frozen", "proximal")
 
@@ -119,14 +119,41 @@ def cross_entropy_fisher_losses(logits: torch.Tensor) -> torch.Tensor:
     return -logp * logp.detach().exp().sqrt()
 
 
+def _defines(task: MultiStageTask, hook: str) -> bool:
+    return getattr(type(task), hook) is not getattr(MultiStageTask, hook)
+
+
 def has_fisher_losses(task: MultiStageTask) -> bool:
     """Whether the task defines ``pretrain_fisher_losses`` (the Gauss-Newton statistics hook)."""
-    return type(task).pretrain_fisher_losses is not MultiStageTask.pretrain_fisher_losses
+    return _defines(task, "pretrain_fisher_losses")
 
 
 def has_finetune_fisher_losses(task: MultiStageTask) -> bool:
     """Whether the task defines ``finetune_fisher_losses`` (the head's Gauss-Newton statistics hook)."""
-    return type(task).finetune_fisher_losses is not MultiStageTask.finetune_fisher_losses
+    return _defines(task, "finetune_fisher_losses")
+
+
+def fisher_loss_columns(fisher_losses: Callable[[nn.Module, Any], torch.Tensor], model: nn.Module,
+                        probe: Any, hook: str) -> list[Callable[[nn.Module, Any], torch.Tensor]]:
+    """One per-example loss per pseudo-loss column r of ``fisher_losses(model, batch)`` [B, R] (a
+    ``*_fisher_losses`` hook named ``hook``), R read from the batch ``probe``; each column checks the
+    shape it is given, so a hook that returns the wrong shape fails with one line."""
+    with torch.no_grad():
+        out = fisher_losses(model, probe)
+    if out.dim() != 2:
+        raise ShapeError(f"{hook} must return [B, R] (R pseudo-losses per example), got {tuple(out.shape)}")
+    r_count = int(out.shape[1])
+
+    def column(r: int) -> Callable[[nn.Module, Any], torch.Tensor]:
+        def loss(mdl: nn.Module, batch: Any) -> torch.Tensor:
+            val = fisher_losses(mdl, batch)
+            if val.dim() != 2 or val.shape[1] != r_count:
+                raise ShapeError(f"{hook} must return [B, {r_count}] (R pseudo-losses per example), "
+                                 f"got {tuple(val.shape)}")
+            return val[:, r]
+        return loss
+
+    return [column(r) for r in range(r_count)]
 
 
 def collate(items: list) -> Any:

@@ -391,7 +391,7 @@ def test_single_pass_query_equals_two_pass_reference(default_index, tasks, batch
     """The query's one hooked backward pass over (W, theta) gives the same q_t (float64, 1e-10) as the
     reference: P_W grad_W l from the W projector, grad_theta l by torch.func per-example gradients,
     combined by FinetuneOperator.query_vectors."""
-    from msif_index.autodiff import per_example_grads
+    from msif_index.autodiff import FlatParams, per_example_grads
     from msif_index.data import move
 
     index = InfluenceIndex.open(default_index)
@@ -399,7 +399,8 @@ def test_single_pass_query_equals_two_pass_reference(default_index, tasks, batch
     att = index._get(key)
     b = move(batch, dtype=att.projector.dtype)
     pw = att.projector.project_batch(att.task.measurement, b).detach()
-    gt = per_example_grads(att.theta.loss(att.task.measurement), att.theta.get(), b).detach()
+    theta = FlatParams(att.model, att.operator.theta_names)
+    gt = per_example_grads(theta.loss(att.task.measurement), theta.get(), b).detach()
     ref = att.operator.query_vectors(pw, gt).numpy()
     got = index.query_vectors(batch, key)
     np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
