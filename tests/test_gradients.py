@@ -132,6 +132,54 @@ def test_rows_match_brute_force(setup, proj_dim):
     torch.testing.assert_close(out, rows, rtol=0, atol=0)
 
 
+def test_output_hooks_only_where_outputs_are_modified_in_place(setup):
+    """After the first pass, output gradients come from autograd.grad except for modules whose
+    outputs are modified in place (fc, by the in-place ReLU), which keep a tensor hook."""
+    model, batch, names, g = setup
+    proj = GradientProjector(model, names, proj_dim=120, seed=1)
+    first = proj.project_batch(loss_fn, batch)
+    hooked = {st.block.name: st.hook_outputs for st in proj._kron}
+    assert hooked == {"emb": False, "seq": False, "conv": False, "fc": True, "mix": False, "head": False}
+    second = proj.project_batch(loss_fn, batch)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    torch.testing.assert_close(second, g @ proj.matrix().t(), rtol=1e-6, atol=1e-10)
+
+
+class Switch(nn.Module):
+    """a's output doubled in place or not, by a flag: the same function either way."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+        self.in_place = False
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h.mul_(2.0) if self.in_place else h * 2.0
+        return self.b(torch.tanh(h))
+
+
+def test_output_modified_in_place_later_is_caught_and_redone():
+    torch.manual_seed(0)
+    model = Switch().double()
+    x, y = torch.randn(B, 3, dtype=torch.float64), torch.randint(0, 2, (B,))
+
+    def lf(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+    names = [n for n, _ in model.named_parameters()]
+    proj = GradientProjector(model, names, proj_dim=None, seed=0)
+    want = torch.stack([torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(
+        lf(model, (x[i:i + 1], y[i:i + 1]))[0], list(model.parameters()))]) for i in range(B)]) @ proj.matrix().t()
+    torch.testing.assert_close(proj.project_batch(lf, (x, y)), want, rtol=1e-10, atol=1e-12)
+    assert not proj._kron[0].hook_outputs              # a's outputs were not modified: no hook next time
+    model.in_place = True                               # now they are: the pass notices and runs again
+    torch.testing.assert_close(proj.project_batch(lf, (x, y)), want, rtol=1e-10, atol=1e-12)
+    assert proj._kron[0].hook_outputs
+    torch.testing.assert_close(proj.project_batch(lf, (x, y)), want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("proj_dim", [None, 120])
 def test_project_dense_matches_rows(setup, proj_dim):
     model, batch, names, _ = setup

@@ -66,7 +66,7 @@ def _dense_seed(seed: int, name: str) -> int:
 class _Call:
     """What one call of a Kronecker module left behind."""
 
-    __slots__ = ("a", "ids", "delta", "output", "version", "n")
+    __slots__ = ("a", "ids", "delta", "output", "version", "n", "hooked")
 
     def __init__(self):
         self.a = None        # [B, T, k_in] projected inputs (or [B, T] ids for exact embeddings)
@@ -75,6 +75,7 @@ class _Call:
         self.output = None
         self.version = 0
         self.n = 0           # leading (batch) dimension seen
+        self.hooked = False  # a tensor hook on the output captures delta (else: taken from autograd.grad)
 
 
 class _KronState:
@@ -119,6 +120,11 @@ class _KronState:
             self.conv_b = p[:, self.d_in_w].contiguous() if b.bias else None
         self.calls: list[_Call] = []
         self.dtype = dtype
+        #: whether the module's outputs get a tensor hook. True until a pass has shown that they are
+        #: not modified in place after the module returns; then their gradients come straight from
+        #: autograd.grad (a Python tensor hook costs tens of microseconds per call, most of a
+        #: one-example query). Set back to True, for good, when an output turns out modified.
+        self.hook_outputs = True
 
     def p_out_matrix(self):
         b = self.block
@@ -312,6 +318,15 @@ class GradientProjector:
         return out
 
     def _kron_pass(self, loss_fn, batch, out):
+        result = self._kron_pass_once(loss_fn, batch, out)
+        if result is None:          # an unhooked output was modified in place: again, with hooks there
+            result = self._kron_pass_once(loss_fn, batch, out)
+        return result
+
+    def _kron_pass_once(self, loss_fn, batch, out):
+        """(n, rows); None when an output captured without a tensor hook was modified in place after
+        its module returned (its gradient is then out of reach: the module's outputs get hooks from
+        now on, and the caller runs the pass again)."""
         handles = []
         for st in self._kron:
             st.calls = []
@@ -335,6 +350,12 @@ class GradientProjector:
                             f"module '{st.block.name}' saw a leading dimension of {c.n} but loss_fn returned "
                             f"{n} losses; per-example gradients need the batch dimension first "
                             f"(or pass dense_modules=['{st.block.name}'])")
+            redo = False
+            for st in self._kron:
+                if any(c.output is not None and not c.hooked and c.output._version != c.version for c in st.calls):
+                    st.hook_outputs = redo = True
+            if redo:
+                return None
             out = self._check_out(out, n)
             check = self._need_check
             drivers, seen = [], set()
@@ -342,6 +363,7 @@ class GradientProjector:
                 for c in st.calls:
                     if c.output is None:
                         continue
+                    # a hooked output modified in place: its module's weight still drives the hook
                     t = c.output if c.output._version == c.version else st.module.weight
                     if id(t) not in seen:
                         seen.add(id(t))
@@ -358,10 +380,16 @@ class GradientProjector:
             grads = None
             if drivers and losses.requires_grad:
                 grads = torch.autograd.grad(losses.sum(), drivers, allow_unused=True)
+            pos = {id(t): i for i, t in enumerate(drivers)}
             for st in self._kron:
+                if grads is not None:
+                    for c in st.calls:
+                        if c.output is not None and not c.hooked:
+                            g = grads[pos[id(c.output)]]
+                            if g is not None:
+                                c.delta = self._delta(st, g)
                 self._kron_rows(st, out)
             if check:
-                pos = {id(t): i for i, t in enumerate(drivers)}
                 full = {}
                 for pn in check_params:
                     g = grads[pos[id(self._params[pn])]] if grads is not None else None
@@ -373,6 +401,11 @@ class GradientProjector:
                     full[pn] = g.unsqueeze(0)
                 self._verify(out, full)
                 self._need_check = False
+            for st in self._kron:
+                # outputs seen unmodified in this pass need no tensor hook from now on
+                if st.hook_outputs and st.calls and all(c.output is None or c.output._version == c.version
+                                                        for c in st.calls):
+                    st.hook_outputs = False
         finally:
             for st in self._kron:
                 # break the reference cycle output -> grad_fn -> tensor hook -> call -> output: it runs
@@ -384,6 +417,19 @@ class GradientProjector:
                 st.calls = []
         return n, out
 
+    def _delta(self, st: _KronState, g: torch.Tensor) -> torch.Tensor:
+        """A module output's gradient -> [B, T, k_out] projected output gradients (delta P_out^T)."""
+        g = g.detach()
+        if g.dtype != self.dtype or g.device != self.device:
+            g = g.to(dtype=self.dtype, device=self.device)
+        if st.block.kind == "conv2d":
+            d = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)  # [B, L, C_out]
+        else:
+            d = g.reshape(g.shape[0], -1, g.shape[-1])  # [B, T, d_out]
+        if st.p_out_t is not None:
+            d = torch.matmul(d, st.p_out_t)
+        return d
+
     def _make_forward_hook(self, st: _KronState):
         b = st.block
         module = st.module
@@ -391,16 +437,7 @@ class GradientProjector:
 
         def tensor_hook(call: _Call):
             def hook(g):
-                g = g.detach()
-                if g.dtype != dtype or g.device != device:
-                    g = g.to(dtype=dtype, device=device)
-                if b.kind == "conv2d":
-                    d = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)  # [B, L, C_out]
-                else:
-                    d = g.reshape(g.shape[0], -1, g.shape[-1])  # [B, T, d_out]
-                if st.p_out_t is not None:
-                    d = torch.matmul(d, st.p_out_t)
-                call.delta = d
+                call.delta = self._delta(st, g)
             return hook
 
         def forward_hook(mod, args, kwargs, output):
@@ -435,7 +472,9 @@ class GradientProjector:
             if output.requires_grad:
                 call.output = output
                 call.version = output._version
-                output.register_hook(tensor_hook(call))
+                if st.hook_outputs:
+                    call.hooked = True
+                    output.register_hook(tensor_hook(call))
             st.calls.append(call)
 
         return forward_hook
