@@ -225,9 +225,22 @@ def naive_loop(task, examples: int, chunks_timed: int = 2) -> dict[str, Any]:
 # children (one fresh process each)
 
 
+def _malloc(args: dict[str, Any]) -> bool:
+    """The allocator settings of a child, before anything is measured: build_index's (as a build
+    leaves them; the training-step baseline then runs under the same ones), or glibc's defaults."""
+    import os
+
+    from msif_index.allocator import ENV, keep_freed_memory
+    if args.get("malloc_defaults"):
+        os.environ[ENV] = "0"
+        return False
+    return keep_freed_memory()
+
+
 def child_throughput(args: dict[str, Any]) -> dict[str, Any]:
     import msif_index.store as S
     from msif_index.config import BuildConfig
+    tuned = _malloc(args)
     setup_threads(args["threads"])
     model, n = args["model"], args["n"]
     task = TASKS[model](n)
@@ -253,7 +266,8 @@ def child_throughput(args: dict[str, Any]) -> dict[str, Any]:
                     S._MAX_CHUNK_BYTES = saved_chunk
                 after = train_eps(step)
                 train = 0.5 * (before + after)
-                res.update({"variant": variant["name"], "round": rnd, "train_examples_per_s": train,
+                res.update({"variant": variant["name"] + ("" if tuned else ", glibc malloc defaults"),
+                            "malloc_tuned": tuned, "round": rnd, "train_examples_per_s": train,
                             "train_before": before, "train_after": after,
                             "build_over_train": res["examples_per_s"] / train})
                 runs.append(res)
@@ -270,6 +284,7 @@ def child_throughput(args: dict[str, Any]) -> dict[str, Any]:
 
 def child_rss(args: dict[str, Any]) -> dict[str, Any]:
     from msif_index.config import BuildConfig
+    tuned = _malloc(args)
     setup_threads(args["threads"])
     model, n = args["model"], args["n"]
     task = TASKS[model](n)
@@ -289,7 +304,7 @@ def child_rss(args: dict[str, Any]) -> dict[str, Any]:
     step, _ = train_step(task)
     train_after = train_eps(step)
     train = 0.5 * (train_before + train_after)
-    res.update({"model": model, "rss_before_mb": rss_before, "peak_before_build_mb": peak_before,
+    res.update({"model": model, "malloc_tuned": tuned, "rss_before_mb": rss_before, "peak_before_build_mb": peak_before,
                 "peak_rss_mb": peak, "train_examples_per_s": train, "train_before": train_before,
                 "train_after": train_after, "build_over_train": res["examples_per_s"] / train})
     return res
@@ -481,6 +496,12 @@ def main() -> None:
             print(f"== throughput {model} n={n}: gauss-newton (1 round)", flush=True)
             extra = run_child(script, {**spec, "variants": gn, "rounds": 1, "naive_examples": 0}, timeout=7200)
             tp["runs"] += extra["runs"]
+        if not args.quick:
+            # the same default build in a fresh process with glibc's malloc settings left alone
+            print(f"== throughput {model} n={n}: default, glibc malloc defaults", flush=True)
+            plain = run_child(script, {**spec, "variants": variants[:1], "naive_examples": 0,
+                                       "malloc_defaults": True}, timeout=7200)
+            tp["runs"] += plain["runs"]
         result["throughput"].append(tp)
     for model in [m for m in args.rss_models.split(",") if m in models]:
         for rep in range(args.rss_repeats):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .atomic import atomic_path, cleanup_stale_tmp, read_json, write_json_atomic
 from .autodiff import FlatParams, batched_objective
 from .config import BuildConfig
@@ -499,6 +500,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     I(z, x_t) ~ - q_t . s_z (negative: helpful; positive: harmful).
     """
     config = resolve_config(task, config or BuildConfig())
+    keep_freed_memory()                  # glibc: reuse freed tensor memory (see msif_index.allocator)
     out = Path(out_dir)
     n = len(task.pretrain_dataset())
     fps = pretrained_fingerprints(task, task.pretrained_model())
