@@ -47,17 +47,6 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-def restore_defaults() -> None:
-    """glibc's static defaults again (128 KiB for both; its dynamic threshold stays off). For
-    benchmarks that compare the two settings in one process."""
-    global _applied
-    mallopt = _mallopt()
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, 128 << 10)
-        mallopt(M_TRIM_THRESHOLD, 128 << 10)
-    _applied = False
-
-
 def _mallopt():
     try:
         fn = ctypes.CDLL(None).mallopt

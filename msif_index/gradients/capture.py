@@ -6,11 +6,14 @@ E[P^T P] = I (``msif_index.projection``); blocks are laid out one after another 
 ``msif_index.gradients.blocks``).
 
 Kronecker blocks (Linear, Conv2d, Embedding) never form a per-example gradient: a forward hook
-captures the module's input and projects it (a P_in^T), a tensor hook on the module's output
-captures the output gradient and projects it (delta P_out^T), and the block's row is the sum over
-positions of the outer products, one batched multiply. One forward and one backward serve every
-Kronecker block; the backward only computes gradients w.r.t. the module outputs (no weight
-gradients), unless an output was later modified in place (then the module's weight drives it).
+captures the module's input and projects it (a P_in^T), the gradient w.r.t. the module's output is
+projected (delta P_out^T), and the block's row is the sum over positions of the outer products, one
+batched multiply. One forward and one backward serve every Kronecker block; the backward only
+computes gradients w.r.t. the module outputs (no weight gradients). The output gradients come
+straight from that backward, except for a module whose outputs are modified in place after it
+returns (an in-place ReLU): a tensor hook on the output catches its gradient, and the module's
+weight drives the backward. Every module gets the hook on the first pass; from then on only those
+seen modified (the version counter tells; a pass that finds an unhooked output modified reruns).
 
 Dense blocks use torch.func: vmap over the examples of grad of a functional_call that swaps just
 those parameters, each example fed to ``loss_fn`` as a batch of one, followed by the seeded
