@@ -281,14 +281,14 @@ def no_index_cost(real: Path, examples: int, q: np.ndarray, rounds: int = 3) -> 
         for mode in times:
             dt, out[mode] = run(mode)
             times[mode].append(dt)
-    best = {mode: median(ts) for mode, ts in times.items()}
+    med = {mode: median(ts) for mode, ts in times.items()}
     a, b = out["per_row"].double(), out["query_preconditioned"].double()
     rel = float((a - b).abs().max() / a.abs().max())
     if rel > 1e-3:
         raise SystemExit(f"the two no-index paths disagree (max relative difference {rel:.2e})")
-    dt = best["query_preconditioned"]
+    dt = med["query_preconditioned"]
     return {"examples": len(ids), "s_per_example": dt / len(ids), "seconds": dt,
-            "method": "query_preconditioned", "per_row_s_per_example": best["per_row"] / len(ids),
+            "method": "query_preconditioned", "per_row_s_per_example": med["per_row"] / len(ids),
             "max_rel_diff_between_paths": rel, "rounds_s": times}
 
 
