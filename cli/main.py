@@ -148,7 +148,7 @@ def attach_cmd(index: str = typer.Option(..., help="Index folder (from msif buil
     t = load_task(task)
     with InfluenceIndex.open(index) as idx:
         key = idx.attach(t, validate=False, h_tt=h_tt, cg_iters=cg_iters)
-        info = idx._attached[key].operator.info
+        info = idx.operator(key).info
     if as_json:
         print_json({"index": index, "attached": key, "finetuning": t.finetuning, "h_tt": info.get("h_tt")})
     else:

@@ -143,13 +143,9 @@ class KroneckerHeadCurvature(HeadCurvature):
     def solve_rows(self, rows: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         out = torch.empty_like(rows)
         for s in range(0, rows.shape[0], chunk):
-            block_layout = rows[s:s + chunk][:, self.perm].to(self.pre_dtype)
+            block_layout = rows[s:s + chunk][:, self.perm].to(self.projector.dtype)
             out[s:s + chunk] = self.pre.apply(block_layout)[:, self.inv_perm].to(rows.dtype)
         return out
-
-    @property
-    def pre_dtype(self) -> torch.dtype:
-        return self.projector.dtype
 
 
 def block_permutation(model: nn.Module, theta: list[str], blocks) -> torch.Tensor:

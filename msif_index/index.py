@@ -241,6 +241,11 @@ class InfluenceIndex:
     def attached(self) -> list[str]:
         return list(self._attached)
 
+    def operator(self, finetuned: str | None = None) -> FinetuneOperator:
+        """The finetune-side operator of an attached model (default: the last attached): B, C and
+        ``info`` (how H_tt was formed, CG residual, damping, ...)."""
+        return self._get(finetuned).operator
+
     def _get(self, finetuned: str | None) -> _Attached:
         if not self._attached:
             raise ConfigError("no finetuned model attached; call index.attach(task) first")

@@ -267,7 +267,7 @@ def test_kronecker_h_tt_against_exact_influence(exact_index, deep_head, kind, cg
     rho_dense, _ = _agreement(index, batch, ref)
     assert rho_dense > 0.999999                 # the dense operator with exact rows is exact
     index.attach(deep_head, h_tt=kind, cg_iters=cg_iters)
-    info = index._attached[index._default].operator.info
+    info = index.operator().info
     assert info["h_tt"] == kind and info["h_tt_statistics"] == "gauss-newton"
     assert info["h_tt_blocks"] == ["head1", "head2"]
     assert info["h_tt_cg_iters"] == (5 if cg_iters is None else 0)
@@ -275,7 +275,7 @@ def test_kronecker_h_tt_against_exact_influence(exact_index, deep_head, kind, cg
     bare = DeepHeadTask.__new__(DeepHeadTask)           # the same task without the Gauss-Newton hook
     bare.__dict__.update(deep_head.__dict__)
     index.attach(bare, h_tt=kind, cg_iters=cg_iters)
-    assert index._attached[index._default].operator.info["h_tt_statistics"] == "empirical"
+    assert index.operator().info["h_tt_statistics"] == "empirical"
     rho_emp, rec_emp = _agreement(index, batch, ref)
     with capsys.disabled():
         print(f"\n[deep head, {kind} H_tt, {info['h_tt_cg_iters']} CG steps, residual "
@@ -330,7 +330,7 @@ def test_auto_switches_to_ekfac_above_the_dense_limit(exact_index, digits_frozen
     monkeypatch.setattr(hc, "MAX_DENSE_THETA", 10)          # the digits head has 26 parameters
     index = InfluenceIndex.open(exact_index)
     key = index.attach(digits_frozen)
-    op = index._attached[key].operator
+    op = index.operator(key)
     assert op.info["h_tt"] == "ekfac" and op.info["d_theta"] == 26
     with pytest.raises(TooLargeError, match="dense H_tt is limited to 10; use h_tt='ekfac'"):
         index.attach(digits_frozen, h_tt="dense")
@@ -346,7 +346,7 @@ def test_mixed_term_by_rows_in_an_attached_operator(tmp_path, digits_frozen):
                                                                    compute_dtype="float64"))
     with InfluenceIndex.open(path) as index:
         key = index.attach(digits_frozen)
-        op = index._attached[key].operator
+        op = index.operator(key)
         assert op.info["mixed_term"] == "rows"
         a = index._attached[key]
         task = digits_frozen

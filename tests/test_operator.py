@@ -30,7 +30,7 @@ def test_proximal_fisher_fallback_error_is_bounded(exact_index, digits_proximal,
     monkeypatch.setattr(operator_mod, "MAX_HVP_PROJECTION", 0)
     index = InfluenceIndex.open(exact_index)
     index.attach(task)
-    assert index._attached[index._default].operator.info["h_ww"] == "fisher"
+    assert index.operator().info["h_ww"] == "fisher"
     got = index.scores(batch)
     rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     rho = float(np.mean([spearmanr(got[q], ref[q])[0] for q in range(len(TEST_IDS))]))
