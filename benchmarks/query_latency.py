@@ -1,7 +1,7 @@
 """Query latency of the influence index (issue "Query").
 
-Run:  python benchmarks/query_latency.py            (n = 10k and 100k; about 5-10 min on a 2-core CPU)
-      python benchmarks/query_latency.py --with-1m  (adds n = 1M: 4 GB of rows in RAM, +10-15 min)
+Run:  python benchmarks/query_latency.py            (n = 10k and 100k; about 1-2 min on a 2-core CPU)
+      python benchmarks/query_latency.py --with-1m  (adds n = 1M: 4 GB of rows in RAM, about 7 min in all)
 Prints a table and writes query_latency.json next to this file. Not part of the test suite.
 
 What it measures, end to end (a test input to pretraining ids: ``InfluenceIndex.query`` on a real

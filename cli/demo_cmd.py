@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         """Pretrain a small CNN on 5,000 real MNIST digits, finetune it on scikit-learn's digits (frozen
         and proximal), index the pretraining set, and show which MNIST digits helped and hurt a few test
         digits: tables here, pictures in <out>/report.png. Nothing is downloaded; the first run trains
-        (a few minutes on a 2-core CPU), later runs reuse the cached models and index."""
+        (about 1.5 minutes on a 2-core CPU), later runs reuse the cached models and index."""
         from msif_index.demo import run_demo
         summary = run_demo(out, quick=quick, k=k, n_queries=n_queries, show=not as_json, threads=threads)
         if as_json:

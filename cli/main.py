@@ -4,13 +4,15 @@ Every user-caused error (msif_index.errors.MsifError) is printed as one line, ex
 """
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Optional
 
 import typer
 
 from msif_index.config import help_text
-from msif_index.errors import ConfigError, MsifError
+from msif_index.errors import ConfigError, DiskFullError, MsifError
 
 from .output import SIGN_CONVENTION, parse_ids, print_json, print_ranking
 
@@ -86,7 +88,7 @@ def build_index_cmd(
         out: str = typer.Option(None, help="Index folder (default: indexes/<task file's folder name>)."),
         preset: str = typer.Option("default", help="Starting config: default | exact | fast."),
         preconditioner: Optional[str] = typer.Option(None, help=help_text("preconditioner")),
-        proj_dim: Optional[int] = typer.Option(None, "--proj-dim", help=help_text("proj_dim") + " 0: no projection."),
+        proj_dim: Optional[int] = typer.Option(None, "--proj-dim", help=help_text("proj_dim").replace("0 or None", "0")),
         proj_dim_per_layer: Optional[int] = typer.Option(None, help=help_text("proj_dim_per_layer")),
         damping: Optional[float] = typer.Option(None, help=help_text("damping")),
         fisher: Optional[str] = typer.Option(None, help=help_text("fisher")),
@@ -198,13 +200,26 @@ from .demo_cmd import register as _reg_demo; _reg_demo(app)  # noqa: E402,E702
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app, turning MsifError into one line on stderr (exit 2)."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+    except DiskFullError as e:
+        typer.echo(f"error: {e}", err=True)
+        # HDF5 may still hold writes that failed on the full disk; the normal interpreter exit would
+        # retry them while closing its files (and can crash doing so). Every finished file is already
+        # fsynced and renamed, and the next run removes the temporary ones, so exit at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     except MsifError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
+        rc = 130
+    except OSError as e:
+        line = _os_error_line(e)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
+        sys.exit(2)
     except Exception as e:  # click usage errors carry their own exit code
         click_exception, exit_, abort = _usage_exceptions()
         if isinstance(e, click_exception):
@@ -215,6 +230,24 @@ def main(argv: Optional[list[str]] = None) -> None:
         if isinstance(e, abort):
             sys.exit(1)
         raise
+    # typer turns Ctrl-C into exit code 130 and, without standalone mode, returns it
+    if rc == 130:
+        typer.echo("interrupted; rerun the same command to resume", err=True)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
+
+
+def _os_error_line(e: OSError) -> Optional[str]:
+    """One line for the file-system errors a user fixes outside msif (permissions, a read-only or
+    full disk); None for the others, which keep their traceback."""
+    fixes = {errno.EACCES: "check the folder's permissions", errno.EPERM: "check the folder's permissions",
+             errno.EROFS: "the file system is read-only: use a writable folder",
+             errno.ENOSPC: "free some space and run the same command again",
+             errno.EDQUOT: "free some space (disk quota) and run the same command again"}
+    if e.errno not in fixes:
+        return None
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}; {fixes[e.errno]}"
 
 
 def _usage_exceptions() -> tuple[type, type, type]:

@@ -85,6 +85,26 @@ class Prepared:
     device: torch.device
 
 
+def _device(name: str) -> torch.device:
+    """torch.device(name), or ConfigError when torch cannot parse it or this machine lacks it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"--device {name!r} is not a torch device ({str(e).splitlines()[0]}); "
+                          f"use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: this torch sees no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(1, device=device)
+        except Exception as e:  # noqa: BLE001 - any backend error means the device cannot be used
+            raise ConfigError(f"--device {name!r} cannot be used here ({str(e).splitlines()[0]}); "
+                              f"use --device cpu") from None
+    return device
+
+
 def prepare(task: MultiStageTask, config: BuildConfig) -> Prepared:
     """Copy the pretrained model to the compute dtype/device and plan its projection."""
     source = task.pretrained_model()
@@ -92,7 +112,7 @@ def prepare(task: MultiStageTask, config: BuildConfig) -> Prepared:
     dtype = first.dtype if config.compute_dtype == "auto" else _DTYPES[config.compute_dtype]
     if not dtype.is_floating_point:
         dtype = torch.float32
-    device = torch.device(config.device)
+    device = _device(config.device)
     model = copy.deepcopy(source).to(device=device, dtype=dtype)
     model.eval()
     w, u = split_parameters(task, model)
@@ -505,20 +525,22 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     n = len(task.pretrain_dataset())
     fps = pretrained_fingerprints(task, task.pretrained_model())
     identity = {"config": config.identity_fields(), "fingerprints": fps, "n": n}
+    # everything that can be checked without writing is checked before the folder is touched (so a
+    # bad --device or --factory with --overwrite leaves the existing index as it was)
+    prep = prepare(task, config)
+    pre = prep.preconditioner
+    SearchIndex.create(pre.dim_w, config.factory)    # a bad factory string fails now, not after the pass
     _check_out_dir(out, identity, overwrite)
     if (out / MANIFEST).exists():
         return out                                    # already built with this config
     out.mkdir(parents=True, exist_ok=True)
     cleanup_stale_tmp(out)
     timings: dict[str, float] = {}
-    prep = prepare(task, config)
-    pre = prep.preconditioner
     write_json_atomic(out / BUILD_FILE, {"identity": identity, "config": config.to_dict(),
                                          "projector": prep.projector.config(), "version": __version__})
     t0 = time.perf_counter()
     sample = _load_or_fit(task, prep, config, out, n, progress_bar)
     timings["statistics_s"] = time.perf_counter() - t0
-    SearchIndex.create(pre.dim_w, config.factory)    # a bad factory string fails now, not after the pass
     t0 = time.perf_counter()
     shards = ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, _shard_rows(n, config),
                            attrs={"identity": identity}, background_commit=True)

@@ -23,8 +23,8 @@ class BuildConfig:
     """How the pretraining side of the index is built (``msif build-index`` options)."""
 
     proj_dim: int | None = _help(
-        "Total projected dimension k of a row over (W, U) (split across layers); None: no projection "
-        "(exact, small models only).", 4096)
+        "Total projected dimension k of a row over (W, U) (split across layers); 0 or None: no "
+        "projection (exact, small models only).", 4096)
     proj_dim_per_layer: int | None = _help(
         "Per-layer projected dimension (overrides proj_dim's split for every layer).", None)
     preconditioner: str = _help(
@@ -54,9 +54,13 @@ class BuildConfig:
     shard_rows: int = _help("Rows per resumable shard of the featurize pass.", 16384)
 
     def __post_init__(self) -> None:
-        if self.proj_dim is not None and (not isinstance(self.proj_dim, int) or self.proj_dim < 1):
-            raise ConfigError(f"proj_dim must be a positive integer or None, got {self.proj_dim!r}")
-        if self.proj_dim_per_layer is not None and (not isinstance(self.proj_dim_per_layer, int)
+        if self.proj_dim == 0 and not isinstance(self.proj_dim, bool):
+            object.__setattr__(self, "proj_dim", None)          # 0 = no projection, as on the command line
+        if self.proj_dim is not None and (isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int)
+                                          or self.proj_dim < 1):
+            raise ConfigError(f"proj_dim must be a positive integer, or 0 / None for no projection, got {self.proj_dim!r}")
+        if self.proj_dim_per_layer is not None and (isinstance(self.proj_dim_per_layer, bool)
+                                                    or not isinstance(self.proj_dim_per_layer, int)
                                                     or self.proj_dim_per_layer < 1):
             raise ConfigError(f"proj_dim_per_layer must be a positive integer, got {self.proj_dim_per_layer!r}")
         if self.preconditioner not in PRECONDITIONERS + ("auto",):

@@ -25,8 +25,8 @@ from .errors import ConfigError, CorruptIndexError, IndexMismatchError, ShapeErr
 from .fingerprint import fingerprint_tensors, short
 from .gradients import GradientProjector
 from .gradients.blocks import Block, plan_blocks
-from .head_curvature import block_permutation, resolve_h_tt
-from .operator import FinetuneOperator, compute_operator
+from .head_curvature import CG_ITERS, block_permutation, resolve_h_tt
+from .operator import KRONECKER_DAMPING, FinetuneOperator, compute_operator
 from .search import SearchIndex, built_at_open
 from .store import RowStore
 from .task import MultiStageTask, has_finetune_fisher_losses, split_parameters, validate_task
@@ -212,10 +212,13 @@ class InfluenceIndex:
         ident = {"model": fingerprint_tensors({n: params[n] for n in w + theta}),
                  "finetuning": task.finetuning, "alpha": float(task.alpha) if task.finetuning == "proximal" else None,
                  "finetune_n": len(task.finetune_dataset()), "wd": float(task.finetune_weight_decay),
-                 "h_tt": resolve_h_tt(h_tt, sum(params[n].numel() for n in theta)), "damping": damping}
-        if ident["h_tt"] != "dense":
+                 "h_tt": resolve_h_tt(h_tt, sum(params[n].numel() for n in theta))}
+        # defaults spelled out, so an omitted option and its default value share one operator
+        dense = ident["h_tt"] == "dense"
+        ident["damping"] = float((0.0 if dense else KRONECKER_DAMPING) if damping is None else damping)
+        if not dense:
             ident["h_tt_gauss_newton"] = has_finetune_fisher_losses(task)
-            ident["cg_iters"] = cg_iters
+            ident["cg_iters"] = CG_ITERS if cg_iters is None else int(cg_iters)
         key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()[:16]
         dtype = torch.float64 if self.manifest["config"]["compute_dtype"] == "float64" else \
             next(source.parameters()).dtype

@@ -218,9 +218,18 @@ def _as_block(item, dim: int, what: str = "block") -> np.ndarray:
     if b.ndim != 2 or b.shape[1] != dim:
         raise ShapeError(f"each {what} must be a 2-D array [rows, {dim}], got shape {tuple(b.shape)}")
     b = np.ascontiguousarray(b, dtype=np.float32)
-    if not np.isfinite(b).all():
+    if not _all_finite(b):
         raise NonFiniteError(f"a {what} of rows contains NaN or infinite values: recompute or drop those rows before indexing")
     return b
+
+
+def _all_finite(b: np.ndarray) -> bool:
+    """True when every entry is finite: one sum (a NaN or infinity makes it non-finite), and the
+    elementwise test only when the sum is not finite (bad entries, or a sum that overflows)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(b.sum()):
+            return True
+    return bool(np.isfinite(b).all())
 
 
 def _empty_result(nq: int, topk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -522,6 +531,9 @@ class SearchIndex:
         with self._lock.write():
             index = self._index
             self._drop_gpu()              # copies and views of the rows are stale once rows are added
+            if self._svd is not None and not index.is_trained and index.ntotal == 0:
+                self._svd_fill(fresh(), n, int(train_size), seed)
+                return
             if not index.is_trained:
                 if not callable(block_iter) and iter(block_iter) is block_iter:
                     raise ConfigError(
@@ -571,6 +583,44 @@ class SearchIndex:
             if self._fast_scan_m is not None:
                 self._fit_fast_scan(int(train_size), seed)
             self._place(self._device)
+
+    def _svd_fill(self, blocks: Iterator, n: int, train_size: int, seed: int) -> None:
+        """Untrained, empty SVD<r>: one read of the rows. They go into the full flat index; the
+        training sample (the same seeded rows as the two-pass path) and the reduced rows come from
+        that copy in memory, so the caller's rows are read once (a one-shot iterator is fine)."""
+        index = self._index
+        lt, inner, full = self._svd
+        if min(train_size, n) == 0:
+            raise ConfigError(f"index {self._factory!r} needs training rows but n=0: add rows or use 'Flat'")
+        try:
+            seen = 0
+            for item in blocks:
+                b = _as_block(item, self.dim)
+                full.add(b)
+                seen += b.shape[0]
+            if seen != n:
+                raise ShapeError(f"block_iter yielded {seen} rows but n={n}: pass the true row count")
+            rows = faiss.rev_swig_ptr(full.get_xb(), n * self.dim).reshape(n, self.dim)
+            m = min(train_size, n)
+            sample_idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+            try:
+                _train_svd(index, rows[sample_idx])
+            except Exception as e:
+                raise ConfigError(
+                    f"cannot train index {self._factory!r} on {m} rows ({_first_line(e)}): "
+                    "raise train_size/add rows, or use 'Flat'"
+                ) from None
+            base = faiss.downcast_index(faiss.downcast_index(index).base_index)
+            step = max(1, (1 << 26) // (4 * self.dim))          # reduce 64 MiB of rows at a time
+            for s in range(0, n, step):
+                base.add(rows[s:s + step])     # faiss applies V^T, as IndexRefine.add
+            faiss.downcast_index(index).ntotal = full.ntotal
+        except BaseException:
+            index.reset()                 # leave no half-added index behind
+            raise
+        if self._fast_scan_m is not None:
+            self._fit_fast_scan(train_size, seed)
+        self._place(self._device)
 
     # -- properties -----------------------------------------------------------------------------
 

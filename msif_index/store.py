@@ -20,10 +20,13 @@ moment resumes from the shards that exist.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import queue
+import os
 import re
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -232,6 +235,33 @@ def _fmt_ranges(ranges: list[tuple[int, int]]) -> str:
 # ----------------------------------------------------------------------------- writer
 
 
+@contextlib.contextmanager
+def _quiet_h5py_dealloc() -> Iterator[None]:
+    """Drop the reports of errors in h5py's object deallocation raised inside the block (Cython
+    prints each one through sys.excepthook, then "Exception ignored in" through sys.unraisablehook)."""
+    import traceback
+
+    def from_h5py_dealloc(tb) -> bool:
+        return any("h5py" in f.filename and "dealloc" in f.name for f in traceback.extract_tb(tb))
+
+    prev_unraisable, prev_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable(info) -> None:
+        if "h5py" not in repr(getattr(info, "object", "")):
+            prev_unraisable(info)
+
+    def excepthook(exc_type, exc, tb) -> None:
+        if not from_h5py_dealloc(tb):
+            prev_except(exc_type, exc, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+    try:
+        yield
+    finally:
+        sys.unraisablehook, sys.excepthook = prev_unraisable, prev_except
+
+
+
 class RowWriter:
     """Write an [n, k] row store atomically; use as a context manager.
 
@@ -376,7 +406,15 @@ class RowWriter:
 
     def _abort(self, exc: BaseException) -> None:
         """Close and remove the temporary file; raises DiskFullError if ``exc`` says the disk is full."""
-        self._close_h5_quietly()
+        if self._f is not None and is_disk_full(exc):
+            # HDF5 writes cached chunks and metadata when the file closes; on a full disk those writes
+            # fail again, and h5py reports each failure as an "Exception ignored" traceback. The file is
+            # being discarded, so they are dropped here (the caller raises one DiskFullError line).
+            with _quiet_h5py_dealloc():
+                self._close_h5_quietly()
+                gc.collect()
+        else:
+            self._close_h5_quietly()
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.__exit__(type(exc), exc, exc.__traceback__)

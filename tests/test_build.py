@@ -710,3 +710,28 @@ def test_fisher_choice_and_errors(tmp_path):
             return super().pretrain_fisher_losses(model, batch).sum(1)       # [B]: wrong
     with pytest.raises(ShapeError, match=r"\[B, "):
         build_index(Flat1D(), tmp_path / "bad", cfg)
+
+
+def test_proj_dim_zero_means_no_projection_and_bad_values_fail_in_one_line():
+    """BuildConfig(proj_dim=0) is the command line's `--proj-dim 0`: no projection (stored as None,
+    so the saved config compares equal); negative, fractional or boolean widths are refused."""
+    assert BuildConfig(proj_dim=0).proj_dim is None
+    assert BuildConfig(proj_dim=0) == BuildConfig(proj_dim=None)
+    for bad in (-1, 2.5, True, "64"):
+        with pytest.raises(ConfigError, match="proj_dim must be a positive integer, or 0 / None"):
+            BuildConfig(proj_dim=bad)
+
+
+@pytest.mark.parametrize("change", [{"factory": "NoSuchIndex"}, {"device": "banana"}, {"device": "cuda:7"}])
+def test_bad_device_or_factory_fails_in_one_line_before_anything_is_touched(tmp_path, tiny_index, change):
+    """Checked before the folder is touched: even with overwrite=True the existing index stays as it
+    was, and a new folder is not created."""
+    before = sorted((str(p.relative_to(tiny_index)), p.stat().st_mtime_ns) for p in tiny_index.rglob("*"))
+    cfg = BuildConfig(proj_dim=16, preconditioner="kfac", shard_rows=16, **change)
+    for out, overwrite in ((tiny_index, True), (tmp_path / "new", False)):
+        with pytest.raises(ConfigError) as e:
+            build_index(TinyTask(), out, cfg, overwrite=overwrite)
+        msg = _one_line(e)
+        assert ("factory" in msg) if "factory" in change else ("--device" in msg and "cpu" in msg), msg
+    assert sorted((str(p.relative_to(tiny_index)), p.stat().st_mtime_ns) for p in tiny_index.rglob("*")) == before
+    assert not (tmp_path / "new").exists()

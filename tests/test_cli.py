@@ -1,7 +1,9 @@
 """The `msif` command line: help, build-index + query --json on the digits task, one-line errors."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +187,61 @@ def test_query_nprobe_reaches_the_ivf_index(tmp_path, tiny):
     assert _msif("build-index", "--task", f"{tiny}:task", "--out", str(flat), "--json").returncode == 0
     proc = _msif("query", "--index", str(flat), "--task", f"{tiny}:task", "--test-ids", "0", "--nprobe", "2")
     assert proc.returncode == 2 and "nprobe applies only to IVF" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, tiny):
+    """typer turns Ctrl-C into exit code 130 and, outside standalone mode, returns it: the command must
+    not look successful (exit 0) or silent."""
+    path = tmp_path / "interrupted.py"
+    path.write_text(tiny.read_text() + "\nclass Interrupted(Tiny):\n"
+                    "    def pretrain_loss(self, model, batch): raise KeyboardInterrupt\n\n"
+                    "task = Interrupted()\n")
+    proc = _msif("build-index", "--task", f"{path}:task", "--out", str(tmp_path / "idx"))
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip() == "interrupted; rerun the same command to resume", proc.stderr
+
+
+@pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES, errno.ENOSPC])
+def test_file_system_errors_are_one_line(tmp_path, tiny, capsys, monkeypatch, err):
+    """A read-only, forbidden or full folder: one line naming the file and what to do, exit 2."""
+    import msif_index.build
+
+    def refuse(*args, **kwargs):
+        raise OSError(err, os.strerror(err), str(tmp_path / "idx" / "rows.h5"))
+    monkeypatch.setattr(msif_index.build, "build_index", refuse)
+    with pytest.raises(SystemExit) as e:
+        main(["build-index", "--task", f"{tiny}:task", "--out", str(tmp_path / "idx")])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "rows.h5" in lines[0], lines
+    assert os.strerror(err) in lines[0]
+
+
+def test_full_disk_during_a_build_is_one_line_and_the_rerun_resumes(tmp_path, tiny):
+    """A real full disk: a 700 KiB tmpfs in a private mount namespace (`unshare -rm`; skipped, with the
+    reason, where this Linux forbids unprivileged namespaces). The build stops with the one-line
+    DiskFullError, exit 2, no traceback and no crash (HDF5's failed writes are not retried at exit);
+    the finished shard stays, the temporary one is gone, and with space again the same command
+    resumes to a complete index."""
+    import shutil
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare")
+    big = tmp_path / "big_task.py"
+    big.write_text(tiny.read_text().replace("for m, c in ((16, 3), (8, 2), (4, 2))",
+                                            "for m, c in ((40000, 3), (8, 2), (4, 2))"))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cmd = " ".join(MSIF + ["build-index", "--task", f"{big}:task", "--out", str(mnt / "idx"),
+                           "--preconditioner", "ekfac", "--proj-dim", "8", "--no-attach"])
+    script = (f"mount -t tmpfs -o size=700k tmpfs {mnt} || exit 99; {cmd}; echo rc=$?; ls -a {mnt}/idx/shards; "
+              f"mount -o remount,size=16m {mnt}; {cmd} --json > {tmp_path}/second.json; echo rc2=$?")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode == 99 or "unshare:" in proc.stderr:
+        pytest.skip(f"no private tmpfs here: {proc.stderr.strip()[:120]}")
+    assert "rc=2" in proc.stdout, (proc.stdout, proc.stderr)
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: disk full while writing"), proc.stderr
+    assert "shard_00000.h5" in proc.stdout and ".tmp-" not in proc.stdout      # finished shard kept, temp gone
+    assert "rc2=0" in proc.stdout, proc.stdout
+    assert _strict_json((tmp_path / "second.json").read_text())["n"] == 40000

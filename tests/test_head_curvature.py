@@ -286,6 +286,17 @@ def test_kronecker_h_tt_against_exact_influence(exact_index, deep_head, kind, cg
         assert rho > rho_emp
 
 
+def test_omitted_options_and_their_defaults_share_one_cached_operator(exact_index, deep_head):
+    """The operator's cache key spells the defaults out: omitting --cg-iters / damping or passing
+    their default values finds the same operator; another value is another operator."""
+    index = InfluenceIndex.open(exact_index)
+    key = index.attach(deep_head, h_tt="ekfac")
+    assert index.attach(deep_head, h_tt="ekfac", cg_iters=hc.CG_ITERS, damping=1e-3) == key
+    assert index.attach(deep_head, h_tt="ekfac", cg_iters=1) != key
+    dense = index.attach(deep_head, h_tt="dense")
+    assert index.attach(deep_head, h_tt="dense", damping=0.0) == dense
+
+
 def test_conjugate_gradient_rows_stops_on_negative_curvature():
     """An indefinite H (a head not at a minimum): rows meeting p.Hp <= 0 stop and are counted; the
     result stays finite."""

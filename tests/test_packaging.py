@@ -6,6 +6,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,3 +46,23 @@ def test_missing_faiss_is_one_clear_line(tmp_path):
                        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert r.returncode != 0
     assert 'pip install "msif-index[cpu]"' in r.stderr
+
+
+def test_top_level_api_and_import_without_faiss(tmp_path):
+    """The issues' names live at the top level (msif_index.build_index, msif_index.InfluenceIndex,
+    ...); the faiss-backed ones load on first use, so `import msif_index` (task files, exact
+    influence) works without faiss and the first use says which extra to install."""
+    import msif_index
+    from msif_index.build import build_index
+    from msif_index.index import InfluenceIndex, QueryResult
+    assert msif_index.build_index is build_index and msif_index.InfluenceIndex is InfluenceIndex
+    assert msif_index.QueryResult is QueryResult and callable(msif_index.exact_influence)
+    assert set(msif_index.__all__) <= set(dir(msif_index)) | {"build_index", "InfluenceIndex", "QueryResult"}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        msif_index.nope
+    (tmp_path / "faiss.py").write_text("raise ImportError('no faiss here')\n")
+    code = "import msif_index; print(msif_index.exact_influence.__name__); msif_index.build_index"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert r.stdout.strip() == "exact_influence"
+    assert r.returncode != 0 and 'pip install "msif-index[cpu]"' in r.stderr

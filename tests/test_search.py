@@ -585,8 +585,10 @@ def test_svd_save_load_and_errors(tmp_path):
     np.testing.assert_array_equal(i, i2)
     with pytest.raises(ConfigError, match="between 1 and"):
         SearchIndex.create(32, "SVD32")
-    with pytest.raises(ConfigError, match="needs training"):
-        SearchIndex.create(32, "SVD8").train_and_add(iter(_blocks(x, 500)), len(x))
+    with pytest.raises(ShapeError, match="yielded 1500 rows but n=1499"):
+        bad = SearchIndex.create(32, "SVD8")
+        bad.train_and_add(lambda: _blocks(x, 500), len(x) - 1)
+    assert bad.ntotal == 0 and not bad.is_trained       # nothing half-added is left behind
     flat = SearchIndex.create(32, "Flat")
     flat.train_and_add([x], len(x))
     with pytest.raises(ConfigError, match="candidates applies only"):
@@ -594,6 +596,40 @@ def test_svd_save_load_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="positive integer"):
         idx.search(q, 5, candidates=0)
     assert S.built_at_open("SVD8") and S.built_at_open("Flat") and not S.built_at_open("IVF8,Flat")
+
+
+@pytest.mark.parametrize("factory", ["SVD8", "SVD8,PQ4fs"])
+def test_svd_reads_the_rows_once_and_equals_its_definition(factory):
+    """An SVD<r> index is filled from one read of the rows (a one-shot iterator is enough): the
+    basis is the top-r eigenvectors of the seeded sample's second moment, the reduced rows are the
+    rows times that basis (float64 reference), and a rerun gives the same index bit for bit."""
+    x, q = _low_rank(n=3000, d=32, r=6)
+    reads = []
+
+    def blocks():
+        reads.append(1)
+        return _blocks(x, 700)
+
+    idx = SearchIndex.create(32, factory)
+    idx.train_and_add(blocks, len(x), train_size=1000, seed=5)
+    assert len(reads) == 1 and idx.ntotal == len(x)
+    views = idx._svd_views()
+    np.testing.assert_array_equal(views["rows"].numpy(), x)
+    sample = x[np.sort(np.random.default_rng(5).choice(len(x), size=1000, replace=False))].astype(np.float64)
+    m = sample.T @ sample
+    top = np.linalg.eigvalsh(m)[::-1][:8]
+    a = views["a"].numpy().astype(np.float64)                       # [r, d]
+    np.testing.assert_allclose(a @ a.T, np.eye(8), atol=1e-5)       # orthonormal rows ...
+    np.testing.assert_allclose(np.diag(a @ m @ a.T), top, rtol=1e-5)   # ... spanning the top-r eigenvalues
+    np.testing.assert_allclose(views["reduced"].numpy(), x.astype(np.float64) @ a.T, rtol=1e-4, atol=1e-4)
+    again = SearchIndex.create(32, factory)
+    again.train_and_add(iter(_blocks(x, 500)), len(x), train_size=1000, seed=5)   # one-shot iterator
+    for key in ("rows", "reduced", "a"):
+        np.testing.assert_array_equal(again._svd_views()[key].numpy(), views[key].numpy())
+    s1, i1 = idx.search(q, 5, candidates=60)
+    s2, i2 = again.search(q, 5, candidates=60)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
 
 
 def test_svd_fast_scan_stage_recall_exact_scores_and_determinism():
@@ -670,3 +706,25 @@ def test_svd_never_takes_the_faiss_gpu_branch(monkeypatch):
     assert not idx.on_gpu and not made
     with pytest.raises(ConfigError, match="torch"):
         SearchIndex.create(24, "SVD4", device="gpu").train_and_add(lambda: [x], len(x))
+
+
+@pytest.mark.parametrize("factory", ["Flat", "SVD4"])
+def test_rows_with_nan_or_inf_are_refused(factory):
+    """The finiteness check sums a block first (a NaN or infinity makes the sum non-finite); a sum
+    that overflows on finite rows must not be mistaken for a bad row (next test)."""
+    from msif_index.errors import NonFiniteError
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[37, 5] = bad
+        with pytest.raises(NonFiniteError, match="NaN or infinite"):
+            SearchIndex.create(8, factory).train_and_add(lambda: [y], len(y))
+
+
+def test_rows_whose_sum_overflows_are_still_finite():
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    huge = x.copy()
+    huge[:, 0] = 3e38                              # every entry finite, the float32 sum overflows
+    idx = SearchIndex.create(8, "Flat")
+    idx.train_and_add(lambda: [huge], len(huge))
+    assert idx.ntotal == len(huge)
