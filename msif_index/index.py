@@ -8,8 +8,12 @@ Sign convention: I < 0 helpful (proponent), I > 0 harmful (opponent), in units o
 from __future__ import annotations
 
 import copy
+import dataclasses
+import errno
 import hashlib
+import json
 import threading
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,8 @@ DIRECTIONS = ("helpful", "harmful")
 class QueryResult:
     """Top pretraining examples per test point: ``ids`` [Q, k] int64, ``scores`` [Q, k] = I(z, x_t).
 
-    helpful: most negative I first; harmful: most positive I first. -1 ids pad when k > n.
+    helpful: most negative I first; harmful: most positive I first. k is capped at n; -1 ids (score
+    NaN) pad the rare rows where an approximate index finds fewer than k.
     """
 
     ids: np.ndarray
@@ -118,10 +123,16 @@ class InfluenceIndex:
                                         f"command to resume it")
             raise CorruptIndexError(f"no msif index in {p} (no {MANIFEST}); build one with msif build-index")
         manifest = read_json(p / MANIFEST, "the index manifest")
+        _check_manifest(p / MANIFEST, manifest)
         store = RowStore.open(p / ROWS)
         if store.n != manifest.get("n") or store.k != manifest.get("k"):
             raise CorruptIndexError(f"{p / ROWS} holds {store.n}x{store.k} rows but the manifest says "
                                     f"{manifest.get('n')}x{manifest.get('k')}; rebuild with --overwrite")
+        for part in ("identity", "projector", "config"):      # the rows carry the settings they were built with
+            if part in store.attrs and _canonical(store.attrs[part]) != _canonical(manifest[part]):
+                store.close()
+                raise CorruptIndexError(f"{p / MANIFEST} does not match {p / ROWS} (its {part} differs: edited, "
+                                        f"or files from another build); rebuild with --overwrite")
         factory = manifest["config"]["factory"]
         if built_at_open(factory):              # Flat, SVD<r>: built straight from the rows
             search = SearchIndex.create(store.k, factory, device=device)
@@ -233,8 +244,16 @@ class InfluenceIndex:
         else:
             op = compute_operator(task, model, projector, key, batch_size=batch_size, damping=damping,
                                   h_tt=ident["h_tt"], cg_iters=cg_iters, show=progress_bar)
-            op_path.parent.mkdir(exist_ok=True)
-            op.save(op_path)
+            try:
+                op_path.parent.mkdir(exist_ok=True)
+                op.save(op_path)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                # a shared read-only index still answers: the operator lives in this process only
+                warnings.warn(f"cannot cache the finetune operator in {op_path.parent} ({e.strerror}); it is "
+                              f"kept in memory and computed again by the next process", RuntimeWarning,
+                              stacklevel=2)
         query = _QueryPath.make(model, projector, theta, op)
         self._attached[key] = _Attached(task, model, projector, op, query)
         self._default = key
@@ -282,8 +301,14 @@ class InfluenceIndex:
         """The k most helpful (or harmful) pretraining examples for each test point, with I(z, x_t)."""
         if direction not in DIRECTIONS:
             raise ConfigError(f"direction must be 'helpful' or 'harmful', got {direction!r}")
-        if k < 1:
-            raise ConfigError(f"k must be >= 1, got {k}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"k must be an integer >= 1, got {k!r}")
+        if exact_rerank is not None and (isinstance(exact_rerank, bool) or not isinstance(exact_rerank, (int, np.integer))
+                                         or exact_rerank < 1):
+            raise ConfigError(f"exact_rerank must be an integer >= 1 (candidates to rescore), got {exact_rerank!r}")
+        k = min(int(k), self.n)                       # there are only n pretraining examples
+        if exact_rerank is not None:
+            exact_rerank = min(int(exact_rerank), self.n)
         q = self.query_vectors(test_batch, finetuned)
         sign = 1.0 if direction == "helpful" else -1.0
         signed = np.ascontiguousarray(sign * q, dtype=np.float32)
@@ -310,6 +335,42 @@ class InfluenceIndex:
         for start, block in self.store.iter_blocks(block_rows, dtype=np.float64):
             out[:, start:start + len(block)] = -(q @ block.T)
         return out
+
+
+#: manifest entries an index needs, with their JSON types
+_MANIFEST_SCHEMA = {"n": int, "k": int, "config": dict, "identity": dict, "fingerprints": dict, "projector": dict,
+                    "w_names": list, "preconditioner": dict}
+
+
+def _check_manifest(path: Path, manifest: Any) -> None:
+    """CorruptIndexError unless the manifest has the entries and types an index needs."""
+    def bad(what: str) -> CorruptIndexError:
+        return CorruptIndexError(f"{path} is damaged ({what}); rebuild the index with --overwrite")
+    if not isinstance(manifest, dict):
+        raise bad(f"a JSON {type(manifest).__name__}, not an object")
+    for key, kind in _MANIFEST_SCHEMA.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise bad(f"'{key}' is missing or not a {kind.__name__}")
+    proj = manifest["projector"]
+    fields = {f.name for f in dataclasses.fields(Block)}
+    if not isinstance(proj.get("blocks"), list) or not isinstance(proj.get("seed"), int) or not all(
+            isinstance(b, dict) and set(b) == fields for b in proj["blocks"]):
+        raise bad("its projector blocks")
+    if not isinstance(manifest["config"].get("factory"), str) or not all(
+            isinstance(manifest["fingerprints"].get(x), str) for x in ("W", "U")):
+        raise bad("its config or fingerprints")
+    if not all(isinstance(x, str) for x in manifest["w_names"]):
+        raise bad("its w_names")
+
+
+def _canonical(value: Any) -> str:
+    """JSON text of a manifest entry, without the search factory (it shapes the search structure,
+    checked on its own, not the rows)."""
+    def drop(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: drop(x) for k, x in v.items() if k != "factory"}
+        return v
+    return json.dumps(drop(value), sort_keys=True, default=str)
 
 
 def _rerank(q: np.ndarray, cand: np.ndarray, store: RowStore, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -83,7 +83,7 @@ class FinetuneOperator:
                 return cls(str(f.attrs["finetuning"]), float(f.attrs["alpha"]), b, c,
                            str(f.attrs["theta_names"]).split(","), str(f.attrs["fingerprint"]),
                            json.loads(f.attrs["info"]))
-        except (OSError, KeyError) as e:
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CorruptIndexError(f"finetune operator {path} is unreadable ({type(e).__name__}); delete it "
                                     f"and attach the finetuned model again") from None
 

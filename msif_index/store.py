@@ -607,7 +607,7 @@ class RowStore:
             raise CorruptIndexError(f"row store {path} not found, so the index is incomplete; {_REBUILD}")
         try:
             f = _open_h5(path, "r")
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError) as e:
             raise CorruptIndexError(
                 f"{path} is truncated or corrupted (it cannot be opened as HDF5: {_first_line(e)}); {_REBUILD}"
             ) from None
@@ -623,7 +623,7 @@ class RowStore:
     def _validate(path: Path, f: h5py.File) -> dict[str, Any]:
         try:
             attrs = _read_attrs(f)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CorruptIndexError(
                 f"the attributes of {path} cannot be read ({_first_line(e)}), so the file is corrupted; {_REBUILD}"
             ) from None
@@ -644,7 +644,7 @@ class RowStore:
         for name in (ROWS, WRITTEN):
             try:
                 ok = isinstance(f.get(name), h5py.Dataset)
-            except (OSError, KeyError, ValueError):
+            except (OSError, KeyError, ValueError, RuntimeError):
                 ok = False
             if not ok:
                 raise CorruptIndexError(f"{path} has no readable {name!r} dataset, so it is corrupted; {_REBUILD}")
@@ -662,7 +662,7 @@ class RowStore:
         for s in range(0, n, _MASK_BLOCK):
             try:
                 mask = written[s : min(n, s + _MASK_BLOCK)]
-            except OSError as e:
+            except (OSError, RuntimeError) as e:
                 raise CorruptIndexError(
                     f"{path} fails its checksum in the 'written' mask ({_first_line(e)}), so it is corrupted; {_REBUILD}"
                 ) from None
@@ -719,7 +719,7 @@ class RowStore:
             self._file()
             try:
                 return self._rows[start:stop]
-            except OSError as e:
+            except (OSError, RuntimeError) as e:
                 raise self._read_error(f"rows {start}..{stop - 1}", e) from None
 
     # -- reading
@@ -802,7 +802,7 @@ class RowStore:
             f = self._file()
             try:
                 ds = f.get(name)
-            except (OSError, KeyError, ValueError):
+            except (OSError, KeyError, ValueError, RuntimeError):
                 ds = None
             if name in _RESERVED_DATASETS or not isinstance(ds, h5py.Dataset):
                 raise CorruptIndexError(
@@ -811,7 +811,7 @@ class RowStore:
             try:
                 arr = ds[...]
                 scalar = bool(ds.attrs.get("scalar", False))
-            except OSError as e:
+            except (OSError, RuntimeError) as e:
                 raise self._read_error(f"dataset {name!r} values", e) from None
         return arr.reshape(()) if scalar else arr
 

@@ -250,3 +250,18 @@ def test_against_exact_refuses_large_models_unless_forced(task, index_dir, tmp_p
     with pytest.raises(ConfigError, match="--exact is off"):
         evaluate(task, index_dir, EvaluationConfig(against="exact", exact="off", test_ids=(0,)), tmp_path,
                  progress_bar=False)
+
+
+def test_report_folder_that_is_a_file_or_an_index_is_refused(tmp_path):
+    """`msif evaluate --out` naming a file, or an index folder (the report would make the same
+    build-index command refuse it), is one ConfigError before anything is written."""
+    from msif_index.errors import ConfigError
+    from msif_index.evaluation.runner import evaluate
+    (tmp_path / "file").write_text("x")
+    index = tmp_path / "idx"
+    index.mkdir()
+    (index / "manifest.json").write_text("{}")
+    for out in (tmp_path / "file", index):
+        with pytest.raises(ConfigError, match="--out"):
+            evaluate(None, index, out_dir=out)
+    assert sorted(p.name for p in index.iterdir()) == ["manifest.json"]

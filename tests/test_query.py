@@ -353,10 +353,14 @@ def test_missing_or_unfinished_index(tmp_path, exact_index, tasks):
     assert "did not finish" in _one_line(e)
     with InfluenceIndex.open(exact_index) as index:
         index.attach(tasks["frozen"])
-        for kwargs in ({"direction": "sideways"}, {"k": 0}, {"finetuned": "nope"}):
+        one = full_batch(tasks["frozen"].test_dataset(), [0])
+        for kwargs in ({"direction": "sideways"}, {"k": 0}, {"k": "3"}, {"k": 2.5}, {"finetuned": "nope"},
+                       {"exact_rerank": 0}, {"exact_rerank": -5}):
             with pytest.raises(ConfigError) as e:
-                index.query(full_batch(tasks["frozen"].test_dataset(), [0]), **kwargs)
+                index.query(one, **kwargs)
             _one_line(e)
+        huge = index.query(one, k=10**12, exact_rerank=10**12)    # capped at n, not a 10^12-wide array
+        assert huge.ids.shape == (1, index.n) and sorted(huge.ids[0]) == list(range(index.n))
 
 
 @pytest.mark.parametrize("factory", ["SVD48", "SVD48,PQ24fs"])
@@ -421,3 +425,55 @@ def test_gauss_newton_statistics_track_exact_influence_better(tmp_path, tasks, b
     print(f"\n[ekfac statistics] Spearman vs exact: gauss-newton {rho['gauss-newton']:.3f}, "
           f"empirical {rho['empirical']:.3f}")
     assert rho["gauss-newton"] >= 0.45 and rho["gauss-newton"] >= rho["empirical"] + 0.15
+
+
+def test_damaged_or_mismatched_manifest_is_one_line(tmp_path, exact_index, tasks):
+    """A manifest that lost an entry, has a wrong type, or disagrees with the settings stored in the
+    rows (e.g. another projection seed: it would silently give other answers) is refused at open."""
+    import json
+    cases = {
+        "no-config": lambda m: m.pop("config"),
+        "list": None,
+        "seed": lambda m: m["projector"].__setitem__("seed", m["projector"]["seed"] + 1),
+        "block-key": lambda m: m["projector"]["blocks"][0].__setitem__("dIm", m["projector"]["blocks"][0].pop("dim")),
+        "w-names": lambda m: m.__setitem__("w_names", [1, 2]),
+        "fingerprint": lambda m: m["fingerprints"].__setitem__("W", None),
+        "damping": lambda m: m["identity"]["config"].__setitem__("damping", 0.5),
+    }
+    for name, edit in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(exact_index, folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if edit is None:
+            manifest = [manifest]
+        else:
+            edit(manifest)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CorruptIndexError) as e:
+            InfluenceIndex.open(folder)
+        assert "manifest.json" in _one_line(e) and "--overwrite" in str(e.value), name
+
+
+def test_read_only_index_attaches_in_memory(tmp_path, exact_index, tasks, monkeypatch):
+    """An operator that cannot be cached (read-only or forbidden folder) is kept in memory with a
+    warning: a shared read-only index still answers, the same as a writable one."""
+    import errno as errno_
+    from msif_index.operator import FinetuneOperator
+    folder = tmp_path / "ro"
+    shutil.copytree(exact_index, folder)
+    shutil.rmtree(folder / "operators", ignore_errors=True)
+    batch = full_batch(tasks["frozen"].test_dataset(), [0, 1])
+    with InfluenceIndex.open(exact_index) as index:
+        index.attach(tasks["frozen"])
+        want = index.query(batch, k=5)
+
+    def refuse(self, path):
+        raise OSError(errno_.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(FinetuneOperator, "save", refuse)
+    with InfluenceIndex.open(folder) as index:
+        with pytest.warns(RuntimeWarning, match="kept in memory"):
+            index.attach(tasks["frozen"])
+        got = index.query(batch, k=5)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12)
+    assert not list(folder.glob("operators/*.h5"))                     # nothing was cached

@@ -175,6 +175,10 @@ def evaluate(task: MultiStageTask, index_path: str | Path, config: EvaluationCon
     """
     config = config or EvaluationConfig()
     out = Path(out_dir) if out_dir is not None else Path("reports") / f"{Path(index_path).name}-{config.against}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder; choose a folder for the report")
+    if (out / "manifest.json").exists() or out.resolve() == Path(index_path).resolve():
+        raise ConfigError(f"--out {out} is an index folder; write the report elsewhere (default: reports/...)")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
