@@ -23,8 +23,8 @@ import contextlib
 import gc
 import json
 import math
-import queue
 import os
+import queue
 import re
 import sys
 import threading
@@ -259,7 +259,6 @@ def _quiet_h5py_dealloc() -> Iterator[None]:
         yield
     finally:
         sys.unraisablehook, sys.excepthook = prev_unraisable, prev_except
-
 
 
 class RowWriter:
