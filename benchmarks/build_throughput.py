@@ -129,21 +129,26 @@ class Timers:
 # the pieces
 
 
-def train_step(task) -> tuple[Any, Any]:
-    """(step function, batch): one SGD step of the pretraining model on a fixed batch of 256."""
+def sgd_step(task):
+    """step(batch): one SGD step (zero_grad, forward, mean loss backward, step) of a copy of the
+    pretraining model."""
     import torch
     model = copy.deepcopy(task.pretrained_model())
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    batch = task.pretrain_dataset().batch(range(BATCH))
 
-    def step() -> None:
+    def step(batch) -> None:
         opt.zero_grad(set_to_none=False)
-        loss = task.pretrain_loss(model, batch).mean()
-        loss.backward()
+        task.pretrain_loss(model, batch).mean().backward()
         opt.step()
 
-    return step, batch
+    return step
+
+
+def train_step(task) -> tuple[Any, Any]:
+    """(step function, batch): one SGD step of the pretraining model on a fixed batch of 256."""
+    step, batch = sgd_step(task), task.pretrain_dataset().batch(range(BATCH))
+    return (lambda: step(batch)), batch
 
 
 def train_eps(step, steps: int = 12) -> float:
@@ -155,19 +160,14 @@ def train_epoch_eps(task, examples: int = 20480) -> float:
     """Throughput (examples/s) of a training epoch over the first ``examples`` pretraining examples:
     the build's batch loader (msif_index.data.batches: fetch + collate) and an SGD step per batch of
     256. The anchors' figures (Bergson 0.40x, LoGra 0.12x, TRAK 0.0004x) are ratios to an epoch."""
-    import torch
     from msif_index.data import batches
-    model = copy.deepcopy(task.pretrained_model())
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    step = sgd_step(task)
     ds = task.pretrain_dataset()
     ids = range(min(examples, len(ds)))
 
     def epoch() -> None:
         for _, batch in batches(ds, BATCH, ids):
-            opt.zero_grad(set_to_none=False)
-            task.pretrain_loss(model, batch).mean().backward()
-            opt.step()
+            step(batch)
 
     epoch()                                        # warm-up
     t0 = time.perf_counter()

@@ -232,6 +232,11 @@ def _all_finite(b: np.ndarray) -> bool:
     return bool(np.isfinite(b).all())
 
 
+def _sample_ids(n: int, m: int, seed: int) -> np.ndarray:
+    """The sorted ids of a seeded sample of m of n rows (training samples)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+
+
 def _empty_result(nq: int, topk: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.full((nq, topk), MISSING_SCORE, dtype=np.float32), np.full((nq, topk), -1, dtype=np.int64))
 
@@ -531,61 +536,65 @@ class SearchIndex:
         with self._lock.write():
             index = self._index
             self._drop_gpu()              # copies and views of the rows are stale once rows are added
-            if self._svd is not None and not index.is_trained and index.ntotal == 0:
+            if self._svd is not None and not index.is_trained:     # SVD<r>: one read of the rows
                 self._svd_fill(fresh(), n, int(train_size), seed)
-                return
-            if not index.is_trained:
-                if not callable(block_iter) and iter(block_iter) is block_iter:
-                    raise ConfigError(
-                        f"index {self._factory!r} needs training, which reads the rows twice: pass a callable "
-                        "returning a fresh block iterator (e.g. lambda: store.iter_blocks()) instead of a one-shot iterator"
-                    )
-                m = min(int(train_size), n)
-                if m == 0:
-                    raise ConfigError(f"index {self._factory!r} needs training rows but n=0: add rows or use 'Flat'")
-                sample_idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
-                sample = np.empty((m, self.dim), dtype=np.float32)
-                filled, seen = 0, 0
-                for item in fresh():
-                    b = _as_block(item, self.dim)
-                    lo = np.searchsorted(sample_idx, seen)
-                    hi = np.searchsorted(sample_idx, seen + b.shape[0])
-                    if hi > lo:
-                        sample[filled : filled + hi - lo] = b[sample_idx[lo:hi] - seen]
-                        filled += hi - lo
-                    seen += b.shape[0]
-                if seen != n:
-                    raise ShapeError(f"block_iter yielded {seen} rows but n={n}: pass the true row count")
-                try:
-                    if self._svd is not None:
-                        _train_svd(index, sample)
-                    else:
-                        index.train(sample)
-                except Exception as e:
-                    raise ConfigError(
-                        f"cannot train index {self._factory!r} on {m} rows ({_first_line(e)}): "
-                        "raise train_size/add rows, or use fewer lists (e.g. 'IVF256,Flat') or 'Flat'"
-                    ) from None
-                del sample
-            start = index.ntotal
-            seen = 0
-            try:
-                for item in fresh():
-                    b = _as_block(item, self.dim)
-                    index.add(b)
-                    seen += b.shape[0]
-                if seen != n:
-                    raise ShapeError(f"block_iter yielded {seen} rows but n={n}: pass the true row count")
-            except BaseException:
-                if start == 0:
-                    index.reset()  # leave no half-added index behind
-                raise
+            else:
+                self._train_then_add(block_iter, fresh, n, int(train_size), seed)
             if self._fast_scan_m is not None:
                 self._fit_fast_scan(int(train_size), seed)
             self._place(self._device)
 
+    def _train_then_add(self, block_iter, fresh: Callable[[], Iterator], n: int, train_size: int,
+                        seed: int) -> None:
+        """A faiss index: train it (if it needs it) on a seeded sample gathered in a first read of the
+        rows, then add all rows in a second read."""
+        index = self._index
+        if not index.is_trained:
+            if not callable(block_iter) and iter(block_iter) is block_iter:
+                raise ConfigError(
+                    f"index {self._factory!r} needs training, which reads the rows twice: pass a callable "
+                    "returning a fresh block iterator (e.g. lambda: store.iter_blocks()) instead of a one-shot iterator"
+                )
+            m = min(train_size, n)
+            if m == 0:
+                raise ConfigError(f"index {self._factory!r} needs training rows but n=0: add rows or use 'Flat'")
+            sample_idx = _sample_ids(n, m, seed)
+            sample = np.empty((m, self.dim), dtype=np.float32)
+            filled, seen = 0, 0
+            for item in fresh():
+                b = _as_block(item, self.dim)
+                lo = np.searchsorted(sample_idx, seen)
+                hi = np.searchsorted(sample_idx, seen + b.shape[0])
+                if hi > lo:
+                    sample[filled : filled + hi - lo] = b[sample_idx[lo:hi] - seen]
+                    filled += hi - lo
+                seen += b.shape[0]
+            if seen != n:
+                raise ShapeError(f"block_iter yielded {seen} rows but n={n}: pass the true row count")
+            try:
+                index.train(sample)
+            except Exception as e:
+                raise ConfigError(
+                    f"cannot train index {self._factory!r} on {m} rows ({_first_line(e)}): "
+                    "raise train_size/add rows, or use fewer lists (e.g. 'IVF256,Flat') or 'Flat'"
+                ) from None
+            del sample
+        start = index.ntotal
+        seen = 0
+        try:
+            for item in fresh():
+                b = _as_block(item, self.dim)
+                index.add(b)
+                seen += b.shape[0]
+            if seen != n:
+                raise ShapeError(f"block_iter yielded {seen} rows but n={n}: pass the true row count")
+        except BaseException:
+            if start == 0:
+                index.reset()  # leave no half-added index behind
+            raise
+
     def _svd_fill(self, blocks: Iterator, n: int, train_size: int, seed: int) -> None:
-        """Untrained, empty SVD<r>: one read of the rows. They go into the full flat index; the
+        """Untrained SVD<r>: one read of the rows. They go into the full flat index; the
         training sample (the same seeded rows as the two-pass path) and the reduced rows come from
         that copy in memory, so the caller's rows are read once (a one-shot iterator is fine)."""
         index = self._index
@@ -602,9 +611,8 @@ class SearchIndex:
                 raise ShapeError(f"block_iter yielded {seen} rows but n={n}: pass the true row count")
             rows = faiss.rev_swig_ptr(full.get_xb(), n * self.dim).reshape(n, self.dim)
             m = min(train_size, n)
-            sample_idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
             try:
-                _train_svd(index, rows[sample_idx])
+                _train_svd(index, rows[_sample_ids(n, m, seed)])
             except Exception as e:
                 raise ConfigError(
                     f"cannot train index {self._factory!r} on {m} rows ({_first_line(e)}): "
@@ -618,9 +626,6 @@ class SearchIndex:
         except BaseException:
             index.reset()                 # leave no half-added index behind
             raise
-        if self._fast_scan_m is not None:
-            self._fit_fast_scan(train_size, seed)
-        self._place(self._device)
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -732,7 +737,7 @@ class SearchIndex:
         if n < FAST_SCAN_MIN_ROWS:                  # too few rows to train it: the plain SVD<r> search
             return
         m = min(train_size, n)
-        sample = reduced[np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))]
+        sample = reduced[_sample_ids(n, m, seed)]
         fs = faiss.IndexPQFastScan(r, self._fast_scan_m, 4, faiss.METRIC_INNER_PRODUCT)
         fs.pq.cp.min_points_per_centroid = 1        # no faiss warning on small samples
         fs.train(np.ascontiguousarray(sample))
