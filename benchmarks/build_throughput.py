@@ -93,6 +93,10 @@ class Timers:
         for cls in (P.Preconditioner, P.KroneckerEigen, P.DenseInverse):
             if "apply" in cls.__dict__:
                 self.wrap(cls, "apply", "preconditioner apply")
+        # kfac / ekfac featurize: rows rotated in the capture (or by rotate), then stored_rows; the
+        # base class's stored_rows calls the (wrapped) apply
+        for name in ("stored_rows", "rotate"):
+            self.wrap(P.KroneckerEigen, name, "preconditioner apply")
         for cls in (P.Preconditioner, P.KroneckerEigen):
             if "fit" in cls.__dict__:
                 self.wrap(cls, "fit", "preconditioner fit (statistics)")

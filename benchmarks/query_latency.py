@@ -261,7 +261,10 @@ def no_index_cost(real: Path, examples: int, q: np.ndarray, rounds: int = 3) -> 
     pre = prep.preconditioner
     if prep.projector.dim != pre.dim_w:
         raise SystemExit("no_index_cost assumes every projected column is a W column (no U columns)")
-    qt = torch.from_numpy(q[:1]).to(prep.dtype)                  # one query
+    # one query; query_vectors gives it in the stored rows' basis (ekfac: eigenbasis), M^{-1} and the
+    # raw rows phi_z live in the parameter basis
+    q_rows = torch.from_numpy(q[:1]).to(torch.float64)
+    qt = pre.to_parameter_basis(q_rows).to(prep.dtype)
     buf = torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype)
     ids = list(range(min(examples, N_REAL)))
 
@@ -286,10 +289,16 @@ def no_index_cost(real: Path, examples: int, q: np.ndarray, rounds: int = 3) -> 
     rel = float((a - b).abs().max() / a.abs().max())
     if rel > 1e-3:
         raise SystemExit(f"the two no-index paths disagree (max relative difference {rel:.2e})")
+    from msif_index.store import RowStore                   # ... and answer what the index answers
+    with RowStore.open(real / "rows.h5") as store:
+        index_scores = -(torch.from_numpy(store.read(0, len(ids), dtype=np.float64)) @ q_rows[0])
+    rel_index = float((a - index_scores).abs().max() / index_scores.abs().max())
+    if rel_index > 1e-3:
+        raise SystemExit(f"the no-index scores differ from the index's (max relative difference {rel_index:.2e})")
     dt = med["query_preconditioned"]
     return {"examples": len(ids), "s_per_example": dt / len(ids), "seconds": dt,
             "method": "query_preconditioned", "per_row_s_per_example": med["per_row"] / len(ids),
-            "max_rel_diff_between_paths": rel, "rounds_s": times}
+            "max_rel_diff_between_paths": rel, "max_rel_diff_vs_index_rows": rel_index, "rounds_s": times}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def build_index_cmd(
     t = load_task(task)
     out_dir = Path(out) if out else Path("indexes") / Path(task.rsplit(":", 1)[0]).resolve().parent.name
     path = build_index(t, out_dir, config, overwrite=overwrite)
-    with InfluenceIndex.open(path) as index:
+    with InfluenceIndex.open(path, huge_pages=False) as index:      # one process, no queries
         key = index.attach(t, validate=False) if attach else None
         m = index.manifest
     summary = {"index": str(path), "n": m["n"], "k": m["k"], "preconditioner": m["preconditioner"]["name"],
@@ -148,7 +148,7 @@ def attach_cmd(index: str = typer.Option(..., help="Index folder (from msif buil
     from msif_index.index import InfluenceIndex
     from msif_index.task import load_task
     t = load_task(task)
-    with InfluenceIndex.open(index) as idx:
+    with InfluenceIndex.open(index, huge_pages=False) as idx:
         key = idx.attach(t, validate=False, h_tt=h_tt, cg_iters=cg_iters)
         info = idx.operator(key).info
     if as_json:
@@ -176,7 +176,7 @@ def query_cmd(index: str = typer.Option(..., help="Index folder (from msif build
     t = load_task(task)
     ids = parse_ids(test_ids, len(t.test_dataset()), "test")
     _check_direction(direction)
-    with InfluenceIndex.open(index) as idx:
+    with InfluenceIndex.open(index, huge_pages=False) as idx:       # one batch of queries: not worth it
         idx.attach(t, validate=False, h_tt=h_tt, cg_iters=cg_iters)
         res = idx.query(full_batch(t.test_dataset(), ids), k=k, direction=direction,
                         exact_rerank=exact_rerank, nprobe=nprobe, test_ids=ids)

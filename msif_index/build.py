@@ -5,7 +5,10 @@ Lifecycle, each step resumable, each artifact written atomically:
                 subsample (or by Hessian-vector products for hessian / exact)   (preconditioner.h5)
     featurize   stored rows s_z = [M^{-1} phi_z]_W, written shard by shard; the subsample's raw
                 rows are reused from the statistics pass, so every example's gradient is computed
-                once; each shard's commit (fsync, rename) overlaps the next shard
+                once; kfac / ekfac store rows in M's eigenbasis (row_basis "eigen": queries are
+                rotated alike) and capture them already rotated (the rotation folded into the
+                projections), so preconditioning a row is one elementwise product; each shard's
+                commit (fsync, rename) overlaps the next shard
                                                                                   (shards/shard_*.h5)
     link        one HDF5 row store over the shards (virtual datasets, no copy)   (rows.h5)
     index       a FAISS inner-product index over the stored rows (not for Flat, which is
@@ -83,6 +86,12 @@ class Prepared:
     u_names: list[str]
     dtype: torch.dtype
     device: torch.device
+    #: featurize's projector: ``projector`` with the preconditioner's eigenbases folded into its
+    #: projections (kfac / ekfac: raw rows come out rotated into the stored rows' eigenbasis, so
+    #: storing them is an elementwise product), set once the preconditioner is fitted
+    rotated: GradientProjector | None = None
+    #: the W blocks ``rotated`` rotates (Kronecker blocks; dense blocks are rotated in apply)
+    folded: frozenset[str] = frozenset()
 
 
 def _device(name: str) -> torch.device:
@@ -230,11 +239,13 @@ def _clear(out: Path) -> None:
 
 def _raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, ids: Any,
               out: torch.Tensor | None = None, fill: bool = False,
-              loss: Callable | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+              loss: Callable | None = None, rotated: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
     """(ids, raw rows phi = P grad g) batch by batch, in the compute dtype, into a reused buffer
     (``fill``: ``out`` holds a row for every id, and each batch goes to its own rows of it).
-    ``loss``: the per-example loss to differentiate (default: ``task.pretrain_loss``)."""
+    ``loss``: the per-example loss to differentiate (default: ``task.pretrain_loss``); ``rotated``:
+    rows in the preconditioner's eigenbasis, from ``prep.rotated``."""
     loss = loss or task.pretrain_loss
+    projector = prep.rotated if rotated else prep.projector
     buf = out if out is not None else torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype,
                                                   device=prep.device)
     pos = 0
@@ -243,7 +254,7 @@ def _raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, ids: An
         pos += len(bids)
         rows = buf[lo:lo + len(bids)]
         try:
-            prep.projector.project_batch(loss, move(batch, prep.device, prep.dtype), out=rows)
+            projector.project_batch(loss, move(batch, prep.device, prep.dtype), out=rows)
         except NonFiniteError:
             # the projector checks the batch as a whole: find the example and name it
             raise _nonfinite(_first_nonfinite(task, prep, bids)) from None
@@ -435,15 +446,17 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
 def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, start: int, stop: int,
                     sample: _Sample | None, cbuf: torch.Tensor, wbuf: torch.Tensor
                     ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first id, raw rows) of the ids [start, stop) in order, in blocks of batch_size rows (the last
-    one shorter), aligned to the shard's start:
-    the subsample's rows come from ``sample``, the others from a gradient pass over just them."""
+    """(first id, raw rows in the preconditioner's rotated basis) of the ids [start, stop) in order,
+    in blocks of batch_size rows (the last one shorter), aligned to the shard's start:
+    the subsample's rows come from ``sample`` (rotated here), the others from a gradient pass over
+    just them (through the rotated projector)."""
     ids, srows = ([], None) if sample is None else sample.take(task, prep, config,
                                                                start // sample.shard_rows)
     if not ids:
-        for bids, rows in _raw_rows(task, prep, config, range(start, stop), cbuf):
+        for bids, rows in _raw_rows(task, prep, config, range(start, stop), cbuf, rotated=True):
             yield bids[0], rows
         return
+    srows = prep.preconditioner.rotate(srows, prep.folded)
     size = stop - start
     spos = torch.full((size,), -1, dtype=torch.long)
     spos[torch.tensor(ids, dtype=torch.long) - start] = torch.arange(len(ids))
@@ -483,7 +496,7 @@ def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, s
                 out_start += bsz
                 filled = 0
 
-    for bids, rows in _raw_rows(task, prep, config, rest, cbuf):
+    for bids, rows in _raw_rows(task, prep, config, rest, cbuf, rotated=True):
         yield from emit(bids[-1] + 1, rows)
         cursor = bids[-1] + 1
     if cursor < stop:
@@ -501,13 +514,17 @@ def _write_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, shard
     if not todo:
         return
     pre = prep.preconditioner
+    kron = {b.name for b in prep.projector.blocks if b.kronecker}
+    rotations = {k: v for k, v in pre.eigenbases(prep.dtype, prep.device).items() if k in kron}
+    prep.rotated = prep.projector.rotated(rotations) if rotations else prep.projector
+    prep.folded = frozenset(rotations)
     cbuf = torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype, device=prep.device)
     wbuf = torch.empty_like(cbuf)
     with progress(todo, "featurize", enabled=show) as advance:
         for start, stop in pending:
             with shards.shard(shards.shard_index(start)) as shard:
                 for first, rows in _shard_raw_rows(task, prep, config, start, stop, sample, cbuf, wbuf):
-                    shard.write(first, pre.apply(rows).cpu().numpy())
+                    shard.write(first, pre.stored_rows(rows, prep.folded).cpu().numpy())
                     advance(rows.shape[0])
     shards.wait_commits()         # the last shard's commit (fsync, rename) ran in the background
 

@@ -18,19 +18,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 from torch import nn
 
 from .atomic import read_json
-from .build import BUILD_FILE, FAISS, MANIFEST, OPERATORS, ROWS, file_sha256, pretrained_fingerprints
+from .build import BUILD_FILE, FAISS, MANIFEST, OPERATORS, PRECOND, ROWS, file_sha256, pretrained_fingerprints
 from .data import batch_size_of, move
-from .errors import ConfigError, CorruptIndexError, IndexMismatchError, ShapeError
+from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, ShapeError
 from .fingerprint import fingerprint_tensors, short
 from .gradients import GradientProjector
 from .gradients.blocks import Block, plan_blocks
 from .head_curvature import CG_ITERS, block_permutation, resolve_h_tt
+from .hugepages import packed_on_huge_pages
 from .operator import KRONECKER_DAMPING, FinetuneOperator, compute_operator
+from .preconditioners import rotate_blocks, stored_eigenbases
 from .search import SearchIndex, built_at_open
 from .store import RowStore
 from .task import MultiStageTask, has_finetune_fisher_losses, split_parameters, validate_task
@@ -81,10 +84,16 @@ class _QueryPath:
     k_w: int
     b_rows: torch.Tensor             # [k_W, d_theta]
     c: torch.Tensor | None           # [k_W, k_W]
+    #: W blocks the projector does not rotate into the stored rows' basis (dense blocks of an
+    #: "eigen" row basis), rotated after the product, with their (Q_S, Q_A)
+    late: tuple[list[Block], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @classmethod
     def make(cls, model: nn.Module, w_proj: GradientProjector, theta_names: list[str],
-             op: FinetuneOperator) -> "_QueryPath":
+             op: FinetuneOperator, bases: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> "_QueryPath":
+        """``bases``: (Q_S, Q_A) per W block when the stored rows are in the eigenbasis ("eigen"):
+        then q comes out rotated alike, R q, by a rotated projector, R B and R C R^T (the rotation
+        costs nothing per query except for dense W blocks)."""
         dtype = w_proj.dtype
         theta_blocks = plan_blocks(model, theta_names, None)
         blocks = list(w_proj.blocks) + [replace(b, offset=b.offset + w_proj.dim) for b in theta_blocks]
@@ -93,19 +102,35 @@ class _QueryPath:
         perm = block_permutation(model, theta_names, theta_blocks)
         b_rows = op.b[:, perm].to(dtype).contiguous()
         c = None if op.c is None else op.c.to(dtype).contiguous()
-        return cls(proj, w_proj.dim, b_rows, c)
+        late = None
+        if bases is not None:
+            w_blocks = list(w_proj.blocks)
+            kron = [i for i, b in enumerate(w_blocks) if b.kronecker]
+            dense = [i for i, b in enumerate(w_blocks) if not b.kronecker]
+            proj = proj.rotated({w_blocks[i].name: bases[i] for i in kron})
+            b_rows = rotate_blocks(b_rows.T, [w_blocks[i] for i in kron], [bases[i] for i in kron]).T.contiguous()
+            if c is not None:                                   # R C R^T
+                c = rotate_blocks(rotate_blocks(c, w_blocks, bases).T, w_blocks, bases).T.contiguous()
+            if dense:
+                late = ([w_blocks[i] for i in dense], [bases[i] for i in dense])
+        return cls(proj, w_proj.dim, b_rows, c, late)
 
     def vectors(self, measurement, batch) -> torch.Tensor:
-        rows = self.projector.project_batch(measurement, batch)
+        # finiteness is checked once, on q (query_vectors), not on the losses and rows
+        rows = self.projector.project_batch(measurement, batch, check_finite=False)
         q = torch.addmm(rows[:, :self.k_w], rows[:, self.k_w:], self.b_rows.T, alpha=-1.0)
+        if self.late is not None:
+            q = rotate_blocks(q, *self.late)
         return q if self.c is None else q @ self.c.T
 
 
 class InfluenceIndex:
     """A built pretraining index (``msif build-index``) plus the finetuned models attached to it."""
 
-    def __init__(self, path: Path, manifest: dict, store: RowStore, search: SearchIndex):
+    def __init__(self, path: Path, manifest: dict, store: RowStore, search: SearchIndex,
+                 huge_pages: bool = False):
         self.path = path
+        self.huge_pages = huge_pages
         self.manifest = manifest
         self.store = store
         self.search_index = search
@@ -114,8 +139,12 @@ class InfluenceIndex:
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, device: str = "auto") -> "InfluenceIndex":
-        """Open an index folder; the FAISS index moves to the GPU when faiss sees one (device='auto')."""
+    def open(cls, path: str | Path, device: str = "auto", huge_pages: bool = True) -> "InfluenceIndex":
+        """Open an index folder; the FAISS index moves to the GPU when faiss sees one (device='auto').
+
+        ``huge_pages``: back what a CPU query reads (search rows, then each attached model and its
+        operator) with transparent huge pages (msif_index.hugepages): faster queries for a one-time
+        cost at open (0.03-1.5 s at n = 100k). Pass False in a process that answers a few queries."""
         p = Path(path)
         if not (p / MANIFEST).exists():
             if (p / BUILD_FILE).exists():
@@ -147,7 +176,9 @@ class InfluenceIndex:
         if search.ntotal != store.n:
             raise CorruptIndexError(f"{p / FAISS} holds {search.ntotal} rows, expected {store.n}; "
                                     f"rebuild with --overwrite")
-        return cls(p, manifest, store, search)
+        if huge_pages:
+            search.use_huge_pages()
+        return cls(p, manifest, store, search, huge_pages)
 
     @property
     def n(self) -> int:
@@ -180,19 +211,54 @@ class InfluenceIndex:
             raise IndexMismatchError(f"the task has {len(task.pretrain_dataset())} pretraining examples, "
                                      f"the index {self.n}; rebuild the index for this dataset")
 
-    def _w_projector(self, model: nn.Module, dtype: torch.dtype) -> GradientProjector:
-        proj = self.manifest["projector"]
+    def _w_blocks(self) -> list[Block]:
+        """The W blocks of the projection, with their offsets in a stored row (q_t's layout)."""
         w_names = set(self.manifest["w_names"])
         blocks, off = [], 0
-        for bd in proj["blocks"]:
+        for bd in self.manifest["projector"]["blocks"]:
             b = Block(**{**bd, "params": tuple(bd["params"])})
             if set(b.params) <= w_names:
                 blocks.append(replace(b, offset=off))
                 off += b.dim
+        return blocks
+
+    def _w_projector(self, model: nn.Module, dtype: torch.dtype) -> GradientProjector:
+        blocks = self._w_blocks()
         names = [n for b in blocks for n in b.params]
         order = {n: i for i, n in enumerate(self.manifest["w_names"])}
         names.sort(key=order.__getitem__)
-        return GradientProjector.from_blocks(model, names, blocks, seed=proj["seed"], dtype=dtype)
+        return GradientProjector.from_blocks(model, names, blocks, seed=self.manifest["projector"]["seed"], dtype=dtype)
+
+    @property
+    def row_basis(self) -> str:
+        """The stored rows' basis: "parameter" ([M^{-1} phi]_W) or "eigen" (kfac / ekfac: each W block
+        rotated into the preconditioner's eigenbasis; ``to_row_basis`` maps a q_t there)."""
+        return self.manifest["preconditioner"].get("row_basis", "parameter")
+
+    def _eigenbases(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """(Q_S, Q_A) per W block of an "eigen" row basis (from preconditioner.h5), else None."""
+        if self.row_basis != "eigen":
+            return None
+        path = self.path / PRECOND
+        try:
+            with h5py.File(path, "r") as f:
+                state: dict[str, Any] = {}
+                f.visititems(lambda name, obj: state.__setitem__(name, obj[()])
+                             if isinstance(obj, h5py.Dataset) else None)
+            return stored_eigenbases(state, len(self._w_blocks()), dtype)
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise CorruptIndexError(f"{path} is missing or damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                    f"rebuild the index with --overwrite") from None
+
+    def to_row_basis(self, vectors: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Vectors q = P_W v [Q, k] in the parameter basis -> the stored rows' basis (``row_basis``),
+        so that q . s_z is the influence: unchanged for "parameter", rotated per W block for "eigen".
+        ``query_vectors`` already returns this basis."""
+        q = torch.as_tensor(np.asarray(vectors, dtype=np.float64))
+        if q.ndim != 2 or q.shape[1] != self.k:
+            raise ShapeError(f"vectors must have shape [Q, {self.k}], got {tuple(q.shape)}")
+        bases = self._eigenbases(torch.float64)
+        return q.numpy() if bases is None else rotate_blocks(q, self._w_blocks(), bases).numpy()
 
     def attach(self, task: MultiStageTask, finetuned: nn.Module | None = None, batch_size: int = 256,
                progress_bar: bool | None = None, validate: bool = True, h_tt: str = "auto",
@@ -254,7 +320,9 @@ class InfluenceIndex:
                 warnings.warn(f"cannot cache the finetune operator in {op_path.parent} ({e.strerror}); it is "
                               f"kept in memory and computed again by the next process", RuntimeWarning,
                               stacklevel=2)
-        query = _QueryPath.make(model, projector, theta, op)
+        query = _QueryPath.make(model, projector, theta, op, self._eigenbases(dtype))
+        if self.huge_pages:
+            _pack_on_huge_pages(model, query)
         self._attached[key] = _Attached(task, model, projector, op, query)
         self._default = key
         return key
@@ -278,7 +346,8 @@ class InfluenceIndex:
 
     # -- querying --------------------------------------------------------------------------------
     def query_vectors(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
-        """q_t = P_W v_t for each test point, [Q, k] float64."""
+        """q_t = P_W v_t for each test point, [Q, k] float64, in the stored rows' basis (``row_basis``;
+        "eigen": R P_W v_t, see ``to_row_basis``), so that I(z, x_t) ~ -q_t . s_z."""
         a = self._get(finetuned)
         batch = move(test_batch, device="cpu", dtype=a.projector.dtype)
         try:
@@ -293,7 +362,12 @@ class InfluenceIndex:
                 raise ShapeError(f"the test batch does not fit the finetuned model: {msg}") from None
         if q.shape[0] != q_n:
             raise ShapeError(f"measurement returned {q.shape[0]} values for {q_n} test examples")
-        return q.to(torch.float64).numpy()
+        q = q.to(torch.float64).numpy()
+        if not np.isfinite(q).all():
+            bad = int(np.flatnonzero(~np.isfinite(q).all(1))[0])
+            raise NonFiniteError(f"the query vector of test point {bad} (position in the batch) is NaN or "
+                                 f"infinite: check its measurement and the finetuned model's outputs")
+        return q
 
     def query(self, test_batch: Any, k: int = 10, direction: str = "helpful", finetuned: str | None = None,
               exact_rerank: int | None = None, nprobe: int | None = None,
@@ -335,6 +409,20 @@ class InfluenceIndex:
         for start, block in self.store.iter_blocks(block_rows, dtype=np.float64):
             out[:, start:start + len(block)] = -(q @ block.T)
         return out
+
+
+def _pack_on_huge_pages(model: nn.Module, query: _QueryPath) -> None:
+    """Move what a query reads on the finetune side (this private copy of the model's parameters, B
+    and C) into one buffer backed by huge pages (values unchanged)."""
+    params = [p for p in model.parameters() if p.device.type == "cpu"]
+    mats = [query.b_rows] + ([] if query.c is None else [query.c])
+    copies = packed_on_huge_pages([p.data for p in params] + mats)
+    with torch.no_grad():
+        for p, t in zip(params, copies):
+            p.data = t
+    query.b_rows = copies[len(params)]
+    if query.c is not None:
+        query.c = copies[len(params) + 1]
 
 
 #: manifest entries an index needs, with their JSON types

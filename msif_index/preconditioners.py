@@ -4,6 +4,9 @@ A raw row is phi_z = P grad_{(W,U)} g(z) (P = blockdiag of the per-layer project
 preconditioner here is a Galerkin approximation (MATH.md): with M ~ P H_G P^T,
     stored row  s_z = [ M^{-1} phi_z ]_W          and    I(z, x_t) ~ - (P_W v_t) . s_z
 so it is exact when P is invertible and M = P H_G P^T (the ``exact`` preconditioner).
+kfac / ekfac store s_z in M's eigenbasis instead (``row_basis`` "eigen"): per W block
+R s = Q_S^T S Q_A, and a query is rotated alike (R P_W v_t), which leaves every q . s unchanged
+(R is orthogonal) and makes storing a row one elementwise product (Lambda^{-1} * R phi).
 
     identity      M = I                                   (gradient similarity, the baseline)
     gauss-newton  M = (1/n) sum phi phi^T + wd P P^T + lambda I      (empirical Fisher, full k x k)
@@ -21,7 +24,8 @@ gauss-newton / hessian / exact and as wd * mean diag(P_b P_b^T) per layer for kf
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -58,10 +62,40 @@ def _flush_tiny(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(q.abs() < eps * eps, torch.zeros_like(q), q)
 
 
+def rotate_blocks(rows: torch.Tensor, blocks: Sequence[Block], bases: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  inverse: bool = False) -> torch.Tensor:
+    """A copy of ``rows`` [n, dim] whose column block of each ``blocks[i]`` (a [k_out, k_in] matrix
+    Phi per row, at the block's offset) is Q_S^T Phi Q_A for ``bases[i] = (Q_S, Q_A)`` (or
+    Q_S Phi Q_A^T with ``inverse``); other columns are copied."""
+    out = rows.clone()
+    n = rows.shape[0]
+    for b, (qs, qa) in zip(blocks, bases):
+        qs, qa = qs.to(rows.dtype), qa.to(rows.dtype)
+        left, right = (qs, qa.T) if inverse else (qs.T, qa)
+        phi = rows[:, b.offset:b.offset + b.dim].reshape(n, b.k_out, b.k_in)
+        out[:, b.offset:b.offset + b.dim].view(n, b.k_out, b.k_in).copy_(torch.matmul(torch.matmul(left, phi), right))
+    return out
+
+
+def stored_eigenbases(state: dict[str, np.ndarray], count: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(Q_S, Q_A) of each of the ``count`` W blocks of a saved kfac / ekfac state (preconditioner.h5),
+    as the build rotated its stored rows with them (``dtype``, tiny entries flushed)."""
+    out = []
+    for i in range(count):
+        qs = _flush_tiny(torch.from_numpy(np.asarray(state[f"{i}/qs"])).to(dtype), dtype)
+        qa = _flush_tiny(torch.from_numpy(np.asarray(state[f"{i}/qa"])).to(dtype), dtype)
+        out.append((qs, qa))
+    return out
+
+
 class Preconditioner:
     """Base: statistics passes over raw rows, then ``apply`` maps raw rows to stored (W) rows."""
 
     name = "identity"
+    #: the basis of the stored rows: "parameter" (the rows are [M^{-1} phi]_W) or "eigen" (kfac /
+    #: ekfac: each W block rotated into M's eigenbasis; a query vector is rotated the same way, so
+    #: every inner product q . s is the same)
+    row_basis = "parameter"
     #: how many statistics passes over the raw rows ``fit`` needs
     passes = 0
     #: whether U blocks influence the W rows (if not, U need not be captured at all)
@@ -96,7 +130,7 @@ class Preconditioner:
 
     # application ----------------------------------------------------------------------------------
     def apply(self, rows: torch.Tensor) -> torch.Tensor:
-        """Stored rows [B, dim_W] = [M^{-1} rows]_W (here M = I)."""
+        """[M^{-1} rows]_W [B, dim_W] in the parameter basis (here M = I)."""
         span = _cached(self, [self.w_cols], torch.int64, torch.device("cpu"), self._w_span)
         if span is not None:                    # W columns are one contiguous range: a slice copy
             return rows[:, span[0]:span[1]].clone(memory_format=torch.contiguous_format)
@@ -109,6 +143,23 @@ class Preconditioner:
         a = int(c[0])
         return (a, a + c.numel()) if torch.equal(c, torch.arange(a, a + c.numel())) else None
 
+    def eigenbases(self, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-block rotations that featurize folds into the projection (kfac / ekfac); none here."""
+        return {}
+
+    def rotate(self, rows: torch.Tensor, names: Collection[str]) -> torch.Tensor:
+        """Raw rows -> the basis ``stored_rows`` expects of the blocks in ``names`` (the same here)."""
+        return rows
+
+    def stored_rows(self, rows: torch.Tensor, names: Collection[str]) -> torch.Tensor:
+        """The stored rows [B, dim_W], in ``row_basis``, of raw rows whose blocks in ``names`` are
+        already rotated (``rotate``, or a projector rotated by ``eigenbases``); here ``apply``."""
+        return self.apply(rows)
+
+    def to_parameter_basis(self, vectors: torch.Tensor) -> torch.Tensor:
+        """W vectors [Q, dim_W] in ``row_basis`` (stored rows, query vectors) -> the parameter basis."""
+        return vectors
+
     def state_dict(self) -> dict[str, np.ndarray]:
         return {}
 
@@ -117,7 +168,7 @@ class Preconditioner:
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "damping": self.damping, "damping_used": self.damping_used,
-                "weight_decay": self.weight_decay}
+                "weight_decay": self.weight_decay, "row_basis": self.row_basis}
 
 
 class DenseInverse(Preconditioner):
@@ -197,6 +248,7 @@ class KroneckerEigen(Preconditioner):
 
     name = "kfac"
     passes = 1
+    row_basis = "eigen"
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -273,8 +325,52 @@ class KroneckerEigen(Preconditioner):
 
     def apply(self, rows: torch.Tensor) -> torch.Tensor:
         """Per W block: Q_S (Lambda^{-1} * (Q_S^T Phi Q_A)) Q_A^T, four matrix products."""
-        mats = _cached(self, [*self.qs, *self.qa, *self.inv_eig], rows.dtype, rows.device,
-                       lambda: self._apply_mats(rows.dtype, rows.device))
+        return self._apply(rows)
+
+    def eigenbases(self, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{W block name: (Q_S, Q_A)}: a projector rotated by these (GradientProjector.rotated) gives
+        raw rows already in the eigenbasis, Q_S^T Phi Q_A, for ``stored_rows``."""
+        mats = self._mats_for(dtype, device)
+        return {b.name: (qs, qa) for b, (_, qs, qa, _, _) in zip(self._wb, mats)}
+
+    def rotate(self, rows: torch.Tensor, names: Collection[str]) -> torch.Tensor:
+        """Raw rows Phi -> Q_S^T Phi Q_A in the W blocks named in ``names`` (other columns copied)."""
+        mats = self._mats_for(rows.dtype, rows.device)
+        pairs = [(b, (m[1], m[2])) for b, m in zip(self._wb, mats) if b.name in names]
+        return rotate_blocks(rows, [b for b, _ in pairs], [q for _, q in pairs])
+
+    def stored_rows(self, rows: torch.Tensor, names: Collection[str]) -> torch.Tensor:
+        """Stored rows in the eigenbasis, per W block Lambda^{-1} * (Q_S^T Phi Q_A): an elementwise
+        product where the block is already rotated (``names``), two matrix products elsewhere."""
+        mats = self._mats_for(rows.dtype, rows.device)
+        n = rows.shape[0]
+        out = torch.empty(n, self.dim_w, dtype=rows.dtype, device=rows.device)
+        col = 0
+        for b, (qs_t, _, qa, _, inv) in zip(self._wb, mats):
+            phi = rows[:, b.offset:b.offset + b.dim].view(n, b.k_out, b.k_in)
+            dst = out[:, col:col + b.dim].view(n, b.k_out, b.k_in)
+            if b.name in names:
+                torch.mul(phi, inv, out=dst)
+            else:
+                torch.mul(torch.matmul(torch.matmul(qs_t, phi), qa), inv, out=dst)
+            col += b.dim
+        return out
+
+    def to_parameter_basis(self, vectors: torch.Tensor) -> torch.Tensor:
+        """W vectors [Q, dim_W] in the eigenbasis -> the parameter basis: Q_S X Q_A^T per W block."""
+        mats = self._mats_for(vectors.dtype, vectors.device)
+        blocks, off = [], 0
+        for b in self._wb:                                # offsets in a W-only row
+            blocks.append(replace(b, offset=off))
+            off += b.dim
+        return rotate_blocks(vectors, blocks, [(m[1], m[2]) for m in mats], inverse=True)
+
+    def _mats_for(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+        return _cached(self, [*self.qs, *self.qa, *self.inv_eig], dtype, device,
+                       lambda: self._apply_mats(dtype, device))
+
+    def _apply(self, rows: torch.Tensor) -> torch.Tensor:
+        mats = self._mats_for(rows.dtype, rows.device)
         n = rows.shape[0]
         out = torch.empty(n, self.dim_w, dtype=rows.dtype, device=rows.device)
         col = 0

@@ -776,6 +776,25 @@ class SearchIndex:
                 out_i[i, :kk] = top[pos].numpy()
         return out_s, out_i
 
+    def use_huge_pages(self) -> int:
+        """Back the rows a CPU search reads (Flat and SVD<r> rows, reduced rows, fast-scan codes) with
+        huge pages (msif_index.hugepages); returns the bytes collapsed. Other faiss types: 0."""
+        from .hugepages import use_huge_pages
+
+        if self._index.ntotal == 0 or self._cuda is not None or self._gpu_index is not None:
+            return 0
+        buffers: list = []
+        if self._svd is not None:
+            views = self._svd_views()
+            buffers += [views["rows"], views["reduced"]]
+            if self._fast_scan is not None:
+                codes = self._fast_scan.codes
+                buffers.append(faiss.rev_swig_ptr(codes.get(), codes.nbytes()))
+        elif self._flat:
+            n, d = self._index.ntotal, self._index.d
+            buffers.append(faiss.rev_swig_ptr(self._typed.get_xb(), n * d))
+        return use_huge_pages(buffers)
+
     def _svd_views(self) -> dict:
         """Zero-copy torch views of an SVD<r> index: full rows [n, k], reduced rows [n, r], V^T [r, k]
         (a copy). Cached until rows are added (train_and_add drops it with the GPU copies)."""

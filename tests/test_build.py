@@ -33,6 +33,7 @@ from msif_index.errors import (ConfigError, CorruptIndexError, NonFiniteError, O
 from msif_index.exact import pretrain_side
 from msif_index.gradients import GradientProjector
 from msif_index.index import InfluenceIndex
+from msif_index.preconditioners import rotate_blocks
 from msif_index.store import RowStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +193,39 @@ def _rows(path: Path) -> np.ndarray:
         return store.read(0, store.n, dtype=store.dtype)
 
 
+def _parameter_rows(path: Path) -> np.ndarray:
+    """The stored rows mapped back to the parameter basis, [M^{-1} phi]_W: kfac / ekfac store each W
+    block rotated into the preconditioner's eigenbasis (row_basis "eigen"), Q_S^T S Q_A."""
+    rows = _rows(path)
+    with InfluenceIndex.open(path) as index:
+        if index.row_basis == "parameter":
+            return rows
+        blocks = index._w_blocks()
+        bases = index._eigenbases(torch.float64)
+    return rotate_blocks(torch.from_numpy(rows).double(), blocks, bases, inverse=True).numpy()
+
+
+def _check_scores_in_parameter_basis(task, path: Path) -> None:
+    """index.scores == -q_t . [M^-1 phi_z]_W with q_t from the two-pass reference (W projector,
+    torch.func theta gradients, FinetuneOperator) and the rows mapped back to the parameter basis."""
+    from msif_index.autodiff import FlatParams, per_example_grads
+    from msif_index.data import move
+    batch = full_batch(task.test_dataset())
+    with InfluenceIndex.open(path) as index:
+        key = index.attach(task, validate=False)
+        att = index._get(key)
+        b = move(batch, dtype=att.projector.dtype)
+        pw = att.projector.project_batch(att.task.measurement, b).detach()
+        theta = FlatParams(att.model, att.operator.theta_names)
+        gt = per_example_grads(theta.loss(att.task.measurement), theta.get(), b).detach()
+        q = att.operator.query_vectors(pw, gt).numpy()
+        got = index.scores(batch, key)
+        np.testing.assert_allclose(index.query_vectors(batch, key), index.to_row_basis(q), rtol=1e-9,
+                                   atol=1e-12 * np.abs(q).max())
+    want = -(q @ _parameter_rows(path).T)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11 * np.abs(want).max())
+
+
 def _manifest(path: Path) -> dict:
     with InfluenceIndex.open(path) as index:
         return index.manifest
@@ -275,6 +309,8 @@ def test_every_preconditioner_builds_on_conv_embedding_layernorm_model(tmp_path,
                 index.attach(task, validate=False)
                 res = index.query(full_batch(task.test_dataset()), k=3, direction="harmful")
             assert res.ids.shape == (4, 3) and np.isfinite(res.scores).all()
+        if pre in ("kfac", "ekfac"):          # eigenbasis rows: Kronecker and dense (LayerNorm) W blocks
+            _check_scores_in_parameter_basis(task, path)
         if pre == "exact" and proj_dim is None:
             # exact rows through the Kronecker conv / embedding blocks and the dense LayerNorm blocks
             side = pretrain_side(task)
@@ -303,15 +339,20 @@ def _example_grads(model: nn.Module, names: list[str], loss_fn, dataset) -> torc
 @pytest.mark.parametrize("fisher", ["empirical", "gauss-newton"])
 @pytest.mark.parametrize("proj_dim", [None, 12])
 @pytest.mark.parametrize("pre", ["kfac", "ekfac"])
-def test_kronecker_preconditioners_equal_their_definition(tmp_path, pre, proj_dim, fisher):
+@pytest.mark.parametrize("stats_examples", [8192, 20])
+def test_kronecker_preconditioners_equal_their_definition(tmp_path, pre, proj_dim, fisher, stats_examples):
     """kfac: M = S (x) A / E||Phi||^2; ekfac: M = Q diag(E[(Q^T vec Phi)^2]) Q^T, Q = Q_S (x) Q_A;
     both + (wd mean diag(P P^T) + damping * mean eigenvalue) I; stored row = M^{-1} vec Phi.
     The statistics' Phi: the stored rows' (empirical) or every pseudo-loss's (Gauss-Newton), summed
-    over them and averaged over the examples."""
+    over them and averaged over the examples of the seeded statistics subsample (all 64, or 20
+    rows: then most stored rows come from featurize's rotated projector, the rest from the
+    statistics pass rotated in apply)."""
+    from msif_index.build import _subsample
     task = TinyTask() if fisher == "empirical" else TinyGN()
     damping = 0.05
     path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=proj_dim, preconditioner=pre,
-                                                           damping=damping, dtype="float64", fisher=fisher))
+                                                           damping=damping, dtype="float64", fisher=fisher,
+                                                           stats_examples=stats_examples))
     model = task.pretrained_model()
     w = list(task.shared_parameters)
     proj = GradientProjector(model, w, proj_dim=proj_dim, dtype=torch.float64)
@@ -320,6 +361,10 @@ def test_kronecker_preconditioners_equal_their_definition(tmp_path, pre, proj_di
     phi = (_example_grads(model, w, task.pretrain_loss, task.pretrain_dataset()) @ p.T)
     n = phi.shape[0]
     stats = _stats_rows(task, model, w, p)
+    r_count = stats.shape[0] // n                                   # rows per example: 1, or the pseudo-losses
+    ids = torch.tensor(_subsample(n, -(-stats_examples // r_count), 0))
+    stats = stats.reshape(r_count, n, -1)[:, ids].reshape(-1, stats.shape[1])
+    n = len(ids)                                                    # the statistics' examples
     mats = stats.reshape(-1, block.k_out, block.k_in)               # row-major Phi
     s = torch.einsum("zoi,zpi->op", mats, mats) / n
     a = torch.einsum("zoi,zoj->ij", mats, mats) / n
@@ -338,7 +383,8 @@ def test_kronecker_preconditioners_equal_their_definition(tmp_path, pre, proj_di
     lam_damp = damping * float(m_eig.mean())
     m_full = q @ torch.diag(m_eig + wd + lam_damp) @ q.T
     want = torch.linalg.solve(m_full, phi.T).T.numpy()
-    rows = _rows(path)
+    assert _manifest(path)["preconditioner"]["row_basis"] == "eigen"
+    rows = _parameter_rows(path)
     assert np.abs(rows - want).max() / np.abs(want).max() < 1e-10
     used = _manifest(path)["preconditioner"]["damping_used"]
     assert used == pytest.approx({"embed": lam_damp}, rel=1e-10)
@@ -620,9 +666,12 @@ def test_rows_with_reused_statistics_rows_equal_brute_force(tmp_path, pre):
     p = prep.projector.matrix()
     phi = _example_grads(task.pretrained_model(), names, task.pretrain_loss, task.pretrain_dataset()) @ p.T
     want = prep.preconditioner.apply(phi).numpy()
-    rows = _rows(path)
+    rows = _parameter_rows(path)
     assert rows.shape == want.shape
     assert np.abs(rows - want).max() / np.abs(want).max() < 1e-10
+    # the preconditioner maps its stored rows back itself (the query benchmark's no-index path)
+    back = prep.preconditioner.to_parameter_basis(torch.from_numpy(_rows(path))).numpy()
+    assert np.abs(back - want).max() / np.abs(want).max() < 1e-10
     # the preconditioner was fitted on the seeded subsample's rows, each once
     ids = _subsample(64, 24, config.seed)
     fresh = _load_preconditioner(task, config, path).preconditioner

@@ -364,3 +364,48 @@ def test_conv_padding_modes_dilation_and_kwargs_call():
         proj = GradientProjector(model, names, proj_dim=proj_dim, seed=0)
         assert [b.kind for b in proj.blocks] == ["conv2d", "conv2d", "linear"]
         torch.testing.assert_close(proj.project_batch(loss_fn, batch), g @ proj.matrix().t(), rtol=1e-6, atol=1e-10)
+
+
+def test_non_finite_batches_checked_on_request():
+    """A NaN input: NonFiniteError by default, NaN rows (the finite examples' rows unchanged) with
+    check_finite=False; the first-call hook check is deferred, not failed, on a non-finite batch."""
+    model, batch = make(3)
+    names = [n for n, _ in model.named_parameters()]
+    good = GradientProjector(model, names, proj_dim=60, seed=2).project_batch(loss_fn, batch)
+    img = batch[0].clone()
+    img[1, 0, 0, 0] = float("nan")
+    bad = (img, *batch[1:])
+    proj = GradientProjector(model, names, proj_dim=60, seed=2)
+    from msif_index.errors import NonFiniteError
+    with pytest.raises(NonFiniteError):
+        proj.project_batch(loss_fn, bad)
+    rows = proj.project_batch(loss_fn, bad, check_finite=False)
+    assert torch.isnan(rows[1]).any() and torch.isfinite(rows[[0, 2, 3, 4]]).all()
+    torch.testing.assert_close(rows[[0, 2, 3, 4]], good[[0, 2, 3, 4]], rtol=1e-10, atol=1e-12)
+    assert proj._need_check                      # not verified on NaN rows: the next finite call checks
+    torch.testing.assert_close(proj.project_batch(loss_fn, batch), good, rtol=1e-10, atol=1e-12)
+    assert not proj._need_check
+
+
+@pytest.mark.parametrize("proj_dim", [None, 120])
+def test_rotated_projector_gives_rotated_rows(setup, proj_dim):
+    """rotated({block: (L, R)}): each listed Kronecker block's rows are L^T Phi R (Linear on a
+    sequence and called twice, Conv2d, Embedding with padding; identity or Gaussian projections),
+    other blocks unchanged, float64 to 1e-10; the original projector is untouched."""
+    model, batch, names, _ = setup
+    proj = GradientProjector(model, names, proj_dim=proj_dim, seed=4)
+    raw = proj.project_batch(loss_fn, batch)
+    g = torch.Generator().manual_seed(5)
+    kron = [b for b in proj.blocks if b.kronecker]
+    rots = {b.name: (torch.randn(b.k_out, b.k_out, generator=g, dtype=torch.float64),
+                     torch.randn(b.k_in, b.k_in, generator=g, dtype=torch.float64)) for b in kron[:-1]}
+    rows = proj.rotated(rots).project_batch(loss_fn, batch)
+    want = raw.clone()
+    for b in kron[:-1]:
+        left, right = rots[b.name]
+        phi = raw[:, b.offset:b.offset + b.dim].reshape(-1, b.k_out, b.k_in)
+        want[:, b.offset:b.offset + b.dim] = (left.T @ phi @ right).reshape(-1, b.dim)
+    torch.testing.assert_close(rows, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(proj.project_batch(loss_fn, batch), raw, rtol=0, atol=0)
+    with pytest.raises(ConfigError):
+        proj.rotated({"no-such-block": (None, None)})

@@ -26,11 +26,12 @@ from scipy.stats import spearmanr
 from msif_index.build import build_index, pretrained_fingerprints, resolve_config
 from msif_index.config import PRESETS, BuildConfig
 from msif_index.data import full_batch
-from msif_index.errors import ConfigError, CorruptIndexError, IndexMismatchError, ShapeError
+from msif_index.errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, ShapeError
 from msif_index.exact import chained_test_vectors, exact_influence, pretrain_side
 from msif_index.gradients import GradientProjector
 from msif_index.index import InfluenceIndex
 from msif_index.search import recall_at_k
+from msif_index.store import RowStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits" / "task.py"
@@ -71,6 +72,15 @@ def exact_index(tmp_path_factory, tasks):
 @pytest.fixture(scope="module")
 def default_index(tmp_path_factory, tasks):
     return build_index(tasks["frozen"], tmp_path_factory.mktemp("q") / "default", BuildConfig())
+
+
+@pytest.fixture(scope="module")
+def ekfac_index(tmp_path_factory, tasks):
+    """Rows in the eigenbasis (row_basis "eigen"); a subsample for the statistics, so most rows come
+    from the rotated projector."""
+    return build_index(tasks["frozen"], tmp_path_factory.mktemp("q") / "ekfac",
+                       BuildConfig(preconditioner="ekfac", proj_dim=256, stats_examples=100, dtype="float64",
+                                   compute_dtype="float64"))
 
 
 def _exact_topk(scores: np.ndarray, k: int, direction: str) -> tuple[np.ndarray, np.ndarray]:
@@ -319,6 +329,38 @@ def test_wrong_shape_test_batch(exact_index, tasks):
         assert index.query((x, y), k=5).ids.shape == (3, 5)      # the index still works afterwards
 
 
+def test_non_finite_test_point_is_named(exact_index, tasks):
+    """The query path skips the per-loss and per-row checks of the build and checks q itself."""
+    task = tasks["frozen"]
+    x, y = full_batch(task.test_dataset(), [0, 1, 2])
+    x = x.clone()
+    x[1, 0] = float("nan")
+    with InfluenceIndex.open(exact_index) as index:
+        index.attach(task)
+        with pytest.raises(NonFiniteError) as e:
+            index.query((x, y), k=5)
+        assert "test point 1" in _one_line(e)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "SVD32,PQ16fs"])
+def test_huge_pages_change_no_answer(tmp_path, default_index, tasks, batch, factory):
+    """Opening with huge pages changes the search rows' pages and packs the attached model's
+    parameters and B into one buffer: bitwise the same query vectors and answers."""
+    folder = tmp_path / "idx"
+    shutil.copytree(default_index, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["config"]["factory"] = factory
+    (folder / "manifest.json").write_text(json.dumps(m))
+    out = {}
+    for huge in (False, True):
+        with InfluenceIndex.open(folder, device="cpu", huge_pages=huge) as index:
+            index.attach(tasks["frozen"])
+            out[huge] = (index.query(batch, k=8, direction="harmful"), index.query_vectors(batch))
+    np.testing.assert_array_equal(out[True][0].ids, out[False][0].ids)
+    np.testing.assert_array_equal(out[True][0].scores, out[False][0].scores)
+    np.testing.assert_array_equal(out[True][1], out[False][1])
+
+
 def test_index_of_another_pretrained_model(exact_index, tasks):
     task = copy.copy(tasks["frozen"])                              # shares the datasets and models ...
     other = copy.deepcopy(task.pretrained_model())
@@ -390,15 +432,19 @@ def test_svd_index_agrees_with_flat(tmp_path, tasks, default_index, batch, facto
     svd.close()
 
 
+@pytest.mark.parametrize("which", ["default", "ekfac"])
 @pytest.mark.parametrize("style", STYLES)
-def test_single_pass_query_equals_two_pass_reference(default_index, tasks, batch, style):
+def test_single_pass_query_equals_two_pass_reference(default_index, ekfac_index, tasks, batch, style, which):
     """The query's one hooked backward pass over (W, theta) gives the same q_t (float64, 1e-10) as the
     reference: P_W grad_W l from the W projector, grad_theta l by torch.func per-example gradients,
-    combined by FinetuneOperator.query_vectors."""
+    combined by FinetuneOperator.query_vectors (then rotated into the rows' eigenbasis for ekfac:
+    the query path's rotated projector, R B and R C R^T). With ekfac, the scores equal
+    -q_t . [M^-1 phi_z]_W in the parameter basis."""
     from msif_index.autodiff import FlatParams, per_example_grads
     from msif_index.data import move
 
-    index = InfluenceIndex.open(default_index)
+    index = InfluenceIndex.open(default_index if which == "default" else ekfac_index)
+    assert index.row_basis == ("eigen" if which == "ekfac" else "parameter")
     key = index.attach(tasks[style])
     att = index._get(key)
     b = move(batch, dtype=att.projector.dtype)
@@ -407,7 +453,16 @@ def test_single_pass_query_equals_two_pass_reference(default_index, tasks, batch
     gt = per_example_grads(theta.loss(att.task.measurement), theta.get(), b).detach()
     ref = att.operator.query_vectors(pw, gt).numpy()
     got = index.query_vectors(batch, key)
-    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+    np.testing.assert_allclose(got, index.to_row_basis(ref), rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+    if which == "ekfac":
+        assert np.abs(got - ref).max() > 1e-3 * np.abs(ref).max()      # the basis did change
+        from msif_index.preconditioners import rotate_blocks
+        with RowStore.open(ekfac_index / "rows.h5") as store:
+            rows = torch.from_numpy(store.read(0, store.n, dtype=np.float64))
+        param_rows = rotate_blocks(rows, index._w_blocks(), index._eigenbases(torch.float64), inverse=True)
+        want = -(torch.from_numpy(ref) @ param_rows.T).numpy()
+        scores = index.scores(batch, key)
+        np.testing.assert_allclose(scores, want, rtol=1e-9, atol=1e-11 * np.abs(want).max())
     index.close()
 
 

@@ -26,6 +26,8 @@ its module's forward, e.g. ``F.linear(x, emb.weight)``, is caught: pass ``dense_
 """
 from __future__ import annotations
 
+import copy
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -93,14 +95,27 @@ class _KronState:
         self.p_out_t = None
         if not is_identity(b.k_out, b.d_out):
             self.p_out_t = gaussian_projection(b.k_out, b.d_out, _out_seed(seed, b.name), dtype, device).t().contiguous()
-        # P_in [k_in, d_in] split into weight columns and bias column; None = identity
-        self.p_in = None
+        p_in = None
+        if not is_identity(b.k_in, b.d_in):
+            p_in = gaussian_projection(b.k_in, b.d_in, _in_seed(seed, b.name), dtype, device)
+        self._set_p_in(p_in, dtype, device)
+        self.calls: list[_Call] = []
+        self.dtype = dtype
+        #: whether the module's outputs get a tensor hook. True until a pass has shown that they are
+        #: not modified in place after the module returns; then their gradients come straight from
+        #: autograd.grad (a Python tensor hook costs tens of microseconds per call, most of a
+        #: one-example query). Set back to True, for good, when an output turns out modified.
+        self.hook_outputs = True
+
+    def _set_p_in(self, p_in: torch.Tensor | None, dtype, device) -> None:
+        """P_in [k_in, d_in] (None = identity) and the forms the hooks use: weight columns and bias
+        column, the embedding's gather table, the conv2d kernels."""
+        b, module = self.block, self.module
+        self.p_in = p_in
         self.p_in_w_t = None
         self.p_in_b = None
         self.gather = None
-        if not is_identity(b.k_in, b.d_in):
-            p_in = gaussian_projection(b.k_in, b.d_in, _in_seed(seed, b.name), dtype, device)
-            self.p_in = p_in
+        if p_in is not None:
             if b.kind == "embedding":
                 g = p_in.t().contiguous()  # [num_embeddings, k_in]: row i = projected one-hot of i
                 pad = module.padding_idx
@@ -121,13 +136,18 @@ class _KronState:
             w = module.weight
             self.conv_w = p[:, : self.d_in_w].reshape(p.shape[0], *w.shape[1:]).contiguous()
             self.conv_b = p[:, self.d_in_w].contiguous() if b.bias else None
-        self.calls: list[_Call] = []
-        self.dtype = dtype
-        #: whether the module's outputs get a tensor hook. True until a pass has shown that they are
-        #: not modified in place after the module returns; then their gradients come straight from
-        #: autograd.grad (a Python tensor hook costs tens of microseconds per call, most of a
-        #: one-example query). Set back to True, for good, when an output turns out modified.
-        self.hook_outputs = True
+
+    def rotated(self, left: torch.Tensor | None, right: torch.Tensor | None) -> "_KronState":
+        """A copy whose block rows are left^T Phi right instead of Phi (Phi = P_out G P_in^T): its
+        P_out is left^T P_out and its P_in right^T P_in (None: that side unchanged)."""
+        new = copy.copy(self)
+        new.calls = []
+        if left is not None:
+            new.p_out_t = torch.matmul(self.p_out_matrix().t(), left.to(self.dtype)).contiguous()
+        if right is not None:
+            p_in = torch.matmul(right.to(self.dtype).t(), self.p_in_matrix()).contiguous()
+            new._set_p_in(p_in, self.dtype, p_in.device)
+        return new
 
     def p_out_matrix(self):
         b = self.block
@@ -249,6 +269,20 @@ class GradientProjector:
                         b.k_out, b.d_out, _dense_seed(seed, b.name), self.dtype, self.device)
         self._need_check = bool(check) and bool(self._kron)
 
+    def rotated(self, rotations: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]]) -> "GradientProjector":
+        """A projector over the same model and blocks whose Kronecker block ``name`` gives rows
+        left^T Phi right for ``rotations[name] = (left [k_out, k_out], right [k_in, k_in])`` (its
+        projections rotated: the same cost per row). The kfac / ekfac build folds the first half of
+        the preconditioner into the capture this way. Whether the hooks see every gradient does not
+        depend on the projections: checked once, by this projector or the rotated one."""
+        unknown = set(rotations) - {st.block.name for st in self._kron}
+        if unknown:
+            raise ConfigError(f"rotated: no Kronecker block named {', '.join(sorted(unknown))}")
+        new = copy.copy(self)
+        new._kron = [st.rotated(*rotations[st.block.name]) if st.block.name in rotations else st.rotated(None, None)
+                     for st in self._kron]
+        return new
+
     @classmethod
     def from_blocks(cls, model: nn.Module, param_names: Sequence[str], blocks: Sequence[Block], seed: int,
                     dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -287,10 +321,13 @@ class GradientProjector:
     # per-example gradients
 
     def project_batch(self, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, check_finite: bool = True) -> torch.Tensor:
         """Rows P g_b [B, dim] for the per-example losses ``loss_fn(model, batch)`` (shape [B]).
 
         Written into ``out`` ([B, dim], this projector's dtype and device) when given.
+        ``check_finite``: NonFiniteError when a loss or a row is NaN or infinite (a caller that
+        checks what it computes from the rows may skip it: the two reductions cost about 0.1 ms,
+        an eighth of a one-example call).
         """
         restore = []
         try:
@@ -301,13 +338,13 @@ class GradientProjector:
             with torch.inference_mode(False), torch.enable_grad():
                 n = None
                 if self._kron:
-                    n, out = self._kron_pass(loss_fn, batch, out)
+                    n, out = self._kron_pass(loss_fn, batch, out, check_finite)
                 if self._dense:
                     out = self._dense_pass(loss_fn, batch, out, n)
         finally:
             for p in restore:
                 p.requires_grad_(False)
-        if not _all_finite(out):
+        if check_finite and not _all_finite(out):
             raise NonFiniteError("a projected per-example gradient is NaN or infinite; check the model and loss")
         return out
 
@@ -320,13 +357,13 @@ class GradientProjector:
             raise ShapeError(f"out is {out.dtype} on {out.device}, expected {self.dtype} on {self.device}")
         return out
 
-    def _kron_pass(self, loss_fn, batch, out):
-        result = self._kron_pass_once(loss_fn, batch, out)
+    def _kron_pass(self, loss_fn, batch, out, check_finite=True):
+        result = self._kron_pass_once(loss_fn, batch, out, check_finite)
         if result is None:          # an unhooked output was modified in place: again, with hooks there
-            result = self._kron_pass_once(loss_fn, batch, out)
+            result = self._kron_pass_once(loss_fn, batch, out, check_finite)
         return result
 
-    def _kron_pass_once(self, loss_fn, batch, out):
+    def _kron_pass_once(self, loss_fn, batch, out, check_finite=True):
         """(n, rows); None when an output captured without a tensor hook was modified in place after
         its module returned (its gradient is then out of reach: the module's outputs get hooks from
         now on, and the caller runs the pass again)."""
@@ -344,7 +381,7 @@ class GradientProjector:
                 shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                 raise ShapeError(f"loss_fn must return one loss per example (shape [B]), got {shape}")
             n = losses.shape[0]
-            if not _all_finite(losses.detach()):
+            if check_finite and not _all_finite(losses.detach()):
                 raise NonFiniteError("loss_fn returned a NaN or infinite loss")
             for st in self._kron:
                 for c in st.calls:
@@ -402,8 +439,7 @@ class GradientProjector:
                     elif g.is_sparse:
                         g = g.to_dense()
                     full[pn] = g.unsqueeze(0)
-                self._verify(out, full)
-                self._need_check = False
+                self._need_check = not self._verify(out, full)
             for st in self._kron:
                 # outputs seen unmodified in this pass need no tensor hook from now on
                 if st.hook_outputs and st.calls and all(c.output is None or c.output._version == c.version
@@ -609,8 +645,9 @@ class GradientProjector:
             return
         project_chunked(x, blk.k_out, _dense_seed(self.seed, blk.name), out=out_view)
 
-    def _verify(self, out: torch.Tensor, full: dict[str, torch.Tensor]) -> None:
-        """Check the hooks' rows summed over the batch against the autograd gradient of the batch."""
+    def _verify(self, out: torch.Tensor, full: dict[str, torch.Tensor]) -> bool:
+        """Check the hooks' rows summed over the batch against the autograd gradient of the batch;
+        False (not checked: the next call checks) when either is not finite."""
         ref = torch.empty(1, self.dim, dtype=self.dtype, device=self.device)
         for st in self._kron:
             b = st.block
@@ -620,11 +657,14 @@ class GradientProjector:
             diff = (ours.sum(0) - theirs).norm().item()
             scale = ours.norm(dim=1).sum().item() + theirs.norm().item()
             tol = (1e-3 if self.dtype.itemsize <= 4 else 1e-8) * scale + 1e-30
+            if not math.isfinite(scale):
+                return False
             if not diff <= tol:
                 raise TaskError(
                     f"module '{b.name}': its weight also gets gradient from outside the module's forward "
                     f"(e.g. F.linear(x, m.weight) or a batch dimension that is not first); "
                     f"pass dense_modules=['{b.name}']")
+        return True
 
     # ----------------------------------------------------------------------------------------
     # full gradients / vectors
