@@ -456,7 +456,7 @@ def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, s
         for bids, rows in _raw_rows(task, prep, config, range(start, stop), cbuf, rotated=True):
             yield bids[0], rows
         return
-    srows = prep.preconditioner.rotate(srows, prep.folded)
+    pre = prep.preconditioner
     size = stop - start
     spos = torch.full((size,), -1, dtype=torch.long)
     spos[torch.tensor(ids, dtype=torch.long) - start] = torch.arange(len(ids))
@@ -483,8 +483,11 @@ def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, s
             mm = m[a - w0:b - w0]
             dst_s = torch.nonzero(mm).flatten()          # positions (CPU) -> the rows' device
             if dst_s.numel():
+                # the subsample's rows are raw: rotated here, a batch at a time (rotating the whole
+                # group at once allocated hundreds of MB of fresh pages per shard)
                 src = spos[a - start:b - start].index_select(0, dst_s)
-                wbuf.index_copy_(0, (dst_s + filled).to(dev), srows.index_select(0, src.to(dev)))
+                picked = pre.rotate(srows.index_select(0, src.to(dev)), prep.folded)
+                wbuf.index_copy_(0, (dst_s + filled).to(dev), picked)
             if dst_s.numel() < take:
                 dst_c = torch.nonzero(~mm).flatten()
                 src = cpos[a - w0:b - w0].index_select(0, dst_c)

@@ -67,7 +67,9 @@ def rotate_blocks(rows: torch.Tensor, blocks: Sequence[Block], bases: Sequence[t
     """A copy of ``rows`` [n, dim] whose column block of each ``blocks[i]`` (a [k_out, k_in] matrix
     Phi per row, at the block's offset) is Q_S^T Phi Q_A for ``bases[i] = (Q_S, Q_A)`` (or
     Q_S Phi Q_A^T with ``inverse``); other columns are copied."""
-    out = rows.clone()
+    spans = sorted((b.offset, b.offset + b.dim) for b in blocks)
+    covered = sum(e - s for s, e in spans) == rows.shape[1] and all(a[1] <= c[0] for a, c in zip(spans, spans[1:]))
+    out = torch.empty_like(rows) if covered else rows.clone()     # every column rewritten: no copy
     n = rows.shape[0]
     for b, (qs, qa) in zip(blocks, bases):
         qs, qa = qs.to(rows.dtype), qa.to(rows.dtype)
