@@ -348,6 +348,10 @@ class InfluenceIndex:
     def query_vectors(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
         """q_t = P_W v_t for each test point, [Q, k] float64, in the stored rows' basis (``row_basis``;
         "eigen": R P_W v_t, see ``to_row_basis``), so that I(z, x_t) ~ -q_t . s_z."""
+        return self._query_vectors(test_batch, finetuned).astype(np.float64)
+
+    def _query_vectors(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
+        """``query_vectors`` in the model's dtype (float32 for a float32 model: the search's own)."""
         a = self._get(finetuned)
         batch = move(test_batch, device="cpu", dtype=a.projector.dtype)
         try:
@@ -362,8 +366,8 @@ class InfluenceIndex:
                 raise ShapeError(f"the test batch does not fit the finetuned model: {msg}") from None
         if q.shape[0] != q_n:
             raise ShapeError(f"measurement returned {q.shape[0]} values for {q_n} test examples")
-        q = q.to(torch.float64).numpy()
-        if not np.isfinite(q).all():
+        q = q.numpy()
+        if not np.isfinite(q.sum()) and not np.isfinite(q).all():
             bad = int(np.flatnonzero(~np.isfinite(q).all(1))[0])
             raise NonFiniteError(f"the query vector of test point {bad} (position in the batch) is NaN or "
                                  f"infinite: check its measurement and the finetuned model's outputs")
@@ -383,9 +387,9 @@ class InfluenceIndex:
         k = min(int(k), self.n)                       # there are only n pretraining examples
         if exact_rerank is not None:
             exact_rerank = min(int(exact_rerank), self.n)
-        q = self.query_vectors(test_batch, finetuned)
+        q = self._query_vectors(test_batch, finetuned)
         sign = 1.0 if direction == "helpful" else -1.0
-        signed = np.ascontiguousarray(sign * q, dtype=np.float32)
+        signed = np.ascontiguousarray(q if sign > 0 else -q, dtype=np.float32)
         if exact_rerank is None and self.store.dtype == "float64":
             # float64 rows (the exact preset): rescore the float32 search's candidates in float64
             exact_rerank = min(self.n, 2 * k)
@@ -394,7 +398,7 @@ class InfluenceIndex:
             dots, ids = self.search_index.search(signed, k, nprobe=nprobe, candidates=max(exact_rerank, k))
         elif exact_rerank:
             cand_s, cand = self.search_index.search(signed, max(exact_rerank, k), nprobe=nprobe)
-            ids, dots = _rerank(sign * q, cand, self.store, k)
+            ids, dots = _rerank(sign * q.astype(np.float64), cand, self.store, k)
         else:
             dots, ids = self.search_index.search(signed, k, nprobe=nprobe)
         scores = -dots.astype(np.float64) if direction == "helpful" else dots.astype(np.float64)

@@ -170,3 +170,16 @@ def test_cross_entropy_fisher_losses_give_the_gauss_newton_matrix():
             rows.append(torch.cat([q.grad.reshape(-1) for q in model.parameters()]))
         g = torch.stack(rows)
         torch.testing.assert_close(g.T @ g, ggn, rtol=1e-10, atol=1e-12)
+
+
+def test_move_returns_batches_already_in_place_and_converts_the_rest():
+    from msif_index.data import move
+    x, y = torch.randn(3, 4), torch.arange(3)
+    batch = (x, y)
+    assert move(batch, "cpu", torch.float32) is batch                 # nothing to do: the same object
+    assert move([x, y], None, None)[0] is x
+    moved = move(batch, "cpu", torch.float64)                          # floating tensors cast, ints kept
+    assert moved[0].dtype == torch.float64 and torch.equal(moved[0], x.double()) and moved[1] is y
+    nested = {"x": x, "pair": (x, y)}                                 # the general path: any pytree
+    out = move(nested, "cpu", torch.float64)
+    assert out["pair"][0].dtype == torch.float64 and out["pair"][1].dtype == torch.int64
