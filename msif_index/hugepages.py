@@ -4,8 +4,8 @@ One query reads about 12 MB spread over the process (at n = 100k, SVD128,PQ64fs,
 the finetuned model's weights and the operator B (model part), the fast-scan codes, and a few
 hundred rows gathered at random from the reduced and the full rows (search part). With 4 KiB
 pages each of those reads can miss the TLB, and on a virtual machine a TLB miss walks two page
-tables. Backing the same memory with 2 MiB pages took 0.1-0.4 ms off a 2.6-3.2 ms query on the
-2-core development VM (benchmarks/README.md), for 0.03-1.5 s spent once when the index is opened.
+tables. Backing the same memory with 2 MiB pages took 0.1-0.6 ms off a 2.6-3.3 ms query on the
+2-core development VM (benchmarks/README.md), for 0.2-1.5 s spent once when the index is opened.
 
 ``use_huge_pages(buffers)`` asks the kernel (Linux, THP mode ``always`` or ``madvise``) to back
 the 2 MiB-aligned interior of each buffer with huge pages now: ``madvise(MADV_HUGEPAGE)``, then

@@ -144,7 +144,7 @@ class InfluenceIndex:
 
         ``huge_pages``: back what a CPU query reads (search rows, then each attached model and its
         operator) with transparent huge pages (msif_index.hugepages): faster queries for a one-time
-        cost at open (0.03-1.5 s at n = 100k). Pass False in a process that answers a few queries."""
+        cost at open (0.2-1.5 s at n = 100k). Pass False in a process that answers a few queries."""
         p = Path(path)
         if not (p / MANIFEST).exists():
             if (p / BUILD_FILE).exists():
