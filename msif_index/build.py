@@ -549,6 +549,10 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     # bad --device or --factory with --overwrite leaves the existing index as it was)
     prep = prepare(task, config)
     pre = prep.preconditioner
+    if pre.row_basis != "parameter":
+        # kfac / ekfac rows in the eigenbasis: a build or index from a version that stored them in the
+        # parameter basis (no key) is not resumed or reused
+        identity["row_basis"] = pre.row_basis
     SearchIndex.create(pre.dim_w, config.factory)    # a bad factory string fails now, not after the pass
     _check_out_dir(out, identity, overwrite)
     if (out / MANIFEST).exists():

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import signal
@@ -588,6 +590,25 @@ def test_rerun_reuses_and_other_config_refuses_unless_overwrite(tmp_path, tiny_i
     m = _manifest(tiny_index)
     assert m["config"]["preconditioner"] == "kfac"
     assert not np.array_equal(_rows(tiny_index), before)
+
+
+def test_kronecker_build_in_the_old_row_basis_is_not_resumed_or_reused(tmp_path):
+    """kfac / ekfac rows are stored in the eigenbasis: a build or an index of a version that stored
+    them in the parameter basis (its identity has no row_basis) is refused, not mixed or reused."""
+    task = TinyTask()
+    cfg = BuildConfig(proj_dim=12, preconditioner="ekfac", shard_rows=16)
+    path = build_index(task, tmp_path / "idx", cfg)
+    for name in ("manifest.json", "build.json"):                  # as the previous version wrote them
+        d = json.loads((path / name).read_text())
+        assert d["identity"].pop("row_basis") == "eigen"
+        (path / name).write_text(json.dumps(d))
+    before = _rows(path)
+    with pytest.raises(ConfigError) as e:
+        build_index(task, path, cfg)
+    msg = _one_line(e)
+    assert "row_basis" in msg and "overwrite" in msg
+    assert np.array_equal(_rows(path), before)
+    assert "row_basis" not in json.loads((path / "manifest.json").read_text())["identity"]   # untouched
 
 
 def test_folder_with_foreign_files_is_refused_and_untouched(tmp_path):

@@ -143,9 +143,9 @@ class _KronState:
         new = copy.copy(self)
         new.calls = []
         if left is not None:
-            new.p_out_t = torch.matmul(self.p_out_matrix().t(), left.to(self.dtype)).contiguous()
+            new.p_out_t = torch.matmul(self.p_out_matrix().to(left.device).t(), left.to(self.dtype)).contiguous()
         if right is not None:
-            p_in = torch.matmul(right.to(self.dtype).t(), self.p_in_matrix()).contiguous()
+            p_in = torch.matmul(right.to(self.dtype).t(), self.p_in_matrix().to(right.device)).contiguous()
             new._set_p_in(p_in, self.dtype, p_in.device)
         return new
 
