@@ -23,7 +23,10 @@ def parse_ids(text: str, n: int, what: str) -> list[int]:
                 continue
             if "-" in part[1:]:
                 a, b = part.split("-", 1)
-                ids.extend(range(int(a), int(b) + 1))
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ConfigError(f"{what} id range {part!r} ends before it starts; write {hi}-{lo}")
+                ids.extend(range(lo, hi + 1))
             else:
                 ids.append(int(part))
     except ValueError:

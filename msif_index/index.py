@@ -168,6 +168,10 @@ class InfluenceIndex:
             search.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n,
                                  seed=manifest["config"].get("seed", 0))
         else:
+            if not (p / FAISS).is_file():
+                store.close()
+                raise CorruptIndexError(f"{p / FAISS} is missing (deleted, or not copied with the index); "
+                                        f"rebuild with --overwrite")
             want = manifest.get("checksums", {}).get("faiss")
             if want is not None and (p / FAISS).is_file() and file_sha256(p / FAISS) != want:
                 raise CorruptIndexError(f"{p / FAISS} fails its checksum (corrupted or replaced); "
@@ -275,6 +279,10 @@ class InfluenceIndex:
             validate_task(task)
         if cg_iters is not None and (isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 0):
             raise ConfigError(f"cg_iters must be an integer >= 0, got {cg_iters!r}")
+        if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float))
+                                    or not np.isfinite(damping) or damping < 0):
+            raise ConfigError(f"damping must be a finite number >= 0 (relative to H_tt's mean eigenvalue), "
+                              f"got {damping!r}")
         resolve_h_tt(h_tt, 0)                    # an unknown h_tt fails before any work
         self.check_pretrained(task)
         source = finetuned if finetuned is not None else task.finetuned_model()

@@ -261,6 +261,11 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
     mod_name = f"msif_user_task_{abs(hash(str(path.resolve())))}"
     module = sys.modules.get(mod_name)
     if module is None:
+        # the task file's folder goes on sys.path (as `python FILE.py` does), so it can import
+        # modules next to it, at load time or later from inside its methods
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         spec_obj = importlib.util.spec_from_file_location(mod_name, path)
         if spec_obj is None or spec_obj.loader is None:
             raise TaskError(f"cannot import {path_s!r} as a Python file")

@@ -557,6 +557,10 @@ def test_corrupted_faiss_file_is_detected(tmp_path):
         InfluenceIndex.open(path)
     assert "faiss.index" in _one_line(e)
     assert before.ids.shape == (8, 5)
+    faiss_file.unlink()                                   # gone: say so, and how to get it back
+    with pytest.raises(CorruptIndexError) as e:
+        InfluenceIndex.open(path)
+    assert "faiss.index is missing" in _one_line(e) and "--overwrite" in _one_line(e)
 
 
 def test_corrupted_manifest_is_detected(tmp_path, tiny_index):

@@ -128,12 +128,13 @@ def test_build_index_then_query_json_on_digits(tmp_path, capsys, digits_frozen):
     assert len(list((out / "operators").glob("*.h5"))) == 2
 
 
-@pytest.mark.parametrize("case", ["bad-test-ids", "test-id-out-of-range", "missing-task-file",
-                                  "task-without-name", "missing-index"])
+@pytest.mark.parametrize("case", ["bad-test-ids", "reversed-test-id-range", "test-id-out-of-range",
+                                  "missing-task-file", "task-without-name", "missing-index"])
 def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny, case):
     spec = f"{tiny}:task"
     args = {
         "bad-test-ids": ["exact", "--task", spec, "--test-ids", "1,x"],
+        "reversed-test-id-range": ["exact", "--task", spec, "--test-ids", "3-1"],
         "test-id-out-of-range": ["query", "--index", str(tmp_path / "idx"), "--task", spec, "--test-ids", "2,9"],
         "missing-task-file": ["check-task", "--task", f"{tmp_path / 'nowhere.py'}:task"],
         "task-without-name": ["build-index", "--task", str(tiny), "--out", str(tmp_path / "idx")],
@@ -144,7 +145,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny, case):
     lines = proc.stderr.strip("\n").split("\n")
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
-    expected = {"bad-test-ids": "1,x", "test-id-out-of-range": "[9]", "missing-task-file": "nowhere.py",
+    expected = {"bad-test-ids": "1,x", "reversed-test-id-range": "write 1-3", "test-id-out-of-range": "[9]", "missing-task-file": "nowhere.py",
                 "task-without-name": "FILE.py:NAME", "missing-index": "nope"}[case]
     assert expected in lines[0]
 

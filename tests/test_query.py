@@ -373,6 +373,16 @@ def test_index_of_another_pretrained_model(exact_index, tasks):
         assert "pretrained W" in _one_line(e)
 
 
+def test_bad_attach_settings_are_refused_before_any_work(exact_index, tasks):
+    with InfluenceIndex.open(exact_index) as index:
+        for kwargs in ({"damping": -5}, {"damping": float("nan")}, {"damping": True}, {"damping": "0.1"},
+                       {"cg_iters": -1}, {"h_tt": "banana"}):
+            with pytest.raises(ConfigError) as e:
+                index.attach(tasks["frozen"], **kwargs)
+            _one_line(e)
+        assert index.attached == []
+
+
 def test_frozen_finetuning_with_moved_w(exact_index, tasks):
     with InfluenceIndex.open(exact_index) as index:
         with pytest.raises(IndexMismatchError) as e:

@@ -135,6 +135,43 @@ def test_load_task_errors(tmp_path):
     assert "boom" in _one_line(e)
 
 
+def test_task_file_imports_a_module_next_to_it(tmp_path):
+    """The task file's folder is on sys.path while it loads and afterwards (an import inside a method)."""
+    import sys
+    folder = tmp_path / "mytask"
+    folder.mkdir()
+    (folder / "helpers_for_msif_test.py").write_text("SCALE = 7\n")
+    (folder / "late_helper_for_msif_test.py").write_text("VALUE = 11\n")
+    (folder / "task.py").write_text(textwrap.dedent("""
+        import helpers_for_msif_test
+        from msif_index import MultiStageTask
+
+        class T(MultiStageTask):
+            shared_parameters = ()
+            def pretrained_model(self): ...
+            def finetuned_model(self): ...
+            def pretrain_dataset(self): ...
+            def finetune_dataset(self): ...
+            def test_dataset(self): ...
+            def pretrain_loss(self, model, batch): ...
+            def finetune_loss(self, model, batch): ...
+            def late(self):
+                import late_helper_for_msif_test
+                return late_helper_for_msif_test.VALUE
+
+        task = T()
+        task.scale = helpers_for_msif_test.SCALE
+    """))
+    try:
+        t = msif_index.load_task(f"{folder / 'task.py'}:task", validate=False)
+        assert t.scale == 7 and t.late() == 11
+    finally:
+        for name in ("helpers_for_msif_test", "late_helper_for_msif_test"):
+            sys.modules.pop(name, None)
+        if str(folder) in sys.path:
+            sys.path.remove(str(folder))
+
+
 def test_exact_refuses_large_models(digits_frozen):
     from msif_index.data import full_batch
     from msif_index.errors import TooLargeError
