@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import Dataset, TensorDataset
 
+from .errors import ShapeError
 from .task import collate
 
 
@@ -19,9 +20,36 @@ def fetch(dataset: Dataset, ids: Sequence[int]) -> Any:
         idx = torch.as_tensor(list(ids), dtype=torch.long)
         return tuple(t[idx] for t in dataset.tensors)
     getitems = getattr(dataset, "__getitems__", None)
-    if getitems is not None:
-        return collate(getitems(list(ids)))
-    return collate([dataset[i] for i in ids])
+    items = getitems(list(ids)) if getitems is not None else [dataset[i] for i in ids]
+    try:
+        return collate(items)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise _collate_error(list(ids), items, e) from None
+
+
+def _structure(item: Any) -> Any:
+    """An item's layout: container types, tensor shapes and dtypes, other leaves' types."""
+    leaves, spec = tree_flatten(item)
+    return spec, [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__ for x in leaves]
+
+
+def _collate_error(ids: list[int], items: list, exc: BaseException) -> ShapeError:
+    """A one-line error naming the first example whose layout differs from the batch's first one."""
+    first = _structure(items[0]) if items else None
+    for i, item in zip(ids, items):
+        if _structure(item) != first:
+            return ShapeError(f"example {i} of the dataset does not match example {ids[0]} of its batch "
+                              f"({_describe(item)} against {_describe(items[0])}); every example must have "
+                              f"the same layout and shapes")
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ShapeError(f"examples {ids[0]}..{ids[-1]} cannot be batched ({msg})")
+
+
+def _describe(item: Any) -> str:
+    leaves, _ = tree_flatten(item)
+    parts = [f"{list(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, torch.Tensor)
+             else type(x).__name__ for x in leaves]
+    return ", ".join(parts[:4]) + (", ..." if len(parts) > 4 else "")
 
 
 def batches(dataset: Dataset, batch_size: int, ids: Sequence[int] | None = None

@@ -662,6 +662,34 @@ def test_nonfinite_gradient_names_the_example(tmp_path, pre):
     assert not (tmp_path / "nan" / "manifest.json").exists()
 
 
+class _OddExample(torch.utils.data.Dataset):
+    """A dataset whose example ``bad`` has one input feature too many."""
+
+    def __init__(self, base, bad: int):
+        self.base, self.bad = base, bad
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y, ids = self.base[i]
+        return (torch.cat([x, x[:1]]) if i == self.bad else x), y, ids
+
+
+def test_wrong_shaped_example_is_named(tmp_path):
+    """An example whose shape differs from the others' in the middle of the data: one line naming it
+    (not the collate traceback), and nothing written as the index."""
+    from msif_index.errors import ShapeError
+    task = TinyTask()
+    task._pre = _OddExample(task._pre, 37)
+    msif_index.validate_task(task)                            # the first examples are fine
+    with pytest.raises(ShapeError) as e:
+        build_index(task, tmp_path / "odd", BuildConfig(proj_dim=16, preconditioner="identity", batch_size=8))
+    msg = _one_line(e)
+    assert "example 37" in msg and "[7] float64" in msg and "[6] float64" in msg, msg
+    assert not (tmp_path / "odd" / "manifest.json").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # featurize reuses the statistics subsample's rows (no second gradient pass over them)
 
