@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from torch import nn
 
 from . import __version__
 from .allocator import keep_freed_memory
-from .atomic import atomic_path, cleanup_stale_tmp, read_json, write_json_atomic
+from .atomic import atomic_path, cleanup_stale_tmp, fsync_dir, read_json, write_json_atomic
 from .autodiff import FlatParams, batched_objective
 from .config import BuildConfig
 from .data import batches, move
@@ -213,6 +214,49 @@ def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
                               f"({_diff(previous.get('identity', {}), identity)}); rerun with --overwrite "
                               f"to replace it, or choose another --out")
         _clear(out)
+
+
+def _staging(out: Path) -> Path:
+    """Where ``--overwrite`` builds the replacement of a complete index: a hidden sibling folder."""
+    return out.parent / f".{out.name}.overwrite"
+
+
+def _replaces_complete_index(out: Path, identity: dict, overwrite: bool) -> bool:
+    """Whether ``out`` holds a complete, readable index of another identity that ``overwrite`` replaces:
+    then the new one is built beside it and swapped in when complete, so an interrupted rebuild
+    leaves the old index answering."""
+    if not overwrite or not (out / MANIFEST).is_file():
+        return False
+    index_folder_entries(out)                          # nothing foreign in it
+    try:
+        previous = read_json(out / MANIFEST, "the index's " + MANIFEST)
+    except CorruptIndexError:
+        return False                                   # unreadable: replaced in place, as before
+    return isinstance(previous, dict) and previous.get("identity") != identity
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace ``out`` by the complete index in ``staging``: two renames in one folder (a README.md of
+    the old folder is kept), then the old one is deleted."""
+    replaced = out.parent / f".{out.name}.replaced"
+    if replaced.exists():
+        shutil.rmtree(replaced)
+    if out.exists():
+        if (out / "README.md").is_file() and not (staging / "README.md").exists():
+            shutil.copy2(out / "README.md", staging / "README.md")
+        os.rename(out, replaced)
+    os.rename(staging, out)
+    fsync_dir(out.parent)
+    if replaced.exists():
+        shutil.rmtree(replaced)
+
+
+def _finish_interrupted_swap(out: Path) -> None:
+    """A process stopped between the two renames of ``_swap_in``: ``out`` is gone and the complete
+    replacement waits in the staging folder. Finish the swap."""
+    staging = _staging(out)
+    if not out.exists() and (staging / MANIFEST).is_file():
+        _swap_in(staging, out)
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -554,9 +598,15 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         # parameter basis (no key) is not resumed or reused
         identity["row_basis"] = pre.row_basis
     SearchIndex.create(pre.dim_w, config.factory)    # a bad factory string fails now, not after the pass
+    _finish_interrupted_swap(out)
+    final = out
+    if _replaces_complete_index(out, identity, overwrite):
+        out = _staging(final)                         # the old index answers until the new one is done
     _check_out_dir(out, identity, overwrite)
     if (out / MANIFEST).exists():
-        return out                                    # already built with this config
+        if out != final:
+            _swap_in(out, final)                      # completed earlier, not yet swapped in
+        return final                                  # already built with this config
     out.mkdir(parents=True, exist_ok=True)
     cleanup_stale_tmp(out)
     timings: dict[str, float] = {}
@@ -594,4 +644,6 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         "sign_convention": "I(z, x_t) = -q_t . s_z; negative: helpful, positive: harmful",
     }
     write_json_atomic(out / MANIFEST, manifest)
-    return out
+    if out != final:
+        _swap_in(out, final)
+    return final

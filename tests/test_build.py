@@ -596,6 +596,40 @@ def test_rerun_reuses_and_other_config_refuses_unless_overwrite(tmp_path, tiny_i
     assert not np.array_equal(_rows(tiny_index), before)
 
 
+def test_interrupted_overwrite_keeps_the_old_index_and_resumes(tmp_path):
+    """--overwrite of a complete index builds the new one beside it and swaps it in when complete: a
+    rebuild that fails midway leaves the old index answering, the rerun resumes the new one, and a
+    swap stopped between its two renames is finished by the next call."""
+    old_cfg = BuildConfig(proj_dim=16, preconditioner="identity", shard_rows=16)
+    new_cfg = BuildConfig(proj_dim=12, preconditioner="identity", shard_rows=16, batch_size=8)
+    path = build_index(TinyTask(), tmp_path / "idx", old_cfg)
+    (path / "README.md").write_text("my notes")
+    before = _rows(path)
+    staging = tmp_path / ".idx.overwrite"
+    with pytest.raises(NonFiniteError):                        # example 40 fails in the third shard
+        build_index(TinyTask(nan_id=40), path, new_cfg, overwrite=True)
+    assert np.array_equal(_rows(path), before)                # the old index is intact ...
+    assert _manifest(path)["config"]["proj_dim"] == 16
+    with InfluenceIndex.open(path) as index:                  # ... and answers
+        index.attach(TinyTask())
+        assert index.query(full_batch(TinyTask().test_dataset(), [0]), k=3).ids.shape == (1, 3)
+    assert (staging / "build.json").is_file() and len(list((staging / "shards").glob("shard_*.h5"))) == 2
+    task = TinyTask()
+    task.seen = []
+    assert build_index(task, path, new_cfg, overwrite=True) == path
+    assert set(task.seen) == set(range(32, 64))               # the two finished shards were not redone
+    assert _manifest(path)["config"]["proj_dim"] == 12
+    assert not staging.exists() and not (tmp_path / ".idx.replaced").exists()
+    assert (path / "README.md").read_text() == "my notes"
+    fresh = build_index(TinyTask(), tmp_path / "fresh", new_cfg)
+    assert np.array_equal(_rows(path), _rows(fresh))          # the same rows as a build from scratch
+    # a swap stopped after its first rename: the index folder is gone, the new index waits in staging
+    path.rename(staging)
+    task.seen = []
+    assert build_index(task, path, new_cfg) == path and task.seen == []
+    assert not staging.exists() and np.array_equal(_rows(path), _rows(fresh))
+
+
 def test_kronecker_build_in_the_old_row_basis_is_not_resumed_or_reused(tmp_path):
     """kfac / ekfac rows are stored in the eigenbasis: a build or an index of a version that stored
     them in the parameter basis (its identity has no row_basis) is refused, not mixed or reused."""
