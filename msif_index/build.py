@@ -236,14 +236,17 @@ def _replaces_complete_index(out: Path, identity: dict, overwrite: bool) -> bool
 
 
 def _swap_in(staging: Path, out: Path) -> None:
-    """Replace ``out`` by the complete index in ``staging``: two renames in one folder (a README.md of
-    the old folder is kept), then the old one is deleted."""
+    """Replace ``out`` by the complete index in ``staging``: two renames in one folder, then the old
+    one is deleted. What the old folder holds besides the index (a README.md, hidden files such as
+    .gitkeep) moves over first."""
     replaced = out.parent / f".{out.name}.replaced"
     if replaced.exists():
         shutil.rmtree(replaced)
     if out.exists():
-        if (out / "README.md").is_file() and not (staging / "README.md").exists():
-            shutil.copy2(out / "README.md", staging / "README.md")
+        for entry in out.iterdir():
+            keep = entry.name == "README.md" or (entry.name.startswith(".") and ".tmp-" not in entry.name)
+            if keep and not (staging / entry.name).exists():
+                os.rename(entry, staging / entry.name)
         os.rename(out, replaced)
     os.rename(staging, out)
     fsync_dir(out.parent)

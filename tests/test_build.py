@@ -604,6 +604,7 @@ def test_interrupted_overwrite_keeps_the_old_index_and_resumes(tmp_path):
     new_cfg = BuildConfig(proj_dim=12, preconditioner="identity", shard_rows=16, batch_size=8)
     path = build_index(TinyTask(), tmp_path / "idx", old_cfg)
     (path / "README.md").write_text("my notes")
+    (path / ".gitkeep").write_text("")
     before = _rows(path)
     staging = tmp_path / ".idx.overwrite"
     with pytest.raises(NonFiniteError):                        # example 40 fails in the third shard
@@ -620,7 +621,7 @@ def test_interrupted_overwrite_keeps_the_old_index_and_resumes(tmp_path):
     assert set(task.seen) == set(range(32, 64))               # the two finished shards were not redone
     assert _manifest(path)["config"]["proj_dim"] == 12
     assert not staging.exists() and not (tmp_path / ".idx.replaced").exists()
-    assert (path / "README.md").read_text() == "my notes"
+    assert (path / "README.md").read_text() == "my notes" and (path / ".gitkeep").is_file()
     fresh = build_index(TinyTask(), tmp_path / "fresh", new_cfg)
     assert np.array_equal(_rows(path), _rows(fresh))          # the same rows as a build from scratch
     # a swap stopped after its first rename: the index folder is gone, the new index waits in staging
