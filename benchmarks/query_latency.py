@@ -91,6 +91,7 @@ def synthetic_folder(real: Path, folder: Path, n: int, seed: int = 0) -> dict[st
     manifest = json.loads((real / "manifest.json").read_text())
     manifest["n"] = n
     manifest["identity"]["n"] = n
+    manifest.get("checksums", {}).pop("rows", None)      # this folder's rows.h5 is written below
     manifest["synthetic"] = {"from": str(real), "noise": NOISE, "seed": seed}
     with RowStore.open(real / "rows.h5") as st:
         base = st.read(0, st.n)

@@ -634,7 +634,12 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
             index.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n, seed=config.seed)
             index.save(out / FAISS)
     timings["index_s"] = time.perf_counter() - t0
-    checksums = {"faiss": file_sha256(out / FAISS)} if not built_at_open(config.factory) else {}
+    # rows.h5 is the small file that maps the shards (virtual datasets): its checksum is verified
+    # before HDF5 parses it (HDF5 can loop forever on some damaged metadata bytes); the rows
+    # themselves carry HDF5 fletcher32 checksums per chunk
+    checksums = {"rows": file_sha256(out / ROWS)}
+    if not built_at_open(config.factory):
+        checksums["faiss"] = file_sha256(out / FAISS)
     manifest = {
         "schema": 1, "version": __version__, "identity": identity, "config": config.to_dict(),
         "n": n, "k": pre.dim_w, "k_raw": prep.projector.dim,
@@ -643,7 +648,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         "projector": prep.projector.config(), "preconditioner": summary, "timings": timings,
         "files": {"rows": ROWS, "shards": SHARDS, "preconditioner": PRECOND,
                   "faiss": None if built_at_open(config.factory) else FAISS},
-        "checksums": checksums,          # the rows carry their own (HDF5 fletcher32) checksums
+        "checksums": checksums,
         "sign_convention": "I(z, x_t) = -q_t . s_z; negative: helpful, positive: harmful",
     }
     write_json_atomic(out / MANIFEST, manifest)

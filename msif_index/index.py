@@ -153,6 +153,10 @@ class InfluenceIndex:
             raise CorruptIndexError(f"no msif index in {p} (no {MANIFEST}); build one with msif build-index")
         manifest = read_json(p / MANIFEST, "the index manifest")
         _check_manifest(p / MANIFEST, manifest)
+        want = manifest.get("checksums", {}).get("rows")      # indexes built before it have none
+        if want is not None and (p / ROWS).is_file() and file_sha256(p / ROWS) != want:
+            raise CorruptIndexError(f"{p / ROWS} fails its checksum (damaged, or another build's); "
+                                    f"rebuild with --overwrite")
         store = RowStore.open(p / ROWS)
         if store.n != manifest.get("n") or store.k != manifest.get("k"):
             raise CorruptIndexError(f"{p / ROWS} holds {store.n}x{store.k} rows but the manifest says "
@@ -461,6 +465,9 @@ def _check_manifest(path: Path, manifest: Any) -> None:
         raise bad("its config or fingerprints")
     if not all(isinstance(x, str) for x in manifest["w_names"]):
         raise bad("its w_names")
+    checksums = manifest.get("checksums", {})
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        raise bad("its checksums")
 
 
 def _canonical(value: Any) -> str:

@@ -900,6 +900,26 @@ print(caught)
 """
 
 
+def test_every_flipped_byte_of_rows_h5_is_caught_before_hdf5_reads_it(tmp_path, tiny_index):
+    """The manifest holds rows.h5's sha256 (a small file: the map of the shards), checked before HDF5
+    parses it, so no damaged byte reaches HDF5 (some made it loop forever, e.g. byte 2148): every
+    byte of the file flipped in turn gives one CorruptIndexError from InfluenceIndex.open."""
+    path = tiny_index                     # built in this test's own tmp_path
+    rows = path / "rows.h5"
+    orig = rows.read_bytes()
+    assert len(orig) < 1 << 16 and "rows" in json.loads((path / "manifest.json").read_text())["checksums"]
+    for pos in range(len(orig)):
+        damaged = bytearray(orig)
+        damaged[pos] ^= 0xFF
+        rows.write_bytes(bytes(damaged))
+        with pytest.raises(CorruptIndexError) as e:
+            InfluenceIndex.open(path, huge_pages=False)
+        assert "rows.h5 fails its checksum" in _one_line(e)
+    rows.write_bytes(orig)
+    with InfluenceIndex.open(path) as index:
+        assert index.n == 64
+
+
 def test_flipped_bytes_in_the_linked_row_store_are_one_corrupt_index_error(tmp_path, tiny_index):
     """Every byte of the first 2 KiB of a built rows.h5 (superblock, object headers, the JSON
     attributes, the virtual dataset's mapping) flipped in turn: each read gives the written rows or
