@@ -218,6 +218,7 @@ def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
 
 def _staging(out: Path) -> Path:
     """Where ``--overwrite`` builds the replacement of a complete index: a hidden sibling folder."""
+    out = out.resolve()                     # "." and relative paths: name the real folder
     return out.parent / f".{out.name}.overwrite"
 
 
@@ -227,6 +228,9 @@ def _replaces_complete_index(out: Path, identity: dict, overwrite: bool) -> bool
     leaves the old index answering."""
     if not overwrite or not (out / MANIFEST).is_file():
         return False
+    cwd, real = Path.cwd().resolve(), out.resolve()
+    if cwd == real or real in cwd.parents:
+        return False                                   # the process works inside it: replaced in place
     index_folder_entries(out)                          # nothing foreign in it
     try:
         previous = read_json(out / MANIFEST, "the index's " + MANIFEST)
@@ -239,6 +243,7 @@ def _swap_in(staging: Path, out: Path) -> None:
     """Replace ``out`` by the complete index in ``staging``: two renames in one folder, then the old
     one is deleted. What the old folder holds besides the index (a README.md, hidden files such as
     .gitkeep) moves over first."""
+    out = out.resolve()
     replaced = out.parent / f".{out.name}.replaced"
     if replaced.exists():
         shutil.rmtree(replaced)
