@@ -42,7 +42,7 @@ from .data import batches, move
 from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, OutputExistsError
 from .fingerprint import fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
-from .preconditioners import Preconditioner, make_preconditioner, projected_hessian
+from .preconditioners import Preconditioner, make_preconditioner, projected_hessian, read_state
 from .progress import progress
 from .search import SearchIndex, built_at_open
 from .store import RowStore, ShardedWriter, link_shards
@@ -474,13 +474,9 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
     pre = prep.preconditioner
     if path.exists():
         try:
-            with h5py.File(path, "r") as f:
-                # keys may hold '/' (kfac / ekfac: "0/qs"), which h5py stores as groups: read every dataset
-                state: dict[str, Any] = {}
-                f.visititems(lambda name, obj: state.__setitem__(name, obj[()])
-                             if isinstance(obj, h5py.Dataset) else None)
-                pre.load_state_dict(state)
-                pre.damping_used = json.loads(f.attrs["damping_used"])
+            state, attrs = read_state(path)
+            pre.load_state_dict(state)
+            pre.damping_used = json.loads(attrs["damping_used"])
             if not _reuses_sample(pre, config):
                 return None
             return _Sample(_stats_ids(n, config), _shard_rows(n, config))    # rows recomputed per shard

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from torch import nn
@@ -33,7 +32,7 @@ from .gradients.blocks import Block, plan_blocks
 from .head_curvature import CG_ITERS, block_permutation, resolve_h_tt
 from .hugepages import packed_on_huge_pages
 from .operator import KRONECKER_DAMPING, FinetuneOperator, compute_operator
-from .preconditioners import rotate_blocks, stored_eigenbases
+from .preconditioners import read_state, rotate_blocks, stored_eigenbases
 from .search import SearchIndex, built_at_open
 from .store import RowStore
 from .task import MultiStageTask, has_finetune_fisher_losses, split_parameters, validate_task
@@ -249,11 +248,7 @@ class InfluenceIndex:
             return None
         path = self.path / PRECOND
         try:
-            with h5py.File(path, "r") as f:
-                state: dict[str, Any] = {}
-                f.visititems(lambda name, obj: state.__setitem__(name, obj[()])
-                             if isinstance(obj, h5py.Dataset) else None)
-            return stored_eigenbases(state, len(self._w_blocks()), dtype)
+            return stored_eigenbases(read_state(path)[0], len(self._w_blocks()), dtype)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise CorruptIndexError(f"{path} is missing or damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                                     f"rebuild the index with --overwrite") from None

@@ -88,6 +88,20 @@ class FinetuneOperator:
                                     f"and attach the finetuned model again") from None
 
 
+def reference_query_vectors(projector: GradientProjector, op: FinetuneOperator, model: nn.Module,
+                            measurement: Callable, batch: Any) -> torch.Tensor:
+    """q_t [Q, k_W] (float64, parameter basis) the slow, separate way: P_W grad_W l by the W projector,
+    grad_theta l by torch.func per-example gradients, combined by ``op.query_vectors``. The reference
+    the query path's one hooked pass (index._QueryPath) is tested against."""
+    from .autodiff import per_example_grads
+
+    b = move(batch, dtype=projector.dtype)
+    pw = projector.project_batch(measurement, b).detach()
+    theta = FlatParams(model, op.theta_names)
+    gt = per_example_grads(theta.loss(measurement), theta.get(), b).detach()
+    return op.query_vectors(pw, gt)
+
+
 def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: GradientProjector,
                      fingerprint: str, batch_size: int = 256, damping: float | None = None,
                      h_tt: str = "auto", cg_iters: int | None = None,

@@ -79,6 +79,17 @@ def rotate_blocks(rows: torch.Tensor, blocks: Sequence[Block], bases: Sequence[t
     return out
 
 
+def read_state(path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(datasets, attributes) of a saved preconditioner state (preconditioner.h5). Keys may hold '/'
+    (kfac / ekfac: "0/qs"), which h5py stores as groups: every dataset is read by its full name."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        state: dict[str, np.ndarray] = {}
+        f.visititems(lambda name, obj: state.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        return state, dict(f.attrs)
+
+
 def stored_eigenbases(state: dict[str, np.ndarray], count: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(Q_S, Q_A) of each of the ``count`` W blocks of a saved kfac / ekfac state (preconditioner.h5),
     as the build rotated its stored rows with them (``dtype``, tiny entries flushed)."""
@@ -326,19 +337,20 @@ class KroneckerEigen(Preconditioner):
             self.inv_eig.append(1.0 / (lam + wd + damp))
 
     def apply(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per W block: Q_S (Lambda^{-1} * (Q_S^T Phi Q_A)) Q_A^T, four matrix products."""
-        return self._apply(rows)
+        """Per W block: Q_S (Lambda^{-1} * (Q_S^T Phi Q_A)) Q_A^T, four matrix products: the stored
+        row (eigenbasis) rotated back to the parameter basis."""
+        return self.to_parameter_basis(self.stored_rows(rows, ()))
 
     def eigenbases(self, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{W block name: (Q_S, Q_A)}: a projector rotated by these (GradientProjector.rotated) gives
         raw rows already in the eigenbasis, Q_S^T Phi Q_A, for ``stored_rows``."""
         mats = self._mats_for(dtype, device)
-        return {b.name: (qs, qa) for b, (_, qs, qa, _, _) in zip(self._wb, mats)}
+        return {b.name: (qs, qa) for b, (qs, qa, _) in zip(self._wb, mats)}
 
     def rotate(self, rows: torch.Tensor, names: Collection[str]) -> torch.Tensor:
         """Raw rows Phi -> Q_S^T Phi Q_A in the W blocks named in ``names`` (other columns copied)."""
         mats = self._mats_for(rows.dtype, rows.device)
-        pairs = [(b, (m[1], m[2])) for b, m in zip(self._wb, mats) if b.name in names]
+        pairs = [(b, (qs, qa)) for b, (qs, qa, _) in zip(self._wb, mats) if b.name in names]
         return rotate_blocks(rows, [b for b, _ in pairs], [q for _, q in pairs])
 
     def stored_rows(self, rows: torch.Tensor, names: Collection[str]) -> torch.Tensor:
@@ -348,13 +360,13 @@ class KroneckerEigen(Preconditioner):
         n = rows.shape[0]
         out = torch.empty(n, self.dim_w, dtype=rows.dtype, device=rows.device)
         col = 0
-        for b, (qs_t, _, qa, _, inv) in zip(self._wb, mats):
+        for b, (qs, qa, inv) in zip(self._wb, mats):
             phi = rows[:, b.offset:b.offset + b.dim].view(n, b.k_out, b.k_in)
             dst = out[:, col:col + b.dim].view(n, b.k_out, b.k_in)
             if b.name in names:
                 torch.mul(phi, inv, out=dst)
             else:
-                torch.mul(torch.matmul(torch.matmul(qs_t, phi), qa), inv, out=dst)
+                torch.mul(torch.matmul(torch.matmul(qs.T, phi), qa), inv, out=dst)
             col += b.dim
         return out
 
@@ -365,34 +377,19 @@ class KroneckerEigen(Preconditioner):
         for b in self._wb:                                # offsets in a W-only row
             blocks.append(replace(b, offset=off))
             off += b.dim
-        return rotate_blocks(vectors, blocks, [(m[1], m[2]) for m in mats], inverse=True)
+        return rotate_blocks(vectors, blocks, [(qs, qa) for qs, qa, _ in mats], inverse=True)
 
     def _mats_for(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+        """``_apply_mats``, computed once per fitted state, dtype and device."""
         return _cached(self, [*self.qs, *self.qa, *self.inv_eig], dtype, device,
                        lambda: self._apply_mats(dtype, device))
 
-    def _apply(self, rows: torch.Tensor) -> torch.Tensor:
-        mats = self._mats_for(rows.dtype, rows.device)
-        n = rows.shape[0]
-        out = torch.empty(n, self.dim_w, dtype=rows.dtype, device=rows.device)
-        col = 0
-        for b, (qs_t, qs, qa, qa_t, inv) in zip(self._wb, mats):
-            phi = rows[:, b.offset:b.offset + b.dim].view(n, b.k_out, b.k_in)
-            rot = torch.matmul(torch.matmul(qs_t, phi), qa)       # [n, k_out, k_in], contiguous
-            rot.mul_(inv)
-            back = torch.matmul(torch.matmul(qs, rot), qa_t)
-            out[:, col:col + b.dim].view(n, b.k_out, b.k_in).copy_(back)
-            col += b.dim
-        return out
-
     def _apply_mats(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
-        mats = []
-        for qs, qa, inv in zip(self.qs, self.qa, self.inv_eig):
-            qs = _flush_tiny(qs.to(dtype=dtype, device=device), dtype)
-            qa = _flush_tiny(qa.to(dtype=dtype, device=device), dtype)
-            mats.append((qs.T.contiguous(), qs.contiguous(), qa.contiguous(), qa.T.contiguous(),
-                         inv.to(dtype=dtype, device=device).contiguous()))
-        return mats
+        """(Q_S, Q_A, Lambda^{-1}) per W block in ``dtype`` on ``device`` (tiny entries flushed)."""
+        return [(_flush_tiny(qs.to(dtype=dtype, device=device), dtype).contiguous(),
+                 _flush_tiny(qa.to(dtype=dtype, device=device), dtype).contiguous(),
+                 inv.to(dtype=dtype, device=device).contiguous())
+                for qs, qa, inv in zip(self.qs, self.qa, self.inv_eig)]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         st = {}

@@ -210,17 +210,12 @@ def _parameter_rows(path: Path) -> np.ndarray:
 def _check_scores_in_parameter_basis(task, path: Path) -> None:
     """index.scores == -q_t . [M^-1 phi_z]_W with q_t from the two-pass reference (W projector,
     torch.func theta gradients, FinetuneOperator) and the rows mapped back to the parameter basis."""
-    from msif_index.autodiff import FlatParams, per_example_grads
-    from msif_index.data import move
+    from msif_index.operator import reference_query_vectors
     batch = full_batch(task.test_dataset())
     with InfluenceIndex.open(path) as index:
         key = index.attach(task, validate=False)
         att = index._get(key)
-        b = move(batch, dtype=att.projector.dtype)
-        pw = att.projector.project_batch(att.task.measurement, b).detach()
-        theta = FlatParams(att.model, att.operator.theta_names)
-        gt = per_example_grads(theta.loss(att.task.measurement), theta.get(), b).detach()
-        q = att.operator.query_vectors(pw, gt).numpy()
+        q = reference_query_vectors(att.projector, att.operator, att.model, att.task.measurement, batch).numpy()
         got = index.scores(batch, key)
         np.testing.assert_allclose(index.query_vectors(batch, key), index.to_row_basis(q), rtol=1e-9,
                                    atol=1e-12 * np.abs(q).max())

@@ -450,18 +450,13 @@ def test_single_pass_query_equals_two_pass_reference(default_index, ekfac_index,
     combined by FinetuneOperator.query_vectors (then rotated into the rows' eigenbasis for ekfac:
     the query path's rotated projector, R B and R C R^T). With ekfac, the scores equal
     -q_t . [M^-1 phi_z]_W in the parameter basis."""
-    from msif_index.autodiff import FlatParams, per_example_grads
-    from msif_index.data import move
+    from msif_index.operator import reference_query_vectors
 
     index = InfluenceIndex.open(default_index if which == "default" else ekfac_index)
     assert index.row_basis == ("eigen" if which == "ekfac" else "parameter")
     key = index.attach(tasks[style])
     att = index._get(key)
-    b = move(batch, dtype=att.projector.dtype)
-    pw = att.projector.project_batch(att.task.measurement, b).detach()
-    theta = FlatParams(att.model, att.operator.theta_names)
-    gt = per_example_grads(theta.loss(att.task.measurement), theta.get(), b).detach()
-    ref = att.operator.query_vectors(pw, gt).numpy()
+    ref = reference_query_vectors(att.projector, att.operator, att.model, att.task.measurement, batch).numpy()
     got = index.query_vectors(batch, key)
     np.testing.assert_allclose(got, index.to_row_basis(ref), rtol=1e-10, atol=1e-12 * np.abs(ref).max())
     if which == "ekfac":
