@@ -16,7 +16,7 @@ attached finetuned model, k = 10 results, direction 'helpful'):
   faiss 4-bit fast-scan PQ over the 128-dim reduced rows in front of it; nlist 256 below 65536 rows,
   else 1024).
   Their parameter (candidates for SVD, nprobe for IVF, efSearch for HNSW) is tuned as the smallest
-  power of two (candidates: 20 x a power of two) reaching recall@10 >= TUNE_RECALL = 0.97 on 64
+  power of two (candidates: 20 or 30 x a power of two) reaching recall@10 >= TUNE_RECALL = 0.97 on 64
   tuning queries (a margin: the target, 0.95, is checked on the other queries),
   else the largest tried; then recall@10 against Flat on the other 192 test queries
   (msif_index.search.recall_at_k, tie-aware);
@@ -32,8 +32,8 @@ attached finetuned model, k = 10 results, direction 'helpful'):
 
 Index sizes: a real index is built for the MLP task of benchmarks/common.py (784-512-512 backbone,
 untrained, frozen finetuning of a Linear(512, 2) head) at n = 10k with proj_dim = 1024 (k_W = 1058
-stored columns, ekfac). Bigger n reuse it: an index folder per n with the same manifest (n
-changed), the same fingerprints and the cached attach operator, and synthetic rows written with
+stored columns, ekfac). Bigger n reuse it: an index folder per n with the same manifest (n and
+the pretraining data's fingerprint changed), the same model fingerprints and the cached attach operator, and synthetic rows written with
 msif_index.store.RowWriter: real rows resampled with replacement plus Gaussian noise (0.3 x each
 column's std), so the rows keep the real rows' structure. The task attached to them has a lazy
 pretraining dataset of length n (attach checks it). 1M x 1058 float32 rows = 4.2 GB.
@@ -94,6 +94,9 @@ def synthetic_folder(real: Path, folder: Path, n: int, seed: int = 0) -> dict[st
     manifest = json.loads((real / "manifest.json").read_text())
     manifest["n"] = n
     manifest["identity"]["n"] = n
+    if "data" in manifest["identity"]:                    # the pretraining data are the task's n examples
+        from msif_index.fingerprint import fingerprint_dataset
+        manifest["identity"]["data"] = fingerprint_dataset(mlp_task(n).pretrain_dataset())
     manifest.get("checksums", {}).pop("rows", None)      # this folder's rows.h5 is written below
     manifest["synthetic"] = {"from": str(real), "noise": NOISE, "seed": seed}
     with RowStore.open(real / "rows.h5") as st:
@@ -215,12 +218,13 @@ def query_vectors(index, task, ids: list[int]) -> np.ndarray:
 
 
 def tune(index, q: np.ndarray, exact: tuple[np.ndarray, np.ndarray], factory: str) -> tuple[str, int, list]:
-    """The smallest power of two of nprobe (IVF), efSearch (HNSW) or candidates (SVD<r>, from 20)
-    reaching recall@10 >= TUNE_RECALL on ``q`` (else the largest tried), and the recall curve."""
+    """The smallest power of two of nprobe (IVF) or efSearch (HNSW), or the smallest candidates
+    (SVD<r>: 20 or 30 times a power of two, steps of 1.5x and 1.33x) reaching recall@10 >=
+    TUNE_RECALL on ``q`` (else the largest tried), and the recall curve."""
     import faiss
     from msif_index.search import recall_at_k
     if factory.startswith("SVD"):
-        name, values = "candidates", [20 * 2 ** i for i in range(0, 8)]                # 20 .. 2560
+        name, values = "candidates", sorted({c * 2 ** i for c in (20, 30) for i in range(0, 8)})  # 20, 30, 40, 60 .. 3840
     elif factory.startswith("HNSW"):
         name, values = "ef_search", [2 ** i for i in range(4, 12)]                     # 16 .. 2048
     else:

@@ -40,7 +40,7 @@ from .autodiff import FlatParams, batched_objective
 from .config import BuildConfig
 from .data import batches, move
 from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, OutputExistsError
-from .fingerprint import fingerprint_tensors, short
+from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian, read_state
 from .progress import progress
@@ -210,7 +210,7 @@ def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
         return
     if previous.get("identity") != identity:
         if not overwrite:
-            raise ConfigError(f"{out} holds an index built with another config or pretrained model "
+            raise ConfigError(f"{out} holds an index built with another config, pretrained model or pretraining data "
                               f"({_diff(previous.get('identity', {}), identity)}); rerun with --overwrite "
                               f"to replace it, or choose another --out")
         _clear(out)
@@ -273,7 +273,8 @@ def _diff(old: dict, new: dict) -> str:
         oc, nc = old.get("config", {}), new.get("config", {})
         keys = [f"config.{k}: {oc.get(k)!r} -> {nc.get(k)!r}" for k in sorted(set(oc) | set(nc))
                 if oc.get(k) != nc.get(k)] + [k for k in keys if k != "config"]
-    return "; ".join(keys[:3]) or "unknown difference"
+    names = {"data": "pretraining data (fingerprint of sampled examples)", "fingerprints": "pretrained W / U"}
+    return "; ".join(names.get(k, k) for k in keys[:3]) or "unknown difference"
 
 
 def _clear(out: Path) -> None:
@@ -592,7 +593,10 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     out = Path(out_dir)
     n = len(task.pretrain_dataset())
     fps = pretrained_fingerprints(task, task.pretrained_model())
-    identity = {"config": config.identity_fields(), "fingerprints": fps, "n": n}
+    # the pretraining data too (its length and a fixed sample of examples): a build is not resumed,
+    # reused or queried with other data under the same ids
+    identity = {"config": config.identity_fields(), "fingerprints": fps, "n": n,
+                "data": fingerprint_dataset(task.pretrain_dataset())}
     # everything that can be checked without writing is checked before the folder is touched (so a
     # bad --device or --factory with --overwrite leaves the existing index as it was)
     prep = prepare(task, config)

@@ -1,17 +1,20 @@
-"""Fingerprints of model weights: a sha256 over names, shapes, dtypes and raw bytes.
+"""Fingerprints of model weights and datasets: sha256 over names, shapes, dtypes and raw bytes.
 
-Any changed weight, shape, dtype or parameter name changes the fingerprint, so an index can
-tell whether a task's models are the ones it was built from.
+Any changed weight, shape, dtype or parameter name changes a model's fingerprint, so an index can
+tell whether a task's models are the ones it was built from; a dataset's fingerprint covers its
+length and a fixed sample of its examples (``fingerprint_dataset``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from typing import Mapping
+import random
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["fingerprint_tensors", "short"]
+__all__ = ["DATASET_SAMPLE", "fingerprint_dataset", "fingerprint_tensors", "short"]
 
 _CHUNK_ELEMS = 1 << 24  # hash large tensors piecewise so no more than ~64 MiB is copied at once
 
@@ -50,6 +53,62 @@ def fingerprint_tensors(tensors: Mapping[str, "torch.Tensor | np.ndarray"]) -> s
         h.update(len(header).to_bytes(8, "little"))
         h.update(header)
         _update_tensor(h, t)
+    return h.hexdigest()
+
+
+#: examples a dataset fingerprint hashes: the first, the last and a seeded sample of the rest
+DATASET_SAMPLE = 16
+
+
+def dataset_sample_ids(n: int, count: int = DATASET_SAMPLE) -> list[int]:
+    """The sorted ids ``fingerprint_dataset`` hashes: 0, n - 1 and a fixed-seed sample (all if n <= count)."""
+    if n <= count:
+        return list(range(n))
+    rest = np.random.default_rng(0).choice(np.arange(1, n - 1), size=count - 2, replace=False)
+    return sorted({0, n - 1, *(int(i) for i in rest)})
+
+
+@contextlib.contextmanager
+def _seeded_rngs(seed: int = 0) -> Iterator[None]:
+    """torch's CPU, Python's and numpy's global generators seeded, then restored: a dataset whose
+    __getitem__ draws random augmentations from them gives the same examples every time."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def fingerprint_dataset(dataset: Any, count: int = DATASET_SAMPLE) -> str:
+    """sha256 hex digest of a map-style dataset's length and the collated batch of ``count`` fixed
+    examples (``dataset_sample_ids``; tensors by dtype, shape and bytes, other leaves by repr),
+    fetched with the global random generators seeded (random augmentations drawn from them repeat).
+
+    A cheap check, not a proof: it tells a different dataset (another length, other or reordered
+    examples at the sampled ids) from the one an index was built from, not a change elsewhere."""
+    from torch.utils._pytree import tree_flatten
+
+    from .data import fetch
+
+    n = len(dataset)
+    ids = dataset_sample_ids(n, count)
+    with _seeded_rngs(), torch.no_grad():
+        batch = fetch(dataset, ids) if ids else None
+    leaves, spec = tree_flatten(batch)
+    h = hashlib.sha256()
+    h.update(f"msif-dataset-v1\0{n}\0{ids}\0{spec}\0".encode("utf-8"))
+    tensors = {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, (torch.Tensor, np.ndarray)):
+            tensors[f"{i:06d}"] = leaf
+        else:
+            h.update(f"{i}\0{type(leaf).__name__}\0{leaf!r}\0".encode("utf-8"))
+    h.update(fingerprint_tensors(tensors).encode("ascii"))
     return h.hexdigest()
 
 

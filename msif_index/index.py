@@ -26,7 +26,7 @@ from .atomic import read_json
 from .build import BUILD_FILE, FAISS, MANIFEST, OPERATORS, PRECOND, ROWS, file_sha256, pretrained_fingerprints
 from .data import batch_size_of, move
 from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, ShapeError
-from .fingerprint import fingerprint_tensors, short
+from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector
 from .gradients.blocks import Block, plan_blocks
 from .head_curvature import CG_ITERS, block_permutation, resolve_h_tt
@@ -206,7 +206,8 @@ class InfluenceIndex:
 
     # -- attaching -------------------------------------------------------------------------------
     def check_pretrained(self, task: MultiStageTask) -> None:
-        """IndexMismatchError unless the task's pretrained W and U are the ones the index was built from."""
+        """IndexMismatchError unless the task's pretrained W and U, and its pretraining dataset (length and
+        a fixed sample of examples, ``fingerprint_dataset``), are the ones the index was built from."""
         fps = pretrained_fingerprints(task, task.pretrained_model())
         want = self.manifest["fingerprints"]
         for part in ("W", "U"):
@@ -217,6 +218,14 @@ class InfluenceIndex:
         if len(task.pretrain_dataset()) != self.n:
             raise IndexMismatchError(f"the task has {len(task.pretrain_dataset())} pretraining examples, "
                                      f"the index {self.n}; rebuild the index for this dataset")
+        want_data = self.manifest["identity"].get("data")        # absent in indexes built before it
+        if want_data is not None:
+            data = fingerprint_dataset(task.pretrain_dataset())
+            if data != want_data:
+                raise IndexMismatchError(
+                    f"the task's pretraining dataset ({short(data)}) is not the one this index was built from "
+                    f"({short(want_data)}: its length and a fixed sample of examples differ); the index's ids "
+                    f"would name other examples: use the dataset it was built from or rebuild the index")
 
     def _w_blocks(self) -> list[Block]:
         """The W blocks of the projection, with their offsets in a stored row (q_t's layout)."""

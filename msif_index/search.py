@@ -134,6 +134,10 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+#: fewest candidate rows per thread worth splitting one query's inner products over threads
+_MIN_DOTS_PER_THREAD = 64
+
+
 def set_threads(n: int | None = None) -> int:
     """Set faiss (OpenMP) and torch intra-op thread counts to ``n`` (default: physical cores).
 
@@ -748,36 +752,41 @@ class SearchIndex:
         """SVD<r>,PQ<M>fs on CPU: ``SVD_PQ_FACTOR x cand`` ids from the fast-scan PQ over the reduced
         rows, the best ``cand`` of them by exact reduced score, then the best ``topk`` of those by
         exact full score. Most of its time is random memory reads: the fast scan and the two
-        candidate sets' rows, whose inner products faiss computes in place (no gathered copy;
-        numpy for the small steps: a one-query search is mostly per-call overhead otherwise)."""
+        candidate sets' rows, whose inner products faiss computes in place (no gathered copy), all
+        queries in one call, spread over faiss's threads (``_dots_by_ids``); numpy does the small
+        steps (a one-query search is mostly per-call overhead otherwise)."""
         views = self._svd_views()
         rows, reduced = views["rows_np"], views["reduced_np"]
         n, k = rows.shape
         r = reduced.shape[1]
-        out_s, out_i = _empty_result(q.shape[0], topk)
+        nq = q.shape[0]
+        out_s, out_i = _empty_result(nq, topk)
         import torch
 
         with torch.inference_mode():          # torch's BLAS pool: numpy's own would oversubscribe the cores
             q_red = torch.mm(torch.from_numpy(q), views["a_t"]).numpy()             # [Q, r]
-        _, first = self._fast_scan.search(q_red, min(n, SVD_PQ_FACTOR * cand))
-        for i in range(q.shape[0]):
-            ids = first[i]
-            if ids[-1] < 0:                                  # fewer found than asked
-                ids = ids[ids >= 0]
-            c = min(cand, len(ids))
-            if c == 0:
-                continue
-            ids = np.ascontiguousarray(ids)
-            top = ids
-            if c < len(ids):
-                red_s = _dots_by_id(q_red[i], reduced, ids, r)
-                top = np.ascontiguousarray(ids[np.argpartition(-red_s, c - 1)[:c]])
-            full_s = _dots_by_id(q[i], rows, top, k)
-            kk = min(topk, c)
-            pos = np.argpartition(-full_s, kk - 1)[:kk] if kk < c else np.arange(c)
-            pos = pos[np.argsort(-full_s[pos], kind="stable")]
-            out_s[i, :kk] = full_s[pos]
-            out_i[i, :kk] = top[pos]
+        first = self._fast_scan.search(q_red, min(n, SVD_PQ_FACTOR * cand))[1]       # [Q, c1]
+        c1 = first.shape[1]
+        c = min(cand, c1)
+        if c == 0:
+            return out_s, out_i
+        if c < c1:                                         # the best c by exact reduced score
+            red_s = _dots_by_ids(q_red, reduced, first, r)   # missing ids (-1) score -inf
+            keep = np.argpartition(-red_s, c - 1, axis=1)[:, :c]
+            top = np.ascontiguousarray(np.take_along_axis(first, keep, axis=1))
+        else:
+            top = np.ascontiguousarray(first)
+        full_s = _dots_by_ids(q, rows, top, k)             # [Q, c] exact
+        kk = min(topk, c)
+        pos = np.argpartition(-full_s, kk - 1, axis=1)[:, :kk] if kk < c else np.broadcast_to(np.arange(c), (nq, c))
+        s = np.take_along_axis(full_s, pos, axis=1)
+        order = np.argsort(-s, axis=1, kind="stable")
+        out_s[:, :kk] = np.take_along_axis(s, order, axis=1)
+        out_i[:, :kk] = np.take_along_axis(np.take_along_axis(top, pos, axis=1), order, axis=1)
+        missing = out_s[:, :kk] == -np.inf                 # fewer than kk found (ids -1)
+        if missing.any():
+            out_s[:, :kk][missing] = MISSING_SCORE
+            out_i[:, :kk][missing] = -1
         return out_s, out_i
 
     def use_huge_pages(self) -> int:
@@ -930,13 +939,31 @@ def _check_device(device) -> None:
 # ----------------------------------------------------------------------------------- exact tools
 
 
-def _dots_by_id(x: np.ndarray, rows: np.ndarray, ids: np.ndarray, d: int) -> np.ndarray:
-    """x . rows[ids] (float32 [len(ids)]) without copying the rows out (faiss
-    fvec_inner_products_by_idx); ``ids`` int64, contiguous, all in range."""
-    out = np.empty(len(ids), dtype=np.float32)
+def _dots_by_ids(x: np.ndarray, rows: np.ndarray, ids: np.ndarray, d: int) -> np.ndarray:
+    """x[i] . rows[ids[i, j]] (float32 [Q, c]) without copying the rows out (faiss
+    fvec_inner_products_by_idx, parallel over its ``nx`` query rows); ids -1 score -inf.
+
+    With fewer queries than faiss threads each query's ids are split into equal parts, one per
+    thread (its x repeated): one query's 1,280 reduced and 320 full candidate rows are random
+    memory reads, about half as long on two threads."""
+    nq, c = ids.shape
     x = np.ascontiguousarray(x, dtype=np.float32)
-    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(rows),
-                                     faiss.swig_ptr(ids), d, 1, len(ids))
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    parts = min(max(1, faiss.omp_get_max_threads() // max(nq, 1)), max(1, c // _MIN_DOTS_PER_THREAD))
+    if parts > 1:
+        per = -(-c // parts)
+        split = np.full((nq, parts * per), -1, dtype=np.int64)
+        split[:, :c] = ids
+        xs = np.ascontiguousarray(np.repeat(x, parts, axis=0))
+        out = np.empty((nq, parts * per), dtype=np.float32)
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(xs), faiss.swig_ptr(rows),
+                                         faiss.swig_ptr(split), d, nq * parts, per)
+        out = out[:, :c]
+    else:
+        out = np.empty((nq, c), dtype=np.float32)
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(rows),
+                                         faiss.swig_ptr(ids), d, nq, c)
+    out[ids < 0] = -np.inf                      # faiss versions differ: some leave these unwritten
     return out
 
 

@@ -80,6 +80,9 @@ BACKGROUND_SHARD_WRITES = False
 #: ended: ``completed_shards`` / ``pending_ranges`` / ``is_complete`` / ``iter_blocks`` and the
 #: next ``shard`` wait for it (``wait_commits``). The build's featurize pass turns it on.
 BACKGROUND_SHARD_COMMITS = False
+#: whether ShardedWriter drops each committed shard's pages from the page cache (after its fsync;
+#: msif_index.atomic.drop_page_cache), by default
+DROP_SHARD_PAGES = True
 
 _REBUILD = "rebuild the index with `msif build-index ... --overwrite`"
 
@@ -276,6 +279,9 @@ class RowWriter:
     range and finiteness at once, keeps its own copy of the rows, and blocks while two blocks are
     queued. An error of a queued write (e.g. DiskFullError) is raised by a later ``write`` or on
     exit, and then nothing is saved, as without the thread.
+
+    ``drop_cache=True`` drops the file's pages from the page cache once it is fsynced (the build's
+    shards: msif_index.atomic.drop_page_cache).
     """
 
     def __init__(
@@ -288,6 +294,7 @@ class RowWriter:
         chunk_rows: int = 1024,
         background: bool = False,
         background_commit: bool = False,
+        drop_cache: bool = False,
     ) -> None:
         self.path = Path(path)
         if int(n) != n or n < 0:
@@ -317,6 +324,7 @@ class RowWriter:
         self._error: BaseException | None = None
         self._abandon = False
         self.background_commit = bool(background_commit)
+        self.drop_cache = bool(drop_cache)
         self._commit_thread: threading.Thread | None = None
         self._commit_error: BaseException | None = None
 
@@ -328,7 +336,7 @@ class RowWriter:
         self._stack = contextlib.ExitStack()
         self._error, self._abandon = None, False
         try:
-            self._tmp = self._stack.enter_context(atomic_path(self.path))
+            self._tmp = self._stack.enter_context(atomic_path(self.path, drop_cache=self.drop_cache))
             self._f = _open_h5(self._tmp, "w")
             maxshape = (None, self.k) if self.n == 0 else (self.n, self.k)
             self._rows = self._f.create_dataset(
@@ -884,6 +892,7 @@ class ShardedWriter:
         chunk_rows: int = 1024,
         background: bool | None = None,
         background_commit: bool | None = None,
+        drop_cache: bool | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.background = BACKGROUND_SHARD_WRITES if background is None else bool(background)
@@ -904,6 +913,7 @@ class ShardedWriter:
         self.num_shards = math.ceil(self.n / self.shard_rows)
         self._valid: dict[int, tuple[int, int, int]] = {}
         self.background_commit = BACKGROUND_SHARD_COMMITS if background_commit is None else bool(background_commit)
+        self.drop_cache = DROP_SHARD_PAGES if drop_cache is None else bool(drop_cache)
         self._committing: tuple[int, RowWriter] | None = None
         self.folder.mkdir(parents=True, exist_ok=True)
         cleanup_stale_tmp(self.folder, ".shard_*.h5.tmp-*")
@@ -1038,7 +1048,8 @@ class ShardedWriter:
         start, stop = self.shard_range(i)
         path = self.shard_path(i)
         with RowWriter(path, stop - start, self.k, self.dtype, self._shard_attrs(i), self.chunk_rows,
-                       background=self.background, background_commit=self.background_commit) as w:
+                       background=self.background, background_commit=self.background_commit,
+                       drop_cache=self.drop_cache) as w:
             yield _ShardWriter(w, i, start, stop)
         if self.background_commit:
             # this shard's commit runs while the caller computes the next one; the previous shard's

@@ -591,6 +591,42 @@ def test_rerun_reuses_and_other_config_refuses_unless_overwrite(tmp_path, tiny_i
     assert not np.array_equal(_rows(tiny_index), before)
 
 
+def _with_pretraining_example_changed(task: "TinyTask", i: int) -> "TinyTask":
+    x, y, ids = task._pre.tensors
+    x = x.clone()
+    x[i, 0] += 1.0
+    task._pre = TensorDataset(x, y, ids)
+    return task
+
+
+def test_other_pretraining_data_is_neither_reused_nor_resumed(tmp_path, tiny_index):
+    """Same n, pretrained model and config, one sampled pretraining example changed: a complete index
+    is not reused and a partial build is not resumed (ConfigError naming the pretraining data),
+    unless --overwrite."""
+    from msif_index.fingerprint import dataset_sample_ids
+
+    cfg = BuildConfig(proj_dim=16, preconditioner="gauss-newton", shard_rows=16)
+    sampled = dataset_sample_ids(64)
+    other = _with_pretraining_example_changed(TinyTask(), sampled[1])
+    before = _rows(tiny_index)
+    with pytest.raises(ConfigError) as e:
+        build_index(other, tiny_index, cfg)
+    assert "pretraining data" in _one_line(e) and "overwrite" in _one_line(e)
+    assert np.array_equal(_rows(tiny_index), before)
+    # a partial build (example 40, not sampled, is NaN: the build stops in its third shard)
+    assert 40 not in sampled
+    partial = tmp_path / "partial"
+    with pytest.raises(NonFiniteError):
+        build_index(TinyTask(nan_id=40), partial, cfg)
+    with pytest.raises(ConfigError) as e:
+        build_index(_with_pretraining_example_changed(TinyTask(), sampled[2]), partial, cfg)
+    assert "pretraining data" in _one_line(e)
+    build_index(TinyTask(), partial, cfg)                      # the same data resumes
+    assert np.array_equal(_rows(partial), before)
+    build_index(other, tiny_index, cfg, overwrite=True)
+    assert not np.array_equal(_rows(tiny_index), before)
+
+
 def test_interrupted_overwrite_keeps_the_old_index_and_resumes(tmp_path):
     """--overwrite of a complete index builds the new one beside it and swaps it in when complete: a
     rebuild that fails midway leaves the old index answering, the rerun resumes the new one, and a

@@ -373,6 +373,30 @@ def test_index_of_another_pretrained_model(exact_index, tasks):
         assert "pretrained W" in _one_line(e)
 
 
+def test_index_of_other_pretraining_data(exact_index, tasks):
+    """A task with the index's models and n but another pretraining example at a sampled id is refused
+    at attach; an index built before datasets were fingerprinted (no "data") does not check it."""
+    from torch.utils.data import Subset
+
+    from msif_index.fingerprint import dataset_sample_ids
+
+    task = copy.copy(tasks["frozen"])
+    data = task.pretrain_dataset()
+    n = len(data)
+    order = list(range(n))
+    a, b = dataset_sample_ids(n)[1], dataset_sample_ids(n)[1] + 1     # two examples swapped
+    order[a], order[b] = order[b], order[a]
+    swapped = Subset(data, order)
+    task.pretrain_dataset = lambda: swapped
+    with InfluenceIndex.open(exact_index) as index:
+        with pytest.raises(IndexMismatchError) as e:
+            index.attach(task)
+        assert "pretraining dataset" in _one_line(e)
+        assert index.attached == []
+        index.manifest["identity"].pop("data")
+        index.check_pretrained(task)
+
+
 def test_bad_attach_settings_are_refused_before_any_work(exact_index, tasks):
     with InfluenceIndex.open(exact_index) as index:
         for kwargs in ({"damping": -5}, {"damping": float("nan")}, {"damping": True}, {"damping": "0.1"},

@@ -344,6 +344,35 @@ def fill_shard(sw: ShardedWriter, i: int, batch: int = 2) -> None:
             w.write(s, rows_for(s, min(stop, s + batch)))
 
 
+@pytest.mark.parametrize("drop", [None, False])
+def test_sharded_writer_drops_committed_shard_pages(tmp_path, monkeypatch, drop):
+    """By default each committed shard's pages are dropped from the page cache after its fsync
+    (one call per shard, on the shard file's own descriptor); drop_cache=False never drops; the
+    shards read back intact either way."""
+    from msif_index import atomic
+
+    dropped = []
+
+    def spy(fd):
+        dropped.append(os.fstat(fd).st_size)
+        real(fd)
+
+    real = atomic.drop_page_cache
+    monkeypatch.setattr(atomic, "drop_page_cache", spy)
+    sw = ShardedWriter(tmp_path / "shards", 10, 3, "float32", shard_rows=4, drop_cache=drop)
+    for i in range(sw.num_shards):
+        fill_shard(sw, i)
+    sw.wait_commits()
+    assert sw.is_complete()
+    if drop is None:
+        sizes = sorted(p.stat().st_size for p in (tmp_path / "shards").glob("shard_*.h5"))
+        assert len(dropped) == sw.num_shards == 3 and sorted(dropped) == sizes
+    else:
+        assert dropped == []
+    got = np.concatenate([b for _, b in sw.iter_blocks(5)])
+    np.testing.assert_array_equal(got, rows_for(0, 10))
+
+
 def test_sharded_resume_after_kill(tmp_path):
     folder = tmp_path / "feats"
     attrs = {"config": {"proj_dim": 3, "seed": 0}}
@@ -460,6 +489,60 @@ def test_sigkill_mid_shard_then_resume(tmp_path):
 
 
 # ----------------------------------------------------------------------------- fingerprints
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Items (x + noise, label, name): the noise drawn from torch's, numpy's and Python's global RNGs."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        import random
+        noise = torch.rand(()) + float(np.random.rand()) + random.random()
+        return self.x[i] + noise, int(i % 3), f"item{i}"
+
+
+def test_dataset_fingerprint_is_repeatable_and_tells_other_data():
+    """fingerprint_dataset: the same for the same data even with random augmentation (the global
+    generators are seeded, then restored), different for another length, another example at a
+    sampled id, or reordered examples; ids outside the sample are not covered (a cheap check)."""
+    import random
+
+    from torch.utils.data import Subset, TensorDataset
+
+    from msif_index.fingerprint import dataset_sample_ids, fingerprint_dataset
+
+    x = torch.randn(50, 4)
+    ds = _Augmented(x)
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    fp = fingerprint_dataset(ds)
+    after = (torch.rand(3), np.random.rand(3), random.random())            # the caller's streams go on
+    assert torch.equal(after[0], expected[0]) and np.array_equal(after[1], expected[1]) and after[2] == expected[2]
+    assert fingerprint_dataset(_Augmented(x.clone())) == fp and len(fp) == 64
+    ids = dataset_sample_ids(50)
+    assert len(ids) == 16 and ids[0] == 0 and ids[-1] == 49 and ids == sorted(set(ids))
+    changed = x.clone()
+    changed[ids[5], 1] += 1e-3
+    assert fingerprint_dataset(_Augmented(changed)) != fp
+    assert fingerprint_dataset(_Augmented(x[:49])) != fp
+    order = list(range(50))
+    order[ids[3]], order[ids[3] + 1] = order[ids[3] + 1], order[ids[3]]
+    assert fingerprint_dataset(Subset(ds, order)) != fp
+    unsampled = next(i for i in range(50) if i not in ids)
+    changed = x.clone()
+    changed[unsampled] += 1.0
+    assert fingerprint_dataset(_Augmented(changed)) == fp
+    small = TensorDataset(torch.arange(5.0), torch.arange(5))                # n <= 16: every example
+    assert dataset_sample_ids(5) == [0, 1, 2, 3, 4]
+    assert fingerprint_dataset(small) != fingerprint_dataset(TensorDataset(torch.arange(5.0) + 1, torch.arange(5)))
+    assert fingerprint_dataset(TensorDataset(torch.zeros(0), torch.zeros(0))) == \
+        fingerprint_dataset(TensorDataset(torch.zeros(0), torch.zeros(0)))
 
 
 def test_fingerprint_changes_with_values_shapes_and_names():
