@@ -879,6 +879,8 @@ class ShardedWriter:
     Shards written with other n/k/dtype/shard_rows/attrs raise ConfigError (rebuild with
     --overwrite); shards that cannot be opened are deleted with a warning and recomputed.
     Leftover temporary shard files of killed writers are removed when the writer is created.
+    ``drop_cache`` (default ``DROP_SHARD_PAGES``, on): each shard's pages leave the page cache once
+    it is fsynced, so the next shard's writes reuse them (see msif_index.atomic.drop_page_cache).
     """
 
     def __init__(
