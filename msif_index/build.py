@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -581,6 +582,20 @@ def _write_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, shard
     shards.wait_commits()         # the last shard's commit (fsync, rename) ran in the background
 
 
+def _data_fingerprint(task: MultiStageTask) -> str | None:
+    """fingerprint_dataset of the pretraining data, or None (with a warning) when two reads of its
+    sampled examples differ: random augmentation not drawn from the seeded global generators would
+    otherwise make every resume and attach refuse it."""
+    data = task.pretrain_dataset()
+    fp = fingerprint_dataset(data)
+    if fingerprint_dataset(data) != fp:
+        warnings.warn("the pretraining dataset returns different examples when read twice (random "
+                      "augmentation?), so its fingerprint is not recorded: resuming this build or attaching "
+                      "a task to the index cannot check that its data are the same", RuntimeWarning, stacklevel=3)
+        return None
+    return fp
+
+
 def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig | None = None,
                 overwrite: bool = False, progress_bar: bool | None = None) -> Path:
     """Build (or resume, or reuse) the pretraining index of ``task`` in ``out_dir``; return its path.
@@ -596,7 +611,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     # the pretraining data too (its length and a fixed sample of examples): a build is not resumed,
     # reused or queried with other data under the same ids
     identity = {"config": config.identity_fields(), "fingerprints": fps, "n": n,
-                "data": fingerprint_dataset(task.pretrain_dataset())}
+                "data": _data_fingerprint(task)}
     # everything that can be checked without writing is checked before the folder is touched (so a
     # bad --device or --factory with --overwrite leaves the existing index as it was)
     prep = prepare(task, config)

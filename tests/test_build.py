@@ -627,6 +627,35 @@ def test_other_pretraining_data_is_neither_reused_nor_resumed(tmp_path, tiny_ind
     assert not np.array_equal(_rows(tiny_index), before)
 
 
+class _Unseeded(torch.utils.data.Dataset):
+    """TinyTask's pretraining items plus noise from a fresh, unseeded numpy generator per read."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y, ids = self.base[i]
+        return x + 1e-9 * float(np.random.default_rng().random()), y, ids
+
+
+def test_pretraining_data_that_change_on_every_read_are_not_fingerprinted(tmp_path):
+    """Examples that differ on every read (randomness outside the seeded global generators): the
+    build warns and records no data fingerprint, so the build resumes and the task attaches."""
+    task = TinyTask()
+    task._pre = _Unseeded(task._pre)
+    cfg = BuildConfig(proj_dim=16, preconditioner="identity", shard_rows=16)
+    with pytest.warns(RuntimeWarning, match="different examples when read twice"):
+        path = build_index(task, tmp_path / "idx", cfg)
+    assert _manifest(path)["identity"]["data"] is None
+    with pytest.warns(RuntimeWarning):
+        assert build_index(task, path, cfg) == path              # reused, not refused
+    with InfluenceIndex.open(path) as index:
+        index.attach(task)
+
+
 def test_interrupted_overwrite_keeps_the_old_index_and_resumes(tmp_path):
     """--overwrite of a complete index builds the new one beside it and swaps it in when complete: a
     rebuild that fails midway leaves the old index answering, the rerun resumes the new one, and a
