@@ -596,6 +596,24 @@ def _data_fingerprint(task: MultiStageTask) -> str | None:
     return fp
 
 
+def _without_data_for_older_build(out: Path, identity: dict) -> dict:
+    """``identity`` without its data fingerprint when ``out`` holds a build or index from before data
+    were fingerprinted (no "data") whose identity is otherwise the same: it is reused or resumed as
+    before (its rows do not depend on the fingerprint) instead of refused as another build."""
+    for name in (MANIFEST, BUILD_FILE):
+        if (out / name).is_file():
+            try:
+                previous = read_json(out / name, "the index's " + name).get("identity")
+            except (CorruptIndexError, AttributeError):
+                return identity                       # _check_out_dir reports it
+            if isinstance(previous, dict) and "data" not in previous:
+                older = {k: v for k, v in identity.items() if k != "data"}
+                if previous == older:
+                    return older
+            return identity
+    return identity
+
+
 def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig | None = None,
                 overwrite: bool = False, progress_bar: bool | None = None) -> Path:
     """Build (or resume, or reuse) the pretraining index of ``task`` in ``out_dir``; return its path.
@@ -622,6 +640,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         identity["row_basis"] = pre.row_basis
     SearchIndex.create(pre.dim_w, config.factory)    # a bad factory string fails now, not after the pass
     _finish_interrupted_swap(out)
+    identity = _without_data_for_older_build(out, identity)
     final = out
     if _replaces_complete_index(out, identity, overwrite):
         out = _staging(final)                         # the old index answers until the new one is done

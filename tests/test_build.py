@@ -627,6 +627,34 @@ def test_other_pretraining_data_is_neither_reused_nor_resumed(tmp_path, tiny_ind
     assert not np.array_equal(_rows(tiny_index), before)
 
 
+def test_builds_from_before_data_fingerprints_are_reused_and_resumed(tmp_path, monkeypatch):
+    """An index or partial build made before the data were fingerprinted (identity without "data",
+    simulated) is reused or resumed as before, not refused as another build; its rows equal a
+    fresh build's and the task attaches (no data check)."""
+    import msif_index.build as B
+
+    real = B._without_data_for_older_build
+    cfg = BuildConfig(proj_dim=16, preconditioner="identity", shard_rows=16)
+    fresh = build_index(TinyTask(), tmp_path / "fresh", cfg)
+    monkeypatch.setattr(B, "_without_data_for_older_build",
+                        lambda out, identity: {k: v for k, v in identity.items() if k != "data"})
+    old = build_index(TinyTask(), tmp_path / "old", cfg)
+    with pytest.raises(NonFiniteError):                      # an old partial build (stops at example 40)
+        build_index(TinyTask(nan_id=40), tmp_path / "partial", cfg)
+    monkeypatch.setattr(B, "_without_data_for_older_build", real)
+    assert "data" not in _manifest(old)["identity"]
+    mtime = (old / "manifest.json").stat().st_mtime_ns
+    assert build_index(TinyTask(), old, cfg) == old          # reused
+    assert (old / "manifest.json").stat().st_mtime_ns == mtime
+    partial = build_index(TinyTask(), tmp_path / "partial", cfg)     # resumed
+    assert "data" not in _manifest(partial)["identity"]
+    assert np.array_equal(_rows(partial), _rows(fresh))
+    with InfluenceIndex.open(partial) as index:
+        index.attach(TinyTask())
+    with pytest.raises(ConfigError):                          # another config is still another build
+        build_index(TinyTask(), old, cfg.with_(proj_dim=12))
+
+
 class _Unseeded(torch.utils.data.Dataset):
     """TinyTask's pretraining items plus noise from a fresh, unseeded numpy generator per read."""
 
