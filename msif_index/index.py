@@ -403,20 +403,28 @@ class InfluenceIndex:
         k = min(int(k), self.n)                       # there are only n pretraining examples
         if exact_rerank is not None:
             exact_rerank = min(int(exact_rerank), self.n)
-        q = self._query_vectors(test_batch, finetuned)
+        q = self._query_vectors(test_batch, finetuned)          # finite, in the model's dtype
         sign = 1.0 if direction == "helpful" else -1.0
-        signed = np.ascontiguousarray(q if sign > 0 else -q, dtype=np.float32)
+        if q.dtype == np.float32:
+            signed = np.ascontiguousarray(q if sign > 0 else -q)
+        else:                                                 # float64: the search's float32 copy
+            with np.errstate(over="ignore"):
+                signed = np.ascontiguousarray(q if sign > 0 else -q, dtype=np.float32)
+            if not np.isfinite(signed).all():
+                raise NonFiniteError("a query vector exceeds float32's range (the search's dtype): check the "
+                                     "test points' measurements and the finetuned model's outputs")
         if exact_rerank is None and self.store.dtype == "float64":
             # float64 rows (the exact preset): rescore the float32 search's candidates in float64
             exact_rerank = min(self.n, 2 * k)
+        search = self.search_index._search            # signed is checked: no second validation
         if exact_rerank and self.search_index.two_stage and self.store.dtype != "float64":
             # SVD<r> rescores its candidates exactly against the rows it holds in memory
-            dots, ids = self.search_index.search(signed, k, nprobe=nprobe, candidates=max(exact_rerank, k))
+            dots, ids = search(signed, k, nprobe=nprobe, candidates=max(exact_rerank, k))
         elif exact_rerank:
-            cand_s, cand = self.search_index.search(signed, max(exact_rerank, k), nprobe=nprobe)
+            cand_s, cand = search(signed, max(exact_rerank, k), nprobe=nprobe)
             ids, dots = _rerank(sign * q.astype(np.float64), cand, self.store, k)
         else:
-            dots, ids = self.search_index.search(signed, k, nprobe=nprobe)
+            dots, ids = search(signed, k, nprobe=nprobe)
         scores = -dots.astype(np.float64) if direction == "helpful" else dots.astype(np.float64)
         scores[ids < 0] = np.nan
         key = finetuned or self._default

@@ -47,6 +47,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -166,19 +167,21 @@ class _RWLock:
         self._readers = 0
         self._writer = False
 
-    @contextmanager
-    def read(self):
+    def read(self) -> "_RWLock":
+        """``with lock.read():`` (a plain context manager, not a generator: a search takes it once per call)."""
+        return self
+
+    def __enter__(self) -> None:
         with self._cond:
             while self._writer:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
 
     @contextmanager
     def write(self):
@@ -678,7 +681,12 @@ class SearchIndex:
         to this index type raises ConfigError (so all raise for "Flat").
         """
         topk = _check_topk(topk)
-        q = _as_queries(queries, self.dim)
+        return self._search(_as_queries(queries, self.dim), topk, nprobe, ef_search, candidates)
+
+    def _search(self, q: np.ndarray, topk: int, nprobe: int | None = None, ef_search: int | None = None,
+                candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` of queries already as ``_as_queries`` returns them (float32, C-contiguous,
+        [Q, dim], finite) and a checked ``topk``: InfluenceIndex.query's own query vectors."""
         if candidates is not None:
             if self._svd is None:
                 raise ConfigError(f"candidates applies only to SVD<r> indexes, this index is {self._factory!r}: drop candidates")

@@ -340,6 +340,15 @@ def test_non_finite_test_point_is_named(exact_index, tasks):
         with pytest.raises(NonFiniteError) as e:
             index.query((x, y), k=5)
         assert "test point 1" in _one_line(e)
+        # float64 query vectors (the exact preset's float64 model) beyond float32's range: the search's
+        # float32 copy would hold inf, so the query says so instead of searching with it
+        q = index._query_vectors((x[[0]], y[[0]]))
+        assert q.dtype == np.float64
+        huge = np.full_like(q, 1e39)
+        index._query_vectors = lambda *a, **k: huge
+        with pytest.raises(NonFiniteError) as e:
+            index.query((x[[0]], y[[0]]), k=5)
+        assert "float32" in _one_line(e)
 
 
 @pytest.mark.parametrize("factory", ["Flat", "SVD32,PQ16fs"])
