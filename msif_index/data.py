@@ -101,6 +101,9 @@ def _already_there(batch: Any, device: torch.device | str | None, dtype: torch.d
 
 def batch_size_of(batch: Any) -> int:
     """Number of examples in a collated batch (leading dim of its first tensor)."""
+    first = batch[0] if type(batch) in (list, tuple) and batch else batch
+    if type(first) is torch.Tensor and first.dim():              # the usual (x, y) batch: no tree walk
+        return int(first.shape[0])
     leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
     if not leaves:
         raise ValueError("a batch must contain at least one tensor")

@@ -778,19 +778,19 @@ class SearchIndex:
         c = min(cand, c1)
         if c == 0:
             return out_s, out_i
+        at = np.arange(nq)[:, None]                        # row index for [Q, j] picks (C-level fancy indexing)
         if c < c1:                                         # the best c by exact reduced score
             red_s = _dots_by_ids(q_red, reduced, first, r)   # missing ids (-1) score -inf
-            keep = np.argpartition(-red_s, c - 1, axis=1)[:, :c]
-            top = np.ascontiguousarray(np.take_along_axis(first, keep, axis=1))
+            top = first[at, np.argpartition(-red_s, c - 1, axis=1)[:, :c]]
         else:
             top = np.ascontiguousarray(first)
         full_s = _dots_by_ids(q, rows, top, k)             # [Q, c] exact
         kk = min(topk, c)
         pos = np.argpartition(-full_s, kk - 1, axis=1)[:, :kk] if kk < c else np.broadcast_to(np.arange(c), (nq, c))
-        s = np.take_along_axis(full_s, pos, axis=1)
+        s = full_s[at, pos]
         order = np.argsort(-s, axis=1, kind="stable")
-        out_s[:, :kk] = np.take_along_axis(s, order, axis=1)
-        out_i[:, :kk] = np.take_along_axis(np.take_along_axis(top, pos, axis=1), order, axis=1)
+        out_s[:, :kk] = s[at, order]
+        out_i[:, :kk] = top[at, pos][at, order]
         missing = out_s[:, :kk] == -np.inf                 # fewer than kk found (ids -1)
         if missing.any():
             out_s[:, :kk][missing] = MISSING_SCORE
