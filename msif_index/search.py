@@ -771,8 +771,8 @@ class SearchIndex:
         out_s, out_i = _empty_result(nq, topk)
         import torch
 
-        with torch.inference_mode():          # torch's BLAS pool: numpy's own would oversubscribe the cores
-            q_red = torch.mm(torch.from_numpy(q), views["a_t"]).numpy()             # [Q, r]
+        # torch's BLAS pool (numpy's own would oversubscribe the cores); no autograd: neither input needs it
+        q_red = torch.mm(torch.from_numpy(q), views["a_t"]).numpy()                 # [Q, r]
         first = self._fast_scan.search(q_red, min(n, SVD_PQ_FACTOR * cand))[1]       # [Q, c1]
         c1 = first.shape[1]
         c = min(cand, c1)
@@ -958,20 +958,19 @@ def _dots_by_ids(x: np.ndarray, rows: np.ndarray, ids: np.ndarray, d: int) -> np
     x = np.ascontiguousarray(x, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     parts = min(max(1, faiss.omp_get_max_threads() // max(nq, 1)), max(1, c // _MIN_DOTS_PER_THREAD))
-    if parts > 1:
-        per = -(-c // parts)
+    per = -(-c // parts)
+    split = ids
+    if per * parts != c:                        # each query's ids padded with -1 to parts x per
         split = np.full((nq, parts * per), -1, dtype=np.int64)
         split[:, :c] = ids
-        xs = np.ascontiguousarray(np.repeat(x, parts, axis=0))
-        out = np.empty((nq, parts * per), dtype=np.float32)
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(xs), faiss.swig_ptr(rows),
-                                         faiss.swig_ptr(split), d, nq * parts, per)
+    xs = np.repeat(x, parts, axis=0) if parts > 1 else x
+    out = np.empty((nq, parts * per), dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(xs), faiss.swig_ptr(rows),
+                                     faiss.swig_ptr(split), d, nq * parts, per)
+    if split is not ids:
         out = out[:, :c]
-    else:
-        out = np.empty((nq, c), dtype=np.float32)
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(rows),
-                                         faiss.swig_ptr(ids), d, nq, c)
-    out[ids < 0] = -np.inf                      # faiss versions differ: some leave these unwritten
+    if c and ids.min() < 0:                     # faiss versions differ: some leave these unwritten
+        out[ids < 0] = -np.inf
     return out
 
 
