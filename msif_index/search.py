@@ -47,9 +47,9 @@ import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ._faiss import faiss
 import numpy as np
