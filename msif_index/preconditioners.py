@@ -90,15 +90,17 @@ def read_state(path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return state, dict(f.attrs)
 
 
+def _as_basis(q: torch.Tensor, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """An eigenbasis in the dtype and on the device it rotates rows or queries in (tiny entries
+    flushed): the build's rows and the query side's vectors go through this one conversion."""
+    return _flush_tiny(q.to(dtype=dtype, device=device), dtype).contiguous()
+
+
 def stored_eigenbases(state: dict[str, np.ndarray], count: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(Q_S, Q_A) of each of the ``count`` W blocks of a saved kfac / ekfac state (preconditioner.h5),
-    as the build rotated its stored rows with them (``dtype``, tiny entries flushed)."""
-    out = []
-    for i in range(count):
-        qs = _flush_tiny(torch.from_numpy(np.asarray(state[f"{i}/qs"])).to(dtype), dtype)
-        qa = _flush_tiny(torch.from_numpy(np.asarray(state[f"{i}/qa"])).to(dtype), dtype)
-        out.append((qs, qa))
-    return out
+    """(Q_S, Q_A) of each of the ``count`` W blocks of a saved kfac / ekfac state (preconditioner.h5,
+    ``KroneckerEigen.state_dict``), as the build rotated its stored rows with them."""
+    return [(_as_basis(torch.from_numpy(np.asarray(state[f"{i}/qs"])), dtype),
+             _as_basis(torch.from_numpy(np.asarray(state[f"{i}/qa"])), dtype)) for i in range(count)]
 
 
 class Preconditioner:
@@ -386,8 +388,7 @@ class KroneckerEigen(Preconditioner):
 
     def _apply_mats(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
         """(Q_S, Q_A, Lambda^{-1}) per W block in ``dtype`` on ``device`` (tiny entries flushed)."""
-        return [(_flush_tiny(qs.to(dtype=dtype, device=device), dtype).contiguous(),
-                 _flush_tiny(qa.to(dtype=dtype, device=device), dtype).contiguous(),
+        return [(_as_basis(qs, dtype, device), _as_basis(qa, dtype, device),
                  inv.to(dtype=dtype, device=device).contiguous())
                 for qs, qa, inv in zip(self.qs, self.qa, self.inv_eig)]
 
