@@ -143,3 +143,29 @@ def test_refuses_a_folder_it_did_not_write(tmp_path):
     (out / MANIFEST).write_text("{}")                          # someone else's index
     with pytest.raises(OutputExistsError, match="did not write"):
         run_demo(out, quick=True, show=False, verbose=False)
+
+
+def test_digits_are_read_without_sklearn_and_equal_load_digits():
+    """The task file reads sklearn's digits file itself (importing sklearn costs ~2 s per `msif query`);
+    the images and labels must be exactly what sklearn.datasets.load_digits gives."""
+    import subprocess
+    import sys
+
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    from msif_index.demo import load_example_module
+
+    module = load_example_module()
+    x, y = module.load_sklearn_digits_28()
+    digits = load_digits()
+    ref = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    ref = F.interpolate(ref, size=(28, 28), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    assert torch.equal(x, ref) and torch.equal(y, torch.as_tensor(digits.target, dtype=torch.int64))
+    # ... and loading the data imports no sklearn module
+    code = ("import sys; from msif_index.demo import load_example_module; "
+            "load_example_module().load_sklearn_digits_28(); "
+            "print(sorted(k for k in sys.modules if k.split('.')[0] == 'sklearn'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

