@@ -26,6 +26,9 @@ def parse_ids(text: str, n: int, what: str) -> list[int]:
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ConfigError(f"{what} id range {part!r} ends before it starts; write {hi}-{lo}")
+                if lo < 0 or hi >= n:                # checked before the range is expanded
+                    raise ConfigError(f"{what} id range {part!r} is out of range: the {what} set has {n} "
+                                      f"examples (ids 0..{n - 1})")
                 ids.extend(range(lo, hi + 1))
             else:
                 ids.append(int(part))

@@ -19,6 +19,7 @@ Memory is bounded by the batch, the statistics subsample and the preconditioner 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -30,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import h5py
 import torch
 from torch import nn
 
@@ -46,7 +46,7 @@ from .gradients import GradientProjector, plan_blocks
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian, read_state
 from .progress import progress
 from .search import SearchIndex, built_at_open
-from .store import RowStore, ShardedWriter, link_shards
+from .store import RowStore, ShardedWriter, _open_h5, link_shards
 from .task import MultiStageTask, fisher_loss_columns, has_fisher_losses, split_parameters
 
 BUILD_FILE = "build.json"
@@ -262,10 +262,37 @@ def _swap_in(staging: Path, out: Path) -> None:
 
 def _finish_interrupted_swap(out: Path) -> None:
     """A process stopped between the two renames of ``_swap_in``: ``out`` is gone and the complete
-    replacement waits in the staging folder. Finish the swap."""
+    replacement waits in the staging folder. Finish the swap. A process stopped after them leaves
+    the old index in ``.NAME.replaced``: delete it."""
     staging = _staging(out)
     if not out.exists() and (staging / MANIFEST).is_file():
         _swap_in(staging, out)
+    replaced = staging.parent / f".{out.resolve().name}.replaced"
+    if out.exists() and replaced.is_dir():
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def index_damage(out: Path) -> str | None:
+    """Why the complete index in ``out`` cannot answer as it is (a file missing, failing its checksum
+    or unreadable), or None. Reads every stored row once (HDF5's per-chunk checksums)."""
+    try:
+        manifest = read_json(out / MANIFEST, "the index's " + MANIFEST)
+        sums = manifest.get("checksums", {})
+        for key, name in (("rows", ROWS), ("preconditioner", PRECOND), ("faiss", FAISS)):
+            if sums.get(key) is not None and (not (out / name).is_file() or file_sha256(out / name) != sums[key]):
+                return f"{name} is missing or fails its checksum"
+        if not built_at_open(manifest["config"]["factory"]) and not (out / FAISS).is_file():
+            return f"{FAISS} is missing"
+        read_state(out / PRECOND)
+        with RowStore.open(out / ROWS) as store:
+            if (store.n, store.k) != (manifest.get("n"), manifest.get("k")):
+                return f"{ROWS} holds {store.n}x{store.k} rows, the manifest says {manifest.get('n')}x{manifest.get('k')}"
+            store.verify()
+    except CorruptIndexError as e:
+        return str(e).splitlines()[0]
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -278,8 +305,10 @@ def _diff(old: dict, new: dict) -> str:
     return "; ".join(names.get(k, k) for k in keys[:3]) or "unknown difference"
 
 
-def _clear(out: Path) -> None:
-    for name in _OURS - {"README.md"}:
+def _clear(out: Path, keep: set[str] = frozenset()) -> None:
+    # the manifest first: a clear interrupted midway leaves a partial build, never a manifest
+    # that describes missing files
+    for name in [MANIFEST] + sorted(_OURS - {"README.md", MANIFEST} - set(keep)):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -482,11 +511,11 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
             if not _reuses_sample(pre, config):
                 return None
             return _Sample(_stats_ids(n, config), _shard_rows(n, config))    # rows recomputed per shard
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError):
             path.unlink()                        # unreadable: fit again (deterministic)
     sample = _fit_preconditioner(task, prep, config, n, show)
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with _open_h5(tmp, "w") as f:            # checksummed metadata (superblock v2+)
             for k, v in pre.state_dict().items():
                 f.create_dataset(k, data=v, fletcher32=True)
             f.attrs["damping_used"] = json.dumps(pre.damping_used)
@@ -573,12 +602,19 @@ def _write_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, shard
     prep.folded = frozenset(rotations)
     cbuf = torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype, device=prep.device)
     wbuf = torch.empty_like(cbuf)
-    with progress(todo, "featurize", enabled=show) as advance:
-        for start, stop in pending:
-            with shards.shard(shards.shard_index(start)) as shard:
-                for first, rows in _shard_raw_rows(task, prep, config, start, stop, sample, cbuf, wbuf):
-                    shard.write(first, pre.stored_rows(rows, prep.folded).cpu().numpy())
-                    advance(rows.shape[0])
+    try:
+        with progress(todo, "featurize", enabled=show) as advance:
+            for start, stop in pending:
+                with shards.shard(shards.shard_index(start)) as shard:
+                    for first, rows in _shard_raw_rows(task, prep, config, start, stop, sample, cbuf, wbuf):
+                        shard.write(first, pre.stored_rows(rows, prep.folded).cpu().numpy())
+                        advance(rows.shape[0])
+    except BaseException:
+        # the previous shard's commit may still run in the background: it ends before the error
+        # leaves build_index (its own error, if any, is the lesser one: the shard is recomputed)
+        with contextlib.suppress(Exception):
+            shards.wait_commits()
+        raise
     shards.wait_commits()         # the last shard's commit (fsync, rename) ran in the background
 
 
@@ -648,7 +684,14 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     if (out / MANIFEST).exists():
         if out != final:
             _swap_in(out, final)                      # completed earlier, not yet swapped in
-        return final                                  # already built with this config
+            return final
+        damage = index_damage(out) if overwrite else None
+        if damage is None:
+            return final                              # already built with this config
+        # the same build, damaged (what every corruption error tells to rebuild with --overwrite):
+        # built again in place, its attached operators kept (they do not depend on the rows)
+        warnings.warn(f"{out}: {damage}; building it again", RuntimeWarning, stacklevel=2)
+        _clear(out, keep={OPERATORS})
     out.mkdir(parents=True, exist_ok=True)
     cleanup_stale_tmp(out)
     timings: dict[str, float] = {}
@@ -659,7 +702,8 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     timings["statistics_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     shards = ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, _shard_rows(n, config),
-                           attrs={"identity": identity}, background_commit=True)
+                           attrs={"identity": identity}, background_commit=True,
+                           discard_mismatched=overwrite)     # e.g. another shard_rows: rows recomputed
     _write_rows(task, prep, config, shards, sample, progress_bar)
     del sample
     timings["featurize_s"] = time.perf_counter() - t0
@@ -676,7 +720,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     # rows.h5 is the small file that maps the shards (virtual datasets): its checksum is verified
     # before HDF5 parses it (HDF5 can loop forever on some damaged metadata bytes); the rows
     # themselves carry HDF5 fletcher32 checksums per chunk
-    checksums = {"rows": file_sha256(out / ROWS)}
+    checksums = {"rows": file_sha256(out / ROWS), "preconditioner": file_sha256(out / PRECOND)}
     if not built_at_open(config.factory):
         checksums["faiss"] = file_sha256(out / FAISS)
     manifest = {

@@ -24,7 +24,7 @@ from torch import nn
 
 from .atomic import read_json
 from .build import BUILD_FILE, FAISS, MANIFEST, OPERATORS, PRECOND, ROWS, file_sha256, pretrained_fingerprints
-from .data import batch_size_of, move
+from .data import batch_size_of, full_batch, move
 from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, ShapeError
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector
@@ -256,6 +256,10 @@ class InfluenceIndex:
         if self.row_basis != "eigen":
             return None
         path = self.path / PRECOND
+        want = self.manifest.get("checksums", {}).get("preconditioner")    # indexes built before it have none
+        if want is not None and path.is_file() and file_sha256(path) != want:
+            raise CorruptIndexError(f"{path} fails its checksum (damaged, or another build's); "
+                                    f"rebuild the index with --overwrite")
         try:
             return stored_eigenbases(read_state(path)[0], len(self._w_blocks()), dtype)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
@@ -295,6 +299,10 @@ class InfluenceIndex:
         self.check_pretrained(task)
         source = finetuned if finetuned is not None else task.finetuned_model()
         params = dict(source.named_parameters())
+        missing = [n for n in task.shared_parameters if n not in params]
+        if missing:
+            raise IndexMismatchError(f"the finetuned model has no parameter {missing[0]!r} of the task's "
+                                     f"shared_parameters (W); pass the model finetuned from this pretraining")
         w, theta = split_parameters(task, source)
         if task.finetuning == "frozen":
             fw = fingerprint_tensors({n: params[n] for n in w})
@@ -302,10 +310,20 @@ class InfluenceIndex:
                 raise IndexMismatchError("finetuning is 'frozen' but the finetuned model's W differs from the "
                                          "pretrained W*; set finetuning = 'proximal' (with alpha) or use the "
                                          "frozen finetuned model")
+        dtype = torch.float64 if self.manifest["config"]["compute_dtype"] == "float64" else \
+            next(source.parameters()).dtype
+        # the finetune side (attach, query vectors) runs on a CPU copy of the model, whatever device
+        # the task's model is on; the search index uses the GPU when there is one
+        model = copy.deepcopy(source).to(device="cpu", dtype=dtype)
+        model.eval()
         ident = {"model": fingerprint_tensors({n: params[n] for n in w + theta}),
                  "finetuning": task.finetuning, "alpha": float(task.alpha) if task.finetuning == "proximal" else None,
                  "finetune_n": len(task.finetune_dataset()), "wd": float(task.finetune_weight_decay),
-                 "h_tt": resolve_h_tt(h_tt, sum(params[n].numel() for n in theta))}
+                 "h_tt": resolve_h_tt(h_tt, sum(params[n].numel() for n in theta)),
+                 # B depends on the finetuning data and loss too: their fingerprints, so that another
+                 # dataset or loss with the same model is not answered with a cached operator
+                 "finetune_data": _stable_fingerprint(task.finetune_dataset()),
+                 "finetune_loss": _loss_probe(task, model, dtype)}
         # defaults spelled out, so an omitted option and its default value share one operator
         dense = ident["h_tt"] == "dense"
         ident["damping"] = float((0.0 if dense else KRONECKER_DAMPING) if damping is None else damping)
@@ -313,12 +331,6 @@ class InfluenceIndex:
             ident["h_tt_gauss_newton"] = has_finetune_fisher_losses(task)
             ident["cg_iters"] = CG_ITERS if cg_iters is None else int(cg_iters)
         key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()[:16]
-        dtype = torch.float64 if self.manifest["config"]["compute_dtype"] == "float64" else \
-            next(source.parameters()).dtype
-        # the finetune side (attach, query vectors) runs on a CPU copy of the model, whatever device
-        # the task's model is on; the search index uses the GPU when there is one
-        model = copy.deepcopy(source).to(device="cpu", dtype=dtype)
-        model.eval()
         projector = self._w_projector(model, dtype)
         op_path = self.path / OPERATORS / f"{key}.h5"
         if op_path.exists():
@@ -403,7 +415,8 @@ class InfluenceIndex:
         k = min(int(k), self.n)                       # there are only n pretraining examples
         if exact_rerank is not None:
             exact_rerank = min(int(exact_rerank), self.n)
-        q = self._query_vectors(test_batch, finetuned)          # finite, in the model's dtype
+        key = finetuned or self._default              # once: an attach from another thread moves _default
+        q = self._query_vectors(test_batch, key)                # finite, in the model's dtype
         sign = 1.0 if direction == "helpful" else -1.0
         if q.dtype == np.float32:
             signed = np.ascontiguousarray(q if sign > 0 else -q)
@@ -427,7 +440,6 @@ class InfluenceIndex:
             dots, ids = search(signed, k, nprobe=nprobe)
         scores = -dots.astype(np.float64) if direction == "helpful" else dots.astype(np.float64)
         scores[ids < 0] = np.nan
-        key = finetuned or self._default
         return QueryResult(ids.astype(np.int64), scores, direction, key, test_ids)
 
     def scores(self, test_batch: Any, finetuned: str | None = None, block_rows: int = 65536) -> np.ndarray:
@@ -437,6 +449,27 @@ class InfluenceIndex:
         for start, block in self.store.iter_blocks(block_rows, dtype=np.float64):
             out[:, start:start + len(block)] = -(q @ block.T)
         return out
+
+
+def _stable_fingerprint(data: Any) -> str | None:
+    """fingerprint_dataset of ``data``, or None when two reads differ (random augmentation): such a
+    dataset cannot be told apart from another one, and must not make every attach compute B again."""
+    fp = fingerprint_dataset(data)
+    return fp if fingerprint_dataset(data) == fp else None
+
+
+def _loss_probe(task: MultiStageTask, model: nn.Module, dtype: torch.dtype, examples: int = 8) -> str:
+    """A short hash of ``finetune_loss`` on the first finetuning examples at ``model`` (the CPU copy
+    in eval mode), rounded to 6 significant digits so that last-bit differences between processes do
+    not change it: tells another loss (label smoothing, another weighting) with the same data and model."""
+    data = task.finetune_dataset()
+    ids = list(range(min(examples, len(data))))
+    if not ids:
+        return "empty"
+    with torch.no_grad():
+        losses = task.finetune_loss(model, move(full_batch(data, ids), device="cpu", dtype=dtype))
+    values = np.asarray(torch.as_tensor(losses).detach().to("cpu", torch.float64)).ravel()
+    return hashlib.sha256(",".join(f"{v:.6g}" for v in values).encode()).hexdigest()[:16]
 
 
 def _pack_on_huge_pages(model: nn.Module, query: _QueryPath) -> None:

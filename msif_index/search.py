@@ -1007,7 +1007,9 @@ def exact_topk(queries: np.ndarray, block_iter: Iterable, topk: int) -> tuple[np
         s = q @ b.T
         ids = np.broadcast_to(np.arange(start, start + b.shape[0], dtype=np.int64), s.shape)
         if b.shape[0] > topk:
-            part = np.argpartition(-s, topk - 1, axis=1)[:, :topk]
+            # a stable sort keeps the smaller id first among equal scores (argpartition would keep
+            # an arbitrary subset of a tie that straddles the topk-th place)
+            part = np.argsort(-s, axis=1, kind="stable")[:, :topk]
             s = np.take_along_axis(s, part, 1)
             ids = np.take_along_axis(ids, part, 1)
         run_s, run_i = _merge_topk(run_s, run_i, s, np.ascontiguousarray(ids), topk)

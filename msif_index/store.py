@@ -877,7 +877,8 @@ class ShardedWriter:
             ...
 
     Shards written with other n/k/dtype/shard_rows/attrs raise ConfigError (rebuild with
-    --overwrite); shards that cannot be opened are deleted with a warning and recomputed.
+    --overwrite), or with ``discard_mismatched`` (what --overwrite passes) are deleted and written
+    again; shards that cannot be opened are deleted with a warning and recomputed.
     Leftover temporary shard files of killed writers are removed when the writer is created.
     ``drop_cache`` (default ``DROP_SHARD_PAGES``, on): each shard's pages leave the page cache once
     it is fsynced, so the next shard's writes reuse them (see msif_index.atomic.drop_page_cache).
@@ -895,6 +896,7 @@ class ShardedWriter:
         background: bool | None = None,
         background_commit: bool | None = None,
         drop_cache: bool | None = None,
+        discard_mismatched: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.background = BACKGROUND_SHARD_WRITES if background is None else bool(background)
@@ -917,6 +919,7 @@ class ShardedWriter:
         self.background_commit = BACKGROUND_SHARD_COMMITS if background_commit is None else bool(background_commit)
         self.drop_cache = DROP_SHARD_PAGES if drop_cache is None else bool(drop_cache)
         self._committing: tuple[int, RowWriter] | None = None
+        self.discard_mismatched = bool(discard_mismatched)
         self.folder.mkdir(parents=True, exist_ok=True)
         cleanup_stale_tmp(self.folder, ".shard_*.h5.tmp-*")
 
@@ -994,6 +997,10 @@ class ShardedWriter:
         for name in sorted(set(found) | set(expected)):
             a, b = found.get(name, "<missing>"), expected.get(name, "<missing>")
             if a != b:
+                if self.discard_mismatched:            # --overwrite: its rows are computed again
+                    path.unlink()
+                    self._valid.pop(i, None)
+                    return False
                 raise ConfigError(
                     f"shard {path.name} in {self.folder} was written with other settings "
                     f"({name}: {a!r} there, {b!r} now); rebuild with `msif build-index ... --overwrite` "
@@ -1019,6 +1026,9 @@ class ShardedWriter:
         for p in self.folder.glob("shard_*.h5"):
             m = _SHARD_RE.match(p.name)
             if m and int(m.group(1)) >= self.num_shards:
+                if self.discard_mismatched:
+                    p.unlink()
+                    continue
                 raise ConfigError(
                     f"{p} does not belong to a build of {self.n} rows in shards of {self.shard_rows} "
                     f"(other data set or settings); rebuild with `msif build-index ... --overwrite`"

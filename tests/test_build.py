@@ -719,6 +719,136 @@ def test_interrupted_overwrite_keeps_the_old_index_and_resumes(tmp_path):
     assert not staging.exists() and np.array_equal(_rows(path), _rows(fresh))
 
 
+def test_overwrite_rebuilds_a_damaged_index_of_the_same_config(tmp_path, tiny_index):
+    """Every corruption error says to rebuild with --overwrite: with the same config it must rebuild
+    what is damaged (not return "already built"); on a healthy index it changes nothing."""
+    cfg = BuildConfig(proj_dim=16, preconditioner="gauss-newton", shard_rows=16)
+    task = TinyTask()
+    with InfluenceIndex.open(tiny_index) as index:
+        index.attach(task)                               # an attached operator survives the rebuild
+        before = index.query(full_batch(task.test_dataset()), k=5)
+    rows = _rows(tiny_index)
+    mtime = (tiny_index / "manifest.json").stat().st_mtime_ns
+    task.seen = []
+    build_index(task, tiny_index, cfg, overwrite=True)   # healthy: nothing redone
+    assert task.seen == [] and (tiny_index / "manifest.json").stat().st_mtime_ns == mtime
+    shard = tiny_index / "shards" / "shard_00001.h5"
+    with h5py.File(shard, "r") as f:
+        info = f["rows"].id.get_chunk_info(0)
+    _flip_byte(shard, info.byte_offset + info.size // 2)
+    with pytest.raises(CorruptIndexError) as e:
+        InfluenceIndex.open(tiny_index)
+    assert "--overwrite" in _one_line(e)
+    with pytest.warns(RuntimeWarning, match="building it again"):
+        build_index(task, tiny_index, cfg, overwrite=True)
+    assert task.seen                                      # rebuilt ...
+    assert np.array_equal(_rows(tiny_index), rows)        # ... to the same rows
+    (tiny_index / "preconditioner.h5").write_bytes(b"damaged")
+    with pytest.warns(RuntimeWarning, match="preconditioner.h5"):
+        build_index(task, tiny_index, cfg, overwrite=True)
+    (tiny_index / "rows.h5").unlink()
+    with pytest.warns(RuntimeWarning, match="rows.h5"):
+        build_index(task, tiny_index, cfg, overwrite=True)
+    with InfluenceIndex.open(tiny_index) as index:
+        assert len(list((tiny_index / "operators").glob("*.h5"))) == 1
+        index.attach(task)
+        after = index.query(full_batch(task.test_dataset()), k=5)
+    assert np.array_equal(before.ids, after.ids) and np.allclose(before.scores, after.scores, rtol=1e-6)
+
+
+def test_query_side_checks_the_preconditioner_checksum(tmp_path):
+    """kfac / ekfac rows are in the preconditioner's eigenbasis, read from preconditioner.h5 at attach:
+    a damaged or replaced file is refused in one line, not used."""
+    task = TinyTask()
+    path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="kfac"))
+    other = build_index(task, tmp_path / "other", BuildConfig(proj_dim=16, preconditioner="kfac", seed=1))
+    shutil.copy(other / "preconditioner.h5", path / "preconditioner.h5")     # readable, but another build's
+    with InfluenceIndex.open(path) as index:
+        with pytest.raises(CorruptIndexError) as e:
+            index.attach(task)
+    assert "preconditioner.h5 fails its checksum" in _one_line(e) and "--overwrite" in _one_line(e)
+
+
+def test_partial_build_with_other_shard_rows_resumes_only_with_overwrite(tmp_path):
+    """shard_rows is not part of the identity (the rows do not depend on it), so a partial build
+    rerun with another value is refused by its shards; --overwrite, as the message says, rewrites them."""
+    cfg = BuildConfig(proj_dim=16, preconditioner="identity", shard_rows=16)
+    out = tmp_path / "idx"
+    with pytest.raises(NonFiniteError):                    # example 40 fails in the third shard
+        build_index(TinyTask(nan_id=40), out, cfg)
+    assert len(list((out / "shards").glob("shard_*.h5"))) == 2
+    other = cfg.with_(shard_rows=20)
+    with pytest.raises(ConfigError) as e:
+        build_index(TinyTask(), out, other)
+    assert "--overwrite" in _one_line(e)
+    build_index(TinyTask(), out, other, overwrite=True)
+    ref = build_index(TinyTask(), tmp_path / "ref", other)
+    assert np.array_equal(_rows(out), _rows(ref))
+    assert sorted(p.name for p in (out / "shards").glob("*")) == sorted(p.name for p in (ref / "shards").glob("*"))
+
+
+def test_unreadable_preconditioner_state_is_fitted_again_on_resume(tmp_path, monkeypatch):
+    """A damaged preconditioner.h5 may make h5py raise RuntimeError (damaged metadata), not only
+    OSError: the resume fits it again (deterministic) instead of failing with a traceback."""
+    import msif_index.build as build_mod
+    cfg = BuildConfig(proj_dim=16, preconditioner="kfac", shard_rows=16)
+    out = build_index(TinyTask(), tmp_path / "idx", cfg)
+    (out / "manifest.json").unlink()                     # as if killed before the last shard
+    (out / "shards" / "shard_00003.h5").unlink()
+
+    def damaged(path):
+        raise RuntimeError("Object visitation failed (message not aligned)")
+
+    monkeypatch.setattr(build_mod, "read_state", damaged)
+    task = TinyTask()
+    task.seen = []
+    build_index(task, out, cfg)
+    monkeypatch.undo()
+    assert set(range(48, 64)) <= set(task.seen) and len(task.seen) > 16    # fitted again, then shard 3
+    ref = build_index(TinyTask(), tmp_path / "ref", cfg)
+    assert np.array_equal(_rows(out), _rows(ref))
+    head = (out / "preconditioner.h5").read_bytes()[:9]
+    assert head[:8] == b"\x89HDF\r\n\x1a\n" and head[8] >= 2  # superblock v2+: checksummed metadata
+
+
+def test_failed_build_waits_for_the_shard_commit_in_flight(tmp_path, monkeypatch):
+    """A build that fails while the previous shard's commit (fsync, rename) runs in the background
+    returns only once that commit is done: nothing of it is left running or half-renamed."""
+    import threading
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):                                   # the commit is still running when shard 2 fails
+        if threading.current_thread().name.startswith("msif-commit"):
+            time.sleep(0.5)
+        real_fsync(fd)
+
+    class Stop(Exception):
+        pass
+
+    class Interrupted(TinyTask):                          # as a Ctrl-C in the second shard
+        def pretrain_loss(self, model, batch):
+            if 20 in batch[2].tolist():
+                raise Stop()
+            return super().pretrain_loss(model, batch)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    with pytest.raises(Stop):
+        build_index(Interrupted(), tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="identity",
+                                                                 shard_rows=16, batch_size=8))
+    assert not [t for t in threading.enumerate() if t.name.startswith("msif-commit")]
+    assert not [p for p in (tmp_path / "idx").rglob("*") if ".tmp-" in p.name]
+    assert len(list((tmp_path / "idx" / "shards").glob("shard_*.h5"))) == 1
+
+
+def test_old_index_left_by_a_swap_killed_after_its_renames_is_removed(tmp_path):
+    cfg = BuildConfig(proj_dim=16, preconditioner="identity", shard_rows=16)
+    path = build_index(TinyTask(), tmp_path / "idx", cfg)
+    replaced = tmp_path / ".idx.replaced"
+    shutil.copytree(path, replaced)                      # what a kill before its rmtree leaves
+    assert build_index(TinyTask(), path, cfg) == path
+    assert not replaced.exists()
+
+
 def test_kronecker_build_in_the_old_row_basis_is_not_resumed_or_reused(tmp_path):
     """kfac / ekfac rows are stored in the eigenbasis: a build or an index of a version that stored
     them in the parameter basis (its identity has no row_basis) is refused, not mixed or reused."""

@@ -246,3 +246,19 @@ def test_full_disk_during_a_build_is_one_line_and_the_rerun_resumes(tmp_path, ti
     assert "shard_00000.h5" in proc.stdout and ".tmp-" not in proc.stdout      # finished shard kept, temp gone
     assert "rc2=0" in proc.stdout, proc.stdout
     assert _strict_json((tmp_path / "second.json").read_text())["n"] == 40000
+
+
+def test_id_ranges_are_checked_before_they_are_expanded():
+    """'0-1000000000000' is refused in one line at once, not after expanding a huge range in memory."""
+    import time
+
+    from msif_index.cli.output import parse_ids
+    from msif_index.errors import ConfigError
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        parse_ids("0-1000000000000", 60, "test")
+    assert time.perf_counter() - t0 < 1.0
+    assert "0..59" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError):
+        parse_ids("-3-2", 60, "test")
+    assert parse_ids("3,5-7", 60, "test") == [3, 5, 6, 7]

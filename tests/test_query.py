@@ -570,3 +570,57 @@ def test_read_only_index_attaches_in_memory(tmp_path, exact_index, tasks, monkey
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12)
     assert not list(folder.glob("operators/*.h5"))                     # nothing was cached
+
+
+def test_result_names_the_model_that_answered(exact_index, tasks, batch):
+    """The key is read once per query: an attach from another thread that changes the default model
+    midway must not label one model's answer with another's key."""
+    with InfluenceIndex.open(exact_index) as index:
+        key_f = index.attach(tasks["frozen"])
+        key_p = index.attach(tasks["proximal"])
+        index._default = key_f
+        real = index._query_vectors
+
+        def racing(test_batch, finetuned=None):
+            q = real(test_batch, finetuned)
+            index._default = key_p                          # lands while the query searches
+            return q
+
+        index._query_vectors = racing
+        result = index.query(batch, k=3)
+        index._query_vectors = real
+        assert result.finetuned == key_f
+        assert np.array_equal(result.ids, index.query(batch, k=3, finetuned=key_f).ids)
+
+
+def test_cached_operator_is_keyed_by_the_finetuning_loss_and_data(tmp_path, exact_index, tasks, batch):
+    """B depends on the finetuning loss and data: the same finetuned model with another loss (label
+    smoothing) or other finetuning data gets its own operator, not the cached one."""
+    path = tmp_path / "idx"
+    shutil.copytree(exact_index, path)
+    shutil.rmtree(path / "operators", ignore_errors=True)
+    frozen = tasks["frozen"]
+    smoothed = copy.copy(frozen)
+    smoothed.finetune_loss = lambda model, b: torch.nn.functional.cross_entropy(
+        model(b[0]), b[1], reduction="none", label_smoothing=0.3)
+    other_data = copy.copy(frozen)
+    x, y = other_data.finetune_dataset().tensors if hasattr(other_data.finetune_dataset(), "tensors") else (None, None)
+    assert x is not None, "the digits task's finetuning set is a TensorDataset"
+    x = x.clone()
+    x[0] += 0.5
+    other_data.finetune_dataset = lambda: torch.utils.data.TensorDataset(x, y)
+    with InfluenceIndex.open(path) as index:
+        keys = [index.attach(t) for t in (frozen, smoothed, other_data)]
+        assert len(set(keys)) == 3 and len(list((path / "operators").glob("*.h5"))) == 3
+        b = [index.operator(k).b for k in keys]
+        assert not torch.allclose(b[0], b[1]) and not torch.allclose(b[0], b[2])
+        assert index.attach(frozen) == keys[0]                 # the same task: the cached operator
+
+
+def test_attach_of_a_model_without_the_shared_parameters_is_one_line(exact_index, tasks):
+    other = torch.nn.Sequential(torch.nn.Linear(64, 2)).double()
+    with InfluenceIndex.open(exact_index) as index:
+        with pytest.raises(IndexMismatchError) as e:
+            index.attach(tasks["frozen"], finetuned=other)
+        assert "shared_parameters" in _one_line(e)
+        assert index.attached == []

@@ -334,6 +334,16 @@ def test_exact_topk_ties_prefer_smaller_id():
     np.testing.assert_array_equal(i, [[0, 1, 2, 3]])
 
 
+def test_exact_topk_ties_prefer_smaller_id_in_blocks_larger_than_topk():
+    """A tie straddling the topk-th place inside one block: the smallest ids win (argpartition would
+    keep an arbitrary subset of the tie)."""
+    x = np.ones((1000, 4), np.float32)
+    q = np.ones((2, 4), np.float32)
+    for block in (1000, 600, 7):
+        s, i = exact_topk(q, _pairs(x, block), 3)
+        np.testing.assert_array_equal(i, [[0, 1, 2]] * 2)
+
+
 def test_rerank_equals_exact_scores_of_candidates():
     rng = np.random.default_rng(8)
     x = rng.standard_normal((400, 20)).astype(np.float32)
