@@ -130,7 +130,8 @@ def prepare(task: MultiStageTask, config: BuildConfig) -> Prepared:
     probe = make_preconditioner(config.preconditioner, [], [], config.damping or 0.0, 0.0, None)
     names = w + u if probe.uses_u else w
     projector = GradientProjector(model, names, proj_dim=config.proj_dim, seed=config.seed, dtype=dtype,
-                                  device=device, proj_dim_per_layer=config.proj_dim_per_layer)
+                                  device=device, proj_dim_per_layer=config.proj_dim_per_layer,
+                                  dense_modules=list(task.dense_modules))
     w_set = set(w)
     w_blocks = []
     for b in projector.blocks:
@@ -286,7 +287,8 @@ def index_damage(out: Path) -> str | None:
         read_state(out / PRECOND)
         with RowStore.open(out / ROWS) as store:
             if (store.n, store.k) != (manifest.get("n"), manifest.get("k")):
-                return f"{ROWS} holds {store.n}x{store.k} rows, the manifest says {manifest.get('n')}x{manifest.get('k')}"
+                return (f"{ROWS} holds {store.n}x{store.k} rows, the manifest says "
+                        f"{manifest.get('n')}x{manifest.get('k')}")
             store.verify()
     except CorruptIndexError as e:
         return str(e).splitlines()[0]
@@ -670,6 +672,8 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     # bad --device or --factory with --overwrite leaves the existing index as it was)
     prep = prepare(task, config)
     pre = prep.preconditioner
+    if task.dense_modules:                # another projection plan, other rows (absent: as before)
+        identity["dense_modules"] = sorted(task.dense_modules)
     if pre.row_basis != "parameter":
         # kfac / ekfac rows in the eigenbasis: a build or index from a version that stored them in the
         # parameter basis (no key) is not resumed or reused

@@ -12,6 +12,7 @@ test measurement by about -I / n.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,8 @@ from torch import nn
 
 from .autodiff import FlatParams, batched_objective, dense_hessian, per_example_grads
 from .data import batch_size_of, batches, move
-from .errors import TooLargeError
-from .task import MultiStageTask, split_parameters
+from .errors import ConfigError, TooLargeError
+from .task import FINETUNING_STYLES, MultiStageTask, split_parameters
 
 #: dense Hessians above this many parameters are refused
 MAX_EXACT_PARAMS = 20_000
@@ -106,8 +107,13 @@ def chained_test_vectors(task: MultiStageTask, test_batch: Any, finetuned: nn.Mo
                          finetuning: str | None = None, alpha: float | None = None,
                          max_params: int = MAX_EXACT_PARAMS) -> torch.Tensor:
     """v_t for each test point, [Q, d_W] (frozen or proximal, MATH.md stage 2)."""
-    model = _as_float64(finetuned if finetuned is not None else task.finetuned_model())
     style = finetuning or task.finetuning
+    if style not in FINETUNING_STYLES:
+        raise ConfigError(f"finetuning must be 'frozen' or 'proximal', got {style!r}")
+    a = float(alpha if alpha is not None else task.alpha) if style == "proximal" else 0.0
+    if style == "proximal" and not (math.isfinite(a) and a > 0):
+        raise ConfigError(f"proximal finetuning needs alpha > 0 (the proximal strength), got {a!r}")
+    model = _as_float64(finetuned if finetuned is not None else task.finetuned_model())
     side, flat = finetune_side(task, model, max_params=max_params)
     batch = move(test_batch, dtype=_DTYPE)
     g = per_example_grads(flat.loss(task.measurement), flat.get(), batch)   # [Q, d_theta + d_W]
@@ -116,7 +122,6 @@ def chained_test_vectors(task: MultiStageTask, test_batch: Any, finetuned: nn.Mo
     if style == "frozen":
         h_tt, f_wt = h[:dt, :dt], h[dt:, :dt]
         return g[:, dt:] - (f_wt @ torch.linalg.solve(h_tt, g[:, :dt].T)).T
-    a = float(alpha if alpha is not None else task.alpha)
     k = h.clone()
     k[dt:, dt:] += a * torch.eye(h.shape[0] - dt, dtype=_DTYPE)
     return a * torch.linalg.solve(k, g.T).T[:, dt:]
@@ -132,6 +137,6 @@ def exact_influence(task: MultiStageTask, test_batch: Any, pretrained: nn.Module
     ``finetuning``/``alpha`` override the task's settings (e.g. to compare styles).
     """
     batch_size_of(test_batch)
+    v = chained_test_vectors(task, test_batch, finetuned, finetuning, alpha, max_params)   # checks the style first
     pre = pretrain_side(task, pretrained, max_params=max_params)
-    v = chained_test_vectors(task, test_batch, finetuned, finetuning, alpha, max_params)
     return v @ pre.displacements.T

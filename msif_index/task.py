@@ -49,6 +49,11 @@ class MultiStageTask(ABC):
     pretrain_weight_decay: float = 0.0
     #: the finetuning objective adds finetune_weight_decay/2 * ||theta||^2
     finetune_weight_decay: float = 0.0
+    #: names (as in ``model.named_modules()``) of Linear / Conv2d / Embedding modules whose gradients
+    #: take the exact per-example path (torch.func) instead of the Kronecker-factored hooks: a module
+    #: whose weight is also used outside its forward (tied input and output embeddings) or whose
+    #: input is not batch-first. The build names such a module when it meets one.
+    dense_modules: Sequence[str] = ()
 
     @abstractmethod
     def pretrained_model(self) -> nn.Module:
@@ -228,6 +233,12 @@ def validate_task(task: MultiStageTask) -> None:
             raise TaskError(f"shared parameter {name!r} does not require grad in pretrained_model()")
     if not split_parameters(task, fin)[1]:
         raise TaskError("finetuned_model() has no trainable parameters besides the shared ones (theta is empty)")
+    if isinstance(task.dense_modules, str) or not all(isinstance(m, str) for m in task.dense_modules):
+        raise TaskError(f"dense_modules must list module names (e.g. ['embed']), got {task.dense_modules!r}")
+    modules = dict(pre.named_modules())
+    for name in task.dense_modules:
+        if name not in modules:
+            raise TaskError(f"dense_modules names {name!r}, which is not a module of pretrained_model()")
     for label, ds_fn in (("pretrain_dataset()", task.pretrain_dataset),
                          ("finetune_dataset()", task.finetune_dataset),
                          ("test_dataset()", task.test_dataset)):

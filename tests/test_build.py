@@ -190,6 +190,45 @@ class MixedTask(_HeldTask):
         return nn.functional.cross_entropy(model(batch), batch[2], reduction="none")
 
 
+class TiedNet(nn.Module):
+    """A token model whose output layer reuses the input embedding (F.linear(h, emb.weight)), as
+    tied language models do: the Kronecker hooks on emb cannot see the output layer's use."""
+
+    def __init__(self, vocab: int = 9, d: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, tokens):
+        h = torch.tanh(self.mix(self.emb(tokens).mean(1)))
+        return nn.functional.linear(h, self.emb.weight, self.bias)
+
+
+class TiedTask(_HeldTask):
+    shared_parameters = ("emb.weight", "mix.weight", "mix.bias")
+    pretrain_weight_decay = 0.01
+    finetune_weight_decay = 0.1
+
+    def __init__(self, n: int = 24, dense_modules: tuple[str, ...] = ()):
+        g = torch.Generator().manual_seed(0)
+
+        def data(m: int) -> TensorDataset:
+            return TensorDataset(torch.randint(0, 9, (m, 5), generator=g), torch.randint(0, 9, (m,), generator=g))
+        self._pre, self._fin, self._test = data(n), data(12), data(4)
+        self._pm = _init(TiedNet().double(), 1)
+        self._fm = _init(TiedNet().double(), 2)
+        for name in ("emb", "mix"):
+            getattr(self._fm, name).load_state_dict(getattr(self._pm, name).state_dict())
+        self.dense_modules = dense_modules
+
+    def pretrain_loss(self, model, batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+    def finetune_loss(self, model, batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
 def _rows(path: Path) -> np.ndarray:
     with RowStore.open(path / "rows.h5") as store:
         return store.read(0, store.n, dtype=store.dtype)
@@ -847,6 +886,34 @@ def test_old_index_left_by_a_swap_killed_after_its_renames_is_removed(tmp_path):
     shutil.copytree(path, replaced)                      # what a kill before its rmtree leaves
     assert build_index(TinyTask(), path, cfg) == path
     assert not replaced.exists()
+
+
+def test_tied_embeddings_are_named_and_built_exactly_with_dense_modules(tmp_path):
+    """A weight used outside its module stops the build in one line naming the module and the task's
+    dense_modules; listed there, the module takes the exact per-example path: rows = P g_z."""
+    from msif_index.build import prepare, resolve_config
+    from msif_index.errors import TaskError
+    cfg = BuildConfig(proj_dim=20, preconditioner="identity", compute_dtype="float64", dtype="float64")
+    with pytest.raises(TaskError) as e:
+        build_index(TiedTask(), tmp_path / "hooks", cfg)
+    msg = _one_line(e)
+    assert "'emb'" in msg and "dense_modules" in msg
+    task = TiedTask(dense_modules=("emb",))
+    path = build_index(task, tmp_path / "dense", cfg)
+    prep = prepare(task, resolve_config(task, cfg))
+    assert {b.name: b.kind for b in prep.projector.blocks}["emb.weight"] == "dense"
+    names = list(prep.projector.param_names)
+    want = _example_grads(task.pretrained_model(), names, task.pretrain_loss, task.pretrain_dataset()) \
+        @ prep.projector.matrix().T
+    k_w = _manifest(path)["k"]
+    np.testing.assert_allclose(_rows(path), want[:, :k_w].numpy(), rtol=1e-9, atol=1e-12)
+    assert _manifest(path)["identity"]["dense_modules"] == ["emb"]
+    with InfluenceIndex.open(path) as index:                  # the query side follows the stored plan
+        index.attach(task)
+        assert index.query(full_batch(task.test_dataset()), k=3).ids.shape == (4, 3)
+    with pytest.raises(TaskError, match="dense_modules"):
+        from msif_index.task import validate_task
+        validate_task(TiedTask(dense_modules=("nope",)))
 
 
 def test_kronecker_build_in_the_old_row_basis_is_not_resumed_or_reused(tmp_path):

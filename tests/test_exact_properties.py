@@ -51,3 +51,23 @@ def test_proximal_tends_to_frozen(digits_frozen):
     assert rels[0] > rels[1] > rels[2]
     assert 4 < rels[1] / rels[2] < 25, rels
     assert rels[2] < 1e-2, rels
+
+
+def test_unknown_style_or_missing_alpha_is_refused(digits_frozen):
+    """Any other style (a typo) or proximal without a positive alpha would give all-zero influences."""
+    from msif_index.errors import ConfigError
+    test = full_batch(digits_frozen.test_dataset(), [0])
+    for kwargs in ({"finetuning": "Frozen"}, {"finetuning": "proximal", "alpha": 0.0},
+                   {"finetuning": "proximal", "alpha": float("nan")}):
+        with pytest.raises(ConfigError):
+            exact_influence(digits_frozen, test, **kwargs)
+    assert exact_influence(digits_frozen, test, finetuning="proximal", alpha=1.0).abs().max() > 0
+
+
+def test_exact_preconditioner_refuses_damping():
+    from msif_index.config import PRESETS, BuildConfig
+    from msif_index.errors import ConfigError
+    with pytest.raises(ConfigError, match="no damping"):
+        BuildConfig(proj_dim=None, preconditioner="exact", damping=0.1)
+    assert PRESETS["exact"].damping == 0.0
+    BuildConfig(proj_dim=None, preconditioner="exact")

@@ -409,3 +409,93 @@ def test_rotated_projector_gives_rotated_rows(setup, proj_dim):
     torch.testing.assert_close(proj.project_batch(loss_fn, batch), raw, rtol=0, atol=0)
     with pytest.raises(ConfigError):
         proj.rotated({"no-such-block": (None, None)})
+
+
+def _brute(model, loss, batch, names):
+    """[B, d] exact per-example gradients of ``loss(model, batch)`` (batch: a tuple of batch-first tensors)."""
+    params = dict(model.named_parameters())
+    rows = []
+    for b in range(batch[0].shape[0]):
+        gs = torch.autograd.grad(loss(model, tuple(t[b:b + 1] for t in batch))[0], [params[n] for n in names],
+                                 allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(params[n]) if g is None else g).reshape(-1)
+                               for n, g in zip(names, gs)]))
+    return torch.stack(rows)
+
+
+class _SeqFFN(nn.Module):
+    """A transformer-style FFN on [B, T, d]: F.linear with a bias on a 3-D input returns a view, and
+    the in-place ReLU then rewrites autograd's graph through its base."""
+
+    def __init__(self, d=5, h=7, inplace=True):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, 3)
+        self.act = nn.ReLU(inplace=inplace)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x))).mean(1)
+
+
+def _seq_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("proj_dim", [None, 30])
+def test_in_place_op_on_a_view_output_keeps_its_gradient(check, proj_dim):
+    torch.manual_seed(0)
+    model = _SeqFFN().double()
+    batch = (torch.randn(4, 6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1]))
+    names = [n for n, _ in model.named_parameters()]
+    ref = _brute(model, _seq_loss, batch, names)
+    proj = GradientProjector(model, names, proj_dim=proj_dim, check=check)
+    p = proj.matrix()
+    for _ in range(2):                                  # the first call finds the in-place op, then hooks
+        rows = proj.project_batch(_seq_loss, batch)
+        torch.testing.assert_close(rows, ref @ p.T, rtol=1e-10, atol=1e-12)
+
+
+class _PosNet(nn.Module):
+    """Learned positions called without a batch dimension: pos sees [T], not [B, T]."""
+
+    def __init__(self, vocab=11, t=6, d=4):
+        super().__init__()
+        self.tok, self.pos, self.out = nn.Embedding(vocab, d), nn.Embedding(t, d), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        return self.out(self.tok(ids) + self.pos(torch.arange(ids.shape[1]))).mean(1)
+
+
+def test_module_input_without_a_leading_batch_dimension_is_refused_even_when_sizes_match():
+    """B == T: the leading dimension passes the size check, and the batch sum of the rows is right;
+    only the comparison of one example's row with its own gradient sees the mixing."""
+    torch.manual_seed(0)
+    model = _PosNet().double()
+    names = [n for n, _ in model.named_parameters()]
+    for b in (4, 6):                                     # B != T: the size check; B == T: the example check
+        batch = (torch.randint(0, 11, (b, 6)), torch.randint(0, 3, (b,)))
+        with pytest.raises((ShapeError, TaskError), match="batch dimension"):
+            GradientProjector(model, names, proj_dim=None).project_batch(_seq_loss, batch)
+    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=False).double().eval()
+
+    def seq_first(model, batch):
+        (x,) = batch
+        return model(x.transpose(0, 1)).pow(2).sum((0, 2))            # [T, B, d] in, one loss per b
+
+    x = torch.randn(6, 6, 4, dtype=torch.float64)
+    names = [n for n, _ in layer.named_parameters()]
+    with pytest.raises(TaskError, match="batch dimension") as e:
+        GradientProjector(layer, names, proj_dim=None).project_batch(seq_first, (x,))
+    assert "linear" in str(e.value)
+
+
+def test_float32_model_with_a_float64_projector_passes_the_first_call_check():
+    torch.manual_seed(0)
+    model = _SeqFFN(inplace=False)
+    batch = (torch.randn(4, 6, 5), torch.tensor([0, 1, 2, 1]))
+    names = [n for n, _ in model.named_parameters()]
+    proj = GradientProjector(model, names, proj_dim=None, dtype=torch.float64)
+    rows = proj.project_batch(_seq_loss, batch)                    # the check's tolerance: float32's
+    ref = _brute(model, _seq_loss, batch, names).double() @ proj.matrix().T
+    assert ((rows - ref).norm() / ref.norm()).item() < 1e-5

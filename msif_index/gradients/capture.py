@@ -22,7 +22,9 @@ Gaussian projection applied in column chunks.
 Assumptions: ``loss_fn(model, batch)`` returns one loss per example, loss b depends only on
 example b, and every Kronecker module sees tensors whose first dimension is the batch dimension.
 The first call checks that hooks see all of each Kronecker weight's gradient (a weight used outside
-its module's forward, e.g. ``F.linear(x, emb.weight)``, is caught: pass ``dense_modules``).
+its module's forward, e.g. ``F.linear(x, emb.weight)``, is caught: pass ``dense_modules``), and that
+example 0's row is its own gradient (an input that is not batch-first is caught even when its first
+dimension equals the batch size).
 """
 from __future__ import annotations
 
@@ -389,7 +391,7 @@ class GradientProjector:
                         raise ShapeError(
                             f"module '{st.block.name}' saw a leading dimension of {c.n} but loss_fn returned "
                             f"{n} losses; per-example gradients need the batch dimension first "
-                            f"(or pass dense_modules=['{st.block.name}'])")
+                            f"(or list it in dense_modules: {[st.block.name]!r})")
             redo = False
             for st in self._kron:
                 if any(c.output is not None and not c.hooked and c.output._version != c.version for c in st.calls):
@@ -417,7 +419,12 @@ class GradientProjector:
                             seen.add(id(p))
                             drivers.append(p)
                         check_params.append(pn)
-            grads = None
+            grads = first = None
+            if check and n > 1 and losses.requires_grad:
+                # example 0's own gradient (its hooks fire too, then the batch's backward below
+                # overwrites what they captured): the rows must not mix examples
+                first = torch.autograd.grad(losses[0], [self._params[pn] for pn in check_params],
+                                            retain_graph=True, allow_unused=True)
             if drivers and losses.requires_grad:
                 grads = torch.autograd.grad(losses.sum(), drivers, allow_unused=True)
             pos = {id(t): i for i, t in enumerate(drivers)}
@@ -430,16 +437,15 @@ class GradientProjector:
                                 c.delta = self._delta(st, g)
                 self._kron_rows(st, out)
             if check:
-                full = {}
-                for pn in check_params:
-                    g = grads[pos[id(self._params[pn])]] if grads is not None else None
-                    p = self._params[pn]
+                def dense(g, p):
                     if g is None:
-                        g = torch.zeros_like(p)
-                    elif g.is_sparse:
-                        g = g.to_dense()
-                    full[pn] = g.unsqueeze(0)
-                self._need_check = not self._verify(out, full)
+                        return torch.zeros_like(p).unsqueeze(0)
+                    return (g.to_dense() if g.is_sparse else g).unsqueeze(0)
+
+                full = {pn: dense(grads[pos[id(self._params[pn])]] if grads is not None else None,
+                                  self._params[pn]) for pn in check_params}
+                own = None if first is None else {pn: dense(g, self._params[pn]) for pn, g in zip(check_params, first)}
+                self._need_check = not self._verify(out, full, own)
             for st in self._kron:
                 # outputs seen unmodified in this pass need no tensor hook from now on
                 if st.hook_outputs and st.calls and all(c.output is None or c.output._version == c.version
@@ -482,7 +488,8 @@ class GradientProjector:
         def forward_hook(mod, args, kwargs, output):
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
-                raise TaskError(f"module '{b.name}' was called without a tensor input; pass dense_modules=['{b.name}']")
+                raise TaskError(f"module '{b.name}' was called without a tensor input; "
+                                f"list it in dense_modules: {[b.name]!r}")
             call = _Call()
             call.n = x.shape[0] if x.dim() else 0
             if b.kind == "linear":
@@ -508,13 +515,20 @@ class GradientProjector:
                 call.ids = ids
                 if st.gather is not None:
                     call.a = st.gather[ids]  # [B, T, k_in]
+            replaced = None
             if output.requires_grad:
+                if st.hook_outputs and output._base is not None:
+                    # a view (F.linear on a [B, T, d] input with a bias): an in-place op on it later
+                    # rewrites autograd's graph through its base, and a hook on the view would never
+                    # fire; the module returns a copy instead, and the hook goes on the copy
+                    output = replaced = output.clone()
                 call.output = output
                 call.version = output._version
                 if st.hook_outputs:
                     call.hooked = True
                     output.register_hook(tensor_hook(call))
             st.calls.append(call)
+            return replaced
 
         return forward_hook
 
@@ -645,25 +659,47 @@ class GradientProjector:
             return
         project_chunked(x, blk.k_out, _dense_seed(self.seed, blk.name), out=out_view)
 
-    def _verify(self, out: torch.Tensor, full: dict[str, torch.Tensor]) -> bool:
-        """Check the hooks' rows summed over the batch against the autograd gradient of the batch;
-        False (not checked: the next call checks) when either is not finite."""
+    def _verify(self, out: torch.Tensor, full: dict[str, torch.Tensor],
+                own: dict[str, torch.Tensor] | None = None) -> bool:
+        """Check the hooks' rows summed over the batch against the autograd gradient of the batch,
+        and row 0 against example 0's own gradient (``own``; it catches a module whose input's first
+        dimension is not the batch but happens to equal it, which the sum cannot see); False (not
+        checked: the next call checks) when any of them is not finite."""
         ref = torch.empty(1, self.dim, dtype=self.dtype, device=self.device)
+        ref0 = torch.empty(1, self.dim, dtype=self.dtype, device=self.device)
+        # the tolerance of the least precise of the rows' and the parameters' dtypes (the reference
+        # gradients are computed in the parameters' dtype)
+        itemsize = min([self.dtype.itemsize] + [self._params[st.block.params[0]].dtype.itemsize for st in self._kron])
+        rel = 1e-3 if itemsize <= 4 else 1e-8
         for st in self._kron:
             b = st.block
-            ours = out[:, b.offset:b.offset + b.dim]
-            self._kron_dense_rows(st, full, ref[:, b.offset:b.offset + b.dim])
-            theirs = ref[0, b.offset:b.offset + b.dim]
+            cols = slice(b.offset, b.offset + b.dim)
+            ours = out[:, cols]
+            self._kron_dense_rows(st, full, ref[:, cols])
+            theirs = ref[0, cols]
             diff = (ours.sum(0) - theirs).norm().item()
             scale = ours.norm(dim=1).sum().item() + theirs.norm().item()
-            tol = (1e-3 if self.dtype.itemsize <= 4 else 1e-8) * scale + 1e-30
             if not math.isfinite(scale):
                 return False
-            if not diff <= tol:
+            if not diff <= rel * scale + 1e-30:
                 raise TaskError(
                     f"module '{b.name}': its weight also gets gradient from outside the module's forward "
-                    f"(e.g. F.linear(x, m.weight) or a batch dimension that is not first); "
-                    f"pass dense_modules=['{b.name}']")
+                    f"(e.g. tied embeddings, F.linear(x, m.weight)); list it in dense_modules (the task's "
+                    f"attribute, or GradientProjector's argument): {[b.name]!r}")
+            if own is None:
+                continue
+            self._kron_dense_rows(st, own, ref0[:, cols])
+            diff0 = (ours[0] - ref0[0, cols]).norm().item()
+            scale0 = ours[0].norm().item() + ref0[0, cols].norm().item()
+            if not math.isfinite(scale0):
+                return False
+            if not diff0 <= rel * scale0 + 1e-30:
+                raise TaskError(
+                    f"module '{b.name}': example 0's row differs from its own gradient, so the rows mix "
+                    f"examples: the module's input does not have the batch dimension first (e.g. [T, B, d] "
+                    f"or a position embedding called without one), or examples interact (batch norm in "
+                    f"training mode); pass batch-first inputs, put the model in eval mode, or list it in "
+                    f"dense_modules: {[b.name]!r}")
         return True
 
     # ----------------------------------------------------------------------------------------
