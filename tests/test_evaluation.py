@@ -265,3 +265,25 @@ def test_report_folder_that_is_a_file_or_an_index_is_refused(tmp_path):
         with pytest.raises(ConfigError, match="--out"):
             evaluate(None, index, out_dir=out)
     assert sorted(p.name for p in index.iterdir()) == ["manifest.json"]
+
+
+def test_single_stage_baseline_is_basis_independent(task, tmp_path):
+    """kfac / ekfac store rows in the preconditioner's eigenbasis: the single-stage baseline must
+    rotate its test gradient alike, giving -(P_W grad_W l) . [M^-1 phi_z]_W in any basis."""
+    from msif_index.evaluation.baselines import Context, single_stage_scores
+    from msif_index.index import InfluenceIndex
+    from msif_index.preconditioners import rotate_blocks
+    path = build_index(task, tmp_path / "ekfac", BuildConfig(preconditioner="ekfac", proj_dim=256,
+                                                             dtype="float64", compute_dtype="float64"))
+    test_ids = [0, 1, 2]
+    batch = full_batch(task.test_dataset(), test_ids)
+    with InfluenceIndex.open(path) as index:
+        assert index.row_basis == "eigen"
+        key = index.attach(task)
+        got, _ = single_stage_scores(Context(task, index, key, test_ids, batch, tmp_path))
+        att = index._attached[key]
+        pw = att.projector.project_batch(task.measurement, batch).detach().double()   # parameter basis
+        rows = torch.from_numpy(index.store.read(0, index.n, dtype=np.float64))
+        rows = rotate_blocks(rows, index._w_blocks(), index._eigenbases(torch.float64), inverse=True)
+    want = -(pw @ rows.T).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())

@@ -105,6 +105,7 @@ def single_stage_scores(ctx: Context) -> tuple[np.ndarray, dict]:
     batch = move(ctx.test_batch, dtype=att.projector.dtype)
     with att.lock:
         pw = att.projector.project_batch(ctx.task.measurement, batch).detach().to(torch.float64).numpy()
+    pw = ctx.index.to_row_basis(pw)        # kfac / ekfac rows are stored in the eigenbasis
     out = np.empty((pw.shape[0], ctx.index.n), dtype=np.float64)
     for start, block in ctx.index.store.iter_blocks(65536, dtype=np.float64):
         out[:, start:start + len(block)] = -(pw @ block.T)

@@ -18,7 +18,8 @@ Per (method, test point): pearson, spearman (common pool), pearson_own, spearman
 precision_at_k_helpful (fraction of the method's helpful removals that actually raised the loss),
 precision_at_k_harmful (... that actually lowered it), recall_at_k_{helpful,harmful} (single removals
 only: tie-aware overlap of the method's top-k with the top-k by actual effect within the pool, the actual
-effect of removing z expressed as an influence -n * change), scale (slope of predicted on actual through 0).
+effect of removing z expressed as an influence -n * change), scale (least-squares slope of predicted on
+actual, with an intercept).
 """
 from __future__ import annotations
 
