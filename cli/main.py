@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 from typing import Optional
 
 import typer
@@ -98,7 +99,8 @@ def build_index_cmd(
         device: Optional[str] = typer.Option(None, help=help_text("device")),
         factory: Optional[str] = typer.Option(None, help=help_text("factory")),
         seed: Optional[int] = typer.Option(None, help=help_text("seed")),
-        overwrite: bool = typer.Option(False, help="Replace an index built with another config."),
+        overwrite: bool = typer.Option(False, help="Replace an index built with another config; with the same "
+                                       "config, check every row and file and rebuild a damaged index."),
         attach: bool = typer.Option(True, help="Attach the task's finetuned model after building."),
         as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON.")) -> None:
     """Build (or resume) the pretraining influence index: projected, preconditioned gradients -> HDF5 + FAISS."""
@@ -119,11 +121,14 @@ def build_index_cmd(
     config = PRESETS[preset].with_(**changes)
     t = load_task(task)
     out_dir = Path(out) if out else Path("indexes") / Path(task.rsplit(":", 1)[0]).resolve().parent.name
+    manifest = out_dir / "manifest.json"
+    before = manifest.stat().st_mtime_ns if manifest.is_file() else None
     path = build_index(t, out_dir, config, overwrite=overwrite)
+    reused = before is not None and manifest.is_file() and manifest.stat().st_mtime_ns == before
     with InfluenceIndex.open(path, huge_pages=False) as index:      # one process, no queries
         key = index.attach(t, validate=False) if attach else None
         m = index.manifest
-    summary = {"index": str(path), "n": m["n"], "k": m["k"], "preconditioner": m["preconditioner"]["name"],
+    summary = {"index": str(path), "reused": reused, "n": m["n"], "k": m["k"], "preconditioner": m["preconditioner"]["name"],
                "fisher": m["config"].get("fisher"), "factory": m["config"]["factory"],
                "damping_used": m["preconditioner"]["damping_used"], "timings": m["timings"], "attached": key}
     if as_json:
@@ -132,7 +137,9 @@ def build_index_cmd(
     stats = f", {m['config']['fisher']} statistics" if m["preconditioner"]["name"] in ("gauss-newton", "kfac", "ekfac") else ""
     typer.echo(f"index {path}: n={m['n']} rows of k={m['k']} ({m['preconditioner']['name']} preconditioner{stats}, "
                f"{m['config']['factory']} search)")
-    if m["timings"]:
+    if reused:
+        typer.echo("  already built with this config: nothing rebuilt" + (" (every row and file checked)" if overwrite else ""))
+    elif m["timings"]:
         typer.echo("  " + "  ".join(f"{k[:-2]} {v:.2f}s" for k, v in m["timings"].items()))
     if key:
         typer.echo(f"  attached finetuned model {key} ({t.finetuning})")
@@ -197,8 +204,15 @@ from .evaluate_cmd import register as _reg_evaluate; _reg_evaluate(app)  # noqa:
 from .demo_cmd import register as _reg_demo; _reg_demo(app)  # noqa: E402,E702
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line: one line each, without the source line Python adds."""
+    typer.echo(f"warning: {message}", err=True)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app, turning MsifError into one line on stderr (exit 2)."""
+    shown = warnings.showwarning
+    warnings.showwarning = _warning_line
     try:
         rc = app(args=argv, standalone_mode=False)
     except DiskFullError as e:
@@ -230,6 +244,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if isinstance(e, abort):
             sys.exit(1)
         raise
+    finally:
+        warnings.showwarning = shown
     # typer turns Ctrl-C into exit code 130 and, without standalone mode, returns it
     if rc == 130:
         typer.echo("interrupted; rerun the same command to resume", err=True)

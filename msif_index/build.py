@@ -45,7 +45,7 @@ from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian, read_state
 from .progress import progress
-from .search import SearchIndex, built_at_open
+from .search import SearchIndex, built_at_open, fitting_nlist, min_train_rows
 from .store import RowStore, ShardedWriter, _open_h5, link_shards
 from .task import MultiStageTask, fisher_loss_columns, has_fisher_losses, split_parameters
 
@@ -679,6 +679,10 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         # parameter basis (no key) is not resumed or reused
         identity["row_basis"] = pre.row_basis
     SearchIndex.create(pre.dim_w, config.factory)    # a bad factory string fails now, not after the pass
+    if n < min_train_rows(config.factory):            # ... and one these rows cannot train
+        raise ConfigError(f"factory {config.factory!r} needs at least {min_train_rows(config.factory)} rows to "
+                          f"train, the pretraining set has {n}; use fewer lists (e.g. 'IVF{fitting_nlist(n)},Flat') "
+                          f"or 'Flat'")
     _finish_interrupted_swap(out)
     identity = _without_data_for_older_build(out, identity)
     final = out
@@ -694,7 +698,8 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
             return final                              # already built with this config
         # the same build, damaged (what every corruption error tells to rebuild with --overwrite):
         # built again in place, its attached operators kept (they do not depend on the rows)
-        warnings.warn(f"{out}: {damage}; building it again", RuntimeWarning, stacklevel=2)
+        damage = damage.split("; rebuild")[0]         # what to do is what this call does
+        warnings.warn(f"rebuilding the damaged index in {out} ({damage})", RuntimeWarning, stacklevel=2)
         _clear(out, keep={OPERATORS})
     out.mkdir(parents=True, exist_ok=True)
     cleanup_stale_tmp(out)

@@ -102,6 +102,23 @@ def svd_fast_scan(factory: str) -> int | None:
     return int(m.group(2)) if m and m.group(2) else None
 
 
+def min_train_rows(factory: str) -> int:
+    """The fewest rows a faiss factory string can be trained on: the lists of IVF<nlist> (k-means),
+    2^nbits codewords per PQ sub-quantizer (8 bits, or 4 for fast scan); 1 when nothing is trained."""
+    if not isinstance(factory, str) or built_at_open(factory):
+        return 1
+    need = [1]
+    need += [int(m) for m in re.findall(r"IVF(\d+)", factory)]
+    for _, bits, fs in re.findall(r"PQ(\d+)(?:x(\d+))?(fs)?", factory):
+        need.append(2 ** (int(bits) if bits else 4 if fs else 8))
+    return max(need)
+
+
+def fitting_nlist(n: int) -> int:
+    """A number of IVF lists that n rows train well (faiss asks for 39 rows per list)."""
+    return max(1, min(n // 39, int(4 * n ** 0.5)))
+
+
 def built_at_open(factory: str) -> bool:
     """Whether an index folder builds this index from its rows when opened (no faiss.index file)."""
     return factory.strip() == "Flat" or svd_rank(factory) is not None

@@ -239,6 +239,13 @@ def validate_task(task: MultiStageTask) -> None:
     for name in task.dense_modules:
         if name not in modules:
             raise TaskError(f"dense_modules names {name!r}, which is not a module of pretrained_model()")
+    from .gradients.blocks import plan_blocks
+    w, u = split_parameters(task, pre)
+    for b in plan_blocks(pre, w + u, None, dense_modules=list(task.dense_modules)):
+        inside = [p in task.shared_parameters for p in b.params]
+        if any(inside) and not all(inside):            # the Kronecker path takes a module whole
+            raise TaskError(f"module {b.name} has parameters both in W and outside it ({', '.join(b.params)}); "
+                            f"list all or none of them in shared_parameters")
     for label, ds_fn in (("pretrain_dataset()", task.pretrain_dataset),
                          ("finetune_dataset()", task.finetune_dataset),
                          ("test_dataset()", task.test_dataset)):
@@ -288,8 +295,14 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
             del sys.modules[mod_name]
             raise TaskError(f"importing {path_s} failed: {type(e).__name__}: {e}") from None
     if not hasattr(module, name):
-        raise TaskError(f"{path_s} has no attribute {name!r}")
+        found = [k for k, v in vars(module).items() if not k.startswith("_") and
+                 (isinstance(v, MultiStageTask) or (inspect.isclass(v) and issubclass(v, MultiStageTask)
+                                                    and v is not MultiStageTask and not inspect.isabstract(v)))]
+        hint = f"; it defines {', '.join(found)}" if found else "; it defines no MultiStageTask"
+        raise TaskError(f"{path_s} has no attribute {name!r}{hint}")
     obj = getattr(module, name)
+    if inspect.isclass(obj) and not issubclass(obj, MultiStageTask):
+        raise TaskError(f"{spec} is the class {obj.__name__}, not a msif_index.MultiStageTask")
     if inspect.isclass(obj) or (callable(obj) and not isinstance(obj, MultiStageTask)):
         try:
             obj = obj()

@@ -778,7 +778,7 @@ def test_overwrite_rebuilds_a_damaged_index_of_the_same_config(tmp_path, tiny_in
     with pytest.raises(CorruptIndexError) as e:
         InfluenceIndex.open(tiny_index)
     assert "--overwrite" in _one_line(e)
-    with pytest.warns(RuntimeWarning, match="building it again"):
+    with pytest.warns(RuntimeWarning, match="rebuilding the damaged index"):
         build_index(task, tiny_index, cfg, overwrite=True)
     assert task.seen                                      # rebuilt ...
     assert np.array_equal(_rows(tiny_index), rows)        # ... to the same rows
@@ -1114,6 +1114,18 @@ def test_bad_factory_fails_before_the_gradient_pass(tmp_path, factory):
                                                  factory=factory))
     assert not list((out / "shards").glob("*.h5")) if (out / "shards").exists() else True
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("factory", ["IVF128,Flat", "IVF8,PQ4"])
+def test_factory_the_rows_cannot_train_fails_before_the_folder_is_touched(tmp_path, factory):
+    """n is known before any work: IVF with more lists than rows, or PQ with more codewords, fails in
+    one line suggesting a number of lists that fits, and the rerun with it is not refused."""
+    out = tmp_path / "idx"
+    with pytest.raises(ConfigError) as e:
+        build_index(TinyTask(), out, BuildConfig(proj_dim=16, preconditioner="identity", factory=factory))
+    assert "64" in _one_line(e) and "IVF1,Flat" in _one_line(e)
+    assert not out.exists()
+    build_index(TinyTask(), out, BuildConfig(proj_dim=16, preconditioner="identity", factory="IVF1,Flat"))
 
 
 def test_fisher_choice_and_errors(tmp_path):

@@ -121,6 +121,20 @@ def test_build_index_then_query_json_on_digits(tmp_path, capsys, digits_frozen):
     text = capsys.readouterr().out
     assert "negative = helpful" in text and "test 2: most helpful" in text
 
+    # the same command again with --overwrite: the healthy index is checked, not rebuilt, and says so;
+    # a damaged one is rebuilt with one warning line
+    main(["build-index", "--task", task_spec, "--out", str(out), "--proj-dim", "128", "--preconditioner", "kfac",
+          "--overwrite", "--no-attach"])
+    captured = capsys.readouterr()
+    assert "nothing rebuilt (every row and file checked)" in captured.out
+    (out / "rows.h5").unlink()
+    main(["build-index", "--task", task_spec, "--out", str(out), "--proj-dim", "128", "--preconditioner", "kfac",
+          "--overwrite", "--no-attach"])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: rebuilding the damaged index"), captured.err
+    assert "nothing rebuilt" not in captured.out
+
     # a Kronecker-factored H_tt, attached as its own operator next to the dense one
     main(["attach", "--index", str(out), "--task", task_spec, "--h-tt", "ekfac", "--cg-iters", "2", "--json"])
     res = _strict_json(capsys.readouterr().out)

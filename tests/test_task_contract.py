@@ -103,6 +103,15 @@ def test_proximal_needs_positive_alpha(alpha):
     assert "alpha" in _one_line(e)
 
 
+def test_module_split_between_w_and_a_head_is_refused_at_load():
+    """The Kronecker path takes a module whole: check-task refuses what the build would refuse."""
+    t = Tiny()
+    t.shared_parameters = ("embed.weight",)
+    with pytest.raises(TaskError) as e:
+        validate_task(t)
+    assert "embed" in _one_line(e) and "both in W and outside" in _one_line(e)
+
+
 def test_unknown_finetuning_style():
     t = Tiny()
     t.finetuning = "partial"
@@ -126,7 +135,13 @@ def test_load_task_errors(tmp_path):
     """))
     with pytest.raises(TaskError) as e:
         msif_index.load_task(f"{f}:nothing")
-    assert "no attribute" in _one_line(e)
+    assert "no attribute" in _one_line(e) and "defines no MultiStageTask" in _one_line(e)
+    with pytest.raises(TaskError) as e:
+        msif_index.load_task("examples/digits/task.py:nope")
+    assert "it defines" in _one_line(e) and "proximal_task" in _one_line(e) and "task" in _one_line(e)
+    with pytest.raises(TaskError) as e:                   # a class that is not a task: said, not called
+        msif_index.load_task("examples/digits/task.py:DigitsNet")
+    assert "not a msif_index.MultiStageTask" in _one_line(e)
     with pytest.raises(TaskError) as e:
         msif_index.load_task(f"{f}:x")
     assert "not a msif_index.MultiStageTask" in _one_line(e)

@@ -13,6 +13,7 @@ Use it from the command line as examples/digits/task.py:task (or :proximal_task)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from functools import cached_property
 
@@ -39,6 +40,19 @@ class DigitsNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Train on one thread: bitwise the same weights in every process. With two threads the order of
+    floating-point sums can change from one process to the next (last bits of W, about 1e-13), and
+    with it W's fingerprint: attach and query would refuse the index built in another process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cross_entropy(model: nn.Module, batch) -> torch.Tensor:
@@ -105,8 +119,9 @@ class DigitsTask(msif_index.MultiStageTask):
             init_model = DigitsNet(self.hidden, 10).double()
         model = copy.deepcopy(init_model)
         names = [n for n, _ in model.named_parameters()]
-        fit(model, names, _cross_entropy, [full_batch(dataset)], len(dataset),
-            weights=None if weights is None else [weights], l2=self.pretrain_weight_decay)
+        with _one_thread():
+            fit(model, names, _cross_entropy, [full_batch(dataset)], len(dataset),
+                weights=None if weights is None else [weights], l2=self.pretrain_weight_decay)
         return model
 
     def finetune(self, pretrained_model: nn.Module, init_model: nn.Module | None = None) -> nn.Module:
@@ -123,13 +138,15 @@ class DigitsTask(msif_index.MultiStageTask):
         head = ["head.weight", "head.bias"]
         if self.finetuning == "frozen":
             model.embed.load_state_dict(pretrained_model.embed.state_dict())
-            fit(model, head, _cross_entropy, data, m, l2=self.finetune_weight_decay)
+            with _one_thread():
+                fit(model, head, _cross_entropy, data, m, l2=self.finetune_weight_decay)
         else:
             d_head = sum(p.numel() for p in model.head.parameters())
             l2 = torch.cat([torch.full((d_head,), float(self.finetune_weight_decay)),
                             torch.full((w_star.numel(),), float(self.alpha))]).double()
             center = torch.cat([torch.zeros(d_head, dtype=torch.float64), w_star])
-            fit(model, head + list(self.shared_parameters), _cross_entropy, data, m, l2=l2, center=center)
+            with _one_thread():
+                fit(model, head + list(self.shared_parameters), _cross_entropy, data, m, l2=l2, center=center)
         return model
 
     @cached_property
