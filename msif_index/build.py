@@ -276,8 +276,10 @@ def _finish_interrupted_swap(out: Path) -> None:
 def index_damage(out: Path) -> str | None:
     """Why the complete index in ``out`` cannot answer as it is (a file missing, failing its checksum
     or unreadable), or None. Reads every stored row once (HDF5's per-chunk checksums)."""
+    from .index import _canonical, _check_manifest     # (index.py imports this module)
     try:
         manifest = read_json(out / MANIFEST, "the index's " + MANIFEST)
+        _check_manifest(out / MANIFEST, manifest)
         sums = manifest.get("checksums", {})
         for key, name in (("rows", ROWS), ("preconditioner", PRECOND), ("faiss", FAISS)):
             if sums.get(key) is not None and (not (out / name).is_file() or file_sha256(out / name) != sums[key]):
@@ -289,6 +291,9 @@ def index_damage(out: Path) -> str | None:
             if (store.n, store.k) != (manifest.get("n"), manifest.get("k")):
                 return (f"{ROWS} holds {store.n}x{store.k} rows, the manifest says "
                         f"{manifest.get('n')}x{manifest.get('k')}")
+            for part in ("identity", "projector", "config"):       # as InfluenceIndex.open compares them
+                if part in store.attrs and _canonical(store.attrs[part]) != _canonical(manifest[part]):
+                    return f"{MANIFEST} does not match {ROWS} (its {part} differs)"
             store.verify()
     except CorruptIndexError as e:
         return str(e).splitlines()[0]
@@ -660,6 +665,11 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     I(z, x_t) ~ - q_t . s_z (negative: helpful; positive: harmful).
     """
     config = resolve_config(task, config or BuildConfig())
+    if config.preconditioner == "exact" and config.damping:
+        # (a check here, not in BuildConfig: manifests of earlier builds with a damping stay readable)
+        raise ConfigError(f"the exact preconditioner has no damping (its rows reproduce exact_influence), got "
+                          f"damping={config.damping!r}; drop it, or use preconditioner 'hessian' for a damped "
+                          f"exact Hessian")
     keep_freed_memory()                  # glibc: reuse freed tensor memory (see msif_index.allocator)
     out = Path(out_dir)
     n = len(task.pretrain_dataset())

@@ -68,10 +68,6 @@ class BuildConfig:
                               f"{', '.join(PRECONDITIONERS)}")
         if self.damping is not None and not (self.damping >= 0):
             raise ConfigError(f"damping must be >= 0, got {self.damping!r}")
-        if self.preconditioner == "exact" and self.damping:
-            raise ConfigError(f"the exact preconditioner has no damping (its rows reproduce exact_influence), got "
-                              f"damping={self.damping!r}; drop it, or use preconditioner 'hessian' for a damped "
-                              f"exact Hessian")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:

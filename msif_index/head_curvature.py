@@ -108,7 +108,9 @@ class KroneckerHeadCurvature(HeadCurvature):
             raise ConfigError(f"Kronecker H_tt must be 'kfac' or 'ekfac', got {kind!r}")
         self.kind = kind
         dtype = next(model.parameters()).dtype
-        self.projector = GradientProjector(model, theta, proj_dim=None, dtype=dtype, device="cpu")
+        modules = dict(model.named_modules())
+        self.projector = GradientProjector(model, theta, proj_dim=None, dtype=dtype, device="cpu",
+                                           dense_modules=[m for m in task.dense_modules if m in modules])
         big = [b for b in self.projector.blocks if not b.kronecker and b.numel > MAX_DENSE_THETA]
         if big:
             raise TooLargeError(f"head parameter {big[0].name} ({big[0].numel} entries) is not in an nn.Linear, "

@@ -89,12 +89,14 @@ class _QueryPath:
 
     @classmethod
     def make(cls, model: nn.Module, w_proj: GradientProjector, theta_names: list[str],
-             op: FinetuneOperator, bases: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> "_QueryPath":
+             op: FinetuneOperator, bases: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+             dense_modules: list[str] | tuple[str, ...] = ()) -> "_QueryPath":
         """``bases``: (Q_S, Q_A) per W block when the stored rows are in the eigenbasis ("eigen"):
         then q comes out rotated alike, R q, by a rotated projector, R B and R C R^T (the rotation
         costs nothing per query except for dense W blocks)."""
         dtype = w_proj.dtype
-        theta_blocks = plan_blocks(model, theta_names, None)
+        modules = dict(model.named_modules())
+        theta_blocks = plan_blocks(model, theta_names, None, dense_modules=[m for m in dense_modules if m in modules])
         blocks = list(w_proj.blocks) + [replace(b, offset=b.offset + w_proj.dim) for b in theta_blocks]
         proj = GradientProjector.from_blocks(model, list(w_proj.param_names) + list(theta_names), blocks,
                                              seed=w_proj.seed, dtype=dtype)
@@ -348,7 +350,7 @@ class InfluenceIndex:
                 warnings.warn(f"cannot cache the finetune operator in {op_path.parent} ({e.strerror}); it is "
                               f"kept in memory and computed again by the next process", RuntimeWarning,
                               stacklevel=2)
-        query = _QueryPath.make(model, projector, theta, op, self._eigenbases(dtype))
+        query = _QueryPath.make(model, projector, theta, op, self._eigenbases(dtype), task.dense_modules)
         if self.huge_pages:
             _pack_on_huge_pages(model, query)
         self._attached[key] = _Attached(task, model, projector, op, query)

@@ -1012,6 +1012,9 @@ class ShardedWriter:
     def wait_commits(self) -> None:
         """Wait for the shard being committed in the background (if any); raise its error."""
         pending, self._committing = self._committing, None
+        self._wait(pending)
+
+    def _wait(self, pending: tuple[int, RowWriter] | None) -> None:
         if pending is None:
             return
         i, writer = pending
@@ -1065,9 +1068,10 @@ class ShardedWriter:
             yield _ShardWriter(w, i, start, stop)
         if self.background_commit:
             # this shard's commit runs while the caller computes the next one; the previous shard's
-            # commit (overlapped with this shard's computation) is awaited now: at most two in flight
-            self.wait_commits()
-            self._committing = (i, w)             # completed_shards / the next shard wait for it
+            # commit (overlapped with this shard's computation) is awaited now: at most two in flight.
+            # This one is recorded first, so that an error of the previous one leaves it awaited too.
+            previous, self._committing = self._committing, (i, w)
+            self._wait(previous)
             return
         key = self._stat_key(path)
         if key is not None:

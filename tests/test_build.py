@@ -788,6 +788,13 @@ def test_overwrite_rebuilds_a_damaged_index_of_the_same_config(tmp_path, tiny_in
     (tiny_index / "rows.h5").unlink()
     with pytest.warns(RuntimeWarning, match="rows.h5"):
         build_index(task, tiny_index, cfg, overwrite=True)
+    manifest = json.loads((tiny_index / "manifest.json").read_text())
+    manifest["projector"]["seed"] = 12345                 # an edited manifest: open refuses it ...
+    (tiny_index / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptIndexError):
+        InfluenceIndex.open(tiny_index)
+    with pytest.warns(RuntimeWarning, match="does not match"):   # ... and --overwrite repairs it
+        build_index(task, tiny_index, cfg, overwrite=True)
     with InfluenceIndex.open(tiny_index) as index:
         assert len(list((tiny_index / "operators").glob("*.h5"))) == 1
         index.attach(task)
@@ -914,6 +921,32 @@ def test_tied_embeddings_are_named_and_built_exactly_with_dense_modules(tmp_path
     with pytest.raises(TaskError, match="dense_modules"):
         from msif_index.task import validate_task
         validate_task(TiedTask(dense_modules=("nope",)))
+
+
+def test_dense_modules_reach_the_finetune_side(tmp_path):
+    """A tied module in theta (the finetuning head reuses the embedding): listed in dense_modules, the
+    query path and H_tt take it whole too, and q_t equals the two-pass reference."""
+    from msif_index.errors import TaskError
+    from msif_index.operator import reference_query_vectors
+
+    class HeadTied(TiedTask):
+        shared_parameters = ("mix.weight", "mix.bias")
+
+    cfg = BuildConfig(proj_dim=None, preconditioner="identity", compute_dtype="float64", dtype="float64")
+    batch = full_batch(HeadTied().test_dataset())
+    path = build_index(HeadTied(), tmp_path / "plain", cfg)
+    with InfluenceIndex.open(path) as index:
+        with pytest.raises(TaskError, match="dense_modules"):     # at attach (ekfac H_tt) or the first query
+            index.attach(HeadTied())
+            index.query(batch, k=3)
+    task = HeadTied(dense_modules=("emb",))
+    path = build_index(task, tmp_path / "dense", cfg)
+    for h_tt in ("dense", "ekfac"):
+        with InfluenceIndex.open(path) as index:
+            key = index.attach(task, h_tt=h_tt, cg_iters=0)
+            att = index._attached[key]
+            want = reference_query_vectors(att.projector, att.operator, att.model, task.measurement, batch)
+            np.testing.assert_allclose(index.query_vectors(batch), want.numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_kronecker_build_in_the_old_row_basis_is_not_resumed_or_reused(tmp_path):

@@ -64,10 +64,12 @@ def test_unknown_style_or_missing_alpha_is_refused(digits_frozen):
     assert exact_influence(digits_frozen, test, finetuning="proximal", alpha=1.0).abs().max() > 0
 
 
-def test_exact_preconditioner_refuses_damping():
+def test_exact_preconditioner_refuses_damping(digits_frozen, tmp_path):
+    from msif_index.build import build_index
     from msif_index.config import PRESETS, BuildConfig
     from msif_index.errors import ConfigError
     with pytest.raises(ConfigError, match="no damping"):
-        BuildConfig(proj_dim=None, preconditioner="exact", damping=0.1)
-    assert PRESETS["exact"].damping == 0.0
-    BuildConfig(proj_dim=None, preconditioner="exact")
+        build_index(digits_frozen, tmp_path / "idx", PRESETS["exact"].with_(damping=0.1))
+    assert not (tmp_path / "idx").exists()
+    # a manifest of an earlier build with a damping still reads
+    assert BuildConfig.from_dict({**PRESETS["exact"].to_dict(), "damping": 0.1}).damping == 0.1

@@ -499,3 +499,16 @@ def test_float32_model_with_a_float64_projector_passes_the_first_call_check():
     rows = proj.project_batch(_seq_loss, batch)                    # the check's tolerance: float32's
     ref = _brute(model, _seq_loss, batch, names).double() @ proj.matrix().T
     assert ((rows - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_pass_the_first_call_check(dtype):
+    """The check's tolerance follows the least precise dtype (bfloat16 rounding of one row is ~4e-3)."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 10)).to(dtype)
+        x, y = torch.randn(64, 32).to(dtype), torch.randint(0, 10, (64,))
+        names = [n for n, _ in model.named_parameters()]
+        rows = GradientProjector(model, names, proj_dim=64, dtype=dtype).project_batch(
+            lambda m, b: F.cross_entropy(m(b[0]).float(), b[1], reduction="none"), (x, y))
+        assert rows.shape[0] == 64 and torch.isfinite(rows).all()

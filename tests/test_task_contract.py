@@ -103,15 +103,6 @@ def test_proximal_needs_positive_alpha(alpha):
     assert "alpha" in _one_line(e)
 
 
-def test_module_split_between_w_and_a_head_is_refused_at_load():
-    """The Kronecker path takes a module whole: check-task refuses what the build would refuse."""
-    t = Tiny()
-    t.shared_parameters = ("embed.weight",)
-    with pytest.raises(TaskError) as e:
-        validate_task(t)
-    assert "embed" in _one_line(e) and "both in W and outside" in _one_line(e)
-
-
 def test_unknown_finetuning_style():
     t = Tiny()
     t.finetuning = "partial"

@@ -668,9 +668,11 @@ class GradientProjector:
         ref = torch.empty(1, self.dim, dtype=self.dtype, device=self.device)
         ref0 = torch.empty(1, self.dim, dtype=self.dtype, device=self.device)
         # the tolerance of the least precise of the rows' and the parameters' dtypes (the reference
-        # gradients are computed in the parameters' dtype)
-        itemsize = min([self.dtype.itemsize] + [self._params[st.block.params[0]].dtype.itemsize for st in self._kron])
-        rel = 1e-3 if itemsize <= 4 else 1e-8
+        # gradients are computed in the parameters' dtype): 1e-8 for float64, else 1e-3 or 8 machine
+        # epsilons (bfloat16: 0.06; the check is after mixing, which is off by order 1)
+        eps = max(torch.finfo(d).eps for d in [self.dtype] + [self._params[st.block.params[0]].dtype
+                                                             for st in self._kron])
+        rel = 1e-8 if eps < 1e-10 else max(1e-3, 8 * eps)
         for st in self._kron:
             b = st.block
             cols = slice(b.offset, b.offset + b.dim)
