@@ -218,6 +218,21 @@ def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
         _clear(out)
 
 
+def _attached_operators_replaced(out: Path, identity: dict) -> int:
+    """How many attached operators (operators/*.h5) an overwrite of ``out`` with another build drops."""
+    ops = list((out / OPERATORS).glob("*.h5")) if (out / OPERATORS).is_dir() else []
+    if not ops:
+        return 0
+    for name in (MANIFEST, BUILD_FILE):
+        if (out / name).is_file():
+            try:
+                previous = read_json(out / name, "the index's " + name)
+            except CorruptIndexError:
+                return len(ops)
+            return len(ops) if not isinstance(previous, dict) or previous.get("identity") != identity else 0
+    return len(ops)
+
+
 def _staging(out: Path) -> Path:
     """Where ``--overwrite`` builds the replacement of a complete index: a hidden sibling folder."""
     out = out.resolve()                     # "." and relative paths: name the real folder
@@ -696,6 +711,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     _finish_interrupted_swap(out)
     identity = _without_data_for_older_build(out, identity)
     final = out
+    dropped = _attached_operators_replaced(out, identity) if overwrite else 0
     if _replaces_complete_index(out, identity, overwrite):
         out = _staging(final)                         # the old index answers until the new one is done
     _check_out_dir(out, identity, overwrite)
@@ -756,4 +772,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     write_json_atomic(out / MANIFEST, manifest)
     if out != final:
         _swap_in(out, final)
+    if dropped:
+        warnings.warn(f"the replaced index in {final} had {dropped} attached finetuned model(s); their operators "
+                      f"belong to the old index and were removed: attach them again", RuntimeWarning, stacklevel=2)
     return final

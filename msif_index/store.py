@@ -721,13 +721,29 @@ class RowStore:
             f"so the file is corrupted; {_REBUILD}"
         )
 
+    def _shards_of(self, start: int, stop: int) -> list[str]:
+        """The files (shards of a virtual row dataset) that hold rows [start, stop); [] if not virtual."""
+        try:
+            if not self._rows.is_virtual:
+                return []
+            out = []
+            for vs in self._rows.virtual_sources():
+                (lo, _), (hi, _) = vs.vspace.get_select_bounds()
+                if lo < stop and hi >= start:
+                    out.append(vs.file_name)
+            return out
+        except Exception:  # noqa: BLE001 - only names the file in an error message
+            return []
+
     def _read_raw(self, start: int, stop: int) -> np.ndarray:
         with self._lock:
             self._file()
             try:
                 return self._rows[start:stop]
             except (OSError, RuntimeError) as e:
-                raise self._read_error(f"rows {start}..{stop - 1}", e) from None
+                files = self._shards_of(start, stop)
+                where = f" (in {', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" if files else ""
+                raise self._read_error(f"rows {start}..{stop - 1}{where}", e) from None
 
     # -- reading
 

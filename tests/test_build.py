@@ -570,12 +570,12 @@ def test_corrupted_row_byte_is_detected(tmp_path, tiny_index):
     _flip_byte(shard, info.byte_offset + info.size // 2)
     with pytest.raises(CorruptIndexError) as e:        # opening reads every row (Flat search) ...
         InfluenceIndex.open(tiny_index)
-    _one_line(e)
+    assert "shard_00001.h5" in _one_line(e)            # the damaged file is named, not only rows.h5
     with RowStore.open(tiny_index / "rows.h5") as store:  # ... and any read of that row fails
         store.read(0, 16)
         with pytest.raises(CorruptIndexError) as e:
             store.take([20])
-        _one_line(e)
+        assert "shard_00001.h5" in _one_line(e) and "shard_00000.h5" not in _one_line(e)
 
 
 def test_corrupted_faiss_file_is_detected(tmp_path):
@@ -624,7 +624,11 @@ def test_rerun_reuses_and_other_config_refuses_unless_overwrite(tmp_path, tiny_i
     msg = _one_line(e)
     assert "preconditioner" in msg and "overwrite" in msg
     assert np.array_equal(_rows(tiny_index), before)      # refused: untouched
-    build_index(task, tiny_index, other, overwrite=True)
+    with InfluenceIndex.open(tiny_index) as index:
+        index.attach(task)
+    with pytest.warns(RuntimeWarning, match="1 attached finetuned model"):   # said, not silently dropped
+        build_index(task, tiny_index, other, overwrite=True)
+    assert not list((tiny_index / "operators").glob("*.h5"))
     m = _manifest(tiny_index)
     assert m["config"]["preconditioner"] == "kfac"
     assert not np.array_equal(_rows(tiny_index), before)
@@ -744,7 +748,8 @@ def test_interrupted_overwrite_keeps_the_old_index_and_resumes(tmp_path):
     assert (staging / "build.json").is_file() and len(list((staging / "shards").glob("shard_*.h5"))) == 2
     task = TinyTask()
     task.seen = []
-    assert build_index(task, path, new_cfg, overwrite=True) == path
+    with pytest.warns(RuntimeWarning, match="attached finetuned model"):   # the old index's operator goes
+        assert build_index(task, path, new_cfg, overwrite=True) == path
     assert set(task.seen) == set(range(32, 64))               # the two finished shards were not redone
     assert _manifest(path)["config"]["proj_dim"] == 12
     assert not staging.exists() and not (tmp_path / ".idx.replaced").exists()
