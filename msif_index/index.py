@@ -462,8 +462,9 @@ def _stable_fingerprint(data: Any) -> str | None:
 
 def _loss_probe(task: MultiStageTask, model: nn.Module, dtype: torch.dtype, examples: int = 8) -> str:
     """A short hash of ``finetune_loss`` on the first finetuning examples at ``model`` (the CPU copy
-    in eval mode), rounded to 6 significant digits so that last-bit differences between processes do
-    not change it: tells another loss (label smoothing, another weighting) with the same data and model."""
+    in eval mode), rounded to 4 significant digits so that last-bit differences between processes
+    (float32: about 1e-7) almost never change it: tells another loss (label smoothing, another
+    weighting) with the same data and model, unless it moves no loss by 1e-4 relative."""
     data = task.finetune_dataset()
     ids = list(range(min(examples, len(data))))
     if not ids:
@@ -471,7 +472,7 @@ def _loss_probe(task: MultiStageTask, model: nn.Module, dtype: torch.dtype, exam
     with torch.no_grad():
         losses = task.finetune_loss(model, move(full_batch(data, ids), device="cpu", dtype=dtype))
     values = np.asarray(torch.as_tensor(losses).detach().to("cpu", torch.float64)).ravel()
-    return hashlib.sha256(",".join(f"{v:.6g}" for v in values).encode()).hexdigest()[:16]
+    return hashlib.sha256(",".join(f"{v:.4g}" for v in values).encode()).hexdigest()[:16]
 
 
 def _pack_on_huge_pages(model: nn.Module, query: _QueryPath) -> None:
