@@ -290,28 +290,17 @@ def _finish_interrupted_swap(out: Path) -> None:
 
 def index_damage(out: Path) -> str | None:
     """Why the complete index in ``out`` cannot answer as it is (a file missing, failing its checksum
-    or unreadable), or None. Reads every stored row once (HDF5's per-chunk checksums)."""
-    from .index import _canonical, _check_manifest     # (index.py imports this module)
+    or unreadable), or None: InfluenceIndex.open's checks, then preconditioner.h5 and every stored
+    row read once (HDF5's per-chunk checksums)."""
+    from .index import check_checksum, open_checked_rows     # (index.py imports this module)
     try:
         manifest = read_json(out / MANIFEST, "the index's " + MANIFEST)
-        _check_manifest(out / MANIFEST, manifest)
-        sums = manifest.get("checksums", {})
-        for key, name in (("rows", ROWS), ("preconditioner", PRECOND), ("faiss", FAISS)):
-            if sums.get(key) is not None and (not (out / name).is_file() or file_sha256(out / name) != sums[key]):
-                return f"{name} is missing or fails its checksum"
-        if not built_at_open(manifest["config"]["factory"]) and not (out / FAISS).is_file():
-            return f"{FAISS} is missing"
-        read_state(out / PRECOND)
-        with RowStore.open(out / ROWS) as store:
-            if (store.n, store.k) != (manifest.get("n"), manifest.get("k")):
-                return (f"{ROWS} holds {store.n}x{store.k} rows, the manifest says "
-                        f"{manifest.get('n')}x{manifest.get('k')}")
-            for part in ("identity", "projector", "config"):       # as InfluenceIndex.open compares them
-                if part in store.attrs and _canonical(store.attrs[part]) != _canonical(manifest[part]):
-                    return f"{MANIFEST} does not match {ROWS} (its {part} differs)"
+        with open_checked_rows(out, manifest) as store:
+            check_checksum(out / PRECOND, manifest, "preconditioner")
+            read_state(out / PRECOND)
             store.verify()
     except CorruptIndexError as e:
-        return str(e).splitlines()[0]
+        return str(e).splitlines()[0].split("; rebuild")[0]      # what to do is what the caller does
     except (OSError, KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
         return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     return None
@@ -724,7 +713,6 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
             return final                              # already built with this config
         # the same build, damaged (what every corruption error tells to rebuild with --overwrite):
         # built again in place, its attached operators kept (they do not depend on the rows)
-        damage = damage.split("; rebuild")[0]         # what to do is what this call does
         warnings.warn(f"rebuilding the damaged index in {out} ({damage})", RuntimeWarning, stacklevel=2)
         _clear(out, keep={OPERATORS})
     out.mkdir(parents=True, exist_ok=True)

@@ -12,14 +12,13 @@ I < 0: helpful (a proponent), I > 0: harmful (an opponent). Nothing is downloade
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from .config import BuildConfig
 from .data import full_batch
 from .errors import ConfigError, OutputExistsError
 from .index import InfluenceIndex
+from .training import torch_threads
 
 SIGN_CONVENTION = ("I(z, x_t) = d loss(x_t) / d eps of up-weighting pretraining example z: "
                    "negative = helpful (proponent), positive = harmful (opponent)")
@@ -122,16 +122,6 @@ def auto_threads() -> int:
     return max(1, min(torch.get_num_threads(), free))
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run_demo(out_dir: str | Path = "indexes/demo", quick: bool = False, cache_dir: str | Path | None = None,
              k: int = 5, n_queries: int = 6, config: BuildConfig | None = None, show: bool = True,
              verbose: bool = True, progress_bar: bool | None = None, threads: int | None = None
@@ -155,7 +145,7 @@ def run_demo(out_dir: str | Path = "indexes/demo", quick: bool = False, cache_di
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
     n_threads = threads or auto_threads()
-    with _threads(n_threads):
+    with torch_threads(n_threads):
         summary = _run(Path(out_dir), quick, cache_dir, k, n_queries, config, show, verbose, progress_bar,
                        n_threads)
     return summary

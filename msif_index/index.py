@@ -153,34 +153,13 @@ class InfluenceIndex:
                                         f"command to resume it")
             raise CorruptIndexError(f"no msif index in {p} (no {MANIFEST}); build one with msif build-index")
         manifest = read_json(p / MANIFEST, "the index manifest")
-        _check_manifest(p / MANIFEST, manifest)
-        want = manifest.get("checksums", {}).get("rows")      # indexes built before it have none
-        if want is not None and (p / ROWS).is_file() and file_sha256(p / ROWS) != want:
-            raise CorruptIndexError(f"{p / ROWS} fails its checksum (damaged, or another build's); "
-                                    f"rebuild with --overwrite")
-        store = RowStore.open(p / ROWS)
-        if store.n != manifest.get("n") or store.k != manifest.get("k"):
-            raise CorruptIndexError(f"{p / ROWS} holds {store.n}x{store.k} rows but the manifest says "
-                                    f"{manifest.get('n')}x{manifest.get('k')}; rebuild with --overwrite")
-        for part in ("identity", "projector", "config"):      # the rows carry the settings they were built with
-            if part in store.attrs and _canonical(store.attrs[part]) != _canonical(manifest[part]):
-                store.close()
-                raise CorruptIndexError(f"{p / MANIFEST} does not match {p / ROWS} (its {part} differs: edited, "
-                                        f"or files from another build); rebuild with --overwrite")
+        store = open_checked_rows(p, manifest)
         factory = manifest["config"]["factory"]
         if built_at_open(factory):              # Flat, SVD<r>: built straight from the rows
             search = SearchIndex.create(store.k, factory, device=device)
             search.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n,
                                  seed=manifest["config"].get("seed", 0))
         else:
-            if not (p / FAISS).is_file():
-                store.close()
-                raise CorruptIndexError(f"{p / FAISS} is missing (deleted, or not copied with the index); "
-                                        f"rebuild with --overwrite")
-            want = manifest.get("checksums", {}).get("faiss")
-            if want is not None and (p / FAISS).is_file() and file_sha256(p / FAISS) != want:
-                raise CorruptIndexError(f"{p / FAISS} fails its checksum (corrupted or replaced); "
-                                        f"rebuild with --overwrite")
             search = SearchIndex.load(p / FAISS, device=device)
         if search.ntotal != store.n:
             raise CorruptIndexError(f"{p / FAISS} holds {search.ntotal} rows, expected {store.n}; "
@@ -258,10 +237,7 @@ class InfluenceIndex:
         if self.row_basis != "eigen":
             return None
         path = self.path / PRECOND
-        want = self.manifest.get("checksums", {}).get("preconditioner")    # indexes built before it have none
-        if want is not None and path.is_file() and file_sha256(path) != want:
-            raise CorruptIndexError(f"{path} fails its checksum (damaged, or another build's); "
-                                    f"rebuild the index with --overwrite")
+        check_checksum(path, self.manifest, "preconditioner")
         try:
             return stored_eigenbases(read_state(path)[0], len(self._w_blocks()), dtype)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
@@ -492,6 +468,39 @@ def _pack_on_huge_pages(model: nn.Module, query: _QueryPath) -> None:
 #: manifest entries an index needs, with their JSON types
 _MANIFEST_SCHEMA = {"n": int, "k": int, "config": dict, "identity": dict, "fingerprints": dict, "projector": dict,
                     "w_names": list, "preconditioner": dict}
+
+
+def check_checksum(path: Path, manifest: dict, key: str) -> None:
+    """CorruptIndexError when ``path`` exists and differs from the manifest's sha256 under ``key``
+    (indexes built before a file's checksum was recorded have none: not checked)."""
+    want = manifest.get("checksums", {}).get(key)
+    if want is not None and path.is_file() and file_sha256(path) != want:
+        raise CorruptIndexError(f"{path} fails its checksum (damaged, or another build's); rebuild the index "
+                                f"with --overwrite")
+
+
+def open_checked_rows(path: Path, manifest: Any) -> RowStore:
+    """The index's row store, opened after the checks that need no row read: the manifest's schema,
+    the checksums of rows.h5 and faiss.index (before HDF5 or faiss parse them), the rows' shape and
+    the settings rows.h5 carries against the manifest's. CorruptIndexError (one line) otherwise."""
+    _check_manifest(path / MANIFEST, manifest)
+    check_checksum(path / ROWS, manifest, "rows")
+    if not built_at_open(manifest["config"]["factory"]):
+        if not (path / FAISS).is_file():
+            raise CorruptIndexError(f"{path / FAISS} is missing (deleted, or not copied with the index); "
+                                    f"rebuild with --overwrite")
+        check_checksum(path / FAISS, manifest, "faiss")
+    store = RowStore.open(path / ROWS)
+    if store.n != manifest.get("n") or store.k != manifest.get("k"):
+        store.close()
+        raise CorruptIndexError(f"{path / ROWS} holds {store.n}x{store.k} rows but the manifest says "
+                                f"{manifest.get('n')}x{manifest.get('k')}; rebuild with --overwrite")
+    for part in ("identity", "projector", "config"):      # the rows carry the settings they were built with
+        if part in store.attrs and _canonical(store.attrs[part]) != _canonical(manifest[part]):
+            store.close()
+            raise CorruptIndexError(f"{path / MANIFEST} does not match {path / ROWS} (its {part} differs: edited, "
+                                    f"or files from another build); rebuild with --overwrite")
+    return store
 
 
 def _check_manifest(path: Path, manifest: Any) -> None:

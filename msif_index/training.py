@@ -5,12 +5,26 @@ small reference pipelines are trained until the gradient vanishes to float64 pre
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .autodiff import FlatParams, LossFn, batched_objective, dense_hessian
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU threads set to ``n`` inside the block, restored after. ``torch_threads(1)`` makes
+    training bitwise reproducible from one process to the next: with two threads the order of
+    floating-point sums can change (last bits of the weights, and with them their fingerprint)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[Any], n: int,

