@@ -215,6 +215,46 @@ def _all_finite(out: np.ndarray) -> bool:
     return bool(np.isfinite(out).all())
 
 
+def _ones_complement(s: int) -> int:
+    """s reduced as HDF5's fletcher32 reduces its sums: 0 for 0, else in 1..65535, congruent mod 65535."""
+    return 0 if s == 0 else (s - 1) % 65535 + 1
+
+
+def fletcher32(data: np.ndarray) -> int:
+    """HDF5's fletcher32 checksum (H5_checksum_fletcher32) of the bytes of ``data`` (even length).
+
+    HDF5 reads the bytes as big-endian 16-bit words w_j, j < N, and returns (s2 << 16) | s1 with
+    s1 = sum_j w_j and s2 = sum_j (N - j) w_j, each reduced mod 65535 as ``_ones_complement`` does
+    (its loop folds the carries every 360 words, which keeps the residue and leaves 0 only for 0).
+    The little-endian word v_j of the same two bytes gives w_j = 256 v_j (mod 65535), since 65536 = 1,
+    so both sums come from vectorized sums of the native words: about 4x faster than HDF5's own
+    filter (0.18 ms per MiB here). Tested against the checksums HDF5 writes (tests/test_store.py).
+    """
+    w = np.frombuffer(np.ascontiguousarray(data).data, dtype="<u2")
+    n = w.size
+    cols = 512
+    rows = n // cols
+    main = w[: rows * cols].reshape(rows, cols)
+    tail = w[rows * cols:].astype(np.int64)
+    # uint32 partial sums cannot overflow: 512 x 65535 along a row, <= 2^15 x 65535 down a column
+    row_sums = np.empty(rows, dtype=np.int64)
+    col_sums = np.zeros(cols, dtype=np.int64)
+    for r0 in range(0, rows, 1 << 15):
+        block = main[r0:r0 + (1 << 15)]
+        row_sums[r0:r0 + len(block)] = block.sum(axis=1, dtype=np.uint32)
+        col_sums += block.sum(axis=0, dtype=np.uint32)
+    s1 = int(row_sums.sum()) + int(tail.sum())
+    # sum_j j v_j in exact Python integers (the int64 dot products stay below 2^63 for chunks <= 1 GiB)
+    sj = (int(row_sums @ np.arange(rows, dtype=np.int64)) * cols + int(col_sums @ np.arange(cols, dtype=np.int64))
+          + int(tail @ np.arange(rows * cols, n, dtype=np.int64)))
+    return (_ones_complement(256 * (n * s1 - sj)) << 16) | _ones_complement(256 * s1)
+
+
+def _write_chunk(rows: h5py.Dataset, row: int, buf: np.ndarray) -> None:
+    """Store ``buf`` (a chunk's bytes plus their fletcher32) as the chunk of ``rows`` at ``row``."""
+    rows.id.write_direct_chunk((row, 0), buf, filter_mask=0)
+
+
 def _chunk_rows_for(n: int, k: int, itemsize: int, chunk_rows: int) -> int:
     by_bytes = max(1, _MAX_CHUNK_BYTES // max(1, k * itemsize))
     return max(1, min(int(chunk_rows), by_bytes, max(n, 1)))
@@ -327,6 +367,7 @@ class RowWriter:
         self.drop_cache = bool(drop_cache)
         self._commit_thread: threading.Thread | None = None
         self._commit_error: BaseException | None = None
+        self._chunk_buf: np.ndarray | None = None   # one chunk's bytes + 4 (direct chunk writes)
 
     # -- context management
 
@@ -517,12 +558,44 @@ class RowWriter:
     def _write_block(self, start: int, stop: int, out: np.ndarray) -> None:
         assert self._rows is not None and self._written is not None
         try:
-            self._rows[start:stop] = out
+            self._write_rows(start, stop, out)
             self._written[start:stop] = True
         except OSError as e:
             if is_disk_full(e):
                 raise disk_full_error(self.path) from e
             raise
+
+    def _write_rows(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) into the dataset. Chunks the block covers whole are written directly
+        (``_write_chunk``: the rows and their fletcher32, computed here, in one write), the rest
+        through HDF5's filter pipeline. The direct path skips the chunk cache's copy and HDF5's
+        slower checksum: RowWriter.write 5.0 -> 2.9 ms per 256 x 4050 float32 rows
+        (benchmarks/build_throughput.py). Readers see the same file either way."""
+        assert self._rows is not None
+        cr, n = self.chunk_rows, self.n
+        first = -(-start // cr)                      # the first chunk starting at or after start
+        last = first
+        while last * cr < stop and min((last + 1) * cr, n) <= stop:
+            last += 1                                 # chunks [first, last) lie inside [start, stop)
+        if last == first or sys.byteorder != "little":
+            self._rows[start:stop] = out
+            return
+        lo, hi = first * cr, min(last * cr, n)
+        if start < lo:
+            self._rows[start:lo] = out[: lo - start]
+        if self._chunk_buf is None:
+            self._chunk_buf = np.empty(cr * self.k * self._np_dtype.itemsize + 4, dtype=np.uint8)
+        buf = self._chunk_buf
+        data = buf[:-4].view(self._np_dtype).reshape(cr, self.k)
+        for r0 in range(lo, hi, cr):
+            m = min(cr, n - r0)
+            data[:m] = out[r0 - start: r0 - start + m]
+            if m < cr:
+                data[m:] = 0                          # the edge chunk is stored whole, its tail as fill
+            buf[-4:] = np.frombuffer(fletcher32(buf[:-4]).to_bytes(4, "little"), dtype=np.uint8)
+            _write_chunk(self._rows, r0, buf)
+        if hi < stop:
+            self._rows[hi:stop] = out[hi - start:]
 
     # -- the background writer thread
 

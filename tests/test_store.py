@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import msif_index.store
 from msif_index.atomic import (
     atomic_path,
     cleanup_stale_tmp,
@@ -191,6 +192,65 @@ def test_flipped_byte_in_rows_fails_checksum(tmp_path):
             st.verify()
 
 
+def test_fletcher32_equals_hdf5s_checksum(tmp_path):
+    """store.fletcher32 (vectorized) against the checksum HDF5's own filter appends to a chunk, on
+    random rows of each dtype, word counts that are and are not multiples of its 512-word blocks,
+    and the reduction's corner cases (all-zero words: 0; all-0xFFFF words: sums = 0 mod 65535)."""
+    from msif_index.store import fletcher32
+
+    rng = np.random.default_rng(3)
+    cases = [rng.standard_normal((rows, k)).astype(dt)
+             for dt in (np.float16, np.float32, np.float64) for rows, k in ((1, 1), (3, 7), (64, 512), (65, 4050))]
+    cases += [np.zeros((4, 300), np.float32), np.full((4, 300), 0xFFFFFFFF, np.uint32).view(np.float32),
+              np.tile(np.array([0xFFFF, 0], np.uint16), 1000).view(np.float32).reshape(4, 250)]
+    for i, arr in enumerate(cases):
+        with h5py.File(tmp_path / f"c{i}.h5", "w") as f:
+            d = f.create_dataset("r", data=arr, chunks=arr.shape, fletcher32=True)
+            _, raw = d.id.read_direct_chunk((0, 0))
+        assert raw[:-4] == arr.tobytes()
+        assert fletcher32(arr) == int.from_bytes(raw[-4:], "little"), (i, arr.dtype, arr.shape)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+def test_direct_chunk_writes_equal_hdf5s_own(tmp_path, dtype):
+    """Blocks covering whole chunks go straight to the file with their checksum (RowWriter._write_rows);
+    the file's chunks are byte for byte those HDF5's filter pipeline writes, whatever the block
+    alignment (partial head and tail, the short edge chunk, a chunk rewritten after a partial write)."""
+    n, k, cr = 23, 6, 4
+    data = np.random.default_rng(1).standard_normal((n, k)).astype(np.float32)
+
+    def chunks(path):
+        with h5py.File(path, "r") as f:
+            d = f["rows"]
+            return [d.id.read_direct_chunk((r, 0)) for r in range(0, n, cr)]
+
+    with RowWriter(tmp_path / "ref.h5", n, k, dtype, chunk_rows=cr) as w:
+        for s in range(0, n, 3):                      # blocks of 3 never cover a chunk of 4
+            w.write(s, data[s:s + 3])
+    with RowWriter(tmp_path / "direct.h5", n, k, dtype, chunk_rows=cr) as w:
+        w.write(5, data[5:6] + 1)                     # a partial write, rewritten below
+        w.write(0, data[:3])                          # partial: chunk 0 through HDF5
+        w.write(3, data[3:14])                        # rows 3 (partial), chunks 4..11 direct, 12..13 partial
+        w.write(14, data[14:n])                       # partial 14..15, chunks 16..19, 20..22 (the edge chunk)
+    assert chunks(tmp_path / "direct.h5") == chunks(tmp_path / "ref.h5")
+    with RowStore.open(tmp_path / "direct.h5") as st:
+        st.verify()
+        tol = 2e-3 if dtype == "float16" else 0
+        np.testing.assert_allclose(st.read(0, n), data, rtol=tol, atol=tol)
+    # a flipped byte in a directly written chunk fails its checksum like any other
+    path = tmp_path / "direct.h5"
+    with h5py.File(path, "r") as f:
+        offset = f["rows"].id.get_chunk_info(2).byte_offset + 3      # rows 8..11
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+    with RowStore.open(path) as st:
+        with pytest.raises(CorruptIndexError):
+            st.read(8, 12)
+
+
 def test_half_written_and_schema_version(tmp_path):
     # a file with the right layout but an incomplete written mask (e.g. copied mid-write)
     path = tmp_path / "half.h5"
@@ -264,17 +324,18 @@ def test_disk_full_during_write_keeps_previous_file(tmp_path, monkeypatch):
     write_store(path, rows_for(0, 10))
     before = path.read_bytes()
 
-    def no_space(self, key, value):
+    def no_space(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(h5py.Dataset, "__setitem__", no_space)
-    with pytest.raises(DiskFullError) as e:
-        with RowWriter(path, 10, 3) as w:
-            w.write(0, rows_for(0, 10))
-    monkeypatch.undo()
-    msg = one_line(e)
-    assert str(path) in msg and "free space" in msg
-    assert path.read_bytes() == before and tmp_files(tmp_path) == []
+    for target, name in ((h5py.Dataset, "__setitem__"), (msif_index.store, "_write_chunk")):
+        monkeypatch.setattr(target, name, no_space)   # HDF5's write, then the direct chunk write
+        with pytest.raises(DiskFullError) as e:
+            with RowWriter(path, 10, 3, chunk_rows=4) as w:
+                w.write(0, rows_for(0, 10))
+        monkeypatch.undo()
+        msg = one_line(e)
+        assert str(path) in msg and "free space" in msg
+        assert path.read_bytes() == before and tmp_files(tmp_path) == []
     with RowStore.open(path) as st:
         np.testing.assert_array_equal(st.read(0, 10), rows_for(0, 10))
 
