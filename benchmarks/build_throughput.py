@@ -104,7 +104,6 @@ class Timers:
         self.wrap(S.RowWriter, "write", "HDF5 write (RowWriter.write)")
         self.wrap(S.RowWriter, "__exit__", "shard commit (flush, fsync, rename)")
         self.wrap(B, "link_shards", "link shards (rows.h5)")
-        self.wrap(B, "_check_finite", "finite check (build)")
         orig = B.batches
         timers = self.t
 

@@ -348,16 +348,16 @@ def _raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, ids: An
         pos += len(bids)
         rows = buf[lo:lo + len(bids)]
         try:
+            # the projector checks the losses and these rows as a whole (the rows are not checked again)
             projector.project_batch(loss, move(batch, prep.device, prep.dtype), out=rows)
         except NonFiniteError:
-            # the projector checks the batch as a whole: find the example and name it
+            # find the example and name it
             raise _nonfinite(_first_nonfinite(task, prep, bids)) from None
         if buf.requires_grad:
             # parameters outside the dense-path blocks can leave autograd history on the rows:
             # drop it (and the graph it keeps alive) before the rows are used or the buffer reused
             buf = buf.detach()
             rows = buf[lo:lo + len(bids)]
-        _check_finite(rows, bids)
         yield bids, rows
 
 
@@ -380,14 +380,6 @@ def _first_nonfinite(task: MultiStageTask, prep: Prepared, ids: Any) -> int | No
         if not torch.isfinite(row).all():
             return bids[0]
     return None
-
-
-def _check_finite(rows: torch.Tensor, ids: list[int]) -> None:
-    if torch.isfinite(rows.sum()):
-        return
-    bad = (~torch.isfinite(rows)).any(1).nonzero()
-    if len(bad):
-        raise _nonfinite(ids[int(bad[0])])
 
 
 def _subsample(n: int, size: int, seed: int) -> list[int]:

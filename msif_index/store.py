@@ -209,9 +209,12 @@ def _convert(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _all_finite(out: np.ndarray) -> bool:
-    """True when no entry is NaN or infinite (float16: from the exponent bits, ~4x faster)."""
+    """True when no entry is NaN or infinite (float16: from the exponent bits, ~4x faster; float32 /
+    float64: from torch's sum when it is finite, 2x faster than numpy's isfinite, else entry by entry)."""
     if out.dtype == np.float16:
         return not np.any((out.view(np.uint16) & _F16_EXP) == _F16_EXP)
+    if torch is not None and out.size and out.flags.c_contiguous and bool(torch.isfinite(torch.from_numpy(out).sum())):
+        return True
     return bool(np.isfinite(out).all())
 
 

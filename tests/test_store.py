@@ -143,6 +143,17 @@ def test_bad_writes(tmp_path):
     with pytest.raises(ConfigError) as e:
         RowWriter(tmp_path / "b.h5", 4, 3, "int8")
     one_line(e)
+    # float32: finite rows whose sum overflows are stored; a NaN or inf entry is refused
+    big = np.full((2, 3), 3e38, dtype=np.float32)
+    with RowWriter(tmp_path / "c.h5", 2, 3, "float32") as w:
+        for bad in (np.inf, -np.inf, np.nan):
+            rows = big.copy()
+            rows[1, 2] = bad
+            with pytest.raises(NonFiniteError):
+                w.write(0, rows)
+        w.write(0, big)
+    with RowStore.open(tmp_path / "c.h5") as st:
+        np.testing.assert_array_equal(st.read(0, 2), big)
 
 
 def test_truncated_file_is_corrupt(tmp_path):
