@@ -229,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:
         rc = 130
     except OSError as e:
-        line = _os_error_line(e)
+        line = _os_error_line(e) or _task_error_line(e)
         if line is None:
             raise
         typer.echo(f"error: {line}", err=True)
@@ -243,7 +243,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(getattr(e, "exit_code", 0))
         if isinstance(e, abort):
             sys.exit(1)
-        raise
+        line = _task_error_line(e)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
+        sys.exit(2)
     finally:
         warnings.showwarning = shown
     # typer turns Ctrl-C into exit code 130 and, without standalone mode, returns it
@@ -264,6 +268,25 @@ def _os_error_line(e: OSError) -> Optional[str]:
         return None
     where = f"{e.filename}: " if e.filename else ""
     return f"{where}{e.strerror or e}; {fixes[e.errno]}"
+
+
+#: environment variable: "1" shows the full traceback of errors raised by the task's own code
+TRACEBACK_ENV = "MSIF_TRACEBACK"
+
+
+def _task_error_line(e: BaseException) -> Optional[str]:
+    """One line for an exception the task's own code raised (a missing weights file, a bug in a
+    loss), naming the file and line; None for msif's own errors, which keep their traceback, and
+    always with MSIF_TRACEBACK=1."""
+    from msif_index.task import task_code_location
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        return None
+    where = task_code_location(e)
+    if where is None:
+        return None
+    text = str(e).strip().splitlines()
+    return (f"the task's code raised {type(e).__name__}" + (f": {text[0]}" if text else "")
+            + f" ({where}); fix it there, or set {TRACEBACK_ENV}=1 for the full traceback")
 
 
 def _usage_exceptions() -> tuple[type, type, type]:

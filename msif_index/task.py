@@ -188,8 +188,9 @@ def _check_loss(name: str, fn, model: nn.Module, batch: Any, expected: int) -> N
         with torch.no_grad():
             out = fn(model, batch)
     except Exception as e:  # noqa: BLE001 - the user's code; report it in one line
+        where = task_code_location(e)
         raise TaskError(f"{name}(model, batch) failed on a batch of {expected}: "
-                        f"{type(e).__name__}: {e}") from None
+                        f"{type(e).__name__}: {_first_line(e)}" + (f" ({where})" if where else "")) from None
     if not isinstance(out, torch.Tensor) or out.shape != (expected,):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TaskError(f"{name} must return one loss per example (shape [{expected}]), got {shape}; "
@@ -261,6 +262,55 @@ def _some(params: dict) -> str:
     return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
 
 
+#: folders of the task files load_task imported: code under them is the user's
+_TASK_FOLDERS: set[Path] = set()
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _is_task_code(filename: str) -> bool:
+    try:
+        f = Path(filename).resolve()
+    except (OSError, ValueError):
+        return False
+    if f.is_relative_to(_PACKAGE_DIR) or "site-packages" in f.parts:
+        return False
+    return any(f.is_relative_to(d) for d in _TASK_FOLDERS)
+
+
+def _is_msif_code(module: Any, filename: str) -> bool:
+    """msif's own frames: the package and its command line (installed as msif_index.cli)."""
+    return str(module or "").split(".")[0] == "msif_index" or Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+def task_code_location(exc: BaseException) -> str | None:
+    """``"FILE:LINE in FUNC"`` of the task's own code that raised ``exc`` (the innermost frame of a
+    file in a loaded task file's folder, outside msif_index), when no msif_index frame comes after
+    it; None otherwise (the error is msif's, or the task was not loaded by load_task)."""
+    tb, entries = exc.__traceback__, []
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        entries.append((code.co_filename, tb.tb_lineno, code.co_name, tb.tb_frame.f_globals.get("__name__")))
+        tb = tb.tb_next
+    last_user = last_msif = -1
+    for i, (filename, _, _, module) in enumerate(entries):
+        if _is_msif_code(module, filename):
+            last_msif = i
+        elif _is_task_code(filename):
+            last_user = i
+    if last_user < 0 or last_msif > last_user:
+        return None
+    filename, line, func, _ = entries[last_user]
+    return f"{_shown(filename)}:{line} in {func}"
+
+
+def _shown(filename: str) -> str:
+    """A file name relative to the working folder where it lies under it."""
+    try:
+        return str(Path(filename).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return filename
+
+
 def load_task(spec: str, validate: bool = True) -> MultiStageTask:
     """Load ``"path/to/file.py:NAME"``: NAME an instance, or a class / factory called with no arguments."""
     if ":" not in spec:
@@ -275,6 +325,7 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
         # the task file's folder goes on sys.path (as `python FILE.py` does), so it can import
         # modules next to it, at load time or later from inside its methods
         folder = str(path.resolve().parent)
+        _TASK_FOLDERS.add(Path(folder))
         if folder not in sys.path:
             sys.path.insert(0, folder)
         spec_obj = importlib.util.spec_from_file_location(mod_name, path)
@@ -286,7 +337,9 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
             spec_obj.loader.exec_module(module)
         except Exception as e:  # noqa: BLE001
             del sys.modules[mod_name]
-            raise TaskError(f"importing {path_s} failed: {type(e).__name__}: {e}") from None
+            where = None if isinstance(e, SyntaxError) else task_code_location(e)   # its text has the line
+            raise TaskError(f"importing {path_s} failed: {type(e).__name__}: {_first_line(e)}"
+                            + (f" ({where})" if where else "")) from None
     if not hasattr(module, name):
         found = [k for k, v in vars(module).items() if not k.startswith("_") and
                  (isinstance(v, MultiStageTask) or (inspect.isclass(v) and issubclass(v, MultiStageTask)
@@ -300,9 +353,16 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
         try:
             obj = obj()
         except Exception as e:  # noqa: BLE001
-            raise TaskError(f"calling {name}() from {path_s} failed: {type(e).__name__}: {e}") from None
+            where = task_code_location(e)
+            raise TaskError(f"calling {name}() from {path_s} failed: {type(e).__name__}: {_first_line(e)}"
+                            + (f" ({where})" if where else "")) from None
     if not isinstance(obj, MultiStageTask):
         raise TaskError(f"{spec} is a {type(obj).__name__}, not a msif_index.MultiStageTask")
     if validate:
         validate_task(obj)
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -232,6 +232,58 @@ def test_file_system_errors_are_one_line(tmp_path, tiny, capsys, monkeypatch, er
     assert os.strerror(err) in lines[0]
 
 
+def test_errors_in_the_task_code_are_one_line_naming_the_line(tmp_path, tiny, capsys, monkeypatch):
+    """An exception the task's own code raises (a missing weights file, a bug in a loss) is one line
+    with its type, message and FILE:LINE in FUNC, exit 2; MSIF_TRACEBACK=1 lets it through. Errors
+    of msif's own code keep their traceback."""
+    monkeypatch.chdir(tmp_path)
+    src = tiny.read_text()
+    missing = tmp_path / "missing_weights_task.py"
+    missing.write_text(src.replace("    def pretrained_model(self): return self.pre",
+                                   "    def pretrained_model(self):\n        return torch.load('no_such_weights.pt')"))
+    line = 1 + missing.read_text().splitlines().index("        return torch.load('no_such_weights.pt')")
+    with pytest.raises(SystemExit) as e:
+        main(["check-task", "--task", f"{missing}:task"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 1 and err[0].startswith("error: the task's code raised FileNotFoundError"), err
+    assert f"missing_weights_task.py:{line} in pretrained_model" in err[0] and "MSIF_TRACEBACK=1" in err[0]
+
+    broken = tmp_path / "broken_loss_task.py"         # the task check's own message gets the line too
+    broken.write_text(src.replace("    def pretrain_loss(self, model, batch): return",
+                                  "    def pretrain_loss(self, model, batch): raise KeyError('label'); return"))
+    with pytest.raises(SystemExit) as e:
+        main(["build-index", "--task", f"{broken}:task", "--out", str(tmp_path / "idx"), "--no-attach"])
+    err = capsys.readouterr().err.strip().split("\n")
+    assert e.value.code == 2 and len(err) == 1 and "KeyError: 'label'" in err[0], err
+    assert "broken_loss_task.py:" in err[0] and "in pretrain_loss" in err[0]
+
+    late = tmp_path / "late_error_task.py"            # raised inside the build's gradient pass (batches of 16)
+    late.write_text(src.replace("    def pretrain_loss(self, model, batch): return",
+                                "    def pretrain_loss(self, model, batch):\n"
+                                "        if len(batch[0]) > 2: raise ValueError('corrupt example')\n"
+                                "        return"))
+    with pytest.raises(SystemExit) as e:
+        main(["build-index", "--task", f"{late}:task", "--out", str(tmp_path / "idx2"), "--no-attach",
+              "--preconditioner", "identity"])
+    err = capsys.readouterr().err.strip().split("\n")
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: the task's code raised ValueError: corrupt example (late_error_task.py:"), err
+
+    monkeypatch.setenv("MSIF_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["check-task", "--task", f"{missing}:task"])
+    monkeypatch.delenv("MSIF_TRACEBACK")
+
+    import msif_index.task
+
+    def internal(*args, **kwargs):
+        raise RuntimeError("a bug in msif")
+    monkeypatch.setattr(msif_index.task, "split_parameters", internal)
+    with pytest.raises(RuntimeError, match="a bug in msif"):
+        main(["check-task", "--task", f"{tiny}:task"])
+
+
 def test_full_disk_during_a_build_is_one_line_and_the_rerun_resumes(tmp_path, tiny):
     """A real full disk: a 700 KiB tmpfs in a private mount namespace (`unshare -rm`; skipped, with the
     reason, where this Linux forbids unprivileged namespaces). The build stops with the one-line
