@@ -15,7 +15,7 @@ import typer
 from msif_index.config import help_text
 from msif_index.errors import ConfigError, DiskFullError, MsifError
 
-from .output import SIGN_CONVENTION, parse_ids, print_json, print_ranking
+from .output import SIGN_CONVENTION, parse_ids, print_json, print_ranking, test_point_info
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-stage influence index: which pretraining examples made a finetuned "
@@ -73,10 +73,13 @@ def exact(task: str = typer.Option(..., help=TASK_HELP),
     t = load_task(task)
     ids = parse_ids(test_ids, len(t.test_dataset()), "test")
     _check_direction(direction)
-    infl = exact_influence(t, full_batch(t.test_dataset(), ids))
+    batch = full_batch(t.test_dataset(), ids)
+    infl = exact_influence(t, batch)
     scores, order = torch.sort(infl, dim=1, descending=(direction == "harmful"))
+    with torch.no_grad():
+        values = t.measurement(t.finetuned_model(), batch).detach().reshape(-1).tolist()
     result = {"method": "exact", "direction": direction, "test_ids": ids,
-              "ids": order[:, :k].tolist(), "scores": scores[:, :k].tolist()}
+              "ids": order[:, :k].tolist(), "scores": scores[:, :k].tolist(), **test_point_info(t, ids, values)}
     if as_json:
         print_json(result)
     else:
@@ -185,10 +188,12 @@ def query_cmd(index: str = typer.Option(..., help="Index folder (from msif build
     _check_direction(direction)
     with InfluenceIndex.open(index, huge_pages=False) as idx:       # one batch of queries: not worth it
         idx.attach(t, validate=False, h_tt=h_tt, cg_iters=cg_iters)
-        res = idx.query(full_batch(t.test_dataset(), ids), k=k, direction=direction,
-                        exact_rerank=exact_rerank, nprobe=nprobe, test_ids=ids)
+        batch = full_batch(t.test_dataset(), ids)
+        res = idx.query(batch, k=k, direction=direction, exact_rerank=exact_rerank, nprobe=nprobe, test_ids=ids)
+        values = idx.measurements(batch, res.finetuned)
     out = res.to_dict()
     out["method"] = "index"
+    out.update(test_point_info(t, ids, values))
     if as_json:
         print_json(out)
     else:

@@ -52,26 +52,52 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(type(o).__name__)
 
 
-def label_of(dataset: Any, idx: int) -> str:
-    """The label of a dataset item shaped (input, label), or '' when there is none."""
+def label_value(dataset: Any, idx: int) -> int | float | str | None:
+    """The label of a dataset item shaped (input, label) as a Python scalar, or None when there is none."""
     try:
         item = dataset[idx]
     except Exception:  # noqa: BLE001 - labels are decoration only
-        return ""
+        return None
     if isinstance(item, (tuple, list)) and len(item) >= 2:
         y = item[-1]
         if hasattr(y, "numel") and y.numel() == 1:
-            return str(y.item())
+            return y.item()
         if isinstance(y, (int, str)):
-            return str(y)
-    return ""
+            return y
+    return None
+
+
+def label_of(dataset: Any, idx: int) -> str:
+    """The label of a dataset item shaped (input, label), or '' when there is none."""
+    y = label_value(dataset, idx)
+    return "" if y is None else str(y)
+
+
+def test_point_info(task: Any, test_ids: list[int], values: Any) -> dict[str, Any]:
+    """What the rankings are about, for the output: each test point's label (None without one) and
+    its measurement l(x_t) on the finetuned model, named 'loss' when the task keeps the default."""
+    from msif_index.task import MultiStageTask
+    default = getattr(type(task), "measurement", None) is MultiStageTask.measurement
+    test = task.test_dataset()
+    return {"test_labels": [label_value(test, i) for i in test_ids],
+            "test_measurement": [float(v) for v in values],
+            "measurement": "finetuning loss" if default else "measurement"}
 
 
 def print_ranking(result: dict, pretrain_dataset: Any = None) -> None:
-    """One table per test point: rank, pretraining id, score (and label when the dataset has one)."""
+    """One table per test point: rank, pretraining id, score (and label when the dataset has one),
+    under a heading with the test point's label and measurement when the result has them."""
     typer.echo(SIGN_CONVENTION)
+    labels, values = result.get("test_labels"), result.get("test_measurement")
+    name = "loss" if result.get("measurement") == "finetuning loss" else "measurement"
     for q, test_id in enumerate(result["test_ids"]):
-        head = f"\ntest {test_id}: most {result['direction']} pretraining examples"
+        about = []
+        if labels and labels[q] is not None:
+            about.append(f"label {labels[q]}")
+        if values:
+            about.append(f"{name} {values[q]:.4g}")
+        head = f"\ntest {test_id}" + (f" ({', '.join(about)})" if about else "")
+        head += f": most {result['direction']} pretraining examples"
         if "method" in result:
             head += f" ({result['method']})"
         typer.echo(head)

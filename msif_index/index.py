@@ -420,6 +420,19 @@ class InfluenceIndex:
         scores[ids < 0] = np.nan
         return QueryResult(ids.astype(np.int64), scores, direction, key, test_ids)
 
+    def measurements(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
+        """l(x_t): the task's measurement (default: the finetuning loss) of each test point on the
+        attached finetuned model, [Q] float64: what a query's scores are derivatives of."""
+        a = self._get(finetuned)
+        batch = move(test_batch, device="cpu", dtype=a.projector.dtype)
+        with a.lock, torch.no_grad():
+            try:
+                values = a.task.measurement(a.model, batch)
+            except (RuntimeError, IndexError, ValueError, TypeError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ShapeError(f"the test batch does not fit the finetuned model: {msg}") from None
+        return values.detach().to(torch.float64).reshape(-1).numpy()
+
     def scores(self, test_batch: Any, finetuned: str | None = None, block_rows: int = 65536) -> np.ndarray:
         """I(z, x_t) ~ -q_t . s_z for every pretraining example, [Q, n] float64 (bounded memory)."""
         q = self.query_vectors(test_batch, finetuned)

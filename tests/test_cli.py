@@ -116,10 +116,19 @@ def test_build_index_then_query_json_on_digits(tmp_path, capsys, digits_frozen):
             lib = index.query(full_batch(digits_frozen.test_dataset(), test_ids), k=7, direction=direction)
         np.testing.assert_array_equal(ids, lib.ids)
         np.testing.assert_allclose(scores, lib.scores, rtol=1e-6)
+        # what the ranking is about: each test point's label and loss on the finetuned model
+        test = digits_frozen.test_dataset()
+        assert res["test_labels"] == [int(test[i][1]) for i in test_ids]
+        loss = digits_frozen.finetune_loss(digits_frozen.finetuned_model(), full_batch(test, test_ids))
+        np.testing.assert_allclose(res["test_measurement"], loss.detach().numpy(), rtol=1e-9)
+        assert res["measurement"] == "finetuning loss"
 
     main(["query", "--index", str(out), "--task", task_spec, "--test-ids", "2", "--k", "3"])
     text = capsys.readouterr().out
-    assert "negative = helpful" in text and "test 2: most helpful" in text
+    loss2 = float(digits_frozen.finetune_loss(digits_frozen.finetuned_model(),
+                                              full_batch(digits_frozen.test_dataset(), [2]))[0])
+    assert "negative = helpful" in text
+    assert f"test 2 (label {int(digits_frozen.test_dataset()[2][1])}, loss {loss2:.4g}): most helpful" in text
 
     # the same command again with --overwrite: the healthy index is checked, not rebuilt, and says so;
     # a damaged one is rebuilt with one warning line
@@ -172,8 +181,16 @@ def test_tiny_task_works_end_to_end_in_a_fresh_process(tmp_path, tiny):
     assert _strict_json(proc.stdout)["n"] == 16
     proc = _msif("query", "--index", str(out), "--task", f"{tiny}:task", "--test-ids", "0-3", "--k", "16", "--json")
     assert proc.returncode == 0, proc.stderr
-    ids = np.array(_strict_json(proc.stdout)["ids"])
+    res = _strict_json(proc.stdout)
+    ids = np.array(res["ids"])
     assert ids.shape == (4, 16) and all(sorted(row) == list(range(16)) for row in ids.tolist())
+    # the exact command ranks the same way (exact preset), with the same test point information
+    proc = _msif("exact", "--task", f"{tiny}:task", "--test-ids", "0-3", "--k", "16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    ex = _strict_json(proc.stdout)
+    np.testing.assert_allclose(ex["scores"], res["scores"], rtol=1e-6, atol=1e-12)
+    assert ex["test_labels"] == res["test_labels"] and len(ex["test_labels"]) == 4
+    np.testing.assert_allclose(ex["test_measurement"], res["test_measurement"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("args, expected", [(["query", "--bogus"], "No such option: --bogus"),

@@ -326,7 +326,13 @@ def test_wrong_shape_test_batch(exact_index, tasks):
             with pytest.raises(ShapeError) as e:
                 index.query(bad, k=5)
             _one_line(e)
+        for bad in ((x[:, :63], y), (x.reshape(3, 8, 8), y)):
+            with pytest.raises(ShapeError) as e:
+                index.measurements(bad)
+            _one_line(e)
         assert index.query((x, y), k=5).ids.shape == (3, 5)      # the index still works afterwards
+        np.testing.assert_allclose(index.measurements((x, y)),
+                                   task.measurement(task.finetuned_model(), (x, y)).detach().numpy(), rtol=1e-12)
 
 
 def test_non_finite_test_point_is_named(exact_index, tasks):
