@@ -27,6 +27,22 @@ H_TT_HELP = ("How the finetuning head's Hessian H_tt is inverted: auto (exact up
 CG_HELP = "kfac / ekfac H_tt: conjugate-gradient steps with exact Hessian-vector products that refine it (default 5)."
 
 
+def _preset_help(name: str) -> str:
+    """A BuildConfig field's help text with its value in each preset (the option's default is the
+    --preset's value)."""
+    from msif_index.config import PRESETS
+
+    def shown(v):
+        if v is None:
+            return {"damping": "auto", "proj_dim": "0 (none)", "proj_dim_per_layer": "unset"}.get(name, "unset")
+        return str(v)
+    text = help_text(name).replace("0 or None", "0")
+    values = {p: shown(getattr(c, name)) for p, c in PRESETS.items()}
+    if len(set(values.values())) == 1:
+        return f"{text} Default: {values['default']}."
+    return f"{text} Default, per --preset: " + ", ".join(f"{p} -> {v}" for p, v in values.items()) + "."
+
+
 @app.command("check-task")
 def check_task(task: str = typer.Option(..., help=TASK_HELP),
                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")) -> None:
@@ -91,17 +107,20 @@ def build_index_cmd(
         task: str = typer.Option(..., help=TASK_HELP),
         out: str = typer.Option(None, help="Index folder (default: indexes/<task file's folder name>)."),
         preset: str = typer.Option("default", help="Starting config: default | exact | fast."),
-        preconditioner: Optional[str] = typer.Option(None, help=help_text("preconditioner")),
-        proj_dim: Optional[int] = typer.Option(None, "--proj-dim", help=help_text("proj_dim").replace("0 or None", "0")),
-        proj_dim_per_layer: Optional[int] = typer.Option(None, help=help_text("proj_dim_per_layer")),
-        damping: Optional[float] = typer.Option(None, help=help_text("damping")),
-        fisher: Optional[str] = typer.Option(None, help=help_text("fisher")),
-        dtype: Optional[str] = typer.Option(None, help=help_text("dtype")),
-        compute_dtype: Optional[str] = typer.Option(None, help=help_text("compute_dtype")),
-        batch_size: Optional[int] = typer.Option(None, help=help_text("batch_size")),
-        device: Optional[str] = typer.Option(None, help=help_text("device")),
-        factory: Optional[str] = typer.Option(None, help=help_text("factory")),
-        seed: Optional[int] = typer.Option(None, help=help_text("seed")),
+        preconditioner: Optional[str] = typer.Option(None, help=_preset_help("preconditioner")),
+        proj_dim: Optional[int] = typer.Option(None, "--proj-dim", help=_preset_help("proj_dim")),
+        proj_dim_per_layer: Optional[int] = typer.Option(None, help=_preset_help("proj_dim_per_layer")),
+        damping: Optional[float] = typer.Option(None, help=_preset_help("damping")),
+        fisher: Optional[str] = typer.Option(None, help=_preset_help("fisher")),
+        dtype: Optional[str] = typer.Option(None, help=_preset_help("dtype")),
+        compute_dtype: Optional[str] = typer.Option(None, help=_preset_help("compute_dtype")),
+        stats_examples: Optional[int] = typer.Option(None, help=_preset_help("stats_examples")),
+        hessian_examples: Optional[int] = typer.Option(None, help=_preset_help("hessian_examples")),
+        batch_size: Optional[int] = typer.Option(None, help=_preset_help("batch_size")),
+        shard_rows: Optional[int] = typer.Option(None, help=_preset_help("shard_rows")),
+        device: Optional[str] = typer.Option(None, help=_preset_help("device")),
+        factory: Optional[str] = typer.Option(None, help=_preset_help("factory")),
+        seed: Optional[int] = typer.Option(None, help=_preset_help("seed")),
         overwrite: bool = typer.Option(False, help="Replace an index built with another config; with the same "
                                        "config, check every row and file and rebuild a damaged index."),
         attach: bool = typer.Option(True, help="Attach the task's finetuned model after building."),
@@ -117,7 +136,8 @@ def build_index_cmd(
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     changes = {k: v for k, v in dict(preconditioner=preconditioner, proj_dim_per_layer=proj_dim_per_layer,
                                       damping=damping, fisher=fisher, dtype=dtype, compute_dtype=compute_dtype,
-                                      batch_size=batch_size, device=device, factory=factory,
+                                      stats_examples=stats_examples, hessian_examples=hessian_examples,
+                                      batch_size=batch_size, shard_rows=shard_rows, device=device, factory=factory,
                                       seed=seed).items() if v is not None}
     if proj_dim is not None:
         changes["proj_dim"] = proj_dim or None

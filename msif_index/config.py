@@ -31,8 +31,8 @@ class BuildConfig:
         "H~^{-1}: auto | identity | gauss-newton | kfac | ekfac | hessian | exact (see README). auto: "
         "hessian when the dense projection fits (k x dim(W,U) <= 5e7), else ekfac.", "auto")
     damping: float | None = _help(
-        "Damping as a fraction of the mean eigenvalue of the preconditioner; None: 1e-3 for hessian, "
-        "0 for exact, 0.1 otherwise.", None)
+        "Damping as a fraction of the mean eigenvalue of the preconditioner; unset (None): 1e-3 for "
+        "hessian, 0 for exact, 0.1 otherwise.", None)
     hessian_examples: int = _help(
         "Pretraining examples (seeded subsample) for the 'hessian' preconditioner's HVPs.", 4096)
     stats_examples: int = _help(

@@ -88,6 +88,27 @@ def test_help_lists_the_commands():
     assert "negative = helpful" in proc.stdout.replace("\n", " ")       # the sign convention, once
 
 
+def test_build_index_exposes_every_config_field_with_its_preset_defaults(tmp_path, tiny, capsys):
+    """Every BuildConfig field is a build-index option, its help gives each preset's value, and the
+    options reach the saved config."""
+    from dataclasses import fields
+
+    from msif_index.config import BuildConfig
+    proc = subprocess.run(MSIF + ["build-index", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())     # rich's box, unwrapped
+    for f in fields(BuildConfig):
+        assert f"--{f.name.replace('_', '-')}" in text, f.name
+    assert "Default, per --preset: default -> 4096, exact -> 0 (none), fast -> 1024." in text
+    assert "Rows per resumable shard of the featurize pass. Default: 16384." in text
+    main(["build-index", "--task", f"{tiny}:task", "--out", str(tmp_path / "idx"), "--preconditioner", "kfac",
+          "--stats-examples", "5", "--shard-rows", "6", "--proj-dim", "8", "--no-attach", "--json"])
+    capsys.readouterr()
+    config = json.loads((tmp_path / "idx" / "manifest.json").read_text())["config"]
+    assert config["stats_examples"] == 5 and config["shard_rows"] == 6 and config["preconditioner"] == "kfac"
+
+
 def test_build_index_then_query_json_on_digits(tmp_path, capsys, digits_frozen):
     """In-process (the session's trained digits task is reused: load_task caches the module)."""
     out = tmp_path / "idx"
