@@ -146,12 +146,17 @@ def build_index_cmd(
     out_dir = Path(out) if out else Path("indexes") / Path(task.rsplit(":", 1)[0]).resolve().parent.name
     manifest = out_dir / "manifest.json"
     before = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    old_factory = _factory_of(manifest) if before is not None else None
     path = build_index(t, out_dir, config, overwrite=overwrite)
     reused = before is not None and manifest.is_file() and manifest.stat().st_mtime_ns == before
     with InfluenceIndex.open(path, huge_pages=False) as index:      # one process, no queries
         key = index.attach(t, validate=False) if attach else None
         m = index.manifest
-    summary = {"index": str(path), "reused": reused, "n": m["n"], "k": m["k"], "preconditioner": m["preconditioner"]["name"],
+    # only the search structure rebuilt (another --factory over the same rows)
+    switched = (not reused and old_factory is not None and m.get("search_rebuilt_from") == old_factory
+                and old_factory != m["config"]["factory"])
+    summary = {"index": str(path), "reused": reused, "search_rebuilt_from": old_factory if switched else None,
+               "n": m["n"], "k": m["k"], "preconditioner": m["preconditioner"]["name"],
                "fisher": m["config"].get("fisher"), "factory": m["config"]["factory"],
                "damping_used": m["preconditioner"]["damping_used"], "timings": m["timings"], "attached": key}
     if as_json:
@@ -162,10 +167,22 @@ def build_index_cmd(
                f"{m['config']['factory']} search)")
     if reused:
         typer.echo("  already built with this config: nothing rebuilt" + (" (every row and file checked)" if overwrite else ""))
+    elif switched:
+        typer.echo(f"  search index rebuilt over the same rows: {old_factory} -> {m['config']['factory']} "
+                   f"({m['timings'].get('index_s', 0.0):.2f}s; no gradient computed)")
     elif m["timings"]:
         typer.echo("  " + "  ".join(f"{k[:-2]} {v:.2f}s" for k, v in m["timings"].items()))
     if key:
         typer.echo(f"  attached finetuned model {key} ({t.finetuning})")
+
+
+def _factory_of(manifest) -> Optional[str]:
+    """The search factory an existing index's manifest names (None when it cannot be read)."""
+    import json
+    try:
+        return json.loads(manifest.read_text())["config"]["factory"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @app.command("attach")

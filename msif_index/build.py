@@ -11,8 +11,9 @@ Lifecycle, each step resumable, each artifact written atomically:
                 commit (fsync, rename) overlaps the next shard
                                                                                   (shards/shard_*.h5)
     link        one HDF5 row store over the shards (virtual datasets, no copy)   (rows.h5)
-    index       a FAISS inner-product index over the stored rows (not for Flat, which is
-                built from the rows when the index is opened)                    (faiss.index)
+    index       a FAISS inner-product index over the stored rows (not for Flat and SVD<r>, built
+                from the rows when the index is opened); the factory is not part of the build's
+                identity: rerun with another one and only this step runs  (faiss.index / faiss.alt.index)
     manifest    config, fingerprints, sizes, timings: written last               (manifest.json)
 A build killed at any moment and rerun with the same command resumes and ends with the same index.
 Memory is bounded by the batch, the statistics subsample and the preconditioner state, independent of n.
@@ -55,8 +56,11 @@ ROWS = "rows.h5"
 SHARDS = "shards"
 PRECOND = "preconditioner.h5"
 FAISS = "faiss.index"
+#: the search structure's file alternates between these two names when the factory changes, so the
+#: manifest (which names it) is the one file replaced to switch from the old one to the new one
+FAISS_NAMES = (FAISS, "faiss.alt.index")
 OPERATORS = "operators"
-_OURS = {BUILD_FILE, MANIFEST, ROWS, SHARDS, PRECOND, FAISS, OPERATORS, "report.png", "README.md"}
+_OURS = {BUILD_FILE, MANIFEST, ROWS, SHARDS, PRECOND, *FAISS_NAMES, OPERATORS, "report.png", "README.md"}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -635,22 +639,70 @@ def _data_fingerprint(task: MultiStageTask) -> str | None:
     return fp
 
 
-def _without_data_for_older_build(out: Path, identity: dict) -> dict:
-    """``identity`` without its data fingerprint when ``out`` holds a build or index from before data
-    were fingerprinted (no "data") whose identity is otherwise the same: it is reused or resumed as
-    before (its rows do not depend on the fingerprint) instead of refused as another build."""
+def _identity_part(identity: dict, drop_data: bool) -> dict:
+    """An identity without what older versions recorded and this one does not (config.factory), and
+    without the data fingerprint when ``drop_data``."""
+    d = {k: v for k, v in identity.items() if not (drop_data and k == "data")}
+    if isinstance(d.get("config"), dict):
+        d["config"] = {k: v for k, v in d["config"].items() if k != "factory"}
+    return d
+
+
+def _adopt_older_identity(out: Path, identity: dict) -> dict:
+    """The identity ``out`` records when it names the same rows as ``identity`` in an older form, so
+    that build or index is reused or resumed as before (its rows are the same) instead of refused
+    as another build: from before the data were fingerprinted (no "data"), or before the search
+    factory left the identity (config.factory). Else ``identity``."""
     for name in (MANIFEST, BUILD_FILE):
         if (out / name).is_file():
             try:
                 previous = read_json(out / name, "the index's " + name).get("identity")
             except (CorruptIndexError, AttributeError):
                 return identity                       # _check_out_dir reports it
-            if isinstance(previous, dict) and "data" not in previous:
-                older = {k: v for k, v in identity.items() if k != "data"}
-                if previous == older:
-                    return older
+            if isinstance(previous, dict):
+                drop = "data" not in previous
+                if _identity_part(previous, drop) == _identity_part(identity, drop):
+                    return previous
             return identity
     return identity
+
+
+def _faiss_name(manifest: dict) -> str | None:
+    """The file of the index's search structure named by its manifest (InfluenceIndex.open checks the
+    name is one of FAISS_NAMES); faiss.index in manifests from before the name could change."""
+    return (manifest.get("files") or {}).get("faiss", FAISS)
+
+
+def _switch_search_index(out: Path, config: BuildConfig) -> bool:
+    """Give the complete index in ``out`` the search structure of ``config.factory`` over its rows
+    (the rows, preconditioner and attached operators stay); False when it already has it. The new
+    faiss file is written under the name the manifest does not use, then the manifest is replaced
+    (atomically, the one switch), then the old file is removed."""
+    manifest = read_json(out / MANIFEST, "the index's " + MANIFEST)
+    old = manifest["config"].get("factory")
+    if old == config.factory:
+        return False
+    t0 = time.perf_counter()
+    old_file = _faiss_name(manifest) if not built_at_open(old) else None
+    new_file = None
+    checksums = {k: v for k, v in manifest.get("checksums", {}).items() if k != "faiss"}
+    if not built_at_open(config.factory):
+        new_file = FAISS_NAMES[1] if old_file == FAISS_NAMES[0] else FAISS_NAMES[0]
+        with RowStore.open(out / ROWS) as store:
+            index = SearchIndex.create(store.k, config.factory)
+            index.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n, seed=config.seed)
+            index.save(out / new_file)
+        checksums["faiss"] = file_sha256(out / new_file)
+    manifest["config"] = {**manifest["config"], "factory": config.factory}
+    manifest["files"] = {**manifest.get("files", {}), "faiss": new_file}
+    manifest["checksums"] = checksums
+    manifest["timings"] = {**manifest.get("timings", {}), "index_s": time.perf_counter() - t0}
+    manifest["search_rebuilt_from"] = old
+    write_json_atomic(out / MANIFEST, manifest)
+    if old_file is not None and old_file != new_file:
+        with contextlib.suppress(FileNotFoundError):
+            (out / old_file).unlink()
+    return True
 
 
 def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig | None = None,
@@ -690,7 +742,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
                           f"train, the pretraining set has {n}; use fewer lists (e.g. 'IVF{fitting_nlist(n)},Flat') "
                           f"or 'Flat'")
     _finish_interrupted_swap(out)
-    identity = _without_data_for_older_build(out, identity)
+    identity = _adopt_older_identity(out, identity)
     final = out
     dropped = _attached_operators_replaced(out, identity) if overwrite else 0
     if _replaces_complete_index(out, identity, overwrite):
@@ -702,7 +754,9 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
             return final
         damage = index_damage(out) if overwrite else None
         if damage is None:
-            return final                              # already built with this config
+            # already built with these rows; another --factory rebuilds only the search structure
+            _switch_search_index(out, config)
+            return final
         # the same build, damaged (what every corruption error tells to rebuild with --overwrite):
         # built again in place, its attached operators kept (they do not depend on the rows)
         warnings.warn(f"rebuilding the damaged index in {out} ({damage})", RuntimeWarning, stacklevel=2)

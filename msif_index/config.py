@@ -101,9 +101,10 @@ class BuildConfig:
         return replace(self, **changes)
 
     def identity_fields(self) -> dict[str, Any]:
-        """The fields that change the stored rows (batch size, device and shard size do not)."""
+        """The fields that change the stored rows (batch size, device, shard size and the search
+        factory do not: another factory rebuilds only the search structure over the same rows)."""
         d = self.to_dict()
-        for k in ("batch_size", "device", "shard_rows"):
+        for k in ("batch_size", "device", "shard_rows", "factory"):
             d.pop(k)
         return d
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .atomic import read_json
-from .build import BUILD_FILE, FAISS, MANIFEST, OPERATORS, PRECOND, ROWS, file_sha256, pretrained_fingerprints
+from .build import BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, _faiss_name, file_sha256, pretrained_fingerprints
 from .data import batch_size_of, full_batch, move
 from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, ShapeError
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
@@ -160,10 +160,10 @@ class InfluenceIndex:
             search.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n,
                                  seed=manifest["config"].get("seed", 0))
         else:
-            search = SearchIndex.load(p / FAISS, device=device)
+            search = SearchIndex.load(p / _faiss_name(manifest), device=device)
         if search.ntotal != store.n:
-            raise CorruptIndexError(f"{p / FAISS} holds {search.ntotal} rows, expected {store.n}; "
-                                    f"rebuild with --overwrite")
+            raise CorruptIndexError(f"{p / (_faiss_name(manifest) or 'the search index')} holds {search.ntotal} "
+                                    f"rows, expected {store.n}; rebuild with --overwrite")
         if huge_pages:
             search.use_huge_pages()
         return cls(p, manifest, store, search, huge_pages)
@@ -499,10 +499,11 @@ def open_checked_rows(path: Path, manifest: Any) -> RowStore:
     _check_manifest(path / MANIFEST, manifest)
     check_checksum(path / ROWS, manifest, "rows")
     if not built_at_open(manifest["config"]["factory"]):
-        if not (path / FAISS).is_file():
-            raise CorruptIndexError(f"{path / FAISS} is missing (deleted, or not copied with the index); "
+        faiss_file = path / _faiss_name(manifest)
+        if not faiss_file.is_file():
+            raise CorruptIndexError(f"{faiss_file} is missing (deleted, or not copied with the index); "
                                     f"rebuild with --overwrite")
-        check_checksum(path / FAISS, manifest, "faiss")
+        check_checksum(faiss_file, manifest, "faiss")
     store = RowStore.open(path / ROWS)
     if store.n != manifest.get("n") or store.k != manifest.get("k"):
         store.close()
@@ -535,6 +536,11 @@ def _check_manifest(path: Path, manifest: Any) -> None:
         raise bad("its config or fingerprints")
     if not all(isinstance(x, str) for x in manifest["w_names"]):
         raise bad("its w_names")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or (files.get("faiss") is not None and files.get("faiss") not in FAISS_NAMES):
+        raise bad("its files")
+    if not built_at_open(manifest["config"]["factory"]) and files.get("faiss", FAISS_NAMES[0]) is None:
+        raise bad("no search index file for its factory")
     checksums = manifest.get("checksums", {})
     if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
         raise bad("its checksums")

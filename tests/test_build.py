@@ -634,6 +634,72 @@ def test_rerun_reuses_and_other_config_refuses_unless_overwrite(tmp_path, tiny_i
     assert not np.array_equal(_rows(tiny_index), before)
 
 
+def test_another_factory_rebuilds_only_the_search_index(tmp_path, tiny_index):
+    """The search factory is not part of the build's identity: a rerun with another one computes no
+    gradient and keeps rows, shards and attached operators, and only the search structure changes
+    (its file alternates between two names, so the manifest switches from the old to the new one);
+    a partial build resumes with another factory; an index whose recorded identity still holds
+    config.factory (older versions) is reused and switched the same way."""
+    task = TinyTask()
+    cfg = BuildConfig(proj_dim=16, preconditioner="gauss-newton", shard_rows=16)
+    rows = _rows(tiny_index)
+    shards = sorted((p.name, p.stat().st_mtime_ns) for p in (tiny_index / "shards").glob("*.h5"))
+    test = full_batch(task.test_dataset())
+    with InfluenceIndex.open(tiny_index) as index:
+        key = index.attach(task)
+        flat = index.query(test, k=5)
+    for factory, file in (("HNSW8", "faiss.index"), ("IVF2,Flat", "faiss.alt.index"), ("HNSW16", "faiss.index"),
+                          ("SVD4", None), ("Flat", None)):
+        task.seen = []
+        assert build_index(task, tiny_index, cfg.with_(factory=factory)) == tiny_index
+        m = _manifest(tiny_index)
+        assert task.seen == [] and m["config"]["factory"] == factory and m["files"]["faiss"] == file
+        assert sorted(p.name for p in tiny_index.glob("faiss*")) == ([file] if file else [])
+        assert np.array_equal(_rows(tiny_index), rows)
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in (tiny_index / "shards").glob("*.h5")) == shards
+        with InfluenceIndex.open(tiny_index) as index:
+            assert index.attach(task) == key and len(list((tiny_index / "operators").glob("*.h5"))) == 1
+            res = index.query(test, k=5, **({"nprobe": 2} if factory.startswith("IVF") else {}))
+        np.testing.assert_array_equal(res.ids, flat.ids, err_msg=factory)
+        np.testing.assert_allclose(res.scores, flat.scores, rtol=1e-5, err_msg=factory)
+        mtime = (tiny_index / "manifest.json").stat().st_mtime_ns
+        build_index(task, tiny_index, cfg.with_(factory=factory))          # the same again: nothing rewritten
+        assert (tiny_index / "manifest.json").stat().st_mtime_ns == mtime
+    # a partial build (stops at example 40) resumed with another factory
+    with pytest.raises(NonFiniteError):
+        build_index(TinyTask(nan_id=40), tmp_path / "partial", cfg)
+    partial = build_index(TinyTask(), tmp_path / "partial", cfg.with_(factory="HNSW8"))
+    assert np.array_equal(_rows(partial), rows) and _manifest(partial)["config"]["factory"] == "HNSW8"
+    # identities recorded by older versions held the factory: still the same build
+    for name in ("manifest.json", "build.json"):
+        path = partial / name
+        data = json.loads(path.read_text())
+        data["identity"]["config"]["factory"] = "HNSW8"
+        path.write_text(json.dumps(data))
+    mtime = (partial / "manifest.json").stat().st_mtime_ns
+    build_index(TinyTask(), partial, cfg.with_(factory="HNSW8"))
+    assert (partial / "manifest.json").stat().st_mtime_ns == mtime
+    build_index(TinyTask(), partial, cfg.with_(factory="Flat"))
+    assert _manifest(partial)["config"]["factory"] == "Flat" and not list(partial.glob("faiss*"))
+    with InfluenceIndex.open(partial) as index:
+        index.attach(task)
+        np.testing.assert_array_equal(index.query(test, k=5).ids, flat.ids)
+    with pytest.raises(ConfigError):                          # another preconditioner is still another build
+        build_index(TinyTask(), partial, cfg.with_(preconditioner="kfac", factory="HNSW8"))
+
+
+def test_manifest_naming_another_search_file_is_corrupt(tmp_path):
+    path = build_index(TinyTask(), tmp_path / "hnsw", BuildConfig(proj_dim=16, preconditioner="identity",
+                                                                  factory="HNSW8"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    for bad in ("../../etc/passwd", None, 3):
+        manifest["files"]["faiss"] = bad
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CorruptIndexError) as e:
+            InfluenceIndex.open(path)
+        assert "files" in _one_line(e) or "search index file" in _one_line(e)
+
+
 def _with_pretraining_example_changed(task: "TinyTask", i: int) -> "TinyTask":
     x, y, ids = task._pre.tensors
     x = x.clone()
@@ -676,15 +742,15 @@ def test_builds_from_before_data_fingerprints_are_reused_and_resumed(tmp_path, m
     fresh build's and the task attaches (no data check)."""
     import msif_index.build as B
 
-    real = B._without_data_for_older_build
+    real = B._adopt_older_identity
     cfg = BuildConfig(proj_dim=16, preconditioner="identity", shard_rows=16)
     fresh = build_index(TinyTask(), tmp_path / "fresh", cfg)
-    monkeypatch.setattr(B, "_without_data_for_older_build",
+    monkeypatch.setattr(B, "_adopt_older_identity",
                         lambda out, identity: {k: v for k, v in identity.items() if k != "data"})
     old = build_index(TinyTask(), tmp_path / "old", cfg)
     with pytest.raises(NonFiniteError):                      # an old partial build (stops at example 40)
         build_index(TinyTask(nan_id=40), tmp_path / "partial", cfg)
-    monkeypatch.setattr(B, "_without_data_for_older_build", real)
+    monkeypatch.setattr(B, "_adopt_older_identity", real)
     assert "data" not in _manifest(old)["identity"]
     mtime = (old / "manifest.json").stat().st_mtime_ns
     assert build_index(TinyTask(), old, cfg) == old          # reused

@@ -107,6 +107,14 @@ def test_build_index_exposes_every_config_field_with_its_preset_defaults(tmp_pat
     capsys.readouterr()
     config = json.loads((tmp_path / "idx" / "manifest.json").read_text())["config"]
     assert config["stats_examples"] == 5 and config["shard_rows"] == 6 and config["preconditioner"] == "kfac"
+    # another --factory: the command says only the search index was rebuilt
+    base = ["build-index", "--task", f"{tiny}:task", "--out", str(tmp_path / "idx"), "--preconditioner", "kfac",
+            "--stats-examples", "5", "--proj-dim", "8", "--no-attach"]
+    main(base + ["--factory", "HNSW8"])
+    assert "search index rebuilt over the same rows: Flat -> HNSW8" in capsys.readouterr().out
+    main(base + ["--factory", "Flat", "--json"])
+    summary = _strict_json(capsys.readouterr().out)
+    assert summary["search_rebuilt_from"] == "HNSW8" and summary["factory"] == "Flat" and not summary["reused"]
 
 
 def test_build_index_then_query_json_on_digits(tmp_path, capsys, digits_frozen):
@@ -147,7 +155,7 @@ def test_build_index_then_query_json_on_digits(tmp_path, capsys, digits_frozen):
     main(["query", "--index", str(out), "--task", task_spec, "--test-ids", "2", "--k", "3"])
     text = capsys.readouterr().out
     loss2 = float(digits_frozen.finetune_loss(digits_frozen.finetuned_model(),
-                                              full_batch(digits_frozen.test_dataset(), [2]))[0])
+                                              full_batch(digits_frozen.test_dataset(), [2]))[0].detach())
     assert "negative = helpful" in text
     assert f"test 2 (label {int(digits_frozen.test_dataset()[2][1])}, loss {loss2:.4g}): most helpful" in text
 
