@@ -364,6 +364,8 @@ class InfluenceIndex:
             q_n = batch_size_of(batch)
         except ValueError as e:
             raise ShapeError(f"the test batch holds no tensors: {e}") from None
+        if q_n == 0:                        # no test points: no vectors (a query returns [0, k] results)
+            return np.zeros((0, self.k), dtype=torch.empty(0, dtype=a.projector.dtype).numpy().dtype)
         with a.lock:
             try:
                 q = a.query.vectors(a.task.measurement, batch).detach()

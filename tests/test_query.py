@@ -331,6 +331,10 @@ def test_wrong_shape_test_batch(exact_index, tasks):
                 index.measurements(bad)
             _one_line(e)
         assert index.query((x, y), k=5).ids.shape == (3, 5)      # the index still works afterwards
+        empty = (x[:0], y[:0])                                     # no test points: empty answers
+        res = index.query(empty, k=5)
+        assert res.ids.shape == res.scores.shape == (0, 5) and res.ids.dtype == np.int64
+        assert index.scores(empty).shape == (0, index.n) and index.measurements(empty).shape == (0,)
         np.testing.assert_allclose(index.measurements((x, y)),
                                    task.measurement(task.finetuned_model(), (x, y)).detach().numpy(), rtol=1e-12)
 
