@@ -311,9 +311,19 @@ class InfluenceIndex:
         key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()[:16]
         projector = self._w_projector(model, dtype)
         op_path = self.path / OPERATORS / f"{key}.h5"
-        if op_path.exists():
-            op = FinetuneOperator.load(op_path)
-        else:
+        op = FinetuneOperator.load(op_path) if op_path.exists() else None
+        d_theta = sum(params[n].numel() for n in theta)
+        if op is not None and (tuple(op.b.shape) != (projector.dim, d_theta) or op.theta_names != theta
+                               or op.finetuning != task.finetuning
+                               or (op.c is not None and tuple(op.c.shape) != (projector.dim, projector.dim))
+                               or (op.c is None) != (task.finetuning == "frozen")):
+            # the key covers the model, data and settings but not the index's projection: a file
+            # copied from another index under the same name does not fit this one
+            warnings.warn(f"the finetune operator {op_path} does not fit this index (B is "
+                          f"{list(op.b.shape)}, expected {[projector.dim, d_theta]}: copied from another "
+                          f"index?); computing it again", RuntimeWarning, stacklevel=2)
+            op = None
+        if op is None:
             op = compute_operator(task, model, projector, key, batch_size=batch_size, damping=damping,
                                   h_tt=ident["h_tt"], cg_iters=cg_iters, show=progress_bar)
             try:

@@ -81,7 +81,7 @@ class FinetuneOperator:
                 b = torch.from_numpy(f["b"][()])
                 c = torch.from_numpy(f["c"][()]) if "c" in f else None
                 return cls(str(f.attrs["finetuning"]), float(f.attrs["alpha"]), b, c,
-                           str(f.attrs["theta_names"]).split(","), str(f.attrs["fingerprint"]),
+                           [x for x in str(f.attrs["theta_names"]).split(",") if x], str(f.attrs["fingerprint"]),
                            json.loads(f.attrs["info"]))
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CorruptIndexError(f"finetune operator {path} is unreadable ({type(e).__name__}); delete it "

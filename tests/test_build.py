@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -686,6 +687,31 @@ def test_another_factory_rebuilds_only_the_search_index(tmp_path, tiny_index):
         np.testing.assert_array_equal(index.query(test, k=5).ids, flat.ids)
     with pytest.raises(ConfigError):                          # another preconditioner is still another build
         build_index(TinyTask(), partial, cfg.with_(preconditioner="kfac", factory="HNSW8"))
+
+
+def test_operator_file_copied_from_another_index_is_computed_again(tmp_path, tiny_index):
+    """An attached operator's file name (its key) does not depend on the index's projection: one copied
+    from an index with another proj_dim is refused with a warning and computed again."""
+    task = TinyTask()
+    other = build_index(task, tmp_path / "other", BuildConfig(proj_dim=12, preconditioner="gauss-newton",
+                                                              shard_rows=16))
+    test = full_batch(task.test_dataset())
+    with InfluenceIndex.open(other) as index:
+        key = index.attach(task)
+        want = index.query(test, k=5)
+    with InfluenceIndex.open(tiny_index) as index:
+        assert index.attach(task) == key
+    shutil.copy(tiny_index / "operators" / f"{key}.h5", other / "operators" / f"{key}.h5")
+    with InfluenceIndex.open(other) as index:
+        with pytest.warns(RuntimeWarning, match="does not fit this index"):
+            index.attach(task)
+        got = index.query(test, k=5)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-9)
+    with InfluenceIndex.open(other) as index:                # the file was replaced by the right one
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            index.attach(task)
 
 
 def test_manifest_naming_another_search_file_is_corrupt(tmp_path):
