@@ -352,7 +352,7 @@ def _raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, ids: An
         pos += len(bids)
         rows = buf[lo:lo + len(bids)]
         try:
-            # the projector checks the losses and these rows as a whole (the rows are not checked again)
+            # the projector checks these rows as a whole (and the losses, on its Kronecker path)
             projector.project_batch(loss, move(batch, prep.device, prep.dtype), out=rows)
         except NonFiniteError:
             # find the example and name it

@@ -213,7 +213,8 @@ def _all_finite(out: np.ndarray) -> bool:
     float64: from torch's sum when it is finite, 2x faster than numpy's isfinite, else entry by entry)."""
     if out.dtype == np.float16:
         return not np.any((out.view(np.uint16) & _F16_EXP) == _F16_EXP)
-    if torch is not None and out.size and out.flags.c_contiguous and bool(torch.isfinite(torch.from_numpy(out).sum())):
+    if (torch is not None and out.size and out.flags.c_contiguous and out.flags.writeable
+            and bool(torch.isfinite(torch.from_numpy(out).sum()))):
         return True
     return bool(np.isfinite(out).all())
 
@@ -247,10 +248,16 @@ def fletcher32(data: np.ndarray) -> int:
         row_sums[r0:r0 + len(block)] = block.sum(axis=1, dtype=np.uint32)
         col_sums += block.sum(axis=0, dtype=np.uint32)
     s1 = int(row_sums.sum()) + int(tail.sum())
-    # sum_j j v_j in exact Python integers (the int64 dot products stay below 2^63 for chunks <= 1 GiB)
-    sj = (int(row_sums @ np.arange(rows, dtype=np.int64)) * cols + int(col_sums @ np.arange(cols, dtype=np.int64))
-          + int(tail @ np.arange(rows * cols, n, dtype=np.int64)))
-    return (_ones_complement(256 * (n * s1 - sj)) << 16) | _ones_complement(256 * s1)
+    # sum_j j v_j mod 65535: every factor reduced first, so each product is < 2^32 and the int64 dot
+    # products cannot overflow (exact sums overflowed int64 for chunks of ~700 MiB)
+    m = np.int64(65535)
+    sj = (int((row_sums % m) @ (np.arange(rows, dtype=np.int64) % m)) * cols
+          + int((col_sums % m) @ np.arange(cols, dtype=np.int64))
+          + int((tail % m) @ (np.arange(rows * cols, n, dtype=np.int64) % m)))
+    # s2 = sum_j (N - j) w_j is 0 only when every word is, i.e. when s1 is
+    r2 = (256 * (n * s1 - sj)) % 65535
+    s2 = 0 if s1 == 0 else (r2 or 65535)
+    return (s2 << 16) | _ones_complement(256 * s1)
 
 
 def _write_chunk(rows: h5py.Dataset, row: int, buf: np.ndarray) -> None:

@@ -213,7 +213,9 @@ def test_fletcher32_equals_hdf5s_checksum(tmp_path):
     cases = [rng.standard_normal((rows, k)).astype(dt)
              for dt in (np.float16, np.float32, np.float64) for rows, k in ((1, 1), (3, 7), (64, 512), (65, 4050))]
     cases += [np.zeros((4, 300), np.float32), np.full((4, 300), 0xFFFFFFFF, np.uint32).view(np.float32),
-              np.tile(np.array([0xFFFF, 0], np.uint16), 1000).view(np.float32).reshape(4, 250)]
+              np.tile(np.array([0xFFFF, 0], np.uint16), 1000).view(np.float32).reshape(4, 250),
+              # more than 2^15 rows of 512 words (fletcher32's column blocks), near float32's largest values
+              np.full((1, (1 << 23) + 1000), -3.4028235e38, np.float32)]
     for i, arr in enumerate(cases):
         with h5py.File(tmp_path / f"c{i}.h5", "w") as f:
             d = f.create_dataset("r", data=arr, chunks=arr.shape, fletcher32=True)
