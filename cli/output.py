@@ -5,6 +5,7 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import typer
 
 from msif_index.errors import ConfigError
@@ -43,7 +44,20 @@ def parse_ids(text: str, n: int, what: str) -> list[int]:
 
 
 def print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=_jsonable))
+    """Strict JSON (NaN and infinities, which JSON lacks, become null)."""
+    typer.echo(json.dumps(_finite(obj), indent=2, default=_jsonable, allow_nan=False))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _finite(obj.tolist())
+    return obj
 
 
 def _jsonable(o: Any) -> Any:
@@ -53,18 +67,26 @@ def _jsonable(o: Any) -> Any:
 
 
 def label_value(dataset: Any, idx: int) -> int | float | str | None:
-    """The label of a dataset item shaped (input, label) as a Python scalar, or None when there is none."""
+    """The label of a dataset item shaped (input, label, ...) as a Python scalar (its second entry),
+    or None when there is none (or it is not one finite number or string)."""
     try:
         item = dataset[idx]
     except Exception:  # noqa: BLE001 - labels are decoration only
         return None
-    if isinstance(item, (tuple, list)) and len(item) >= 2:
-        y = item[-1]
-        if hasattr(y, "numel") and y.numel() == 1:
-            return y.item()
-        if isinstance(y, (int, str)):
-            return y
-    return None
+    if not (isinstance(item, (tuple, list)) and len(item) >= 2):
+        return None
+    y = item[1]
+    if hasattr(y, "numel") and not isinstance(y, np.generic):
+        y = y.item() if y.numel() == 1 else None            # a tensor
+    elif isinstance(y, np.ndarray):
+        y = y.item() if y.size == 1 else None
+    elif isinstance(y, np.generic):
+        y = y.item()
+    if isinstance(y, bool) or not isinstance(y, (int, float, str)):
+        return None
+    if isinstance(y, float) and not math.isfinite(y):
+        return None
+    return y
 
 
 def label_of(dataset: Any, idx: int) -> str:
@@ -80,7 +102,7 @@ def test_point_info(task: Any, test_ids: list[int], values: Any) -> dict[str, An
     default = getattr(type(task), "measurement", None) is MultiStageTask.measurement
     test = task.test_dataset()
     return {"test_labels": [label_value(test, i) for i in test_ids],
-            "test_measurement": [float(v) for v in values],
+            "test_measurement": [float(v) if math.isfinite(float(v)) else None for v in values],
             "measurement": "finetuning loss" if default else "measurement"}
 
 
@@ -95,7 +117,7 @@ def print_ranking(result: dict, pretrain_dataset: Any = None) -> None:
         if labels and labels[q] is not None:
             about.append(f"label {labels[q]}")
         if values:
-            about.append(f"{name} {values[q]:.4g}")
+            about.append(f"{name} {values[q]:.4g}" if values[q] is not None else f"{name} not finite")
         head = f"\ntest {test_id}" + (f" ({', '.join(about)})" if about else "")
         head += f": most {result['direction']} pretraining examples"
         if "method" in result:

@@ -222,7 +222,7 @@ def cleanup_stale_tmp(folder: Path | str, pattern: str = ".*.tmp-*") -> list[Pat
             continue
         tail = p.name.rsplit(".tmp-", 1)[-1]
         try:
-            pid = int(tail)
+            pid = int(tail.split("-", 1)[0])          # ".NAME.tmp-PID" or ".NAME.tmp-PID-UUID"
         except ValueError:
             pid = -1
         if pid != me and _pid_alive(pid):

@@ -311,6 +311,7 @@ def index_damage(out: Path) -> str | None:
 
 
 def _diff(old: dict, new: dict) -> str:
+    old, new = _identity_part(old, False), _identity_part(new, False)     # the factory is no difference
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if "config" in keys:
         oc, nc = old.get("config", {}), new.get("config", {})
@@ -678,21 +679,30 @@ def _switch_search_index(out: Path, config: BuildConfig) -> bool:
     (the rows, preconditioner and attached operators stay); False when it already has it. The new
     faiss file is written under the name the manifest does not use, then the manifest is replaced
     (atomically, the one switch), then the old file is removed."""
+    from .index import _check_manifest, open_checked_rows  # (index.py imports this module)
     manifest = read_json(out / MANIFEST, "the index's " + MANIFEST)
-    old = manifest["config"].get("factory")
+    _check_manifest(out / MANIFEST, manifest)               # its schema and file names, before any file goes
+    old = manifest["config"]["factory"]
+    old_file = None if built_at_open(old) else _faiss_name(manifest)
+    # what a crash or a killed save left: the faiss name the manifest does not use, temp files
+    cleanup_stale_tmp(out)
+    for name in FAISS_NAMES:
+        if name != old_file:
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()
     if old == config.factory:
         return False
     t0 = time.perf_counter()
-    old_file = _faiss_name(manifest) if not built_at_open(old) else None
     new_file = None
     checksums = {k: v for k, v in manifest.get("checksums", {}).items() if k != "faiss"}
-    if not built_at_open(config.factory):
-        new_file = FAISS_NAMES[1] if old_file == FAISS_NAMES[0] else FAISS_NAMES[0]
-        with RowStore.open(out / ROWS) as store:
+    # the rows' checksum (and rows.h5 against the manifest) checked before HDF5 reads them
+    with open_checked_rows(out, manifest) as store:
+        if not built_at_open(config.factory):
+            new_file = FAISS_NAMES[1] if old_file == FAISS_NAMES[0] else FAISS_NAMES[0]
             index = SearchIndex.create(store.k, config.factory)
             index.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n, seed=config.seed)
             index.save(out / new_file)
-        checksums["faiss"] = file_sha256(out / new_file)
+            checksums["faiss"] = file_sha256(out / new_file)
     manifest["config"] = {**manifest["config"], "factory": config.factory}
     manifest["files"] = {**manifest.get("files", {}), "faiss": new_file}
     manifest["checksums"] = checksums
@@ -751,6 +761,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     if (out / MANIFEST).exists():
         if out != final:
             _swap_in(out, final)                      # completed earlier, not yet swapped in
+            _switch_search_index(final, config)       # ... perhaps with another factory than this one
             return final
         damage = index_damage(out) if overwrite else None
         if damage is None:

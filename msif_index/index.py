@@ -153,17 +153,22 @@ class InfluenceIndex:
                                         f"command to resume it")
             raise CorruptIndexError(f"no msif index in {p} (no {MANIFEST}); build one with msif build-index")
         manifest = read_json(p / MANIFEST, "the index manifest")
-        store = open_checked_rows(p, manifest)
-        factory = manifest["config"]["factory"]
-        if built_at_open(factory):              # Flat, SVD<r>: built straight from the rows
-            search = SearchIndex.create(store.k, factory, device=device)
-            search.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n,
-                                 seed=manifest["config"].get("seed", 0))
-        else:
-            search = SearchIndex.load(p / _faiss_name(manifest), device=device)
-        if search.ntotal != store.n:
-            raise CorruptIndexError(f"{p / (_faiss_name(manifest) or 'the search index')} holds {search.ntotal} "
-                                    f"rows, expected {store.n}; rebuild with --overwrite")
+        for attempt in range(4):
+            # a build switching the search structure (another --factory) meanwhile replaces the
+            # manifest and removes the old faiss file: read again, and open what the new one names
+            try:
+                store, search = _open_parts(p, manifest, device)
+            except CorruptIndexError:
+                again = read_json(p / MANIFEST, "the index manifest")
+                if again == manifest or attempt == 3:
+                    raise
+                manifest = again
+                continue
+            again = read_json(p / MANIFEST, "the index manifest")
+            if again == manifest or attempt == 3:
+                break
+            store.close()                        # switched while loading: the pair may not match
+            manifest = again
         if huge_pages:
             search.use_huge_pages()
         return cls(p, manifest, store, search, huge_pages)
@@ -437,13 +442,21 @@ class InfluenceIndex:
         attached finetuned model, [Q] float64: what a query's scores are derivatives of."""
         a = self._get(finetuned)
         batch = move(test_batch, device="cpu", dtype=a.projector.dtype)
+        try:
+            q_n = batch_size_of(batch)
+        except ValueError as e:
+            raise ShapeError(f"the test batch holds no tensors: {e}") from None
         with a.lock, torch.no_grad():
             try:
                 values = a.task.measurement(a.model, batch)
             except (RuntimeError, IndexError, ValueError, TypeError) as e:
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ShapeError(f"the test batch does not fit the finetuned model: {msg}") from None
-        return values.detach().to(torch.float64).reshape(-1).numpy()
+        if not isinstance(values, torch.Tensor) or tuple(values.shape) != (q_n,):
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ShapeError(f"measurement returned {shape} for {q_n} test examples; it must return one value "
+                             f"per example (shape [{q_n}])")
+        return values.detach().to(torch.float64).numpy()
 
     def scores(self, test_batch: Any, finetuned: str | None = None, block_rows: int = 65536) -> np.ndarray:
         """I(z, x_t) ~ -q_t . s_z for every pretraining example, [Q, n] float64 (bounded memory)."""
@@ -493,6 +506,27 @@ def _pack_on_huge_pages(model: nn.Module, query: _QueryPath) -> None:
 #: manifest entries an index needs, with their JSON types
 _MANIFEST_SCHEMA = {"n": int, "k": int, "config": dict, "identity": dict, "fingerprints": dict, "projector": dict,
                     "w_names": list, "preconditioner": dict}
+
+
+def _open_parts(path: Path, manifest: Any, device: str) -> tuple[RowStore, SearchIndex]:
+    """The checked row store and the search structure the manifest names (CorruptIndexError, one
+    line, when they do not fit; the store is then closed)."""
+    store = open_checked_rows(path, manifest)
+    try:
+        factory = manifest["config"]["factory"]
+        if built_at_open(factory):              # Flat, SVD<r>: built straight from the rows
+            search = SearchIndex.create(store.k, factory, device=device)
+            search.train_and_add(lambda: (b for _, b in store.iter_blocks()), store.n,
+                                 seed=manifest["config"].get("seed", 0))
+        else:
+            search = SearchIndex.load(path / _faiss_name(manifest), device=device)
+        if search.ntotal != store.n:
+            raise CorruptIndexError(f"{path / (_faiss_name(manifest) or 'the search index')} holds "
+                                    f"{search.ntotal} rows, expected {store.n}; rebuild with --overwrite")
+    except BaseException:
+        store.close()
+        raise
+    return store, search
 
 
 def check_checksum(path: Path, manifest: dict, key: str) -> None:

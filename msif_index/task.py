@@ -267,19 +267,36 @@ _TASK_FOLDERS: set[Path] = set()
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+def _installed_code_dirs() -> list[Path]:
+    """Python's standard library and installed packages (a task folder may contain them: a virtual
+    environment or pyenv under the home folder)."""
+    import sysconfig
+    dirs = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")
+            if sysconfig.get_paths().get(k)}
+    return sorted(dirs)
+
+
 def _is_task_code(filename: str) -> bool:
+    if filename.startswith("<"):                 # <frozen os>, <string>, <eval_with_key>.N ...
+        return False
     try:
         f = Path(filename).resolve()
+        if not f.is_file():
+            return False
     except (OSError, ValueError):
         return False
-    if f.is_relative_to(_PACKAGE_DIR) or "site-packages" in f.parts:
+    if f.is_relative_to(_PACKAGE_DIR) or {"site-packages", "dist-packages"} & set(f.parts):
+        return False
+    if any(f.is_relative_to(d) for d in _installed_code_dirs()):
         return False
     return any(f.is_relative_to(d) for d in _TASK_FOLDERS)
 
 
 def _is_msif_code(module: Any, filename: str) -> bool:
     """msif's own frames: the package and its command line (installed as msif_index.cli)."""
-    return str(module or "").split(".")[0] == "msif_index" or Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
+    if str(module or "").split(".")[0] == "msif_index":
+        return True
+    return not filename.startswith("<") and Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
 
 
 def task_code_location(exc: BaseException) -> str | None:

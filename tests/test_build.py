@@ -685,8 +685,51 @@ def test_another_factory_rebuilds_only_the_search_index(tmp_path, tiny_index):
     with InfluenceIndex.open(partial) as index:
         index.attach(task)
         np.testing.assert_array_equal(index.query(test, k=5).ids, flat.ids)
-    with pytest.raises(ConfigError):                          # another preconditioner is still another build
+    with pytest.raises(ConfigError) as e:                     # another preconditioner is still another build
         build_index(TinyTask(), partial, cfg.with_(preconditioner="kfac", factory="HNSW8"))
+    assert "preconditioner" in _one_line(e) and "config.factory" not in _one_line(e)   # the factory is no difference
+    # what a crash between the new faiss file and the manifest, or a killed save, leaves is removed
+    build_index(TinyTask(), partial, cfg.with_(factory="HNSW8"))
+    (partial / "faiss.alt.index").write_bytes(b"left by a crash")
+    (partial / ".faiss.index.tmp-999999999-0123abcd").write_bytes(b"left by a killed save")
+    build_index(TinyTask(), partial, cfg.with_(factory="HNSW8"))
+    assert sorted(p.name for p in partial.glob("*faiss*")) == ["faiss.index"]
+    InfluenceIndex.open(partial).close()
+
+
+def test_readers_see_the_old_or_the_new_search_index_during_a_switch(tmp_path, tiny_index):
+    """InfluenceIndex.open in another thread while the factory switches back and forth: every open
+    succeeds (a manifest read just before a switch is read again) and answers as Flat does."""
+    import threading
+    task = TinyTask()
+    cfg = BuildConfig(proj_dim=16, preconditioner="gauss-newton", shard_rows=16)
+    test = full_batch(task.test_dataset())
+    with InfluenceIndex.open(tiny_index) as index:
+        index.attach(task)
+        want = index.query(test, k=5).ids
+    errors, opened, stop = [], [0], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                with InfluenceIndex.open(tiny_index, huge_pages=False) as index:
+                    index.search_index.search(np.zeros((1, index.k), np.float32), 3)
+                opened[0] += 1
+            except Exception as e:  # noqa: BLE001 - collected and reported below
+                errors.append(repr(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(30):
+            build_index(task, tiny_index, cfg.with_(factory=("HNSW8", "HNSW16", "Flat")[i % 3]))
+    finally:
+        stop.set()
+        t.join()
+    assert not errors and opened[0] > 0, (errors[:3], opened)
+    with InfluenceIndex.open(tiny_index) as index:
+        index.attach(task)
+        np.testing.assert_array_equal(index.query(test, k=5).ids, want)
 
 
 def test_operator_file_copied_from_another_index_is_computed_again(tmp_path, tiny_index):
@@ -853,6 +896,25 @@ def test_interrupted_overwrite_keeps_the_old_index_and_resumes(tmp_path):
     task.seen = []
     assert build_index(task, path, new_cfg) == path and task.seen == []
     assert not staging.exists() and np.array_equal(_rows(path), _rows(fresh))
+    # an overwrite whose replacement is complete but not swapped in, rerun with another factory: the
+    # replacement is swapped in with that factory (over its rows, no gradient)
+    import msif_index.build as B
+    real_swap = B._swap_in
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+    B._swap_in = stopped
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_index(TinyTask(), path, old_cfg, overwrite=True)
+    finally:
+        B._swap_in = real_swap
+    assert (staging / "manifest.json").is_file() and _manifest(path)["config"]["proj_dim"] == 12
+    task.seen = []
+    assert build_index(task, path, old_cfg.with_(factory="HNSW8"), overwrite=True) == path and task.seen == []
+    m = _manifest(path)
+    assert m["config"]["proj_dim"] == 16 and m["config"]["factory"] == "HNSW8" and (path / "faiss.index").is_file()
+    assert np.array_equal(_rows(path), before) and not staging.exists()
 
 
 def test_overwrite_rebuilds_a_damaged_index_of_the_same_config(tmp_path, tiny_index):

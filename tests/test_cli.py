@@ -316,6 +316,17 @@ def test_errors_in_the_task_code_are_one_line_naming_the_line(tmp_path, tiny, ca
     assert e.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("error: the task's code raised ValueError: corrupt example (late_error_task.py:"), err
 
+    # raised inside the standard library called from the task, run from the task's folder: the task's
+    # line is named, not "<frozen os>"
+    env = tmp_path / "env_task.py"
+    env.write_text(src.replace("import torch\n", "import os\nimport torch\n", 1).replace(
+        "    def pretrained_model(self): return self.pre",
+        "    def pretrained_model(self): return os.environ['MSIF_NO_SUCH_VARIABLE']"))
+    with pytest.raises(SystemExit):
+        main(["check-task", "--task", f"{env}:task"])
+    err = capsys.readouterr().err.strip()
+    assert "KeyError: 'MSIF_NO_SUCH_VARIABLE' (env_task.py:" in err and "in pretrained_model" in err, err
+
     monkeypatch.setenv("MSIF_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         main(["check-task", "--task", f"{missing}:task"])
@@ -358,6 +369,20 @@ def test_full_disk_during_a_build_is_one_line_and_the_rerun_resumes(tmp_path, ti
     assert "shard_00000.h5" in proc.stdout and ".tmp-" not in proc.stdout      # finished shard kept, temp gone
     assert "rc2=0" in proc.stdout, proc.stdout
     assert _strict_json((tmp_path / "second.json").read_text())["n"] == 40000
+
+
+def test_json_output_is_strict_and_labels_are_scalars(capsys):
+    """--json never prints NaN / Infinity (not JSON): they become null; a label is the item's second
+    entry when it is one finite number or string (tensor, numpy or Python), else null."""
+    import torch
+
+    from msif_index.cli.output import label_value, print_json
+    print_json({"a": [1.0, float("nan"), float("inf")], "b": np.array([2.0, -np.inf]), "c": "x"})
+    assert _strict_json(capsys.readouterr().out) == {"a": [1.0, None, None], "b": [2.0, None], "c": "x"}
+    items = [(0, torch.tensor(3)), (0, torch.tensor([1, 2])), (0, np.int64(4)), (0, 2.5), (0, float("nan")),
+             (0, "cat"), (0, np.array([7])), (0, None), (0,), (0, 5, 99), "no tuple"]
+    assert [label_value(items, i) for i in range(len(items))] == [3, None, 4, 2.5, None, "cat", 7, None, None,
+                                                                  5, None]
 
 
 def test_id_ranges_are_checked_before_they_are_expanded():

@@ -335,6 +335,14 @@ def test_wrong_shape_test_batch(exact_index, tasks):
         res = index.query(empty, k=5)
         assert res.ids.shape == res.scores.shape == (0, 5) and res.ids.dtype == np.int64
         assert index.scores(empty).shape == (0, index.n) and index.measurements(empty).shape == (0,)
+        real = task.measurement
+        try:                                                       # a measurement not of shape [Q]
+            task.measurement = lambda model, batch: torch.stack([real(model, batch)] * 2, 1)
+            with pytest.raises(ShapeError) as e:
+                index.measurements((x, y))
+            assert "(3, 2)" in _one_line(e) and "[3]" in _one_line(e)
+        finally:
+            del task.measurement
         np.testing.assert_allclose(index.measurements((x, y)),
                                    task.measurement(task.finetuned_model(), (x, y)).detach().numpy(), rtol=1e-12)
 

@@ -401,10 +401,12 @@ def test_atomic_helpers(tmp_path):
     dead.write_text("stale")
     live = tmp_path / f".other.json.tmp-{os.getppid()}"  # a running process: maybe a parallel writer
     live.write_text("in progress")
+    live_save = tmp_path / f".faiss.index.tmp-{os.getppid()}-0a1b2c3d"   # SearchIndex.save's form
+    live_save.write_text("in progress")
     with atomic_path(tmp_path / "z.bin") as active:
         active.write_bytes(b"z")
         removed = cleanup_stale_tmp(tmp_path)
-        assert removed == [dead] and active.exists() and live.exists()
+        assert removed == [dead] and active.exists() and live.exists() and live_save.exists()
     assert (tmp_path / "z.bin").read_bytes() == b"z"
 
 
