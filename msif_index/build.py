@@ -292,14 +292,15 @@ def _finish_interrupted_swap(out: Path) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
 
 
-def index_damage(out: Path) -> str | None:
+def index_damage(out: Path, search: bool = True) -> str | None:
     """Why the complete index in ``out`` cannot answer as it is (a file missing, failing its checksum
     or unreadable), or None: InfluenceIndex.open's checks, then preconditioner.h5 and every stored
-    row read once (HDF5's per-chunk checksums)."""
+    row read once (HDF5's per-chunk checksums). ``search=False``: the search structure's file is
+    not checked."""
     from .index import check_checksum, open_checked_rows     # (index.py imports this module)
     try:
         manifest = read_json(out / MANIFEST, "the index's " + MANIFEST)
-        with open_checked_rows(out, manifest) as store:
+        with open_checked_rows(out, manifest, search=search) as store:
             check_checksum(out / PRECOND, manifest, "preconditioner")
             read_state(out / PRECOND)
             store.verify()
@@ -674,11 +675,12 @@ def _faiss_name(manifest: dict) -> str | None:
     return (manifest.get("files") or {}).get("faiss", FAISS)
 
 
-def _switch_search_index(out: Path, config: BuildConfig) -> bool:
+def _switch_search_index(out: Path, config: BuildConfig, rebuild: bool = False) -> bool:
     """Give the complete index in ``out`` the search structure of ``config.factory`` over its rows
-    (the rows, preconditioner and attached operators stay); False when it already has it. The new
-    faiss file is written under the name the manifest does not use, then the manifest is replaced
-    (atomically, the one switch), then the old file is removed."""
+    (the rows, preconditioner and attached operators stay); False when it already has it (unless
+    ``rebuild``: a damaged one is built again). The new faiss file is written under the name the
+    manifest does not use, then the manifest is replaced (atomically, the one switch), then the old
+    file is removed."""
     from .index import _check_manifest, open_checked_rows  # (index.py imports this module)
     manifest = read_json(out / MANIFEST, "the index's " + MANIFEST)
     _check_manifest(out / MANIFEST, manifest)               # its schema and file names, before any file goes
@@ -690,13 +692,13 @@ def _switch_search_index(out: Path, config: BuildConfig) -> bool:
         if name != old_file:
             with contextlib.suppress(FileNotFoundError):
                 (out / name).unlink()
-    if old == config.factory:
+    if old == config.factory and not rebuild:
         return False
     t0 = time.perf_counter()
     new_file = None
     checksums = {k: v for k, v in manifest.get("checksums", {}).items() if k != "faiss"}
     # the rows' checksum (and rows.h5 against the manifest) checked before HDF5 reads them
-    with open_checked_rows(out, manifest) as store:
+    with open_checked_rows(out, manifest, search=False) as store:
         if not built_at_open(config.factory):
             new_file = FAISS_NAMES[1] if old_file == FAISS_NAMES[0] else FAISS_NAMES[0]
             index = SearchIndex.create(store.k, config.factory)
@@ -767,6 +769,12 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         if damage is None:
             # already built with these rows; another --factory rebuilds only the search structure
             _switch_search_index(out, config)
+            return final
+        if not built_at_open(config.factory) and index_damage(out, search=False) is None:
+            # only the search structure is damaged (or missing): built again over the rows
+            warnings.warn(f"rebuilding the search index of {out} over its rows ({damage})", RuntimeWarning,
+                          stacklevel=2)
+            _switch_search_index(out, config, rebuild=True)
             return final
         # the same build, damaged (what every corruption error tells to rebuild with --overwrite):
         # built again in place, its attached operators kept (they do not depend on the rows)

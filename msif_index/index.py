@@ -538,13 +538,14 @@ def check_checksum(path: Path, manifest: dict, key: str) -> None:
                                 f"with --overwrite")
 
 
-def open_checked_rows(path: Path, manifest: Any) -> RowStore:
+def open_checked_rows(path: Path, manifest: Any, search: bool = True) -> RowStore:
     """The index's row store, opened after the checks that need no row read: the manifest's schema,
-    the checksums of rows.h5 and faiss.index (before HDF5 or faiss parse them), the rows' shape and
-    the settings rows.h5 carries against the manifest's. CorruptIndexError (one line) otherwise."""
+    the checksums of rows.h5 and faiss.index (before HDF5 or faiss parse them; the latter unless
+    ``search`` is False), the rows' shape and the settings rows.h5 carries against the manifest's.
+    CorruptIndexError (one line) otherwise."""
     _check_manifest(path / MANIFEST, manifest)
     check_checksum(path / ROWS, manifest, "rows")
-    if not built_at_open(manifest["config"]["factory"]):
+    if search and not built_at_open(manifest["config"]["factory"]):
         faiss_file = path / _faiss_name(manifest)
         if not faiss_file.is_file():
             raise CorruptIndexError(f"{faiss_file} is missing (deleted, or not copied with the index); "

@@ -596,6 +596,22 @@ def test_corrupted_faiss_file_is_detected(tmp_path):
     with pytest.raises(CorruptIndexError) as e:
         InfluenceIndex.open(path)
     assert "faiss.index is missing" in _one_line(e) and "--overwrite" in _one_line(e)
+    # --overwrite, as the error says: only the search structure is built again, over the rows
+    cfg = BuildConfig(proj_dim=16, preconditioner="identity", factory="HNSW8")
+    rows = _rows(path)
+    for damage in ("missing", "flipped"):
+        if damage == "flipped":
+            named = path / _manifest(path)["files"]["faiss"]
+            _flip_byte(named, named.stat().st_size // 2)
+        task.seen = []
+        with pytest.warns(RuntimeWarning, match="rebuilding the search index"):
+            build_index(task, path, cfg, overwrite=True)
+        assert task.seen == [] and np.array_equal(_rows(path), rows)
+        assert len(list(path.glob("faiss*"))) == 1
+        with InfluenceIndex.open(path) as index:
+            index.attach(task)
+            after = index.query(full_batch(task.test_dataset()), k=5)
+        np.testing.assert_array_equal(after.ids, before.ids)
 
 
 def test_corrupted_manifest_is_detected(tmp_path, tiny_index):
