@@ -185,6 +185,42 @@ def _factory_of(manifest) -> Optional[str]:
         return None
 
 
+@app.command("info")
+def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-index)."),
+             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """What an index holds (config, sizes, timings, attached finetuned models), or how far an unfinished
+    build got; reads no rows."""
+    from msif_index.info import describe
+    d = describe(index)
+    if as_json:
+        print_json(d)
+        return
+    mb = {k: f"{v / 2**20:.1f} MB" for k, v in d["bytes"].items() if v}
+    if not d["complete"]:
+        typer.echo(f"unfinished build in {d['index']}: {d['rows_done']} of {d['n']} rows in "
+                   f"{d['shards_done']} of {d['shards_total']} shards ({d['preconditioner']} preconditioner, "
+                   f"statistics {'done' if d['statistics_done'] else 'not done'}); {d['resume']} to resume it")
+        return
+    damping = d["damping_used"]
+    if isinstance(damping, dict):
+        damping = ", ".join(f"{k} {v:.3g}" for k, v in list(damping.items())[:3]) + (" ..." if len(damping) > 3 else "")
+    typer.echo(f"index {d['index']}: n={d['n']} rows of k={d['k']} ({d['dtype']}), msif {d['version']}")
+    typer.echo(f"  preconditioner {d['preconditioner']} (rows in the {d['row_basis']} basis; damping used: "
+               f"{damping}; statistics: {d['fisher'] or '-'}), projection proj_dim={d['proj_dim']} seed={d['seed']}")
+    typer.echo(f"  search {d['factory']}; W = {', '.join(d['w_names'])}")
+    typer.echo(f"  fingerprints: W {d['fingerprints'].get('W')}, U {d['fingerprints'].get('U')}, "
+               f"pretraining data {d['data_fingerprint']}")
+    typer.echo("  files: " + ", ".join(f"{k} {v}" for k, v in mb.items()))
+    if d["timings"]:
+        typer.echo("  built in " + ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in d["timings"].items()))
+    if not d["attached"]:
+        typer.echo("  no finetuned model attached (msif attach, or msif query attaches it)")
+    for a in d["attached"]:
+        what = a.get("error") or (f"{a['finetuning']}" + (f" alpha={a['alpha']:g}" if a["finetuning"] == "proximal"
+                                                           else "") + (f", H_tt {a['h_tt']}" if a["h_tt"] else ""))
+        typer.echo(f"  attached {a['key']}: {what}")
+
+
 @app.command("attach")
 def attach_cmd(index: str = typer.Option(..., help="Index folder (from msif build-index)."),
                task: str = typer.Option(..., help=TASK_HELP),

@@ -773,6 +773,28 @@ def test_operator_file_copied_from_another_index_is_computed_again(tmp_path, tin
             index.attach(task)
 
 
+def test_describe_a_complete_index_and_an_unfinished_build(tmp_path, tiny_index):
+    """msif info's library side: the manifest's summary and the attached models without loading rows;
+    for an unfinished build, how many rows and shards are done."""
+    from msif_index.info import describe
+    task = TinyTask()
+    with InfluenceIndex.open(tiny_index) as index:
+        key = index.attach(task)
+    d = describe(tiny_index)
+    m = _manifest(tiny_index)
+    assert d["complete"] and (d["n"], d["k"], d["preconditioner"], d["factory"]) == (m["n"], m["k"], "gauss-newton", "Flat")
+    assert [a["key"] for a in d["attached"]] == [key] and d["attached"][0]["finetuning"] == "frozen"
+    assert d["bytes"]["rows (shards)"] > 0 and d["fingerprints"]["W"] == m["fingerprint_short"]["W"]
+    json.dumps(d, allow_nan=False)
+    with pytest.raises(NonFiniteError):                       # stops in its third shard of 16 rows
+        build_index(TinyTask(nan_id=40), tmp_path / "partial", BuildConfig(proj_dim=16, preconditioner="identity",
+                                                                           shard_rows=16))
+    d = describe(tmp_path / "partial")
+    assert not d["complete"] and (d["shards_done"], d["shards_total"], d["rows_done"]) == (2, 4, 32)
+    with pytest.raises(CorruptIndexError):
+        describe(tmp_path / "nothing")
+
+
 def test_manifest_naming_another_search_file_is_corrupt(tmp_path):
     path = build_index(TinyTask(), tmp_path / "hnsw", BuildConfig(proj_dim=16, preconditioner="identity",
                                                                   factory="HNSW8"))

@@ -83,7 +83,7 @@ def tiny(tmp_path_factory) -> Path:
 def test_help_lists_the_commands():
     proc = _msif("--help")
     assert proc.returncode == 0, proc.stderr
-    for command in ("build-index", "attach", "query", "exact", "check-task"):
+    for command in ("build-index", "attach", "query", "exact", "check-task", "info", "evaluate", "demo"):
         assert command in proc.stdout
     assert "negative = helpful" in proc.stdout.replace("\n", " ")       # the sign convention, once
 
@@ -213,6 +213,10 @@ def test_tiny_task_works_end_to_end_in_a_fresh_process(tmp_path, tiny):
     res = _strict_json(proc.stdout)
     ids = np.array(res["ids"])
     assert ids.shape == (4, 16) and all(sorted(row) == list(range(16)) for row in ids.tolist())
+    proc = _msif("info", "--index", str(out))                 # what the index holds, attached models included
+    assert proc.returncode == 0, proc.stderr
+    assert f"index {out}: n=16 rows" in proc.stdout and "preconditioner exact" in proc.stdout
+    assert "attached " in proc.stdout and "frozen" in proc.stdout
     # the exact command ranks the same way (exact preset), with the same test point information
     proc = _msif("exact", "--task", f"{tiny}:task", "--test-ids", "0-3", "--k", "16", "--json")
     assert proc.returncode == 0, proc.stderr
