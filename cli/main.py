@@ -146,15 +146,15 @@ def build_index_cmd(
     out_dir = Path(out) if out else Path("indexes") / Path(task.rsplit(":", 1)[0]).resolve().parent.name
     manifest = out_dir / "manifest.json"
     before = manifest.stat().st_mtime_ns if manifest.is_file() else None
-    old_factory = _factory_of(manifest) if before is not None else None
+    old_factory, old_rows = _factory_of(manifest) if before is not None else (None, None)
     path = build_index(t, out_dir, config, overwrite=overwrite)
     reused = before is not None and manifest.is_file() and manifest.stat().st_mtime_ns == before
     with InfluenceIndex.open(path, huge_pages=False) as index:      # one process, no queries
         key = index.attach(t, validate=False) if attach else None
         m = index.manifest
-    # only the search structure rebuilt (another --factory over the same rows)
+    # only the search structure rebuilt (another --factory, or a damaged faiss file, over the same rows)
     switched = (not reused and old_factory is not None and m.get("search_rebuilt_from") == old_factory
-                and old_factory != m["config"]["factory"])
+                and old_rows is not None and m.get("checksums", {}).get("rows") == old_rows)
     summary = {"index": str(path), "reused": reused, "search_rebuilt_from": old_factory if switched else None,
                "n": m["n"], "k": m["k"], "preconditioner": m["preconditioner"]["name"],
                "fisher": m["config"].get("fisher"), "factory": m["config"]["factory"],
@@ -168,7 +168,9 @@ def build_index_cmd(
     if reused:
         typer.echo("  already built with this config: nothing rebuilt" + (" (every row and file checked)" if overwrite else ""))
     elif switched:
-        typer.echo(f"  search index rebuilt over the same rows: {old_factory} -> {m['config']['factory']} "
+        change = (f"{old_factory} -> {m['config']['factory']}" if old_factory != m["config"]["factory"]
+                  else m["config"]["factory"])
+        typer.echo(f"  search index rebuilt over the same rows: {change} "
                    f"({m['timings'].get('index_s', 0.0):.2f}s; no gradient computed)")
     elif m["timings"]:
         typer.echo("  " + "  ".join(f"{k[:-2]} {v:.2f}s" for k, v in m["timings"].items()))
@@ -176,13 +178,15 @@ def build_index_cmd(
         typer.echo(f"  attached finetuned model {key} ({t.finetuning})")
 
 
-def _factory_of(manifest) -> Optional[str]:
-    """The search factory an existing index's manifest names (None when it cannot be read)."""
+def _factory_of(manifest) -> tuple[Optional[str], Optional[str]]:
+    """The search factory and the rows' checksum an existing index's manifest names (None, None when
+    it cannot be read)."""
     import json
     try:
-        return json.loads(manifest.read_text())["config"]["factory"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        m = json.loads(manifest.read_text())
+        return m["config"]["factory"], m.get("checksums", {}).get("rows")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None
 
 
 @app.command("info")
@@ -203,10 +207,17 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
         return
     damping = d["damping_used"]
     if isinstance(damping, dict):
-        damping = ", ".join(f"{k} {v:.3g}" for k, v in list(damping.items())[:3]) + (" ..." if len(damping) > 3 else "")
-    typer.echo(f"index {d['index']}: n={d['n']} rows of k={d['k']} ({d['dtype']}), msif {d['version']}")
-    typer.echo(f"  preconditioner {d['preconditioner']} (rows in the {d['row_basis']} basis; damping used: "
-               f"{damping}; statistics: {d['fisher'] or '-'}), projection proj_dim={d['proj_dim']} seed={d['seed']}")
+        damping = ", ".join(f"{k} {v:.3g}" if isinstance(v, (int, float)) else f"{k} -"
+                            for k, v in list(damping.items())[:3]) + (" ..." if len(damping) > 3 else "")
+    about = [f"rows in the {d['row_basis']} basis"]
+    if damping not in (None, "", {}):
+        about.append(f"damping used: {damping}")
+    if d["statistics"]:
+        about.append(f"{d['statistics']} statistics")
+    typer.echo(f"index {d['index']}: n={d['n']} rows of k={d['k']} ({d['dtype']})"
+               + (f", msif {d['version']}" if d["version"] else ""))
+    typer.echo(f"  preconditioner {d['preconditioner']} ({'; '.join(about)}), projection "
+               + (f"proj_dim={d['proj_dim']}" if d["proj_dim"] else "none (exact)") + f", seed {d['seed']}")
     typer.echo(f"  search {d['factory']}; W = {', '.join(d['w_names'])}")
     typer.echo(f"  fingerprints: W {d['fingerprints'].get('W')}, U {d['fingerprints'].get('U')}, "
                f"pretraining data {d['data_fingerprint']}")
@@ -216,9 +227,11 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
     if not d["attached"]:
         typer.echo("  no finetuned model attached (msif attach, or msif query attaches it)")
     for a in d["attached"]:
-        what = a.get("error") or (f"{a['finetuning']}" + (f" alpha={a['alpha']:g}" if a["finetuning"] == "proximal"
+        what = a.get("error") or (f"{a['finetuning']}" + (f" alpha={a['alpha']:g}" if a["alpha"] is not None
                                                            else "") + (f", H_tt {a['h_tt']}" if a["h_tt"] else ""))
         typer.echo(f"  attached {a['key']}: {what}")
+    for problem in d["problems"]:
+        typer.echo(f"  problem: {problem}")
 
 
 @app.command("attach")

@@ -311,6 +311,23 @@ def index_damage(out: Path, search: bool = True) -> str | None:
     return None
 
 
+def _search_damage(out: Path) -> str | None:
+    """Why the faiss file of the complete index in ``out`` cannot be used (missing, failing its
+    checksum), or None (also for Flat / SVD<r>, which have none)."""
+    from .index import check_checksum                       # (index.py imports this module)
+    manifest = read_json(out / MANIFEST, "the index's " + MANIFEST)
+    if built_at_open(manifest["config"]["factory"]):
+        return None
+    path = out / _faiss_name(manifest)
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        check_checksum(path, manifest, "faiss")
+    except CorruptIndexError as e:
+        return str(e).splitlines()[0].split("; rebuild")[0]
+    return None
+
+
 def _diff(old: dict, new: dict) -> str:
     old, new = _identity_part(old, False), _identity_part(new, False)     # the factory is no difference
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -765,16 +782,15 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
             _swap_in(out, final)                      # completed earlier, not yet swapped in
             _switch_search_index(final, config)       # ... perhaps with another factory than this one
             return final
-        damage = index_damage(out) if overwrite else None
+        damage = index_damage(out, search=False) if overwrite else None
         if damage is None:
+            search_damage = _search_damage(out) if overwrite else None
+            if search_damage is not None:
+                # only the search structure is damaged (or missing): built again over the rows
+                warnings.warn(f"rebuilding the search index of {out} over its rows ({search_damage})",
+                              RuntimeWarning, stacklevel=2)
             # already built with these rows; another --factory rebuilds only the search structure
-            _switch_search_index(out, config)
-            return final
-        if not built_at_open(config.factory) and index_damage(out, search=False) is None:
-            # only the search structure is damaged (or missing): built again over the rows
-            warnings.warn(f"rebuilding the search index of {out} over its rows ({damage})", RuntimeWarning,
-                          stacklevel=2)
-            _switch_search_index(out, config, rebuild=True)
+            _switch_search_index(out, config, rebuild=search_damage is not None)
             return final
         # the same build, damaged (what every corruption error tells to rebuild with --overwrite):
         # built again in place, its attached operators kept (they do not depend on the rows)

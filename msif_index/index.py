@@ -316,21 +316,25 @@ class InfluenceIndex:
         key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()[:16]
         projector = self._w_projector(model, dtype)
         op_path = self.path / OPERATORS / f"{key}.h5"
-        op = FinetuneOperator.load(op_path) if op_path.exists() else None
-        d_theta = sum(params[n].numel() for n in theta)
-        if op is not None and (tuple(op.b.shape) != (projector.dim, d_theta) or op.theta_names != theta
-                               or op.finetuning != task.finetuning
-                               or (op.c is not None and tuple(op.c.shape) != (projector.dim, projector.dim))
-                               or (op.c is None) != (task.finetuning == "frozen")):
+        projection = _projection_fingerprint(self.manifest)
+        op = None
+        if op_path.exists():
             # the key covers the model, data and settings but not the index's projection: a file
-            # copied from another index under the same name does not fit this one
-            warnings.warn(f"the finetune operator {op_path} does not fit this index (B is "
-                          f"{list(op.b.shape)}, expected {[projector.dim, d_theta]}: copied from another "
-                          f"index?); computing it again", RuntimeWarning, stacklevel=2)
-            op = None
+            # copied from another index under the same name, or a damaged one, is computed again
+            try:
+                op = FinetuneOperator.load(op_path)
+                why = _operator_misfit(op, projection, projector.dim, sum(params[n].numel() for n in theta),
+                                       theta, task.finetuning)
+            except CorruptIndexError:
+                why = "unreadable: damaged"
+            if why:
+                warnings.warn(f"the finetune operator {op_path} does not fit this index ({why}); computing it "
+                              f"again", RuntimeWarning, stacklevel=2)
+                op = None
         if op is None:
             op = compute_operator(task, model, projector, key, batch_size=batch_size, damping=damping,
                                   h_tt=ident["h_tt"], cg_iters=cg_iters, show=progress_bar)
+            op.projection = projection
             try:
                 op_path.parent.mkdir(exist_ok=True)
                 op.save(op_path)
@@ -446,6 +450,8 @@ class InfluenceIndex:
             q_n = batch_size_of(batch)
         except ValueError as e:
             raise ShapeError(f"the test batch holds no tensors: {e}") from None
+        if q_n == 0:
+            return np.zeros(0)
         with a.lock, torch.no_grad():
             try:
                 values = a.task.measurement(a.model, batch)
@@ -465,6 +471,27 @@ class InfluenceIndex:
         for start, block in self.store.iter_blocks(block_rows, dtype=np.float64):
             out[:, start:start + len(block)] = -(q @ block.T)
         return out
+
+
+def _projection_fingerprint(manifest: dict) -> str:
+    """What B depends on besides the finetuned model: the index's projection P_W (seed, blocks, widths)."""
+    return hashlib.sha256(json.dumps(manifest["projector"], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _operator_misfit(op: FinetuneOperator, projection: str, k_w: int, d_theta: int, theta: list[str],
+                     finetuning: str) -> str | None:
+    """Why a cached operator cannot serve this index and model, or None."""
+    if op.projection != projection:
+        return ("computed for another projection: copied from another index?" if op.projection
+                else "written before operators recorded their projection")
+    if tuple(op.b.shape) != (k_w, d_theta):
+        return f"B is {list(op.b.shape)}, expected {[k_w, d_theta]}"
+    if op.theta_names != theta:
+        return "its theta parameters differ from the finetuned model's"
+    if op.finetuning != finetuning or (op.c is None) != (finetuning == "frozen") or (
+            op.c is not None and tuple(op.c.shape) != (k_w, k_w)):
+        return f"it is for {op.finetuning} finetuning"
+    return None
 
 
 def _stable_fingerprint(data: Any) -> str | None:

@@ -13,14 +13,22 @@ from typing import Any
 from .atomic import read_json
 from .build import BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, SHARDS, _faiss_name
 from .errors import CorruptIndexError
+from .fingerprint import short
+from .search import built_at_open
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return 0
+    """Bytes of a file, or of the files in a folder (temporary files of a running build skipped)."""
+    files = [path] if path.is_file() else ([p for p in path.rglob("*") if not p.name.startswith(".")]
+                                           if path.is_dir() else [])
+    total = 0
+    for f in files:
+        try:
+            if f.is_file():
+                total += f.stat().st_size
+        except OSError:                 # removed meanwhile (a build renaming its shards)
+            pass
+    return total
 
 
 def _operators(path: Path) -> list[dict[str, Any]]:
@@ -31,16 +39,40 @@ def _operators(path: Path) -> list[dict[str, Any]]:
 
     out = []
     for f in sorted((path / OPERATORS).glob("*.h5")) if (path / OPERATORS).is_dir() else []:
-        entry: dict[str, Any] = {"key": f.stem, "bytes": f.stat().st_size}
+        entry: dict[str, Any] = {"key": f.stem}
         try:
+            entry["bytes"] = f.stat().st_size
             with h5py.File(f, "r") as h:
                 info = json.loads(h.attrs["info"])
-                entry.update(finetuning=str(h.attrs["finetuning"]), alpha=float(h.attrs["alpha"]),
-                             h_tt=info.get("h_tt"), b_shape=list(h["b"].shape))
+                finetuning = str(h.attrs["finetuning"])
+                entry.update(finetuning=finetuning,
+                             alpha=float(h.attrs["alpha"]) if finetuning == "proximal" else None,
+                             h_tt=info.get("h_tt") if isinstance(info, dict) else None, b_shape=list(h["b"].shape))
         except (OSError, KeyError, ValueError, TypeError, RuntimeError):
-            entry["error"] = "unreadable (attach the model again to recompute it)"
+            entry["error"] = "unreadable (the next attach of this model computes it again)"
         out.append(entry)
     return out
+
+
+def _shards_done(folder: Path, n: int) -> tuple[int, int]:
+    """(shards, rows) committed for a build of ``n`` rows, from each shard's own header (files that
+    are not shards of such a build do not count)."""
+    import h5py
+
+    shards = rows = 0
+    for f in sorted(folder.glob("shard_*.h5")) if folder.is_dir() else []:
+        try:
+            with h5py.File(f, "r") as h:
+                a = h.attrs
+                if int(a["total_rows"]) != n:
+                    continue
+                start, stop = int(a["shard_start"]), int(a["shard_stop"])
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError):
+            continue
+        if 0 <= start < stop <= n:
+            shards += 1
+            rows += stop - start
+    return shards, rows
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -54,20 +86,27 @@ def describe(path: str | Path) -> dict[str, Any]:
         _check_manifest(p / MANIFEST, m)
         cfg, pre = m["config"], m["preconditioner"]
         faiss_file = _faiss_name(m)
+        problems = []
+        if not built_at_open(cfg["factory"]) and not (p / str(faiss_file)).is_file():
+            problems.append(f"the search index file {faiss_file} is missing: msif build-index ... --overwrite "
+                            f"rebuilds it from the rows")
+        fisher = cfg.get("fisher") if pre.get("name") in ("gauss-newton", "kfac", "ekfac") else None
+        timings = {k: v for k, v in (m.get("timings") or {}).items() if isinstance(v, (int, float))}
         return {
             "index": str(p), "complete": True, "version": m.get("version"),
             "n": m["n"], "k": m["k"], "dtype": cfg.get("dtype"),
             "preconditioner": pre.get("name"), "row_basis": pre.get("row_basis", "parameter"),
-            "damping_used": pre.get("damping_used"), "fisher": cfg.get("fisher"),
+            "damping_used": pre.get("damping_used"), "statistics": fisher,
             "proj_dim": cfg.get("proj_dim"), "seed": cfg.get("seed"), "factory": cfg.get("factory"),
-            "w_names": m["w_names"], "u_names": m.get("u_names", []),
-            "fingerprints": m.get("fingerprint_short", {}),
-            "data_fingerprint": (m["identity"].get("data") or "")[:12] or None,
-            "timings": m.get("timings", {}),
-            "bytes": {"rows (shards)": _size(p / SHARDS) + _size(p / ROWS), "preconditioner": _size(p / PRECOND),
+            "w_names": m["w_names"], "u_names": m.get("u_names") or [],
+            "fingerprints": {k: short(v) for k, v in m["fingerprints"].items() if isinstance(v, str)},
+            "data_fingerprint": short(m["identity"]["data"]) if isinstance(m["identity"].get("data"), str) else None,
+            "timings": timings,
+            "bytes": {"rows": _size(p / SHARDS) + _size(p / ROWS), "preconditioner": _size(p / PRECOND),
                       "search": _size(p / faiss_file) if faiss_file in FAISS_NAMES else 0,
                       "operators": _size(p / OPERATORS)},
             "attached": _operators(p),
+            "problems": problems,
         }
     if (p / BUILD_FILE).is_file():
         b = read_json(p / BUILD_FILE, "the build's " + BUILD_FILE)
@@ -75,15 +114,15 @@ def describe(path: str | Path) -> dict[str, Any]:
             n = int(b["identity"]["n"])
             shard_rows = min(int(b["config"]["shard_rows"]), max(n, 1))
             cfg = b["config"]
-        except (KeyError, TypeError, ValueError):
+            if n < 0 or shard_rows < 1:
+                raise ValueError
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise CorruptIndexError(f"{p / BUILD_FILE} is damaged; rerun the build with --overwrite") from None
-        done = sorted((p / SHARDS).glob("shard_*.h5")) if (p / SHARDS).is_dir() else []
-        rows_done = sum(min(shard_rows, n - int(f.stem.split("_")[1]) * shard_rows) for f in done
-                        if f.stem.split("_")[1].isdigit())
+        shards, rows = _shards_done(p / SHARDS, n)
         return {"index": str(p), "complete": False, "n": n, "preconditioner": cfg.get("preconditioner"),
                 "proj_dim": cfg.get("proj_dim"), "factory": cfg.get("factory"),
-                "shards_done": len(done), "shards_total": math.ceil(n / shard_rows),
-                "rows_done": rows_done, "statistics_done": (p / PRECOND).is_file(),
-                "bytes": {"rows (shards)": _size(p / SHARDS)},
+                "shards_done": shards, "shards_total": math.ceil(n / shard_rows) if n else 0,
+                "rows_done": rows, "statistics_done": (p / PRECOND).is_file(),
+                "bytes": {"rows": _size(p / SHARDS)},
                 "resume": "rerun the same msif build-index command"}
     raise CorruptIndexError(f"no msif index in {p} (no {MANIFEST}); build one with msif build-index")

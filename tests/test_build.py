@@ -599,15 +599,21 @@ def test_corrupted_faiss_file_is_detected(tmp_path):
     # --overwrite, as the error says: only the search structure is built again, over the rows
     cfg = BuildConfig(proj_dim=16, preconditioner="identity", factory="HNSW8")
     rows = _rows(path)
-    for damage in ("missing", "flipped"):
+    def named():
+        return path / json.loads((path / "manifest.json").read_text())["files"]["faiss"]
+    for damage, factory in (("missing", "HNSW8"), ("flipped", "HNSW8"), ("missing", "Flat"), ("none", "HNSW8")):
         if damage == "flipped":
-            named = path / _manifest(path)["files"]["faiss"]
-            _flip_byte(named, named.stat().st_size // 2)
+            _flip_byte(named(), named().stat().st_size // 2)
+        elif damage == "missing" and named().is_file():
+            named().unlink()
         task.seen = []
-        with pytest.warns(RuntimeWarning, match="rebuilding the search index"):
-            build_index(task, path, cfg, overwrite=True)
-        assert task.seen == [] and np.array_equal(_rows(path), rows)
-        assert len(list(path.glob("faiss*"))) == 1
+        if damage == "none":                               # from Flat back to HNSW8: a switch, no warning
+            build_index(task, path, cfg.with_(factory=factory), overwrite=True)
+        else:
+            with pytest.warns(RuntimeWarning, match="rebuilding the search index"):
+                build_index(task, path, cfg.with_(factory=factory), overwrite=True)
+        assert task.seen == [] and np.array_equal(_rows(path), rows) and _manifest(path)["config"]["factory"] == factory
+        assert len(list(path.glob("faiss*"))) == (factory != "Flat")
         with InfluenceIndex.open(path) as index:
             index.attach(task)
             after = index.query(full_batch(task.test_dataset()), k=5)
@@ -771,6 +777,24 @@ def test_operator_file_copied_from_another_index_is_computed_again(tmp_path, tin
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             index.attach(task)
+    # the same width from another seed fits every shape: the projection's fingerprint tells them apart
+    seeded = build_index(task, tmp_path / "seeded", BuildConfig(proj_dim=16, preconditioner="gauss-newton",
+                                                                shard_rows=16, seed=1))
+    with InfluenceIndex.open(seeded) as index:
+        index.attach(task)
+        want = index.query(test, k=5)
+    for damage in ("copied", "truncated"):
+        target = seeded / "operators" / f"{key}.h5"
+        if damage == "copied":
+            shutil.copy(tiny_index / "operators" / f"{key}.h5", target)
+        else:
+            target.write_bytes(target.read_bytes()[:1000])
+        with InfluenceIndex.open(seeded) as index:
+            with pytest.warns(RuntimeWarning, match="does not fit this index"):
+                index.attach(task)
+            got = index.query(test, k=5)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-9)
 
 
 def test_describe_a_complete_index_and_an_unfinished_build(tmp_path, tiny_index):
@@ -784,13 +808,21 @@ def test_describe_a_complete_index_and_an_unfinished_build(tmp_path, tiny_index)
     m = _manifest(tiny_index)
     assert d["complete"] and (d["n"], d["k"], d["preconditioner"], d["factory"]) == (m["n"], m["k"], "gauss-newton", "Flat")
     assert [a["key"] for a in d["attached"]] == [key] and d["attached"][0]["finetuning"] == "frozen"
-    assert d["bytes"]["rows (shards)"] > 0 and d["fingerprints"]["W"] == m["fingerprint_short"]["W"]
+    assert d["bytes"]["rows"] > 0 and d["fingerprints"]["W"] == m["fingerprint_short"]["W"] and not d["problems"]
     json.dumps(d, allow_nan=False)
+    cfg = BuildConfig(proj_dim=16, preconditioner="identity", shard_rows=16)
     with pytest.raises(NonFiniteError):                       # stops in its third shard of 16 rows
-        build_index(TinyTask(nan_id=40), tmp_path / "partial", BuildConfig(proj_dim=16, preconditioner="identity",
-                                                                           shard_rows=16))
+        build_index(TinyTask(nan_id=40), tmp_path / "partial", cfg)
     d = describe(tmp_path / "partial")
     assert not d["complete"] and (d["shards_done"], d["shards_total"], d["rows_done"]) == (2, 4, 32)
+    # a refused rerun with another shard_rows rewrote build.json; stray files: the count holds
+    with pytest.raises(ConfigError):
+        build_index(TinyTask(nan_id=40), tmp_path / "partial", cfg.with_(shard_rows=10))
+    (tmp_path / "partial" / "shards" / "shard_00099.h5").write_bytes(b"junk")
+    (tmp_path / "partial" / "shards" / "shard_abc.h5").write_bytes(b"junk")
+    d = describe(tmp_path / "partial")
+    assert (d["shards_done"], d["rows_done"]) == (2, 32)      # what the shards' own headers say
+    json.dumps(d, allow_nan=False)
     with pytest.raises(CorruptIndexError):
         describe(tmp_path / "nothing")
 
