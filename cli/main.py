@@ -81,9 +81,12 @@ def exact(task: str = typer.Option(..., help=TASK_HELP),
           direction: str = typer.Option("helpful", help="helpful | harmful."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """Exact multi-stage influence with dense Hessians (small models only: the ground truth)."""
+    import copy
+
     import torch
 
-    from msif_index.data import full_batch
+    from msif_index.data import full_batch, move
+    from msif_index.errors import ShapeError
     from msif_index.exact import exact_influence
     from msif_index.task import load_task
     t = load_task(task)
@@ -92,8 +95,13 @@ def exact(task: str = typer.Option(..., help=TASK_HELP),
     batch = full_batch(t.test_dataset(), ids)
     infl = exact_influence(t, batch)
     scores, order = torch.sort(infl, dim=1, descending=(direction == "harmful"))
-    with torch.no_grad():
-        values = t.measurement(t.finetuned_model(), batch).detach().reshape(-1).tolist()
+    with torch.no_grad():                 # as exact_influence computes: a float64 CPU copy of the model
+        model = copy.deepcopy(t.finetuned_model()).to(device="cpu", dtype=torch.float64)
+        values = t.measurement(model, move(batch, device="cpu", dtype=torch.float64)).detach()
+    if values.shape != (len(ids),):
+        raise ShapeError(f"measurement returned shape {tuple(values.shape)} for {len(ids)} test examples; it "
+                         f"must return one value per example")
+    values = values.tolist()
     result = {"method": "exact", "direction": direction, "test_ids": ids,
               "ids": order[:, :k].tolist(), "scores": scores[:, :k].tolist(), **test_point_info(t, ids, values)}
     if as_json:
@@ -122,7 +130,8 @@ def build_index_cmd(
         factory: Optional[str] = typer.Option(None, help=_preset_help("factory")),
         seed: Optional[int] = typer.Option(None, help=_preset_help("seed")),
         overwrite: bool = typer.Option(False, help="Replace an index built with another config; with the same "
-                                       "config, check every row and file and rebuild a damaged index."),
+                                       "config, check every row and file and rebuild a damaged index (only its "
+                                       "search structure when only that is damaged)."),
         attach: bool = typer.Option(True, help="Attach the task's finetuned model after building."),
         as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON.")) -> None:
     """Build (or resume) the pretraining influence index: projected, preconditioned gradients -> HDF5 + FAISS."""
@@ -171,7 +180,7 @@ def build_index_cmd(
         change = (f"{old_factory} -> {m['config']['factory']}" if old_factory != m["config"]["factory"]
                   else m["config"]["factory"])
         typer.echo(f"  search index rebuilt over the same rows: {change} "
-                   f"({m['timings'].get('index_s', 0.0):.2f}s; no gradient computed)")
+                   f"({m['timings'].get('search_rebuild_s', 0.0):.2f}s; no gradient computed)")
     elif m["timings"]:
         typer.echo("  " + "  ".join(f"{k[:-2]} {v:.2f}s" for k, v in m["timings"].items()))
     if key:
@@ -199,7 +208,7 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
     if as_json:
         print_json(d)
         return
-    mb = {k: f"{v / 2**20:.1f} MB" for k, v in d["bytes"].items() if v}
+    mb = {k: f"{v / 2**20:.1f} MB" if v >= 2**20 else f"{v / 2**10:.0f} KB" for k, v in d["bytes"].items() if v}
     if not d["complete"]:
         typer.echo(f"unfinished build in {d['index']}: {d['rows_done']} of {d['n']} rows in "
                    f"{d['shards_done']} of {d['shards_total']} shards ({d['preconditioner']} preconditioner, "

@@ -45,7 +45,7 @@ def parse_ids(text: str, n: int, what: str) -> list[int]:
 
 def print_json(obj: Any) -> None:
     """Strict JSON (NaN and infinities, which JSON lacks, become null)."""
-    typer.echo(json.dumps(_finite(obj), indent=2, default=_jsonable, allow_nan=False))
+    typer.echo(json.dumps(_finite(obj), indent=2, allow_nan=False))
 
 
 def _finite(obj: Any) -> Any:
@@ -58,12 +58,6 @@ def _finite(obj: Any) -> Any:
     if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
         return _finite(obj.tolist())
     return obj
-
-
-def _jsonable(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
 
 
 def label_value(dataset: Any, idx: int) -> int | float | str | None:

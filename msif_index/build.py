@@ -41,7 +41,7 @@ from .atomic import atomic_path, cleanup_stale_tmp, fsync_dir, read_json, write_
 from .autodiff import FlatParams, batched_objective
 from .config import BuildConfig
 from .data import batches, move
-from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, OutputExistsError
+from .errors import ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian, read_state
@@ -703,14 +703,14 @@ def _switch_search_index(out: Path, config: BuildConfig, rebuild: bool = False) 
     _check_manifest(out / MANIFEST, manifest)               # its schema and file names, before any file goes
     old = manifest["config"]["factory"]
     old_file = None if built_at_open(old) else _faiss_name(manifest)
+    if old == config.factory and not rebuild:
+        return False
     # what a crash or a killed save left: the faiss name the manifest does not use, temp files
     cleanup_stale_tmp(out)
     for name in FAISS_NAMES:
         if name != old_file:
             with contextlib.suppress(FileNotFoundError):
                 (out / name).unlink()
-    if old == config.factory and not rebuild:
-        return False
     t0 = time.perf_counter()
     new_file = None
     checksums = {k: v for k, v in manifest.get("checksums", {}).items() if k != "faiss"}
@@ -725,7 +725,7 @@ def _switch_search_index(out: Path, config: BuildConfig, rebuild: bool = False) 
     manifest["config"] = {**manifest["config"], "factory": config.factory}
     manifest["files"] = {**manifest.get("files", {}), "faiss": new_file}
     manifest["checksums"] = checksums
-    manifest["timings"] = {**manifest.get("timings", {}), "index_s": time.perf_counter() - t0}
+    manifest["timings"] = {**manifest.get("timings", {}), "search_rebuild_s": time.perf_counter() - t0}
     manifest["search_rebuilt_from"] = old
     write_json_atomic(out / MANIFEST, manifest)
     if old_file is not None and old_file != new_file:

@@ -164,10 +164,17 @@ class InfluenceIndex:
                     raise
                 manifest = again
                 continue
-            again = read_json(p / MANIFEST, "the index manifest")
-            if again == manifest or attempt == 3:
+            try:
+                again = read_json(p / MANIFEST, "the index manifest")
+            except BaseException:
+                store.close()
+                raise
+            if again == manifest:
                 break
             store.close()                        # switched while loading: the pair may not match
+            if attempt == 3:
+                raise CorruptIndexError(f"the index in {p} kept changing while it was opened (a build "
+                                        f"switching its search index?); open it again")
             manifest = again
         if huge_pages:
             search.use_huge_pages()
@@ -433,7 +440,7 @@ class InfluenceIndex:
             # SVD<r> rescores its candidates exactly against the rows it holds in memory
             dots, ids = search(signed, k, nprobe=nprobe, candidates=max(exact_rerank, k))
         elif exact_rerank:
-            cand_s, cand = search(signed, max(exact_rerank, k), nprobe=nprobe)
+            _, cand = search(signed, max(exact_rerank, k), nprobe=nprobe)
             ids, dots = _rerank(sign * q.astype(np.float64), cand, self.store, k)
         else:
             dots, ids = search(signed, k, nprobe=nprobe)
@@ -560,9 +567,13 @@ def check_checksum(path: Path, manifest: dict, key: str) -> None:
     """CorruptIndexError when ``path`` exists and differs from the manifest's sha256 under ``key``
     (indexes built before a file's checksum was recorded have none: not checked)."""
     want = manifest.get("checksums", {}).get(key)
-    if want is not None and path.is_file() and file_sha256(path) != want:
-        raise CorruptIndexError(f"{path} fails its checksum (damaged, or another build's); rebuild the index "
-                                f"with --overwrite")
+    try:
+        if want is not None and path.is_file() and file_sha256(path) != want:
+            raise CorruptIndexError(f"{path} fails its checksum (damaged, or another build's); rebuild the index "
+                                    f"with --overwrite")
+    except FileNotFoundError:       # removed meanwhile (a factory switch): as missing
+        raise CorruptIndexError(f"{path} is missing (deleted, or not copied with the index); rebuild with "
+                                f"--overwrite") from None
 
 
 def open_checked_rows(path: Path, manifest: Any, search: bool = True) -> RowStore:

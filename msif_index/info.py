@@ -54,25 +54,27 @@ def _operators(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _shards_done(folder: Path, n: int) -> tuple[int, int]:
-    """(shards, rows) committed for a build of ``n`` rows, from each shard's own header (files that
-    are not shards of such a build do not count)."""
+def _shards_done(folder: Path, n: int) -> tuple[int, int, int | None]:
+    """(shards, rows, their shard_rows) committed for a build of ``n`` rows, from each shard's own
+    header (files that are not shards of such a build do not count; shard_rows None without one)."""
     import h5py
 
     shards = rows = 0
+    size = None
     for f in sorted(folder.glob("shard_*.h5")) if folder.is_dir() else []:
         try:
             with h5py.File(f, "r") as h:
                 a = h.attrs
                 if int(a["total_rows"]) != n:
                     continue
-                start, stop = int(a["shard_start"]), int(a["shard_stop"])
+                start, stop, per = int(a["shard_start"]), int(a["shard_stop"]), int(a["shard_rows"])
         except (OSError, KeyError, ValueError, TypeError, RuntimeError):
             continue
-        if 0 <= start < stop <= n:
+        if 0 <= start < stop <= n and per >= 1:
             shards += 1
             rows += stop - start
-    return shards, rows
+            size = per
+    return shards, rows, size
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -118,7 +120,8 @@ def describe(path: str | Path) -> dict[str, Any]:
                 raise ValueError
         except (KeyError, TypeError, ValueError, AttributeError):
             raise CorruptIndexError(f"{p / BUILD_FILE} is damaged; rerun the build with --overwrite") from None
-        shards, rows = _shards_done(p / SHARDS, n)
+        shards, rows, written_per_shard = _shards_done(p / SHARDS, n)
+        shard_rows = written_per_shard or shard_rows      # build.json may hold a refused rerun's setting
         return {"index": str(p), "complete": False, "n": n, "preconditioner": cfg.get("preconditioner"),
                 "proj_dim": cfg.get("proj_dim"), "factory": cfg.get("factory"),
                 "shards_done": shards, "shards_total": math.ceil(n / shard_rows) if n else 0,

@@ -608,7 +608,9 @@ def test_corrupted_faiss_file_is_detected(tmp_path):
             named().unlink()
         task.seen = []
         if damage == "none":                               # from Flat back to HNSW8: a switch, no warning
-            build_index(task, path, cfg.with_(factory=factory), overwrite=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                build_index(task, path, cfg.with_(factory=factory), overwrite=True)
         else:
             with pytest.warns(RuntimeWarning, match="rebuilding the search index"):
                 build_index(task, path, cfg.with_(factory=factory), overwrite=True)
@@ -710,12 +712,15 @@ def test_another_factory_rebuilds_only_the_search_index(tmp_path, tiny_index):
     with pytest.raises(ConfigError) as e:                     # another preconditioner is still another build
         build_index(TinyTask(), partial, cfg.with_(preconditioner="kfac", factory="HNSW8"))
     assert "preconditioner" in _one_line(e) and "config.factory" not in _one_line(e)   # the factory is no difference
-    # what a crash between the new faiss file and the manifest, or a killed save, leaves is removed
+    # what a crash between the new faiss file and the manifest, or a killed save, leaves is removed by
+    # the next switch (a plain rerun deletes nothing: another build may be switching)
     build_index(TinyTask(), partial, cfg.with_(factory="HNSW8"))
     (partial / "faiss.alt.index").write_bytes(b"left by a crash")
     (partial / ".faiss.index.tmp-999999999-0123abcd").write_bytes(b"left by a killed save")
     build_index(TinyTask(), partial, cfg.with_(factory="HNSW8"))
-    assert sorted(p.name for p in partial.glob("*faiss*")) == ["faiss.index"]
+    assert len(list(partial.glob("*faiss*"))) == 3
+    build_index(TinyTask(), partial, cfg.with_(factory="HNSW16"))
+    assert sorted(p.name for p in partial.glob("*faiss*")) == ["faiss.alt.index"]
     InfluenceIndex.open(partial).close()
 
 
@@ -752,6 +757,20 @@ def test_readers_see_the_old_or_the_new_search_index_during_a_switch(tmp_path, t
     with InfluenceIndex.open(tiny_index) as index:
         index.attach(task)
         np.testing.assert_array_equal(index.query(test, k=5).ids, want)
+    # the faiss file removed between its existence check and its checksum: "missing", one line
+    import msif_index.index as I
+    build_index(task, tiny_index, cfg.with_(factory="HNSW8"))
+    real = I.file_sha256
+
+    def removed_meanwhile(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    I.file_sha256 = removed_meanwhile
+    try:
+        with pytest.raises(CorruptIndexError) as e:
+            InfluenceIndex.open(tiny_index)
+        assert "is missing" in _one_line(e)
+    finally:
+        I.file_sha256 = real
 
 
 def test_operator_file_copied_from_another_index_is_computed_again(tmp_path, tiny_index):
@@ -821,7 +840,7 @@ def test_describe_a_complete_index_and_an_unfinished_build(tmp_path, tiny_index)
     (tmp_path / "partial" / "shards" / "shard_00099.h5").write_bytes(b"junk")
     (tmp_path / "partial" / "shards" / "shard_abc.h5").write_bytes(b"junk")
     d = describe(tmp_path / "partial")
-    assert (d["shards_done"], d["rows_done"]) == (2, 32)      # what the shards' own headers say
+    assert (d["shards_done"], d["shards_total"], d["rows_done"]) == (2, 4, 32)   # what the shards' headers say
     json.dumps(d, allow_nan=False)
     with pytest.raises(CorruptIndexError):
         describe(tmp_path / "nothing")
