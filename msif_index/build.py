@@ -24,6 +24,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -40,7 +41,7 @@ from .allocator import keep_freed_memory
 from .atomic import atomic_path, cleanup_stale_tmp, fsync_dir, read_json, write_json_atomic
 from .autodiff import FlatParams, batched_objective
 from .config import BuildConfig
-from .data import batches, move
+from .data import batches, full_batch, move
 from .errors import ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
@@ -79,6 +80,68 @@ def pretrained_fingerprints(task: MultiStageTask, model: nn.Module) -> dict[str,
     w, u = split_parameters(task, model)
     return {"W": fingerprint_tensors({n: params[n] for n in w}),
             "U": fingerprint_tensors({n: params[n] for n in u})}
+
+
+#: pretraining examples whose loss values a build records (``pretrain_loss_probe``)
+PROBE_EXAMPLES = 8
+
+
+def pretrain_loss_probe(task: MultiStageTask, model: nn.Module) -> list[float | None] | None:
+    """``pretrain_loss`` on the first pretraining examples at the pretrained model, as the build saw
+    it (recorded in build.json and the manifest): the rows depend on the loss, which no fingerprint
+    covers, so a rerun, a resume or an attach with another loss (label smoothing, another weighting)
+    is told (``loss_probe_change``). Non-finite values are None; the whole probe is None when two
+    evaluations (torch's generator seeded alike) differ, e.g. dropout on a CUDA model."""
+    data = task.pretrain_dataset()
+    ids = list(range(min(PROBE_EXAMPLES, len(data))))
+    if not ids:
+        return []
+    p = next(model.parameters(), None)
+    batch = move(full_batch(data, ids), device=p.device if p is not None else "cpu",
+                 dtype=p.dtype if p is not None else None)
+    runs = []
+    for _ in range(2):
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            values = torch.as_tensor(task.pretrain_loss(model, batch)).detach().to("cpu", torch.float64).reshape(-1)
+        runs.append([float(v) if math.isfinite(float(v)) else None for v in values])
+    return runs[0] if loss_probe_change(runs[0], runs[1], rtol=1e-9) is None else None
+
+
+def loss_probe_change(recorded: Any, now: list[float | None] | None, rtol: float = 1e-3) -> str | None:
+    """How the probe ``now`` differs from the ``recorded`` one beyond float noise (e.g. "2.303 -> 2.197
+    on example 0"), or None (also when either was not recorded: builds from before the probe, or a
+    loss that changes from one evaluation to the next)."""
+    if now is None or recorded is None:
+        return None
+    if not isinstance(recorded, list) or len(recorded) != len(now):
+        return None if not isinstance(recorded, list) else f"{len(recorded)} -> {len(now)} values"
+    for i, (a, b) in enumerate(zip(recorded, now)):
+        if (a is None) != (b is None):
+            return f"{a} -> {b} on example {i}"
+        if a is not None and abs(a - b) > rtol * max(abs(a), abs(b)) + 1e-9:
+            return f"{a:.6g} -> {b:.6g} on example {i}"
+    return None
+
+
+def _warn_if_loss_changed(out: Path, identity: dict, probe: list[float | None] | None) -> None:
+    """Warn when the build or index in ``out`` is this build (``identity``: it is reused or resumed)
+    but recorded other pretraining loss values than ``probe``."""
+    for name in (MANIFEST, BUILD_FILE):
+        if (out / name).is_file():
+            try:
+                previous = read_json(out / name, "the index's " + name)
+                if previous.get("identity") != identity:
+                    return                            # another build: refused or replaced, not mixed
+                recorded = previous.get("pretrain_loss_probe")
+            except (CorruptIndexError, AttributeError):
+                return
+            change = loss_probe_change(recorded, probe)
+            if change:
+                warnings.warn(f"the task's pretrain_loss gives other values than when {out} was built ({change}); "
+                              f"its rows are the old loss's: if the loss changed on purpose, rebuild with "
+                              f"--overwrite", RuntimeWarning, stacklevel=3)
+            return
 
 
 @dataclass
@@ -772,6 +835,8 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
                           f"or 'Flat'")
     _finish_interrupted_swap(out)
     identity = _adopt_older_identity(out, identity)
+    probe = pretrain_loss_probe(task, task.pretrained_model())
+    _warn_if_loss_changed(out, identity, probe)
     final = out
     dropped = _attached_operators_replaced(out, identity) if overwrite else 0
     if _replaces_complete_index(out, identity, overwrite):
@@ -800,7 +865,8 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     cleanup_stale_tmp(out)
     timings: dict[str, float] = {}
     write_json_atomic(out / BUILD_FILE, {"identity": identity, "config": config.to_dict(),
-                                         "projector": prep.projector.config(), "version": __version__})
+                                         "projector": prep.projector.config(), "version": __version__,
+                                         "pretrain_loss_probe": probe})
     t0 = time.perf_counter()
     sample = _load_or_fit(task, prep, config, out, n, progress_bar)
     timings["statistics_s"] = time.perf_counter() - t0
@@ -836,6 +902,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         "files": {"rows": ROWS, "shards": SHARDS, "preconditioner": PRECOND,
                   "faiss": None if built_at_open(config.factory) else FAISS},
         "checksums": checksums,
+        "pretrain_loss_probe": probe,
         "sign_convention": "I(z, x_t) = -q_t . s_z; negative: helpful, positive: harmful",
     }
     write_json_atomic(out / MANIFEST, manifest)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .atomic import read_json
-from .build import BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, _faiss_name, file_sha256, pretrained_fingerprints
+from .build import (BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, _faiss_name, file_sha256,
+                    loss_probe_change, pretrain_loss_probe, pretrained_fingerprints)
 from .data import batch_size_of, full_batch, move
 from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, ShapeError
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
@@ -219,6 +220,13 @@ class InfluenceIndex:
                     f"the task's pretraining dataset ({short(data)}) is not the one this index was built from "
                     f"({short(want_data)}: its length and a fixed sample of examples differ); the index's ids "
                     f"would name other examples: use the dataset it was built from or rebuild the index")
+        # the same model and data: is it the same loss? (the rows depend on it; no fingerprint covers it)
+        change = loss_probe_change(self.manifest.get("pretrain_loss_probe"),
+                                   pretrain_loss_probe(task, task.pretrained_model()))
+        if change:
+            warnings.warn(f"the task's pretrain_loss gives other values than when {self.path} was built ({change}); "
+                          f"the index's rows are the old loss's: if the loss changed on purpose, rebuild the index",
+                          RuntimeWarning, stacklevel=3)
 
     def _w_blocks(self) -> list[Block]:
         """The W blocks of the projection, with their offsets in a stored row (q_t's layout)."""

@@ -95,7 +95,8 @@ class TinyTask(_HeldTask):
 
     ``nan_id``: that example's input holds a NaN (so its loss and gradient are NaN);
     ``slow``: seconds slept per pretraining loss call; ``seen``: set to a list to record the ids
-    whose pretraining loss was evaluated.
+    whose pretraining loss was differentiated (evaluations without autograd, such as the task check
+    and the build's loss probe, are not recorded).
     """
 
     shared_parameters = ("embed.weight", "embed.bias")
@@ -123,7 +124,7 @@ class TinyTask(_HeldTask):
         x, y, ids = batch
         if self.slow:
             time.sleep(self.slow)
-        if self.seen is not None:
+        if self.seen is not None and torch.is_grad_enabled():
             self.seen.extend(ids.tolist())
         return nn.functional.cross_entropy(model(x), y, reduction="none")
 
@@ -609,7 +610,7 @@ def test_corrupted_faiss_file_is_detected(tmp_path):
         task.seen = []
         if damage == "none":                               # from Flat back to HNSW8: a switch, no warning
             with warnings.catch_warnings():
-                warnings.simplefilter("error")
+                warnings.simplefilter("error", RuntimeWarning)
                 build_index(task, path, cfg.with_(factory=factory), overwrite=True)
         else:
             with pytest.warns(RuntimeWarning, match="rebuilding the search index"):
@@ -794,7 +795,7 @@ def test_operator_file_copied_from_another_index_is_computed_again(tmp_path, tin
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-9)
     with InfluenceIndex.open(other) as index:                # the file was replaced by the right one
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error", RuntimeWarning)
             index.attach(task)
     # the same width from another seed fits every shape: the projection's fingerprint tells them apart
     seeded = build_index(task, tmp_path / "seeded", BuildConfig(proj_dim=16, preconditioner="gauss-newton",
@@ -844,6 +845,33 @@ def test_describe_a_complete_index_and_an_unfinished_build(tmp_path, tiny_index)
     json.dumps(d, allow_nan=False)
     with pytest.raises(CorruptIndexError):
         describe(tmp_path / "nothing")
+
+
+def test_another_pretraining_loss_is_told_on_rerun_resume_and_attach(tmp_path, tiny_index):
+    """The rows depend on pretrain_loss, which no fingerprint covers: its values on the first examples
+    are recorded, and a rerun, a resume or an attach whose loss gives other values warns (one line)."""
+    cfg = BuildConfig(proj_dim=16, preconditioner="gauss-newton", shard_rows=16)
+
+    class Smoothed(TinyTask):
+        def pretrain_loss(self, model, batch):
+            return super().pretrain_loss(model, batch) * 1.1
+
+    assert len(_manifest(tiny_index)["pretrain_loss_probe"]) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        build_index(TinyTask(), tiny_index, cfg)                      # the same loss: nothing said
+        with InfluenceIndex.open(tiny_index) as index:
+            index.attach(TinyTask())
+    with pytest.warns(RuntimeWarning, match="pretrain_loss gives other values") as w:
+        build_index(Smoothed(), tiny_index, cfg)
+    assert "\n" not in str(w[0].message) and "--overwrite" in str(w[0].message)
+    with InfluenceIndex.open(tiny_index) as index:
+        with pytest.warns(RuntimeWarning, match="pretrain_loss gives other values"):
+            index.attach(Smoothed())
+    with pytest.raises(NonFiniteError):                               # a partial build, resumed
+        build_index(TinyTask(nan_id=40), tmp_path / "partial", cfg)
+    with pytest.warns(RuntimeWarning, match="pretrain_loss gives other values"):
+        build_index(Smoothed(), tmp_path / "partial", cfg)
 
 
 def test_manifest_naming_another_search_file_is_corrupt(tmp_path):

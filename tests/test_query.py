@@ -421,7 +421,11 @@ def test_index_of_other_pretraining_data(exact_index, tasks):
         assert "pretraining dataset" in _one_line(e)
         assert index.attached == []
         index.manifest["identity"].pop("data")
-        index.check_pretrained(task)
+        if a < 8 or b < 8:           # the probe of the loss on the first 8 examples still tells a change
+            with pytest.warns(RuntimeWarning, match="pretrain_loss gives other values"):
+                index.check_pretrained(task)
+        else:
+            index.check_pretrained(task)
 
 
 def test_bad_attach_settings_are_refused_before_any_work(exact_index, tasks):
