@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from msif_index.config import help_text
-from msif_index.errors import ConfigError, DiskFullError, MsifError
+from msif_index.errors import ConfigError, DiskFullError, MsifError, exception_text
 
 from .output import SIGN_CONVENTION, parse_ids, print_json, print_ranking, test_point_info
 
@@ -384,9 +384,8 @@ def _task_error_line(e: BaseException) -> Optional[str]:
     where = task_code_location(e)
     if where is None:
         return None
-    text = str(e).strip().splitlines()
-    return (f"the task's code raised {type(e).__name__}" + (f": {text[0]}" if text else "")
-            + f" ({where}); fix it there, or set {TRACEBACK_ENV}=1 for the full traceback")
+    return (f"the task's code raised {exception_text(e)} ({where}); fix it there, or set {TRACEBACK_ENV}=1 "
+            f"for the full traceback")
 
 
 def _usage_exceptions() -> tuple[type, type, type]:

@@ -42,7 +42,7 @@ from .atomic import atomic_path, cleanup_stale_tmp, fsync_dir, read_json, write_
 from .autodiff import FlatParams, batched_objective
 from .config import BuildConfig
 from .data import batches, full_batch, move
-from .errors import ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError
+from .errors import ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError, exception_text, first_line
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian, read_state
@@ -86,25 +86,27 @@ def pretrained_fingerprints(task: MultiStageTask, model: nn.Module) -> dict[str,
 PROBE_EXAMPLES = 8
 
 
-def pretrain_loss_probe(task: MultiStageTask, model: nn.Module) -> list[float | None] | None:
-    """``pretrain_loss`` on the first pretraining examples at the pretrained model, as the build saw
-    it (recorded in build.json and the manifest): the rows depend on the loss, which no fingerprint
-    covers, so a rerun, a resume or an attach with another loss (label smoothing, another weighting)
-    is told (``loss_probe_change``). Non-finite values are None; the whole probe is None when two
-    evaluations (torch's generator seeded alike) differ, e.g. dropout on a CUDA model."""
-    data = task.pretrain_dataset()
-    ids = list(range(min(PROBE_EXAMPLES, len(data))))
+def loss_values(loss_fn: Callable, model: nn.Module, data: Any, examples: int = PROBE_EXAMPLES) -> list[float | None]:
+    """``loss_fn(model, batch)`` on the first ``examples`` items of ``data``, without autograd, on the
+    model's device and dtype, torch's generator seeded (float64 values; None where not finite)."""
+    ids = list(range(min(examples, len(data))))
     if not ids:
         return []
     p = next(model.parameters(), None)
     batch = move(full_batch(data, ids), device=p.device if p is not None else "cpu",
                  dtype=p.dtype if p is not None else None)
-    runs = []
-    for _ in range(2):
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0)
-            values = torch.as_tensor(task.pretrain_loss(model, batch)).detach().to("cpu", torch.float64).reshape(-1)
-        runs.append([float(v) if math.isfinite(float(v)) else None for v in values])
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        values = torch.as_tensor(loss_fn(model, batch)).detach().to("cpu", torch.float64).reshape(-1)
+    return [float(v) if math.isfinite(float(v)) else None for v in values]
+
+
+def pretrain_loss_probe(task: MultiStageTask, model: nn.Module) -> list[float | None] | None:
+    """``pretrain_loss`` on the first pretraining examples at the pretrained model, as the build saw
+    it (recorded in build.json and the manifest): the rows depend on the loss, which no fingerprint
+    covers, so a rerun, a resume or an attach with another loss (label smoothing, another weighting)
+    is told (``loss_probe_change``). None when two evaluations differ (e.g. dropout on a CUDA model)."""
+    runs = [loss_values(task.pretrain_loss, model, task.pretrain_dataset()) for _ in range(2)]
     return runs[0] if loss_probe_change(runs[0], runs[1], rtol=1e-9) is None else None
 
 
@@ -168,7 +170,7 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"--device {name!r} is not a torch device ({str(e).splitlines()[0]}); "
+        raise ConfigError(f"--device {name!r} is not a torch device ({first_line(e)}); "
                           f"use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name!r}: this torch sees no CUDA device; use --device cpu")
@@ -178,7 +180,7 @@ def _device(name: str) -> torch.device:
         try:
             torch.empty(1, device=device)
         except Exception as e:  # noqa: BLE001 - any backend error means the device cannot be used
-            raise ConfigError(f"--device {name!r} cannot be used here ({str(e).splitlines()[0]}); "
+            raise ConfigError(f"--device {name!r} cannot be used here ({first_line(e)}); "
                               f"use --device cpu") from None
     return device
 
@@ -355,40 +357,39 @@ def _finish_interrupted_swap(out: Path) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
 
 
-def index_damage(out: Path, search: bool = True) -> str | None:
-    """Why the complete index in ``out`` cannot answer as it is (a file missing, failing its checksum
-    or unreadable), or None: InfluenceIndex.open's checks, then preconditioner.h5 and every stored
-    row read once (HDF5's per-chunk checksums). ``search=False``: the search structure's file is
-    not checked."""
+def index_damage(out: Path) -> str | None:
+    """Why the complete index in ``out`` cannot answer as it is, its search structure aside (a file
+    missing, failing its checksum or unreadable), or None: InfluenceIndex.open's checks of the
+    manifest and rows.h5, then preconditioner.h5 and every stored row read once (HDF5's per-chunk
+    checksums). ``_search_damage`` checks the faiss file."""
     from .index import check_checksum, open_checked_rows     # (index.py imports this module)
     try:
         manifest = read_json(out / MANIFEST, "the index's " + MANIFEST)
-        with open_checked_rows(out, manifest, search=search) as store:
+        with open_checked_rows(out, manifest, search=False) as store:
             check_checksum(out / PRECOND, manifest, "preconditioner")
             read_state(out / PRECOND)
             store.verify()
     except CorruptIndexError as e:
-        return str(e).splitlines()[0].split("; rebuild")[0]      # what to do is what the caller does
+        return _damage(e)
     except (OSError, KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
-        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return f"unreadable ({exception_text(e)})"
     return None
 
 
 def _search_damage(out: Path) -> str | None:
     """Why the faiss file of the complete index in ``out`` cannot be used (missing, failing its
     checksum), or None (also for Flat / SVD<r>, which have none)."""
-    from .index import check_checksum                       # (index.py imports this module)
-    manifest = read_json(out / MANIFEST, "the index's " + MANIFEST)
-    if built_at_open(manifest["config"]["factory"]):
-        return None
-    path = out / _faiss_name(manifest)
-    if not path.is_file():
-        return f"{path} is missing"
+    from .index import check_search_file                    # (index.py imports this module)
     try:
-        check_checksum(path, manifest, "faiss")
+        check_search_file(out, read_json(out / MANIFEST, "the index's " + MANIFEST))
     except CorruptIndexError as e:
-        return str(e).splitlines()[0].split("; rebuild")[0]
+        return _damage(e)
     return None
+
+
+def _damage(e: CorruptIndexError) -> str:
+    """A corruption error's first line without what to do (the caller does it)."""
+    return first_line(e).split("; rebuild")[0]
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -847,7 +848,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
             _swap_in(out, final)                      # completed earlier, not yet swapped in
             _switch_search_index(final, config)       # ... perhaps with another factory than this one
             return final
-        damage = index_damage(out, search=False) if overwrite else None
+        damage = index_damage(out) if overwrite else None
         if damage is None:
             search_damage = _search_damage(out) if overwrite else None
             if search_damage is not None:

@@ -43,3 +43,17 @@ class TooLargeError(MsifError):
 
 class DiskFullError(MsifError):
     """The disk ran out of space while writing; nothing already written was damaged."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty): what
+    one-line errors quote of the exception that caused them."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def exception_text(exc: BaseException) -> str:
+    """``"KeyError: 'label'"``: the exception's type and the first line of its message (the type
+    alone when the message is empty)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -24,9 +24,9 @@ from torch import nn
 
 from .atomic import read_json
 from .build import (BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, _faiss_name, file_sha256,
-                    loss_probe_change, pretrain_loss_probe, pretrained_fingerprints)
-from .data import batch_size_of, full_batch, move
-from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, ShapeError
+                    loss_probe_change, loss_values, pretrain_loss_probe, pretrained_fingerprints)
+from .data import batch_size_of, move
+from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, ShapeError, first_line
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector
 from .gradients.blocks import Block, plan_blocks
@@ -261,7 +261,7 @@ class InfluenceIndex:
         try:
             return stored_eigenbases(read_state(path)[0], len(self._w_blocks()), dtype)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
-            raise CorruptIndexError(f"{path} is missing or damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            raise CorruptIndexError(f"{path} is missing or damaged ({first_line(e)}); "
                                     f"rebuild the index with --overwrite") from None
 
     def to_row_basis(self, vectors: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -321,7 +321,7 @@ class InfluenceIndex:
                  # B depends on the finetuning data and loss too: their fingerprints, so that another
                  # dataset or loss with the same model is not answered with a cached operator
                  "finetune_data": _stable_fingerprint(task.finetune_dataset()),
-                 "finetune_loss": _loss_probe(task, model, dtype)}
+                 "finetune_loss": _loss_probe(task, model)}
         # defaults spelled out, so an omitted option and its default value share one operator
         dense = ident["h_tt"] == "dense"
         ident["damping"] = float((0.0 if dense else KRONECKER_DAMPING) if damping is None else damping)
@@ -390,22 +390,25 @@ class InfluenceIndex:
         "eigen": R P_W v_t, see ``to_row_basis``), so that I(z, x_t) ~ -q_t . s_z."""
         return self._query_vectors(test_batch, finetuned).astype(np.float64)
 
-    def _query_vectors(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
-        """``query_vectors`` in the model's dtype (float32 for a float32 model: the search's own)."""
+    def _test_points(self, test_batch: Any, finetuned: str | None) -> tuple[_Attached, Any, int]:
+        """The attached model, the test batch on its device and dtype, and the number of test points."""
         a = self._get(finetuned)
         batch = move(test_batch, device="cpu", dtype=a.projector.dtype)
         try:
-            q_n = batch_size_of(batch)
+            return a, batch, batch_size_of(batch)
         except ValueError as e:
             raise ShapeError(f"the test batch holds no tensors: {e}") from None
+
+    def _query_vectors(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
+        """``query_vectors`` in the model's dtype (float32 for a float32 model: the search's own)."""
+        a, batch, q_n = self._test_points(test_batch, finetuned)
         if q_n == 0:                        # no test points: no vectors (a query returns [0, k] results)
             return np.zeros((0, self.k), dtype=torch.empty(0, dtype=a.projector.dtype).numpy().dtype)
         with a.lock:
             try:
                 q = a.query.vectors(a.task.measurement, batch).detach()
-            except (RuntimeError, IndexError, ValueError, TypeError) as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ShapeError(f"the test batch does not fit the finetuned model: {msg}") from None
+            except _MODEL_CALL_ERRORS as e:
+                raise _does_not_fit(e) from None
         if q.shape[0] != q_n:
             raise ShapeError(f"measurement returned {q.shape[0]} values for {q_n} test examples")
         q = q.numpy()
@@ -459,20 +462,14 @@ class InfluenceIndex:
     def measurements(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
         """l(x_t): the task's measurement (default: the finetuning loss) of each test point on the
         attached finetuned model, [Q] float64: what a query's scores are derivatives of."""
-        a = self._get(finetuned)
-        batch = move(test_batch, device="cpu", dtype=a.projector.dtype)
-        try:
-            q_n = batch_size_of(batch)
-        except ValueError as e:
-            raise ShapeError(f"the test batch holds no tensors: {e}") from None
+        a, batch, q_n = self._test_points(test_batch, finetuned)
         if q_n == 0:
             return np.zeros(0)
         with a.lock, torch.no_grad():
             try:
                 values = a.task.measurement(a.model, batch)
-            except (RuntimeError, IndexError, ValueError, TypeError) as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ShapeError(f"the test batch does not fit the finetuned model: {msg}") from None
+            except _MODEL_CALL_ERRORS as e:
+                raise _does_not_fit(e) from None
         if not isinstance(values, torch.Tensor) or tuple(values.shape) != (q_n,):
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ShapeError(f"measurement returned {shape} for {q_n} test examples; it must return one value "
@@ -486,6 +483,14 @@ class InfluenceIndex:
         for start, block in self.store.iter_blocks(block_rows, dtype=np.float64):
             out[:, start:start + len(block)] = -(q @ block.T)
         return out
+
+
+#: what the finetuned model raises on a test batch it cannot take (wrong shape, dtype, ...)
+_MODEL_CALL_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
+
+
+def _does_not_fit(e: BaseException) -> ShapeError:
+    return ShapeError(f"the test batch does not fit the finetuned model: {first_line(e)}")
 
 
 def _projection_fingerprint(manifest: dict) -> str:
@@ -516,19 +521,15 @@ def _stable_fingerprint(data: Any) -> str | None:
     return fp if fingerprint_dataset(data) == fp else None
 
 
-def _loss_probe(task: MultiStageTask, model: nn.Module, dtype: torch.dtype, examples: int = 8) -> str:
+def _loss_probe(task: MultiStageTask, model: nn.Module, examples: int = 8) -> str:
     """A short hash of ``finetune_loss`` on the first finetuning examples at ``model`` (the CPU copy
     in eval mode), rounded to 4 significant digits so that last-bit differences between processes
     (float32: about 1e-7) almost never change it: tells another loss (label smoothing, another
     weighting) with the same data and model, unless it moves no loss by 1e-4 relative."""
-    data = task.finetune_dataset()
-    ids = list(range(min(examples, len(data))))
-    if not ids:
+    values = loss_values(task.finetune_loss, model, task.finetune_dataset(), examples)
+    if not values:
         return "empty"
-    with torch.no_grad():
-        losses = task.finetune_loss(model, move(full_batch(data, ids), device="cpu", dtype=dtype))
-    values = np.asarray(torch.as_tensor(losses).detach().to("cpu", torch.float64)).ravel()
-    return hashlib.sha256(",".join(f"{v:.4g}" for v in values).encode()).hexdigest()[:16]
+    return hashlib.sha256(",".join(f"{v:.4g}" if v is not None else "nan" for v in values).encode()).hexdigest()[:16]
 
 
 def _pack_on_huge_pages(model: nn.Module, query: _QueryPath) -> None:
@@ -584,6 +585,18 @@ def check_checksum(path: Path, manifest: dict, key: str) -> None:
                                 f"--overwrite") from None
 
 
+def check_search_file(path: Path, manifest: dict) -> None:
+    """CorruptIndexError (one line) when the faiss file the manifest names is missing or fails its
+    checksum; nothing to check for Flat / SVD<r> (built from the rows at open)."""
+    if built_at_open(manifest["config"]["factory"]):
+        return
+    faiss_file = path / _faiss_name(manifest)
+    if not faiss_file.is_file():
+        raise CorruptIndexError(f"{faiss_file} is missing (deleted, or not copied with the index); "
+                                f"rebuild with --overwrite")
+    check_checksum(faiss_file, manifest, "faiss")
+
+
 def open_checked_rows(path: Path, manifest: Any, search: bool = True) -> RowStore:
     """The index's row store, opened after the checks that need no row read: the manifest's schema,
     the checksums of rows.h5 and faiss.index (before HDF5 or faiss parse them; the latter unless
@@ -591,12 +604,8 @@ def open_checked_rows(path: Path, manifest: Any, search: bool = True) -> RowStor
     CorruptIndexError (one line) otherwise."""
     _check_manifest(path / MANIFEST, manifest)
     check_checksum(path / ROWS, manifest, "rows")
-    if search and not built_at_open(manifest["config"]["factory"]):
-        faiss_file = path / _faiss_name(manifest)
-        if not faiss_file.is_file():
-            raise CorruptIndexError(f"{faiss_file} is missing (deleted, or not copied with the index); "
-                                    f"rebuild with --overwrite")
-        check_checksum(faiss_file, manifest, "faiss")
+    if search:
+        check_search_file(path, manifest)
     store = RowStore.open(path / ROWS)
     if store.n != manifest.get("n") or store.k != manifest.get("k"):
         store.close()

@@ -23,7 +23,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import queue
 import re
 import sys
@@ -36,7 +35,7 @@ import h5py
 import numpy as np
 
 from .atomic import atomic_path, cleanup_stale_tmp, disk_full_error, is_disk_full
-from .errors import ConfigError, CorruptIndexError, NonFiniteError, ShapeError
+from .errors import ConfigError, CorruptIndexError, NonFiniteError, ShapeError, first_line
 
 try:  # torch is optional here: rows may be numpy arrays
     import torch
@@ -176,11 +175,6 @@ def _open_h5(path: Path, mode: str, cache_bytes: int = _CACHE_BYTES) -> h5py.Fil
         if "lock" not in str(e).lower() and not isinstance(e, TypeError):
             raise
         return h5py.File(path, mode, **kwargs)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _to_numpy(rows: Any) -> np.ndarray:
@@ -513,7 +507,7 @@ class RowWriter:
             if is_disk_full(e):
                 raise disk_full_error(self.path) from e
             raise CorruptIndexError(
-                f"writing {self.path} failed: the new file cannot be read back ({_first_line(e)}); "
+                f"writing {self.path} failed: the new file cannot be read back ({first_line(e)}); "
                 f"check the disk (free space, errors) and run again"
             ) from None
 
@@ -699,7 +693,7 @@ class RowStore:
             f = _open_h5(path, "r")
         except (OSError, ValueError, RuntimeError) as e:
             raise CorruptIndexError(
-                f"{path} is truncated or corrupted (it cannot be opened as HDF5: {_first_line(e)}); {_REBUILD}"
+                f"{path} is truncated or corrupted (it cannot be opened as HDF5: {first_line(e)}); {_REBUILD}"
             ) from None
         try:
             attrs = cls._validate(path, f)
@@ -715,7 +709,7 @@ class RowStore:
             attrs = _read_attrs(f)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CorruptIndexError(
-                f"the attributes of {path} cannot be read ({_first_line(e)}), so the file is corrupted; {_REBUILD}"
+                f"the attributes of {path} cannot be read ({first_line(e)}), so the file is corrupted; {_REBUILD}"
             ) from None
         if "schema_version" not in attrs:
             raise CorruptIndexError(f"{path} is not an msif-index row store (no schema_version); {_REBUILD}")
@@ -754,7 +748,7 @@ class RowStore:
                 mask = written[s : min(n, s + _MASK_BLOCK)]
             except (OSError, RuntimeError) as e:
                 raise CorruptIndexError(
-                    f"{path} fails its checksum in the 'written' mask ({_first_line(e)}), so it is corrupted; {_REBUILD}"
+                    f"{path} fails its checksum in the 'written' mask ({first_line(e)}), so it is corrupted; {_REBUILD}"
                 ) from None
             if not mask.all():
                 raise CorruptIndexError(
@@ -800,7 +794,7 @@ class RowStore:
 
     def _read_error(self, what: str, exc: BaseException) -> CorruptIndexError:
         return CorruptIndexError(
-            f"{self.path}: {what} fail their checksum or cannot be read ({_first_line(exc)}), "
+            f"{self.path}: {what} fail their checksum or cannot be read ({first_line(exc)}), "
             f"so the file is corrupted; {_REBUILD}"
         )
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from .errors import ShapeError, TaskError
+from .errors import ShapeError, TaskError, exception_text
 
 FINETUNING_STYLES = ("frozen", "proximal")
 
@@ -189,8 +189,8 @@ def _check_loss(name: str, fn, model: nn.Module, batch: Any, expected: int) -> N
             out = fn(model, batch)
     except Exception as e:  # noqa: BLE001 - the user's code; report it in one line
         where = task_code_location(e)
-        raise TaskError(f"{name}(model, batch) failed on a batch of {expected}: "
-                        f"{type(e).__name__}: {_first_line(e)}" + (f" ({where})" if where else "")) from None
+        raise TaskError(f"{name}(model, batch) failed on a batch of {expected}: {exception_text(e)}"
+                        + _at(where)) from None
     if not isinstance(out, torch.Tensor) or out.shape != (expected,):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TaskError(f"{name} must return one loss per example (shape [{expected}]), got {shape}; "
@@ -355,8 +355,7 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
         except Exception as e:  # noqa: BLE001
             del sys.modules[mod_name]
             where = None if isinstance(e, SyntaxError) else task_code_location(e)   # its text has the line
-            raise TaskError(f"importing {path_s} failed: {type(e).__name__}: {_first_line(e)}"
-                            + (f" ({where})" if where else "")) from None
+            raise TaskError(f"importing {path_s} failed: {exception_text(e)}" + _at(where)) from None
     if not hasattr(module, name):
         found = [k for k, v in vars(module).items() if not k.startswith("_") and
                  (isinstance(v, MultiStageTask) or (inspect.isclass(v) and issubclass(v, MultiStageTask)
@@ -371,8 +370,7 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
             obj = obj()
         except Exception as e:  # noqa: BLE001
             where = task_code_location(e)
-            raise TaskError(f"calling {name}() from {path_s} failed: {type(e).__name__}: {_first_line(e)}"
-                            + (f" ({where})" if where else "")) from None
+            raise TaskError(f"calling {name}() from {path_s} failed: {exception_text(e)}" + _at(where)) from None
     if not isinstance(obj, MultiStageTask):
         raise TaskError(f"{spec} is a {type(obj).__name__}, not a msif_index.MultiStageTask")
     if validate:
@@ -380,6 +378,5 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
     return obj
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+def _at(where: str | None) -> str:
+    return f" ({where})" if where else ""

@@ -778,43 +778,33 @@ def test_operator_file_copied_from_another_index_is_computed_again(tmp_path, tin
     """An attached operator's file name (its key) does not depend on the index's projection: one copied
     from an index with another proj_dim is refused with a warning and computed again."""
     task = TinyTask()
-    other = build_index(task, tmp_path / "other", BuildConfig(proj_dim=12, preconditioner="gauss-newton",
-                                                              shard_rows=16))
+    cfg = BuildConfig(proj_dim=16, preconditioner="gauss-newton", shard_rows=16)
     test = full_batch(task.test_dataset())
-    with InfluenceIndex.open(other) as index:
-        key = index.attach(task)
-        want = index.query(test, k=5)
     with InfluenceIndex.open(tiny_index) as index:
-        assert index.attach(task) == key
-    shutil.copy(tiny_index / "operators" / f"{key}.h5", other / "operators" / f"{key}.h5")
-    with InfluenceIndex.open(other) as index:
-        with pytest.warns(RuntimeWarning, match="does not fit this index"):
-            index.attach(task)
-        got = index.query(test, k=5)
-    np.testing.assert_array_equal(got.ids, want.ids)
-    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-9)
-    with InfluenceIndex.open(other) as index:                # the file was replaced by the right one
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)
-            index.attach(task)
-    # the same width from another seed fits every shape: the projection's fingerprint tells them apart
-    seeded = build_index(task, tmp_path / "seeded", BuildConfig(proj_dim=16, preconditioner="gauss-newton",
-                                                                shard_rows=16, seed=1))
-    with InfluenceIndex.open(seeded) as index:
-        index.attach(task)
-        want = index.query(test, k=5)
-    for damage in ("copied", "truncated"):
-        target = seeded / "operators" / f"{key}.h5"
+        key = index.attach(task)
+    # another width (B's shape differs); the same width from another seed (every shape fits: the
+    # projection's fingerprint tells them apart); a damaged file
+    for folder, change, damage in (("other", {"proj_dim": 12}, "copied"), ("seeded", {"seed": 1}, "copied"),
+                                   ("seeded", {"seed": 1}, "truncated")):
+        path = build_index(task, tmp_path / folder, cfg.with_(**change))
+        with InfluenceIndex.open(path) as index:
+            assert index.attach(task) == key
+            want = index.query(test, k=5)
+        target = path / "operators" / f"{key}.h5"
         if damage == "copied":
             shutil.copy(tiny_index / "operators" / f"{key}.h5", target)
         else:
             target.write_bytes(target.read_bytes()[:1000])
-        with InfluenceIndex.open(seeded) as index:
+        with InfluenceIndex.open(path) as index:
             with pytest.warns(RuntimeWarning, match="does not fit this index"):
                 index.attach(task)
             got = index.query(test, k=5)
         np.testing.assert_array_equal(got.ids, want.ids)
         np.testing.assert_allclose(got.scores, want.scores, rtol=1e-9)
+        with InfluenceIndex.open(path) as index:            # the file was replaced by the right one
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                index.attach(task)
 
 
 def test_describe_a_complete_index_and_an_unfinished_build(tmp_path, tiny_index):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import ConfigError, NonFiniteError, ShapeError, TaskError, TooLargeError
+from ..errors import ConfigError, NonFiniteError, ShapeError, TaskError, TooLargeError, first_line
 from ..projection import (
     CHUNK_COLS,
     SCHEME,
@@ -190,11 +190,6 @@ def _all_finite(t: torch.Tensor) -> bool:
     if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
-
-
-def _first_line(exc: BaseException) -> str:
-    s = str(exc).strip().splitlines()
-    return s[0] if s else type(exc).__name__
 
 
 class GradientProjector:
@@ -640,7 +635,7 @@ class GradientProjector:
         except (RuntimeError, ValueError) as exc:
             raise TaskError(
                 f"per-example gradients of the dense-path parameters {names} (torch.func.vmap over loss_fn, "
-                f"one example at a time) failed: {_first_line(exc)}") from exc
+                f"one example at a time) failed: {first_line(exc)}") from exc
         for blk in self._dense:
             gb = g["model." + blk.name].reshape(n, -1)
             if gb.dtype != self.dtype or gb.device != self.device:
