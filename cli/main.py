@@ -210,9 +210,11 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
         return
     mb = {k: f"{v / 2**20:.1f} MB" if v >= 2**20 else f"{v / 2**10:.0f} KB" for k, v in d["bytes"].items() if v}
     if not d["complete"]:
-        typer.echo(f"unfinished build in {d['index']}: {d['rows_done']} of {d['n']} rows in "
+        state = "unfinished build" if d["writer_pid"] is None else f"build running (process {d['writer_pid']})"
+        then = f"{d['resume']} to resume it" if d["writer_pid"] is None else d["resume"]
+        typer.echo(f"{state} in {d['index']}: {d['rows_done']} of {d['n']} rows in "
                    f"{d['shards_done']} of {d['shards_total']} shards ({d['preconditioner']} preconditioner, "
-                   f"statistics {'done' if d['statistics_done'] else 'not done'}); {d['resume']} to resume it")
+                   f"statistics {'done' if d['statistics_done'] else 'not done'}); {then}")
         return
     damping = d["damping_used"]
     if isinstance(damping, dict):
@@ -239,6 +241,8 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
         what = a.get("error") or (f"{a['finetuning']}" + (f" alpha={a['alpha']:g}" if a["alpha"] is not None
                                                            else "") + (f", H_tt {a['h_tt']}" if a["h_tt"] else ""))
         typer.echo(f"  attached {a['key']}: {what}")
+    if d["writer_pid"] is not None:
+        typer.echo(f"  a build (process {d['writer_pid']}) is writing this folder now (e.g. an --overwrite rebuild)")
     for problem in d["problems"]:
         typer.echo(f"  problem: {problem}")
 

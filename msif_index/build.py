@@ -45,6 +45,7 @@ from .data import batches, full_batch, move
 from .errors import ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError, exception_text, first_line
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
+from .lock import folder_lock
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian, read_state
 from .progress import progress
 from .search import SearchIndex, built_at_open, fitting_nlist, min_train_rows
@@ -834,6 +835,14 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         raise ConfigError(f"factory {config.factory!r} needs at least {min_train_rows(config.factory)} rows to "
                           f"train, the pretraining set has {n}; use fewer lists (e.g. 'IVF{fitting_nlist(n)},Flat') "
                           f"or 'Flat'")
+    with folder_lock(out):                            # one writer per folder (BusyError otherwise)
+        return _build_locked(task, config, out, prep, identity, fps, n, overwrite, progress_bar)
+
+
+def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Prepared, identity: dict,
+                  fps: dict[str, str], n: int, overwrite: bool, progress_bar: bool | None) -> Path:
+    """build_index once the config, task and factory are checked, holding the folder's write lock."""
+    pre = prep.preconditioner
     _finish_interrupted_swap(out)
     identity = _adopt_older_identity(out, identity)
     probe = pretrain_loss_probe(task, task.pretrained_model())
@@ -865,6 +874,12 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     out.mkdir(parents=True, exist_ok=True)
     cleanup_stale_tmp(out)
     timings: dict[str, float] = {}
+    # the shards on disk are checked first (another shard_rows refuses without --overwrite, which
+    # recomputes them), so that a refused rerun leaves build.json describing the shards that are there
+    shards = ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, _shard_rows(n, config),
+                           attrs={"identity": identity}, background_commit=True,
+                           discard_mismatched=overwrite)
+    shards.completed_shards()                        # (checked once here; the pass reuses the result)
     write_json_atomic(out / BUILD_FILE, {"identity": identity, "config": config.to_dict(),
                                          "projector": prep.projector.config(), "version": __version__,
                                          "pretrain_loss_probe": probe})
@@ -872,9 +887,6 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     sample = _load_or_fit(task, prep, config, out, n, progress_bar)
     timings["statistics_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    shards = ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, _shard_rows(n, config),
-                           attrs={"identity": identity}, background_commit=True,
-                           discard_mismatched=overwrite)     # e.g. another shard_rows: rows recomputed
     _write_rows(task, prep, config, shards, sample, progress_bar)
     del sample
     timings["featurize_s"] = time.perf_counter() - t0

@@ -41,6 +41,10 @@ class TooLargeError(MsifError):
     """A model is too large for a dense (exact) computation."""
 
 
+class BusyError(MsifError):
+    """Another process is writing the same index folder (msif_index.lock)."""
+
+
 class DiskFullError(MsifError):
     """The disk ran out of space while writing; nothing already written was damaged."""
 

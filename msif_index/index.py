@@ -32,6 +32,7 @@ from .gradients import GradientProjector
 from .gradients.blocks import Block, plan_blocks
 from .head_curvature import CG_ITERS, block_permutation, resolve_h_tt
 from .hugepages import packed_on_huge_pages
+from .lock import lock_holder
 from .operator import KRONECKER_DAMPING, FinetuneOperator, compute_operator
 from .preconditioners import read_state, rotate_blocks, stored_eigenbases
 from .search import SearchIndex, built_at_open
@@ -150,6 +151,10 @@ class InfluenceIndex:
         p = Path(path)
         if not (p / MANIFEST).exists():
             if (p / BUILD_FILE).exists():
+                writer = lock_holder(p)
+                if writer is not None:
+                    raise CorruptIndexError(f"the index in {p} is still being built (process {writer}); "
+                                            f"wait for that build to finish")
                 raise CorruptIndexError(f"the build in {p} did not finish; rerun the same msif build-index "
                                         f"command to resume it")
             raise CorruptIndexError(f"no msif index in {p} (no {MANIFEST}); build one with msif build-index")

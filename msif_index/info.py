@@ -14,6 +14,7 @@ from .atomic import read_json
 from .build import BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, SHARDS, _faiss_name
 from .errors import CorruptIndexError
 from .fingerprint import short
+from .lock import lock_holder
 from .search import built_at_open
 
 
@@ -108,6 +109,7 @@ def describe(path: str | Path) -> dict[str, Any]:
                       "search": _size(p / faiss_file) if faiss_file in FAISS_NAMES else 0,
                       "operators": _size(p / OPERATORS)},
             "attached": _operators(p),
+            "writer_pid": lock_holder(p),             # e.g. an --overwrite rebuild running beside it
             "problems": problems,
         }
     if (p / BUILD_FILE).is_file():
@@ -121,11 +123,13 @@ def describe(path: str | Path) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError, AttributeError):
             raise CorruptIndexError(f"{p / BUILD_FILE} is damaged; rerun the build with --overwrite") from None
         shards, rows, written_per_shard = _shards_done(p / SHARDS, n)
+        writer = lock_holder(p)
         shard_rows = written_per_shard or shard_rows      # build.json may hold a refused rerun's setting
         return {"index": str(p), "complete": False, "n": n, "preconditioner": cfg.get("preconditioner"),
                 "proj_dim": cfg.get("proj_dim"), "factory": cfg.get("factory"),
                 "shards_done": shards, "shards_total": math.ceil(n / shard_rows) if n else 0,
                 "rows_done": rows, "statistics_done": (p / PRECOND).is_file(),
-                "bytes": {"rows": _size(p / SHARDS)},
-                "resume": "rerun the same msif build-index command"}
+                "bytes": {"rows": _size(p / SHARDS)}, "writer_pid": writer,
+                "resume": ("rerun the same msif build-index command" if writer is None
+                           else f"wait for the build running in process {writer}")}
     raise CorruptIndexError(f"no msif index in {p} (no {MANIFEST}); build one with msif build-index")

@@ -31,11 +31,13 @@ from msif_index.task import cross_entropy_fisher_losses
 from msif_index.build import build_index
 from msif_index.config import PRESETS, BuildConfig
 from msif_index.data import full_batch
-from msif_index.errors import (ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError,
+from msif_index.errors import (BusyError, ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError,
                                ShapeError)
 from msif_index.exact import pretrain_side
 from msif_index.gradients import GradientProjector
 from msif_index.index import InfluenceIndex
+from msif_index.info import describe
+from msif_index.lock import folder_lock, lock_holder, lock_path
 from msif_index.preconditioners import rotate_blocks
 from msif_index.store import RowStore
 
@@ -482,16 +484,29 @@ build_index(TinyTask(slow={slow}), {out!r}, BuildConfig(**KILL_CONFIG))
 
 def test_killed_build_resumes_to_identical_rows(tmp_path):
     out = tmp_path / "killed"
-    script = _KILL_SCRIPT.format(root=str(ROOT), slow=0.1, out=str(out))
+    script = _KILL_SCRIPT.format(root=str(ROOT), slow=0.2, out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     first = out / "shards" / "shard_00000.h5"
     deadline = time.monotonic() + 240
-    try:
-        while not first.exists():
+
+    def wait_for(path: Path, what: str) -> None:
+        while not path.exists():
             assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
-            assert time.monotonic() < deadline, "the build never wrote its first shard"
+            assert time.monotonic() < deadline, f"the build never wrote {what}"
             time.sleep(0.005)
+    try:
+        # during its statistics pass (16 batches of 0.2 s), a second build into the folder (even
+        # --overwrite) is refused at once, in one line naming the writer; info and open name it too
+        wait_for(out / "build.json", "build.json")
+        with pytest.raises(BusyError) as e:
+            build_index(TinyTask(), out, BuildConfig(**KILL_CONFIG), overwrite=True)
+        assert f"process {proc.pid}" in _one_line(e) and "wait for it" in _one_line(e)
+        assert describe(out)["writer_pid"] == proc.pid
+        with pytest.raises(CorruptIndexError) as e:
+            InfluenceIndex.open(out)
+        assert f"still being built (process {proc.pid})" in _one_line(e)
+        wait_for(first, "its first shard")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -504,10 +519,12 @@ def test_killed_build_resumes_to_identical_rows(tmp_path):
     with pytest.raises(CorruptIndexError) as e:          # half-built: open says so, in one line
         InfluenceIndex.open(out)
     assert "did not finish" in _one_line(e)
+    assert lock_path(out).exists() and lock_holder(out) is None     # SIGKILL: the kernel dropped the lock
 
     task = TinyTask()
     task.seen = []
     build_index(task, out, BuildConfig(**KILL_CONFIG))   # resume (same command)
+    assert not lock_path(out).exists()
     n_done = 8 * len(done)
     assert set(task.seen) == set(range(n_done, 64)), "the resumed build recomputed finished shards"
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
@@ -525,6 +542,40 @@ def test_killed_build_resumes_to_identical_rows(tmp_path):
         ra, rb = a.query(batch, k=10), b.query(batch, k=10)
         assert np.array_equal(ra.ids, rb.ids) and np.array_equal(ra.scores, rb.scores)
         assert a.manifest["preconditioner"] == b.manifest["preconditioner"]
+
+
+def test_folder_lock_one_writer_at_a_time(tmp_path, monkeypatch):
+    out = tmp_path / "sub" / "idx"
+    with folder_lock(out):
+        assert lock_path(out).parent == out.parent and lock_holder(out) == os.getpid()
+        with pytest.raises(BusyError, match=f"process {os.getpid()}"):      # even in one process
+            with folder_lock(out):
+                pass
+        assert not out.exists()                     # the lock is beside the folder, not in it
+    assert not lock_path(out).exists() and lock_holder(out) is None
+    with folder_lock(out):                          # released: taken again
+        pass
+    # a lock file a killed build left, whose pid now names a live process (here: this one), is not
+    # taken for a running build: the kernel's flock table says nobody holds it
+    lock_path(out).write_text(f"{os.getpid()}\n")
+    if Path("/proc/locks").exists():
+        assert lock_holder(out) is None
+    else:                                           # no kernel table: the recorded pid's liveness decides
+        assert lock_holder(out) == os.getpid()
+    with folder_lock(out):
+        assert lock_holder(out) == os.getpid()
+    # a parent folder this user cannot write: built unguarded, with a warning (not an error)
+    real_open = os.open
+
+    def refuse(path, *a, **k):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.warns(RuntimeWarning, match="not protected against another build"):
+        with folder_lock(out):
+            pass
 
 
 @pytest.fixture()
@@ -825,9 +876,10 @@ def test_describe_a_complete_index_and_an_unfinished_build(tmp_path, tiny_index)
         build_index(TinyTask(nan_id=40), tmp_path / "partial", cfg)
     d = describe(tmp_path / "partial")
     assert not d["complete"] and (d["shards_done"], d["shards_total"], d["rows_done"]) == (2, 4, 32)
-    # a refused rerun with another shard_rows rewrote build.json; stray files: the count holds
+    # a rerun with another shard_rows is refused before build.json records it; stray files: the count holds
     with pytest.raises(ConfigError):
         build_index(TinyTask(nan_id=40), tmp_path / "partial", cfg.with_(shard_rows=10))
+    assert json.loads((tmp_path / "partial" / "build.json").read_text())["config"]["shard_rows"] == 16
     (tmp_path / "partial" / "shards" / "shard_00099.h5").write_bytes(b"junk")
     (tmp_path / "partial" / "shards" / "shard_abc.h5").write_bytes(b"junk")
     d = describe(tmp_path / "partial")

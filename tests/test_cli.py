@@ -14,6 +14,7 @@ import pytest
 from msif_index.cli.main import main
 from msif_index.data import full_batch
 from msif_index.index import InfluenceIndex
+from msif_index.lock import folder_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits" / "task.py"
@@ -217,6 +218,12 @@ def test_tiny_task_works_end_to_end_in_a_fresh_process(tmp_path, tiny):
     assert proc.returncode == 0, proc.stderr
     assert f"index {out}: n=16 rows" in proc.stdout and "preconditioner exact" in proc.stdout
     assert "attached " in proc.stdout and "frozen" in proc.stdout
+    with folder_lock(out):                                     # another build writing the folder (this process)
+        proc = _msif("build-index", "--task", f"{tiny}:task", "--out", str(out), "--preset", "exact", "--overwrite")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+        assert f"being written by another msif build (process {os.getpid()})" in proc.stderr
+        proc = _msif("info", "--index", str(out))
+        assert f"a build (process {os.getpid()}) is writing this folder now" in proc.stdout
     # the exact command ranks the same way (exact preset), with the same test point information
     proc = _msif("exact", "--task", f"{tiny}:task", "--test-ids", "0-3", "--k", "16", "--json")
     assert proc.returncode == 0, proc.stderr

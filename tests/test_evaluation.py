@@ -70,6 +70,9 @@ def test_metrics_on_known_values():
     assert spearman(truth, truth * 10 + 1) == pytest.approx(1.0)
     assert pearson(truth, -truth) == pytest.approx(-1.0)
     assert math.isnan(spearman(truth, np.ones_like(truth)))          # constant side: undefined, not 0
+    with_nan = np.concatenate([truth, [np.nan]])                      # e.g. a diverged retraining
+    with pytest.warns(RuntimeWarning, match="1 of 8 score pairs are NaN"):
+        assert pearson(with_nan, np.concatenate([-truth, [1.0]])) == pytest.approx(-1.0)
     assert top_k(truth, 2, "helpful").tolist() == [0, 1]
     assert top_k(truth, 2, "harmful").tolist() == [6, 5]
     shuffled = np.array([-1.0, -3.0, -2.0, 0.5, 3.0, 1.0, 2.0])     # same top-2 sets, other order

@@ -38,7 +38,13 @@ def _finite_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if a.shape != b.shape:
         raise ValueError(f"correlation of arrays of different lengths {a.shape} and {b.shape}")
     ok = np.isfinite(a) & np.isfinite(b)
-    return a[ok], b[ok]
+    if not ok.all():
+        # e.g. a retraining that diverged: its pairs are left out, and that is said (the figures
+        # computed from the rest are over fewer points than asked for)
+        warnings.warn(f"{int((~ok).sum())} of {ok.size} score pairs are NaN or infinite and were left out of "
+                      f"this correlation", RuntimeWarning, stacklevel=3)
+        return a[ok], b[ok]
+    return a, b
 
 
 def _constant(x: np.ndarray) -> bool:
