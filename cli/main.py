@@ -204,13 +204,14 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
     """What an index holds (config, sizes, timings, attached finetuned models), or how far an unfinished
     build got; reads no rows."""
     from msif_index.info import describe
+    from msif_index.lock import writer_text
     d = describe(index)
     if as_json:
         print_json(d)
         return
     mb = {k: f"{v / 2**20:.1f} MB" if v >= 2**20 else f"{v / 2**10:.0f} KB" for k, v in d["bytes"].items() if v}
     if not d["complete"]:
-        state = "unfinished build" if d["writer_pid"] is None else f"build running (process {d['writer_pid']})"
+        state = "unfinished build" if d["writer_pid"] is None else f"build running ({writer_text(d['writer_pid'])})"
         then = f"{d['resume']} to resume it" if d["writer_pid"] is None else d["resume"]
         typer.echo(f"{state} in {d['index']}: {d['rows_done']} of {d['n']} rows in "
                    f"{d['shards_done']} of {d['shards_total']} shards ({d['preconditioner']} preconditioner, "
@@ -242,7 +243,7 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
                                                            else "") + (f", H_tt {a['h_tt']}" if a["h_tt"] else ""))
         typer.echo(f"  attached {a['key']}: {what}")
     if d["writer_pid"] is not None:
-        typer.echo(f"  a build (process {d['writer_pid']}) is writing this folder now (e.g. an --overwrite rebuild)")
+        typer.echo(f"  a build ({writer_text(d['writer_pid'])}) is writing this folder now (e.g. an --overwrite rebuild)")
     for problem in d["problems"]:
         typer.echo(f"  problem: {problem}")
 

@@ -143,7 +143,7 @@ def _warn_if_loss_changed(out: Path, identity: dict, probe: list[float | None] |
             if change:
                 warnings.warn(f"the task's pretrain_loss gives other values than when {out} was built ({change}); "
                               f"its rows are the old loss's: if the loss changed on purpose, rebuild with "
-                              f"--overwrite", RuntimeWarning, stacklevel=3)
+                              f"--overwrite", RuntimeWarning, stacklevel=4)    # build_index's caller
             return
 
 
@@ -863,23 +863,29 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
             if search_damage is not None:
                 # only the search structure is damaged (or missing): built again over the rows
                 warnings.warn(f"rebuilding the search index of {out} over its rows ({search_damage})",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=3)
             # already built with these rows; another --factory rebuilds only the search structure
             _switch_search_index(out, config, rebuild=search_damage is not None)
             return final
         # the same build, damaged (what every corruption error tells to rebuild with --overwrite):
         # built again in place, its attached operators kept (they do not depend on the rows)
-        warnings.warn(f"rebuilding the damaged index in {out} ({damage})", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"rebuilding the damaged index in {out} ({damage})", RuntimeWarning, stacklevel=3)
         _clear(out, keep={OPERATORS})
     out.mkdir(parents=True, exist_ok=True)
     cleanup_stale_tmp(out)
     timings: dict[str, float] = {}
-    # the shards on disk are checked first (another shard_rows refuses without --overwrite, which
-    # recomputes them), so that a refused rerun leaves build.json describing the shards that are there
-    shards = ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, _shard_rows(n, config),
-                           attrs={"identity": identity}, background_commit=True,
-                           discard_mismatched=overwrite)
-    shards.completed_shards()                        # (checked once here; the pass reuses the result)
+    def shard_writer() -> ShardedWriter:
+        return ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, _shard_rows(n, config),
+                             attrs={"identity": identity}, background_commit=True,
+                             discard_mismatched=overwrite)
+    shards = None
+    if (out / SHARDS).is_dir():
+        # shards on disk are checked first (another shard_rows refuses without --overwrite, which
+        # recomputes them), so that a refused rerun leaves build.json describing the shards there
+        # (and a new build creates shards/ only after build.json: a kill between the two must not
+        # leave a folder that looks like a partial index without its build.json)
+        shards = shard_writer()
+        shards.completed_shards()                    # (checked once here; the pass reuses the result)
     write_json_atomic(out / BUILD_FILE, {"identity": identity, "config": config.to_dict(),
                                          "projector": prep.projector.config(), "version": __version__,
                                          "pretrain_loss_probe": probe})
@@ -887,6 +893,7 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
     sample = _load_or_fit(task, prep, config, out, n, progress_bar)
     timings["statistics_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    shards = shards or shard_writer()
     _write_rows(task, prep, config, shards, sample, progress_bar)
     del sample
     timings["featurize_s"] = time.perf_counter() - t0
@@ -923,5 +930,5 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
         _swap_in(out, final)
     if dropped:
         warnings.warn(f"the replaced index in {final} had {dropped} attached finetuned model(s); their operators "
-                      f"belong to the old index and were removed: attach them again", RuntimeWarning, stacklevel=2)
+                      f"belong to the old index and were removed: attach them again", RuntimeWarning, stacklevel=3)
     return final

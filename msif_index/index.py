@@ -32,7 +32,7 @@ from .gradients import GradientProjector
 from .gradients.blocks import Block, plan_blocks
 from .head_curvature import CG_ITERS, block_permutation, resolve_h_tt
 from .hugepages import packed_on_huge_pages
-from .lock import lock_holder
+from .lock import lock_holder, writer_text
 from .operator import KRONECKER_DAMPING, FinetuneOperator, compute_operator
 from .preconditioners import read_state, rotate_blocks, stored_eigenbases
 from .search import SearchIndex, built_at_open
@@ -150,11 +150,11 @@ class InfluenceIndex:
         cost at open (0.2-1.5 s at n = 100k). Pass False in a process that answers a few queries."""
         p = Path(path)
         if not (p / MANIFEST).exists():
+            writer = lock_holder(p)
+            if writer is not None:
+                raise CorruptIndexError(f"the index in {p} is still being built ({writer_text(writer)}); "
+                                        f"wait for that build to finish")
             if (p / BUILD_FILE).exists():
-                writer = lock_holder(p)
-                if writer is not None:
-                    raise CorruptIndexError(f"the index in {p} is still being built (process {writer}); "
-                                            f"wait for that build to finish")
                 raise CorruptIndexError(f"the build in {p} did not finish; rerun the same msif build-index "
                                         f"command to resume it")
             raise CorruptIndexError(f"no msif index in {p} (no {MANIFEST}); build one with msif build-index")
@@ -359,9 +359,11 @@ class InfluenceIndex:
                 op_path.parent.mkdir(exist_ok=True)
                 op.save(op_path)
             except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
                     raise
-                # a shared read-only index still answers: the operator lives in this process only
+                # a shared read-only index still answers (ENOENT: the folder was swapped meanwhile by
+                # an --overwrite rebuild, which takes no operators along): the operator lives in
+                # this process only
                 warnings.warn(f"cannot cache the finetune operator in {op_path.parent} ({e.strerror}); it is "
                               f"kept in memory and computed again by the next process", RuntimeWarning,
                               stacklevel=2)

@@ -14,7 +14,7 @@ from .atomic import read_json
 from .build import BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, SHARDS, _faiss_name
 from .errors import CorruptIndexError
 from .fingerprint import short
-from .lock import lock_holder
+from .lock import lock_holder, writer_text
 from .search import built_at_open
 
 
@@ -131,5 +131,8 @@ def describe(path: str | Path) -> dict[str, Any]:
                 "rows_done": rows, "statistics_done": (p / PRECOND).is_file(),
                 "bytes": {"rows": _size(p / SHARDS)}, "writer_pid": writer,
                 "resume": ("rerun the same msif build-index command" if writer is None
-                           else f"wait for the build running in process {writer}")}
+                           else f"wait for the build running in {writer_text(writer)}")}
+    writer = lock_holder(p)
+    if writer is not None:                  # a build checking its task, before it writes build.json
+        raise CorruptIndexError(f"a build ({writer_text(writer)}) is starting in {p}; wait for it to finish")
     raise CorruptIndexError(f"no msif index in {p} (no {MANIFEST}); build one with msif build-index")

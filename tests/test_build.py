@@ -564,8 +564,37 @@ def test_folder_lock_one_writer_at_a_time(tmp_path, monkeypatch):
         assert lock_holder(out) == os.getpid()
     with folder_lock(out):
         assert lock_holder(out) == os.getpid()
-    # a parent folder this user cannot write: built unguarded, with a warning (not an error)
+    # before the build writes anything, open and info already say a build is starting there
+    with folder_lock(out):
+        with pytest.raises(CorruptIndexError, match=f"still being built \\(process {os.getpid()}\\)"):
+            InfluenceIndex.open(out)
+        with pytest.raises(CorruptIndexError, match=f"a build \\(process {os.getpid()}\\) is starting"):
+            describe(out)
+    # a symbolic link where the lock file goes is not followed (its target is not overwritten)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    lock_path(out).symlink_to(victim)
+    with pytest.warns(RuntimeWarning, match="not protected against another build"):
+        with folder_lock(out):
+            pass
+    assert victim.read_text() == "keep me"
+    lock_path(out).unlink()
     real_open = os.open
+
+    # another user's lock file (not writable here): locked through a read-only descriptor all the same
+    def read_only(path, flags, *a, **k):
+        if str(path).endswith(".lock") and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *a, **k)
+
+    lock_path(out).write_text("")
+    monkeypatch.setattr(os, "open", read_only)
+    with folder_lock(out):
+        with pytest.raises(BusyError, match="another process"):       # no pid could be recorded
+            with folder_lock(out):
+                pass
+    monkeypatch.setattr(os, "open", real_open)
+    # a parent folder this user cannot write: built unguarded, with a warning (not an error)
 
     def refuse(path, *a, **k):
         if str(path).endswith(".lock"):

@@ -490,6 +490,54 @@ def test_module_input_without_a_leading_batch_dimension_is_refused_even_when_siz
     assert "linear" in str(e.value)
 
 
+def test_dense_path_refuses_a_shared_batch_tensor_whose_size_equals_the_batch():
+    """A tensor every example shares (here a [4, 5] table of prompts, each example's loss uses all
+    of it) with B == 4 rows is cut into examples by the dense path's vmap: each example would see one
+    row, and its gradient would be silently wrong. The first call compares the one-example losses
+    with the batch's and refuses; with B != 4 the same tensor is left whole and the rows are right."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3)).double()
+    names = ["1.weight", "1.bias"]                                  # LayerNorm: the dense path
+    table = torch.randn(4, 5, dtype=torch.float64)
+
+    def loss(m, batch):
+        x, prompts = batch
+        return m(x + prompts.mean(0)).pow(2).sum(1)                # one loss per example, prompts shared
+
+    for b in (3, 4):
+        batch = (torch.randn(b, 5, dtype=torch.float64), table)
+        proj = GradientProjector(model, names, proj_dim=None)
+        if b == 4:
+            with pytest.raises(TaskError, match=r"differs from its loss in the batch.*\[4, 5\]"):
+                proj.project_batch(loss, batch)
+            continue
+        rows = proj.project_batch(loss, batch)
+        params = dict(model.named_parameters())
+        ref = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            loss(model, (batch[0][i:i + 1], table))[0], [params[n] for n in names])]) for i in range(b)])
+        assert ((rows - ref @ proj.matrix().T).norm() / ref.norm()).item() < 1e-10
+
+
+def test_dense_path_check_passes_random_losses_and_wider_loss_dtypes():
+    """The first-call comparison of one-example and batch losses must not refuse a random loss (its
+    two batch evaluations differ, so it is not compared) or a float32 model whose loss is computed in
+    float64 (the tolerance is the least precise dtype's: the parameters')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+    names = ["1.weight", "1.bias"]
+    batch = (torch.randn(16, 8), torch.randint(0, 3, (16,)))
+
+    def mc_dropout(m, b):                    # dropout kept on in eval mode: a different loss every call
+        return F.cross_entropy(m[2](F.dropout(m[1](m[0](b[0])), 0.3, training=True)), b[1], reduction="none")
+
+    def in_float64(m, b):
+        return F.cross_entropy(m(b[0]).double(), b[1], reduction="none")
+
+    for loss in (mc_dropout, in_float64):
+        rows = GradientProjector(model, names, proj_dim=None).project_batch(loss, batch)
+        assert rows.shape == (16, 16) and torch.isfinite(rows).all()
+
+
 def test_float32_model_with_a_float64_projector_passes_the_first_call_check():
     torch.manual_seed(0)
     model = _SeqFFN(inplace=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -569,9 +570,11 @@ def test_damaged_or_mismatched_manifest_is_one_line(tmp_path, exact_index, tasks
         assert "manifest.json" in _one_line(e) and "--overwrite" in str(e.value), name
 
 
-def test_read_only_index_attaches_in_memory(tmp_path, exact_index, tasks, monkeypatch):
-    """An operator that cannot be cached (read-only or forbidden folder) is kept in memory with a
-    warning: a shared read-only index still answers, the same as a writable one."""
+@pytest.mark.parametrize("err", ["EROFS", "ENOENT"])
+def test_read_only_index_attaches_in_memory(tmp_path, exact_index, tasks, monkeypatch, err):
+    """An operator that cannot be cached (read-only or forbidden folder; ENOENT: the folder was
+    swapped meanwhile by an --overwrite rebuild) is kept in memory with a warning: the index still
+    answers, the same as a writable one."""
     import errno as errno_
     from msif_index.operator import FinetuneOperator
     folder = tmp_path / "ro"
@@ -583,7 +586,7 @@ def test_read_only_index_attaches_in_memory(tmp_path, exact_index, tasks, monkey
         want = index.query(batch, k=5)
 
     def refuse(self, path):
-        raise OSError(errno_.EROFS, "Read-only file system", str(path))
+        raise OSError(getattr(errno_, err), os.strerror(getattr(errno_, err)), str(path))
     monkeypatch.setattr(FinetuneOperator, "save", refuse)
     with InfluenceIndex.open(folder) as index:
         with pytest.warns(RuntimeWarning, match="kept in memory"):

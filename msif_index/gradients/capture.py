@@ -265,6 +265,7 @@ class GradientProjector:
                     self._dense_cache[b.name] = gaussian_projection(
                         b.k_out, b.d_out, _dense_seed(seed, b.name), self.dtype, self.device)
         self._need_check = bool(check) and bool(self._kron)
+        self._need_dense_check = bool(check) and bool(self._dense)
 
     def rotated(self, rotations: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]]) -> "GradientProjector":
         """A projector over the same model and blocks whose Kronecker block ``name`` gives rows
@@ -625,10 +626,10 @@ class GradientProjector:
             loss = functional_call(wrapper, ps, (tree_unflatten(ls, spec),))
             if loss.numel() != 1:
                 raise ShapeError(f"loss_fn must return one loss per example; a batch of 1 gave shape {tuple(loss.shape)}")
-            return loss.sum()
+            return loss.sum(), loss.detach().reshape(())
 
         try:
-            g = vmap(grad(one), in_dims=(None,) + (0,) * len(bidx), randomness="different")(
+            g, own = vmap(grad(one, has_aux=True), in_dims=(None,) + (0,) * len(bidx), randomness="different")(
                 psub, *[leaves[i] for i in bidx])
         except (ShapeError, NonFiniteError, TaskError):
             raise
@@ -636,12 +637,52 @@ class GradientProjector:
             raise TaskError(
                 f"per-example gradients of the dense-path parameters {names} (torch.func.vmap over loss_fn, "
                 f"one example at a time) failed: {first_line(exc)}") from exc
+        if self._need_dense_check and n > 1:
+            self._need_dense_check = not self._check_dense_losses(loss_fn, batch, own, [leaves[i] for i in bidx])
         for blk in self._dense:
             gb = g["model." + blk.name].reshape(n, -1)
             if gb.dtype != self.dtype or gb.device != self.device:
                 gb = gb.to(dtype=self.dtype, device=self.device)
             self._dense_project(blk, gb, out[:, blk.offset:blk.offset + blk.dim])
         return out
+
+    def _check_dense_losses(self, loss_fn, batch, own: torch.Tensor, sliced: list) -> bool:
+        """First call: the dense path's one-example losses (each batch tensor whose first dimension is
+        B cut into its B examples) must equal ``loss_fn`` on the whole batch; TaskError otherwise.
+        It catches a tensor shared by all examples whose first dimension happens to equal B (cut,
+        every example sees one row of it), and examples that interact (batch norm in training mode,
+        a loss divided by a batch total). A random loss (dropout kept on, masks drawn in loss_fn),
+        whose two evaluations on the same batch differ, is not checked. False (not checked: the next
+        call checks) when a loss is not finite."""
+        with torch.no_grad():
+            whole = loss_fn(self.model, batch)
+        if not isinstance(whole, torch.Tensor) or tuple(whole.shape) != tuple(own.shape):
+            return True                  # the shape errors are the Kronecker path's and the vmap's to give
+        a, b = own.detach().double(), whole.detach().double()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            return False
+        # the least precise of the rows', losses' and dense parameters' dtypes (as _verify)
+        dtypes = [self.dtype, own.dtype, whole.dtype] + [self._params[pn].dtype for blk in self._dense
+                                                         for pn in blk.params]
+        eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+        rel = 1e-8 if eps < 1e-10 else max(1e-3, 8 * eps)
+        diff = (a - b).abs()
+        scale = float(torch.maximum(a.abs(), b.abs()).max())
+        if float(diff.max()) <= rel * scale + 1e-30:
+            return True
+        with torch.no_grad():
+            again = loss_fn(self.model, batch)
+        if not torch.equal(again.detach().double(), b):
+            return True                  # a random loss: its examples cannot be compared
+        i = int(diff.argmax())
+        shapes = ", ".join(str(list(t.shape)) for t in sliced)
+        raise TaskError(
+            f"example {i}'s loss computed alone ({float(a[i]):.8g}) differs from its loss in the batch "
+            f"({float(b[i]):.8g}; relative difference {float(diff[i]) / max(scale, 1e-300):.2g}): the per-example "
+            f"gradients of {[blk.name for blk in self._dense]} cut every batch tensor whose first dimension is the "
+            f"batch size ({shapes}) into examples, so a tensor shared by all examples must not have it first "
+            f"(pass it through the task, not the batch), and an example's loss must not depend on the others "
+            f"(batch norm in training mode, a loss divided by a batch total)")
 
     def _dense_project(self, blk: Block, x: torch.Tensor, out_view: torch.Tensor) -> None:
         """out_view [Q, k] = x [Q, numel] projected by the dense block's matrix."""
