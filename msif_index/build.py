@@ -835,7 +835,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         raise ConfigError(f"factory {config.factory!r} needs at least {min_train_rows(config.factory)} rows to "
                           f"train, the pretraining set has {n}; use fewer lists (e.g. 'IVF{fitting_nlist(n)},Flat') "
                           f"or 'Flat'")
-    with folder_lock(out):                            # one writer per folder (BusyError otherwise)
+    with folder_lock(out, stacklevel=4):              # one writer per folder (BusyError otherwise)
         return _build_locked(task, config, out, prep, identity, fps, n, overwrite, progress_bar)
 
 
@@ -874,6 +874,7 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
     out.mkdir(parents=True, exist_ok=True)
     cleanup_stale_tmp(out)
     timings: dict[str, float] = {}
+
     def shard_writer() -> ShardedWriter:
         return ShardedWriter(out / SHARDS, n, pre.dim_w, config.dtype, _shard_rows(n, config),
                              attrs={"identity": identity}, background_commit=True,
@@ -893,7 +894,8 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
     sample = _load_or_fit(task, prep, config, out, n, progress_bar)
     timings["statistics_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    shards = shards or shard_writer()
+    if shards is None:
+        shards = shard_writer()
     _write_rows(task, prep, config, shards, sample, progress_bar)
     del sample
     timings["featurize_s"] = time.perf_counter() - t0

@@ -55,22 +55,33 @@ def _open_lock_file(path: Path) -> int:
     """An fd on the lock file (created if missing; read-only when the file is another user's: flock
     works on it all the same). Never follows a symbolic link, and refuses anything but a file."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)      # PermissionError again: not even readable
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except PermissionError as e:
+        try:
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            raise e from None            # not there and not creatable, or not readable: the first error
+    if not stat.S_ISREG(os.fstat(fd).st_mode):         # (O_NONBLOCK: a FIFO there cannot block the open)
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", str(path))
     return fd
 
 
+#: errors that leave a build unguarded (with a warning) rather than stopped: the lock file cannot be
+#: created, opened or locked (a parent folder this user cannot write, something else at its path,
+#: a file system without flock)
+_UNGUARDED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ELOOP, errno.EINVAL, errno.EISDIR, errno.ENXIO,
+              errno.ENOLCK, errno.ENOSYS, errno.EBADF, errno.EOPNOTSUPP}
+
+
 @contextlib.contextmanager
-def folder_lock(folder: Path | str) -> Iterator[None]:
+def folder_lock(folder: Path | str, stacklevel: int = 3) -> Iterator[None]:
     """Hold the write lock of ``folder`` for the ``with`` block; BusyError at once if another
     process (or another ``folder_lock`` of this one) holds it. The parent folder is created.
 
-    Where the lock file cannot be created or opened (a parent folder this user cannot write), the
-    block runs unguarded, with a RuntimeWarning saying so."""
+    Where the lock file cannot be created, opened or locked (a parent folder this user cannot
+    write, a file system without flock), the block runs unguarded, with a RuntimeWarning saying so
+    (``stacklevel``: where it points, 3 = the caller of ``with folder_lock(...)``)."""
     if fcntl is None:                                    # pragma: no cover - Windows
         yield
         return
@@ -83,7 +94,7 @@ def folder_lock(folder: Path | str) -> Iterator[None]:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = _open_lock_file(path)
         except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ELOOP, errno.EINVAL):
+            if e.errno not in _UNGUARDED:
                 raise
             unguarded = e.strerror or str(e)
             break
@@ -92,10 +103,14 @@ def folder_lock(folder: Path | str) -> Iterator[None]:
         except OSError as e:
             pid = _read_pid(fd)
             os.close(fd)
+            fd = None
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise BusyError(f"{folder} is being written by another msif build ({writer_text(pid)}); wait "
                                 f"for it to finish, or stop it and rerun this command (the build resumes)") from None
-            raise
+            if e.errno not in _UNGUARDED:
+                raise
+            unguarded = f"flock: {e.strerror or e}"
+            break
         # the holder before us may have removed the file between our open and our flock: then we
         # hold a lock on a file nobody else can find; take the lock again on the file at the path
         try:
@@ -108,7 +123,7 @@ def folder_lock(folder: Path | str) -> Iterator[None]:
     if fd is None:
         # outside the except block: an error of the build must not be chained to this one
         warnings.warn(f"cannot use the lock file {path} ({unguarded}): this build is not protected against "
-                      f"another build into {folder} at the same time", RuntimeWarning, stacklevel=3)
+                      f"another build into {folder} at the same time", RuntimeWarning, stacklevel=stacklevel)
         yield
         return
     try:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 
 import os
@@ -594,15 +595,29 @@ def test_folder_lock_one_writer_at_a_time(tmp_path, monkeypatch):
             with folder_lock(out):
                 pass
     monkeypatch.setattr(os, "open", real_open)
-    # a parent folder this user cannot write: built unguarded, with a warning (not an error)
+    lock_path(out).unlink(missing_ok=True)
+    # a parent folder this user cannot write (creating the file is refused; it is not there to open
+    # read-only): built unguarded, with a warning pointing at the caller (not an error)
 
-    def refuse(path, *a, **k):
-        if str(path).endswith(".lock"):
+    def refuse(path, flags, *a, **k):
+        if str(path).endswith(".lock") and flags & os.O_CREAT:
             raise PermissionError(13, "Permission denied")
-        return real_open(path, *a, **k)
+        return real_open(path, flags, *a, **k)
 
     monkeypatch.setattr(os, "open", refuse)
-    with pytest.warns(RuntimeWarning, match="not protected against another build"):
+    with pytest.warns(RuntimeWarning, match="not protected against another build") as w:
+        with folder_lock(out):
+            pass
+    assert w[0].filename == __file__
+    monkeypatch.setattr(os, "open", real_open)
+    # a file system without flock (ENOLCK, ENOSYS, ...): unguarded too, and the file is not left behind
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(RuntimeWarning, match="flock: No locks available"):
         with folder_lock(out):
             pass
 

@@ -518,10 +518,11 @@ def test_dense_path_refuses_a_shared_batch_tensor_whose_size_equals_the_batch():
         assert ((rows - ref @ proj.matrix().T).norm() / ref.norm()).item() < 1e-10
 
 
-def test_dense_path_check_passes_random_losses_and_wider_loss_dtypes():
+def test_dense_path_check_passes_random_losses_and_rounding():
     """The first-call comparison of one-example and batch losses must not refuse a random loss (its
-    two batch evaluations differ, so it is not compared) or a float32 model whose loss is computed in
-    float64 (the tolerance is the least precise dtype's: the parameters')."""
+    two batch evaluations differ, so it is not compared), nor rounding: its tolerance is the least
+    precise dtype's (a float32 model's, even when the loss is float64) with an absolute floor for
+    tiny losses; a real difference is refused."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
     names = ["1.weight", "1.bias"]
@@ -530,12 +531,16 @@ def test_dense_path_check_passes_random_losses_and_wider_loss_dtypes():
     def mc_dropout(m, b):                    # dropout kept on in eval mode: a different loss every call
         return F.cross_entropy(m[2](F.dropout(m[1](m[0](b[0])), 0.3, training=True)), b[1], reduction="none")
 
-    def in_float64(m, b):
-        return F.cross_entropy(m(b[0]).double(), b[1], reduction="none")
-
-    for loss in (mc_dropout, in_float64):
-        rows = GradientProjector(model, names, proj_dim=None).project_batch(loss, batch)
-        assert rows.shape == (16, 16) and torch.isfinite(rows).all()
+    rows = GradientProjector(model, names, proj_dim=None).project_batch(mc_dropout, batch)
+    assert rows.shape == (16, 16) and torch.isfinite(rows).all()
+    proj = GradientProjector(model, names, proj_dim=None)
+    ok = proj._check_dense_losses
+    whole = torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64)            # the batch's losses, float64
+    assert ok(lambda m, b: whole, batch, (whole * (1 + 1e-5)).float(), [])   # float32 rounding: passes
+    tiny = torch.full((3,), 5e-5)
+    assert ok(lambda m, b: tiny, batch, tiny + torch.tensor([0.0, 1.19e-7, 0.0]), [])   # one ulp at 1.0
+    with pytest.raises(TaskError, match="example 1's loss computed alone"):
+        ok(lambda m, b: whole, batch, (whole * torch.tensor([1.0, 1.01, 1.0], dtype=torch.float64)).float(), [])
 
 
 def test_float32_model_with_a_float64_projector_passes_the_first_call_check():
