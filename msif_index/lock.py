@@ -152,7 +152,10 @@ def lock_holder(folder: Path | str) -> int | None:
     (it still holds the lock: a second build gets BusyError). Elsewhere the recorded pid must be alive."""
     path = lock_path(folder)
     try:
-        ino = os.stat(path).st_ino
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):             # no lock file (a FIFO there would block the read)
+            return None
+        ino = st.st_ino
         text = path.read_text(encoding="ascii", errors="replace").strip()
     except OSError:
         return None

@@ -580,6 +580,12 @@ def test_folder_lock_one_writer_at_a_time(tmp_path, monkeypatch):
             pass
     assert victim.read_text() == "keep me"
     lock_path(out).unlink()
+    os.mkfifo(lock_path(out))                      # a FIFO there: no blocking open or read
+    assert lock_holder(out) is None
+    with pytest.warns(RuntimeWarning, match="not a regular file"):
+        with folder_lock(out):
+            pass
+    lock_path(out).unlink()
     real_open = os.open
 
     # another user's lock file (not writable here): locked through a read-only descriptor all the same
