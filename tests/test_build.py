@@ -616,7 +616,7 @@ def test_folder_lock_one_writer_at_a_time(tmp_path, monkeypatch):
             pass
     assert w[0].filename == __file__
     monkeypatch.setattr(os, "open", real_open)
-    # a file system without flock (ENOLCK, ENOSYS, ...): unguarded too, and the file is not left behind
+    # a file system without flock (ENOLCK, ENOSYS, ...): unguarded too
     import fcntl
 
     def no_flock(fd, op):
