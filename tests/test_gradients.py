@@ -543,6 +543,19 @@ def test_dense_path_check_passes_random_losses_and_rounding():
         ok(lambda m, b: whole, batch, (whole * torch.tensor([1.0, 1.01, 1.0], dtype=torch.float64)).float(), [])
 
 
+@pytest.mark.parametrize("names", [["0.weight", "0.bias"], ["1.weight", "1.bias"]])   # Kronecker / exact path
+@pytest.mark.parametrize("as_dtype", [torch.long, torch.bool])
+def test_integer_or_bool_losses_are_refused(names, as_dtype):
+    """A loss with no gradient (a 0/1 correctness, a count) gave all-zero rows without a word."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+
+    def loss(m, batch):
+        return (m(batch[0]).sum(1) > 0).to(as_dtype)
+
+    with pytest.raises(TaskError, match="floating-point losses"):
+        GradientProjector(model, names, proj_dim=None).project_batch(loss, (torch.randn(5, 4),))
+
+
 def test_float32_model_with_a_float64_projector_passes_the_first_call_check():
     torch.manual_seed(0)
     model = _SeqFFN(inplace=False)

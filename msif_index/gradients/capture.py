@@ -182,6 +182,14 @@ class _LossModule(nn.Module):
         return self._loss_fn(self.model, batch)
 
 
+def _check_loss_dtype(losses: torch.Tensor) -> None:
+    """TaskError for integer or bool losses: they carry no gradient, and every row would be 0."""
+    if not (losses.is_floating_point() or losses.is_complex()):
+        raise TaskError(f"loss_fn must return floating-point losses, got {losses.dtype}: an integer or bool "
+                        f"value (a count, a 0/1 correctness) has no gradient; return the loss itself (e.g. "
+                        f"cross-entropy with reduction='none')")
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """True when every entry is finite. One cheap reduction; the exact (slower) test only runs when
     the sum is not finite (NaN/inf entries, or finite entries whose sum overflows)."""
@@ -378,6 +386,7 @@ class GradientProjector:
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                 raise ShapeError(f"loss_fn must return one loss per example (shape [B]), got {shape}")
+            _check_loss_dtype(losses)
             n = losses.shape[0]
             if check_finite and not _all_finite(losses.detach()):
                 raise NonFiniteError("loss_fn returned a NaN or infinite loss")
@@ -624,6 +633,7 @@ class GradientProjector:
             for i, ex in zip(bidx, examples):
                 ls[i] = ex.unsqueeze(0)
             loss = functional_call(wrapper, ps, (tree_unflatten(ls, spec),))
+            _check_loss_dtype(loss)
             if loss.numel() != 1:
                 raise ShapeError(f"loss_fn must return one loss per example; a batch of 1 gave shape {tuple(loss.shape)}")
             return loss.sum(), loss.detach().reshape(())
