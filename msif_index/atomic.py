@@ -24,6 +24,7 @@ __all__ = [
     "drop_page_cache",
     "fsync_dir",
     "is_disk_full",
+    "pid_alive",
     "read_json",
     "tmp_path_for",
     "write_bytes_atomic",
@@ -190,7 +191,8 @@ def read_json(path: Path | str, what: str) -> Any:
         ) from None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user counts)."""
     if pid <= 0:
         return False
     try:
@@ -225,7 +227,7 @@ def cleanup_stale_tmp(folder: Path | str, pattern: str = ".*.tmp-*") -> list[Pat
             pid = int(tail.split("-", 1)[0])          # ".NAME.tmp-PID" or ".NAME.tmp-PID-UUID"
         except ValueError:
             pid = -1
-        if pid != me and _pid_alive(pid):
+        if pid != me and pid_alive(pid):
             continue
         _remove_quietly(p)
         removed.append(p)

@@ -528,12 +528,12 @@ def _stable_fingerprint(data: Any) -> str | None:
     return fp if fingerprint_dataset(data) == fp else None
 
 
-def _loss_probe(task: MultiStageTask, model: nn.Module, examples: int = 8) -> str:
+def _loss_probe(task: MultiStageTask, model: nn.Module) -> str:
     """A short hash of ``finetune_loss`` on the first finetuning examples at ``model`` (the CPU copy
     in eval mode), rounded to 4 significant digits so that last-bit differences between processes
     (float32: about 1e-7) almost never change it: tells another loss (label smoothing, another
     weighting) with the same data and model, unless it moves no loss by 1e-4 relative."""
-    values = loss_values(task.finetune_loss, model, task.finetune_dataset(), examples)
+    values = loss_values(task.finetune_loss, model, task.finetune_dataset())
     if not values:
         return "empty"
     return hashlib.sha256(",".join(f"{v:.4g}" if v is not None else "nan" for v in values).encode()).hexdigest()[:16]

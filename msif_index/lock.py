@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from .atomic import _pid_alive
+from .atomic import pid_alive
 from .errors import BusyError
 
 try:
@@ -162,7 +162,7 @@ def lock_holder(folder: Path | str) -> int | None:
     pid = int(text) if text.isdigit() else 0
     held = _flock_held(ino, pid)
     if held is None:
-        return pid if pid and _pid_alive(pid) else None
+        return pid if pid and pid_alive(pid) else None
     return pid if held else None
 
 

@@ -10,6 +10,7 @@ Notation of MATH.md:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import math
@@ -267,13 +268,14 @@ _TASK_FOLDERS: set[Path] = set()
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def _installed_code_dirs() -> list[Path]:
+@functools.lru_cache(maxsize=1)
+def _installed_code_dirs() -> tuple[Path, ...]:
     """Python's standard library and installed packages (a task folder may contain them: a virtual
     environment or pyenv under the home folder)."""
     import sysconfig
     dirs = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")
             if sysconfig.get_paths().get(k)}
-    return sorted(dirs)
+    return tuple(sorted(dirs))
 
 
 def _is_task_code(filename: str) -> bool:
