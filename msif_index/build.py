@@ -238,7 +238,7 @@ def resolve_config(task: MultiStageTask, config: BuildConfig) -> BuildConfig:
     names = w + u
     d = sum(params[n].numel() for n in names)
     k = sum(b.dim for b in plan_blocks(model, names, config.proj_dim, config.seed, config.proj_dim_per_layer))
-    return config.resolved(d, k)
+    return config.resolved(d, k, len(task.pretrain_dataset()))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------

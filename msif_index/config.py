@@ -9,6 +9,11 @@ from .preconditioners import PRECONDITIONERS
 
 #: ``auto`` uses the projected Hessian while the dense projection has at most this many entries
 AUTO_HESSIAN_ENTRIES = 50_000_000
+#: default relative damping of ``hessian``: over every pretraining example, and over a subsample
+#: (``hessian_examples`` < n), whose Hessian misses the curvature of the examples left out, so that
+#: a light damping inflates their scores (README, "Why auto")
+HESSIAN_DAMPING = 1e-3
+SUBSAMPLED_HESSIAN_DAMPING = 0.1
 DTYPES = ("float32", "float16", "float64")
 COMPUTE_DTYPES = ("auto", "float32", "float64")
 FISHERS = ("gauss-newton", "empirical")
@@ -32,7 +37,8 @@ class BuildConfig:
         "hessian when the dense projection fits (k x dim(W,U) <= 5e7), else ekfac.", "auto")
     damping: float | None = _help(
         "Damping as a fraction of the mean eigenvalue of the preconditioner; unset (None): 1e-3 for "
-        "hessian, 0 for exact, 0.1 otherwise.", None)
+        "hessian over every example, 0.1 for hessian over a subsample (n > hessian_examples), 0 for "
+        "exact, 0.1 otherwise.", None)
     hessian_examples: int = _help(
         "Pretraining examples (seeded subsample) for the 'hessian' preconditioner's HVPs.", 4096)
     stats_examples: int = _help(
@@ -78,15 +84,17 @@ class BuildConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
 
-    def resolved(self, num_params: int, k: int) -> "BuildConfig":
+    def resolved(self, num_params: int, k: int, n: int | None = None) -> "BuildConfig":
         """``auto`` preconditioner and ``None`` damping made concrete for a model with ``num_params``
-        parameters in (W, U) and a row of ``k`` columns."""
+        parameters in (W, U), a row of ``k`` columns and ``n`` pretraining examples (None: hessian's
+        subsample taken to cover them all)."""
         pre = self.preconditioner
         if pre == "auto":
             pre = "hessian" if k * num_params <= AUTO_HESSIAN_ENTRIES else "ekfac"
         damping = self.damping
         if damping is None:
-            damping = {"hessian": 1e-3, "exact": 0.0}.get(pre, 0.1)
+            hessian = HESSIAN_DAMPING if n is None or self.hessian_examples >= n else SUBSAMPLED_HESSIAN_DAMPING
+            damping = {"hessian": hessian, "exact": 0.0}.get(pre, 0.1)
         return replace(self, preconditioner=pre, damping=damping)
 
     def to_dict(self) -> dict[str, Any]:

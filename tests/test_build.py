@@ -29,8 +29,8 @@ from torch.utils.data import TensorDataset
 
 import msif_index
 from msif_index.task import cross_entropy_fisher_losses
-from msif_index.build import build_index
-from msif_index.config import PRESETS, BuildConfig
+from msif_index.build import _subsample, build_index
+from msif_index.config import HESSIAN_DAMPING, PRESETS, SUBSAMPLED_HESSIAN_DAMPING, BuildConfig
 from msif_index.data import full_batch
 from msif_index.errors import (BusyError, ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError,
                                ShapeError)
@@ -342,7 +342,8 @@ def test_every_preconditioner_builds_on_conv_embedding_layernorm_model(tmp_path,
         assert rows.shape[0] == 24 and np.isfinite(rows).all() and np.abs(rows).max() > 0, pre
         m = _manifest(path)
         assert m["preconditioner"]["name"] == pre
-        assert m["preconditioner"]["damping"] == {"hessian": 1e-3, "exact": 0.0}.get(pre, 0.1)
+        # hessian over 8 of the 24 examples: the subsample's default damping
+        assert m["preconditioner"]["damping"] == {"hessian": SUBSAMPLED_HESSIAN_DAMPING, "exact": 0.0}.get(pre, 0.1)
         if pre in ("kfac", "ekfac"):          # one damping per W block
             assert set(m["preconditioner"]["damping_used"]) == {"conv", "emb", "norm.weight", "norm.bias"}
         if pre in ("ekfac", "exact"):         # the query side, with a W-only and a (W, U) projector
@@ -469,6 +470,45 @@ def test_dense_preconditioners_equal_their_definition(tmp_path, pre, fisher, pro
     assert _manifest(path)["preconditioner"]["damping_used"] == pytest.approx({"all": lam}, rel=1e-8)
 
 
+@pytest.mark.parametrize("proj_dim", [None, 16])
+def test_subsampled_hessian_equals_its_definition(tmp_path, proj_dim):
+    """hessian over a seeded subsample S of hessian_examples < n examples: M = P (H_S + wd I) P^T, with
+    H_S the mean loss Hessian over S alone (not divided by n), eigenvalues clamped at 0; stored row =
+    [(M + damping * mean eig(M) I)^{-1} phi]_W for every example, in S or not; default damping 0.1."""
+    task = TinyTask()
+    n, size = len(task.pretrain_dataset()), 20
+    path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=proj_dim, preconditioner="hessian",
+                                                           hessian_examples=size, dtype="float64"))
+    assert _manifest(path)["config"]["damping"] == SUBSAMPLED_HESSIAN_DAMPING
+    ids = _subsample(n, size, 0)
+    assert len(ids) == size
+    sub = TinyTask()
+    sub._pre = TensorDataset(*[t[ids] for t in task.pretrain_dataset().tensors])
+    model = task.pretrained_model()
+    w = list(task.shared_parameters)
+    names = w + ["head.weight", "head.bias"]
+    proj = GradientProjector(model, names, proj_dim=proj_dim, dtype=torch.float64)
+    p = proj.matrix()
+    w_cols = torch.cat([torch.arange(b.offset, b.offset + b.dim) for b in proj.blocks if set(b.params) <= set(w)])
+    phi = _example_grads(model, names, task.pretrain_loss, task.pretrain_dataset()) @ p.T
+    m = p @ pretrain_side(sub).hessian @ p.T                     # includes wd I
+    evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
+    evals = evals.clamp_min(0)
+    lam = SUBSAMPLED_HESSIAN_DAMPING * float(evals.mean())
+    want = (phi @ (evecs @ torch.diag(1 / (evals + lam)) @ evecs.T))[:, w_cols].numpy()
+    rows = _rows(path)
+    assert np.abs(rows - want).max() / np.abs(want).max() < 1e-8
+
+
+def test_hessian_default_damping_depends_on_the_subsample():
+    cfg = BuildConfig(preconditioner="hessian", hessian_examples=10)
+    assert cfg.resolved(100, 10, n=10).damping == HESSIAN_DAMPING == 1e-3   # every example
+    assert cfg.resolved(100, 10, n=11).damping == SUBSAMPLED_HESSIAN_DAMPING == 0.1
+    assert cfg.resolved(100, 10).damping == HESSIAN_DAMPING                # n unknown
+    assert cfg.with_(damping=0.02).resolved(100, 10, n=11).damping == 0.02   # given: kept
+    assert BuildConfig(preconditioner="ekfac").resolved(100, 10, n=11).damping == 0.1
+
+
 # ------------------------------------------------------------------------------------------------
 # resuming, corruption, reuse, refusal
 
@@ -477,7 +517,7 @@ _KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
 from tests.test_build import KILL_CONFIG, TinyTask
-from msif_index.build import build_index
+from msif_index.build import _subsample, build_index
 from msif_index.config import BuildConfig
 build_index(TinyTask(slow={slow}), {out!r}, BuildConfig(**KILL_CONFIG))
 """

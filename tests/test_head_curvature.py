@@ -33,10 +33,12 @@ from msif_index.errors import ConfigError, NonFiniteError, TooLargeError
 from msif_index.exact import exact_influence
 from msif_index.gradients import GradientProjector
 from msif_index.index import InfluenceIndex
-from msif_index.operator import _mixed_by_columns, _mixed_by_rows, compute_operator, projection_rows, split_loss
+import msif_index.operator as operator_mod
+from msif_index.operator import (_mixed_by_columns, _mixed_by_rows, _projected_h_ww, compute_operator, projection_rows,
+                                 split_loss)
 from msif_index.task import split_parameters
 from msif_index.training import fit
-from tests.test_build import MixedTask, TinyNet, _HeldTask, _init
+from tests.test_build import MixedTask, TinyNet, _example_grads, _HeldTask, _init
 
 TEST_IDS = list(range(8))
 
@@ -77,6 +79,31 @@ def test_mixed_term_by_rows_equals_by_columns_and_finite_differences():
     for i in (0, proj.dim - 1):
         fd = (grad_theta(x_theta, x_w + h * p[i]) - grad_theta(x_theta, x_w - h * p[i])) / (2 * h)
         assert torch.allclose(by_rows[i], fd, rtol=1e-6, atol=1e-8), float((by_rows[i] - fd).abs().max())
+
+
+def test_projected_h_ww_equals_finite_differences_and_its_fisher_definition(monkeypatch):
+    """P H_WW P^T of the proximal operator (LayerNorm's weight is in W): by HVPs, against central
+    differences of grad_W F along rows p_i of P_W (1e-6); the projected empirical Fisher fallback,
+    against (1/m) sum_b phi_b phi_b^T of brute-force per-example gradients (1e-10)."""
+    task = MixedTask()
+    model = task.finetuned_model()
+    mean_f, x_theta, x_w, w = _mean_f(task, model)
+    proj = GradientProjector(model, w, proj_dim=12, seed=1, dtype=torch.float64)
+    data = [move(b, dtype=x_w.dtype) for _, b in batches(task.finetune_dataset(), 7)]
+    m = len(task.finetune_dataset())
+    php, how = _projected_h_ww(proj, mean_f, x_theta, x_w, task, data, m)
+    assert how == "hvp" and php.shape == (proj.dim, proj.dim)
+    p = proj.matrix()
+    grad_w = torch.func.grad(lambda ww: mean_f(x_theta, ww))
+    h = 1e-5
+    for i in (0, 5, proj.dim - 1):
+        fd = p @ (grad_w(x_w + h * p[i]) - grad_w(x_w - h * p[i])) / (2 * h)       # P H_WW p_i
+        assert torch.allclose(php[:, i], fd, rtol=1e-6, atol=1e-8), float((php[:, i] - fd).abs().max())
+    monkeypatch.setattr(operator_mod, "MAX_HVP_PROJECTION", 0)
+    fisher, how = _projected_h_ww(proj, mean_f, x_theta, x_w, task, data, m)
+    assert how == "fisher"
+    phi = _example_grads(model, w, task.finetune_loss, task.finetune_dataset()) @ p.T
+    assert torch.allclose(fisher, phi.T @ phi / m, rtol=1e-10, atol=1e-13)
 
 
 class SquaredHeadTask(_HeldTask):
