@@ -500,6 +500,41 @@ def test_subsampled_hessian_equals_its_definition(tmp_path, proj_dim):
     assert np.abs(rows - want).max() / np.abs(want).max() < 1e-8
 
 
+class MixedGN(MixedTask):
+    """MixedTask (Conv2d, Embedding, LayerNorm: dense blocks) with the Gauss-Newton statistics hook."""
+
+    def pretrain_fisher_losses(self, model, batch):
+        return cross_entropy_fisher_losses(model(batch))
+
+
+@pytest.mark.parametrize("proj_dim", [None, 24])
+def test_gauss_newton_statistics_through_dense_blocks_equal_their_definition(tmp_path, proj_dim):
+    """Gauss-Newton statistics (one gradient pass per pseudo-loss into one buffer) through a model with
+    dense-path blocks (LayerNorm): M = (1/n) sum_b sum_r phi_br phi_br^T + wd P P^T, rows to 1e-8.
+    (The dense path's per-example gradients once carried autograd history into the shared buffer,
+    and the second pseudo-loss's pass failed.)"""
+    task = MixedGN()
+    path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=proj_dim, preconditioner="gauss-newton",
+                                                           dtype="float64"))
+    assert _manifest(path)["config"]["fisher"] == "gauss-newton"
+    model = task.pretrained_model()
+    w = list(task.shared_parameters)
+    names = w + ["head.weight", "head.bias"]
+    proj = GradientProjector(model, names, proj_dim=proj_dim, dtype=torch.float64)
+    p = proj.matrix()
+    w_cols = torch.cat([torch.arange(b.offset, b.offset + b.dim) for b in proj.blocks if set(b.params) <= set(w)])
+    data = task.pretrain_dataset()
+    phi = _example_grads(model, names, task.pretrain_loss, data) @ p.T
+    stats = torch.cat([_example_grads(model, names, lambda m, b, r=r: task.pretrain_fisher_losses(m, b)[:, r], data)
+                       for r in range(3)]) @ p.T
+    m = stats.T @ stats / len(data) + task.pretrain_weight_decay * (p @ p.T)
+    evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
+    lam = 0.1 * float(evals.mean())
+    want = (phi @ (evecs @ torch.diag(1 / (evals + lam)) @ evecs.T))[:, w_cols].numpy()
+    rows = _rows(path)
+    assert np.abs(rows - want).max() / np.abs(want).max() < 1e-8
+
+
 def test_hessian_default_damping_depends_on_the_subsample():
     cfg = BuildConfig(preconditioner="hessian", hessian_examples=10)
     assert cfg.resolved(100, 10, n=10).damping == HESSIAN_DAMPING == 1e-3   # every example

@@ -639,8 +639,13 @@ class GradientProjector:
             return loss.sum(), loss.detach().reshape(())
 
         try:
-            g, own = vmap(grad(one, has_aux=True), in_dims=(None,) + (0,) * len(bidx), randomness="different")(
-                psub, *[leaves[i] for i in bidx])
+            # no_grad outside the transform: grad still differentiates with respect to psub, but the
+            # parameters outside the dense blocks (which require grad) leave no autograd history on
+            # g, so the rows written into ``out`` carry none (``out`` may be a view of a larger
+            # buffer that later batches write into in place)
+            with torch.no_grad():
+                g, own = vmap(grad(one, has_aux=True), in_dims=(None,) + (0,) * len(bidx),
+                              randomness="different")(psub, *[leaves[i] for i in bidx])
         except (ShapeError, NonFiniteError, TaskError):
             raise
         except (RuntimeError, ValueError) as exc:
