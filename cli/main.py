@@ -329,8 +329,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stderr.flush()
         os._exit(2)
     except MsifError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        if not _interrupted(e):
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        rc = 130
     except KeyboardInterrupt:
         rc = 130
     except OSError as e:
@@ -348,11 +350,14 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(getattr(e, "exit_code", 0))
         if isinstance(e, abort):
             sys.exit(1)
-        line = _task_error_line(e)
-        if line is None:
-            raise
-        typer.echo(f"error: {line}", err=True)
-        sys.exit(2)
+        if _interrupted(e):
+            rc = 130
+        else:
+            line = _task_error_line(e)
+            if line is None:
+                raise
+            typer.echo(f"error: {line}", err=True)
+            sys.exit(2)
     finally:
         warnings.showwarning = shown
     # typer turns Ctrl-C into exit code 130 and, without standalone mode, returns it
@@ -360,6 +365,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         typer.echo("interrupted; rerun the same command to resume", err=True)
     if isinstance(rc, int) and rc:
         sys.exit(rc)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` is Ctrl-C in disguise: torch reraises a KeyboardInterrupt raised inside its C++
+    code (vmap, decompositions) as ``RuntimeError: KeyboardInterrupt: ...``, which msif may wrap in
+    one of its own errors (the original then on ``__cause__`` / ``__context__``)."""
+    seen: set[int] = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, KeyboardInterrupt) or (isinstance(cur, RuntimeError)
+                                                  and str(cur).startswith("KeyboardInterrupt")):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _os_error_line(e: OSError) -> Optional[str]:
