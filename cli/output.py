@@ -119,8 +119,14 @@ def print_ranking(result: dict, pretrain_dataset: Any = None) -> None:
         typer.echo(head)
         has_labels = pretrain_dataset is not None and label_of(pretrain_dataset, 0) != ""
         typer.echo(f"  {'rank':>4}  {'id':>8}  {'score':>12}" + ("  label" if has_labels else ""))
+        missing = 0
         for r, (i, s) in enumerate(zip(result["ids"][q], result["scores"][q]), 1):
-            if i < 0 or (isinstance(s, float) and math.isnan(s)):
+            if i < 0 or s is None or (isinstance(s, float) and math.isnan(s)):
+                missing += 1
                 continue
             lab = f"  {label_of(pretrain_dataset, i):>5}" if has_labels else ""
             typer.echo(f"  {r:>4}  {i:>8}  {s:>12.4e}{lab}")
+        if missing:
+            found = len(result["ids"][q]) - missing
+            typer.echo(f"  (the approximate index found {found} of {found + missing}: search more of it, "
+                       f"for IVF a larger --nprobe)")

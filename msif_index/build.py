@@ -42,7 +42,8 @@ from .atomic import atomic_path, cleanup_stale_tmp, fsync_dir, read_json, write_
 from .autodiff import FlatParams, batched_objective
 from .config import BuildConfig
 from .data import batches, full_batch, move
-from .errors import ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError, exception_text, first_line
+from .errors import (ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError, exception_text, first_line,
+                     forward_ad_errors)
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .lock import folder_lock
@@ -537,7 +538,8 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
         flat = FlatParams(prep.model, prep.projector.param_names)
         data = [move(b, prep.device, prep.dtype) for _, b in batches(task.pretrain_dataset(), config.batch_size, ids)]
         mean_loss = batched_objective(flat.loss(task.pretrain_loss), data, len(ids))
-        php = projected_hessian(mean_loss, flat.get(), prep.projector.matrix())
+        with forward_ad_errors(f"the {config.preconditioner!r} preconditioner (Hessian-vector products)"):
+            php = projected_hessian(mean_loss, flat.get(), prep.projector.matrix())
         if not torch.isfinite(php).all():
             # name the example that poisoned the Hessian (one pass over the subsample, error path only)
             for _ in _raw_rows(task, prep, config, ids):

@@ -4,6 +4,9 @@ Every message says what is wrong and what to do about it.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class MsifError(Exception):
     """Base of every error msif-index raises on purpose (bad input, mismatches, corrupt files)."""
@@ -61,3 +64,24 @@ def exception_text(exc: BaseException) -> str:
     alone when the message is empty)."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+#: what to do when torch has no forward-mode derivative of an operation (every second-order path
+#: of msif is forward-over-reverse)
+FORWARD_AD_HINT = ("attention (nn.MultiheadAttention, nn.TransformerEncoderLayer, "
+                   "F.scaled_dot_product_attention) has them on the math kernel: run the model's forward "
+                   "under torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)")
+
+
+@contextmanager
+def forward_ad_errors(what: str) -> Iterator[None]:
+    """Turn torch's ``NotImplementedError: Trying to use forward AD with <op> ...`` (an operation of
+    the model without a forward-mode derivative, which ``what`` needs) into one TaskError line."""
+    try:
+        yield
+    except NotImplementedError as e:
+        if "forward AD" not in str(e):
+            raise
+        raise TaskError(f"{what} needs second derivatives (forward-over-reverse), and torch has no "
+                        f"forward-mode derivative of an operation in the model ({first_line(e)}); "
+                        f"{FORWARD_AD_HINT}") from e

@@ -21,7 +21,7 @@ from torch import nn
 
 from .autodiff import FlatParams, batched_objective, dense_hessian, per_example_grads
 from .data import batch_size_of, batches, move
-from .errors import ConfigError, TooLargeError
+from .errors import ConfigError, TooLargeError, forward_ad_errors
 from .task import FINETUNING_STYLES, MultiStageTask, split_parameters
 
 #: dense Hessians above this many parameters are refused
@@ -53,6 +53,7 @@ class PretrainSide:
     u_names: list[str]
 
 
+@forward_ad_errors("exact influence (dense Hessians)")
 def pretrain_side(task: MultiStageTask, pretrained: nn.Module | None = None, batch_size: int = 512,
                   max_params: int = MAX_EXACT_PARAMS) -> PretrainSide:
     """H_G, per-example gradients and DW(z) for every pretraining example, exactly."""
@@ -84,6 +85,7 @@ class FinetuneSide:
     d_theta: int
 
 
+@forward_ad_errors("exact influence (dense Hessians)")
 def finetune_side(task: MultiStageTask, finetuned: nn.Module, batch_size: int = 512,
                   max_params: int = MAX_EXACT_PARAMS) -> tuple[FinetuneSide, FlatParams]:
     """The finetuning Hessian over (theta, W) at the finetuned model."""

@@ -441,6 +441,9 @@ class InfluenceIndex:
             exact_rerank = min(int(exact_rerank), self.n)
         key = finetuned or self._default              # once: an attach from another thread moves _default
         q = self._query_vectors(test_batch, key)                # finite, in the model's dtype
+        if test_ids is not None and len(test_ids) != q.shape[0]:
+            raise ShapeError(f"test_ids names {len(test_ids)} test points but the test batch holds {q.shape[0]}: "
+                             f"pass one id per test point, in the batch's order (or none)")
         sign = 1.0 if direction == "helpful" else -1.0
         if q.dtype == np.float32:
             signed = np.ascontiguousarray(q if sign > 0 else -q)

@@ -29,7 +29,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from .atomic import atomic_path
 from .autodiff import FlatParams, _LossCall, hvp
 from .data import batches, move
-from .errors import CorruptIndexError, NonFiniteError
+from .errors import CorruptIndexError, NonFiniteError, forward_ad_errors
 from .gradients import GradientProjector
 from .head_curvature import (CG_ITERS, MAX_DENSE_THETA, DenseHeadCurvature, HeadCurvature,
                              KroneckerHeadCurvature, conjugate_gradient_rows, resolve_h_tt)
@@ -106,6 +106,7 @@ def reference_query_vectors(projector: GradientProjector, op: FinetuneOperator, 
     return op.query_vectors(pw, gt)
 
 
+@forward_ad_errors("attaching a finetuned model (the finetune-side operator)")
 def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: GradientProjector,
                      fingerprint: str, batch_size: int = 256, damping: float | None = None,
                      h_tt: str = "auto", cg_iters: int | None = None,

@@ -24,6 +24,7 @@ gauss-newton / hessian / exact and as wd * mean diag(P_b P_b^T) per layer for kf
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import Any, Callable, Collection, Iterable, Sequence
 
@@ -208,6 +209,7 @@ class DenseInverse(Preconditioner):
         m = 0.5 * (m + m.T) + self.weight_decay * self._full_gram()
         evals, evecs = torch.linalg.eigh(m)
         if clamp:
+            _warn_negative(evals)
             evals = evals.clamp_min(0.0)
         lam = self.damping * float(evals.mean()) if self.damping > 0 else 0.0
         self.damping_used["all"] = lam
@@ -225,6 +227,22 @@ class DenseInverse(Preconditioner):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         self.inv_w = torch.from_numpy(np.asarray(state["inv_w"]))
+
+
+def _warn_negative(evals: torch.Tensor, rel: float = 1e-3) -> None:
+    """RuntimeWarning when the projected Hessian has eigenvalues below -``rel`` x its largest: the
+    pretrained model is not at a minimum (a saddle point or far from converged)."""
+    top = float(evals.abs().max()) if evals.numel() else 0.0
+    neg = evals < -rel * top
+    if top > 0 and bool(neg.any()):
+        warnings.warn(f"the projected pretraining Hessian has {int(neg.sum())} of {evals.numel()} eigenvalues "
+                      f"below 0 (down to {float(evals.min()):.3g}; the largest is {top:.3g}): the pretrained model "
+                      f"is not at a minimum of its loss, which influence assumes. They are clamped to 0, and the "
+                      f"scores may not track retraining: train the pretrained model to convergence, or use "
+                      f"ekfac / gauss-newton (positive by construction)", RuntimeWarning,
+                      # at build_index's caller: _factor, fit_hessian, _fit_preconditioner, _load_or_fit,
+                      # _build_locked, build_index (tests/test_build.py checks where it points)
+                      stacklevel=8)
 
 
 class GaussNewton(DenseInverse):

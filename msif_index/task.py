@@ -367,14 +367,16 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
     obj = getattr(module, name)
     if inspect.isclass(obj) and not issubclass(obj, MultiStageTask):
         raise TaskError(f"{spec} is the class {obj.__name__}, not a msif_index.MultiStageTask")
+    called = False
     if inspect.isclass(obj) or (callable(obj) and not isinstance(obj, MultiStageTask)):
         try:
-            obj = obj()
+            obj, called = obj(), True
         except Exception as e:  # noqa: BLE001
             where = task_code_location(e)
             raise TaskError(f"calling {name}() from {path_s} failed: {exception_text(e)}" + _at(where)) from None
     if not isinstance(obj, MultiStageTask):
-        raise TaskError(f"{spec} is a {type(obj).__name__}, not a msif_index.MultiStageTask")
+        what = f"{name}() from {path_s} returned" if called else f"{spec} is"
+        raise TaskError(f"{what} a {type(obj).__name__}, not a msif_index.MultiStageTask")
     if validate:
         validate_task(obj)
     return obj

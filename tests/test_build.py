@@ -535,6 +535,19 @@ def test_gauss_newton_statistics_through_dense_blocks_equal_their_definition(tmp
     assert np.abs(rows - want).max() / np.abs(want).max() < 1e-8
 
 
+def test_hessian_of_a_model_not_at_a_minimum_warns(tmp_path, digits_frozen):
+    """Negative eigenvalues of the projected Hessian (an untrained model) are clamped with a warning
+    that points at build_index's caller; a model trained to its minimum (digits) gets none."""
+    with pytest.warns(RuntimeWarning, match="not at a minimum") as rec:
+        build_index(TinyTask(), tmp_path / "tiny", BuildConfig(proj_dim=None, preconditioner="hessian"))
+    w = [r for r in rec if "not at a minimum" in str(r.message)]
+    assert len(w) == 1 and w[0].filename == __file__, [(r.filename, r.lineno) for r in w]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        build_index(digits_frozen, tmp_path / "digits", BuildConfig(proj_dim=128, preconditioner="hessian"))
+    assert not [r for r in rec if "not at a minimum" in str(r.message)]
+
+
 def test_hessian_default_damping_depends_on_the_subsample():
     cfg = BuildConfig(preconditioner="hessian", hessian_examples=10)
     assert cfg.resolved(100, 10, n=10).damping == HESSIAN_DAMPING == 1e-3   # every example

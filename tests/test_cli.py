@@ -412,3 +412,18 @@ def test_id_ranges_are_checked_before_they_are_expanded():
     with pytest.raises(ConfigError):
         parse_ids("-3-2", 60, "test")
     assert parse_ids("3,5-7", 60, "test") == [3, 5, 6, 7]
+
+
+def test_ranking_table_says_when_an_approximate_index_found_fewer(capsys):
+    """-1 ids (an IVF search that visited too few lists) are not rows of the table: a line says how
+    many were found."""
+    from msif_index.cli.output import print_ranking
+
+    print_ranking({"test_ids": [4], "direction": "helpful", "ids": [[3, 7, -1, -1]],
+                   "scores": [[-2.0, -1.0, None, float("nan")]]})
+    out = capsys.readouterr().out
+    assert "found 2 of 4" in out and "--nprobe" in out
+    assert len([ln for ln in out.splitlines() if ln.strip()[:1].isdigit()]) == 2
+    print_ranking({"test_ids": [4], "direction": "helpful", "ids": [[3, 7]], "scores": [[-2.0, -1.0]]})
+    assert "found" not in capsys.readouterr().out
+

@@ -331,6 +331,11 @@ def test_wrong_shape_test_batch(exact_index, tasks):
             with pytest.raises(ShapeError) as e:
                 index.measurements(bad)
             _one_line(e)
+        for ids in ([0, 1], [0, 1, 2, 3]):                         # test_ids: one per test point
+            with pytest.raises(ShapeError, match="one id per test point") as e:
+                index.query((x, y), k=5, test_ids=ids)
+            _one_line(e)
+        assert index.query((x, y), k=5, test_ids=[7, 8, 9]).test_ids == [7, 8, 9]
         assert index.query((x, y), k=5).ids.shape == (3, 5)      # the index still works afterwards
         empty = (x[:0], y[:0])                                     # no test points: empty answers
         res = index.query(empty, k=5)

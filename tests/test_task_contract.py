@@ -122,6 +122,8 @@ def test_load_task_errors(tmp_path):
         x = 3
         def broken():
             raise RuntimeError("boom")
+        def make_data():
+            return (1, 2)
         raise_at_import = False
     """))
     with pytest.raises(TaskError) as e:
@@ -135,7 +137,10 @@ def test_load_task_errors(tmp_path):
     assert "not a msif_index.MultiStageTask" in _one_line(e)
     with pytest.raises(TaskError) as e:
         msif_index.load_task(f"{f}:x")
-    assert "not a msif_index.MultiStageTask" in _one_line(e)
+    assert "t.py:x is a int, not a msif_index.MultiStageTask" in _one_line(e)
+    with pytest.raises(TaskError) as e:                   # a function that returns something else: said so
+        msif_index.load_task(f"{f}:make_data")
+    assert "make_data() from" in _one_line(e) and "returned a tuple, not a msif_index.MultiStageTask" in _one_line(e)
     with pytest.raises(TaskError) as e:
         msif_index.load_task(f"{f}:broken")
     assert "boom" in _one_line(e)
@@ -226,3 +231,85 @@ def test_move_returns_batches_already_in_place_and_converts_the_rest():
     nested = {"x": x, "pair": (x, y)}                                 # the general path: any pytree
     out = move(nested, "cpu", torch.float64)
     assert out["pair"][0].dtype == torch.float64 and out["pair"][1].dtype == torch.int64
+
+
+class AttentionNet(nn.Module):
+    """One self-attention step through F.scaled_dot_product_attention ([B, heads, L, E] inputs), on
+    its default CPU kernel (no forward-mode derivative) or on the math kernel."""
+
+    def __init__(self, c: int, math: bool):
+        super().__init__()
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, c)
+        self.math = math
+
+    def forward(self, x):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        h = self.mix(x).unsqueeze(1)                                # [B, 1 head, L, E]
+        if self.math:
+            with sdpa_kernel(SDPBackend.MATH):
+                a = nn.functional.scaled_dot_product_attention(h, h, h)
+        else:
+            a = nn.functional.scaled_dot_product_attention(h, h, h)
+        return self.head(a.squeeze(1).mean(1))
+
+
+class AttentionTask(msif_index.MultiStageTask):
+    shared_parameters = ("mix.weight", "mix.bias")
+    pretrain_weight_decay = 0.1
+    finetune_weight_decay = 0.1
+
+    def __init__(self, math: bool):
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        self.pre, self.fin = AttentionNet(3, math).double(), AttentionNet(2, math).double()
+        self.fin.mix.load_state_dict(self.pre.mix.state_dict())
+        self.data = [TensorDataset(torch.randn(m, 3, 4, generator=g, dtype=torch.float64),
+                                   torch.randint(0, c, (m,), generator=g)) for m, c in ((12, 3), (6, 2), (2, 2))]
+
+    def pretrained_model(self): return self.pre
+    def finetuned_model(self): return self.fin
+    def pretrain_dataset(self): return self.data[0]
+    def finetune_dataset(self): return self.data[1]
+    def test_dataset(self): return self.data[2]
+
+    def pretrain_loss(self, model, batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+    def finetune_loss(self, model, batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+@pytest.mark.parametrize("math", [False, True])
+def test_an_op_without_forward_mode_derivatives_is_one_line_naming_the_fix(tmp_path, math):
+    """Second derivatives are forward-over-reverse: attention on torch's default CPU kernel has no
+    forward-mode derivative. The Hessian preconditioner, attach and exact influence then fail with one
+    TaskError naming the math kernel, and on the math kernel (the fix the message gives) all three
+    work and agree (exact preset against exact_influence, 1e-8)."""
+    import warnings
+
+    from msif_index.build import build_index
+    from msif_index.config import PRESETS, BuildConfig
+    from msif_index.data import full_batch
+    from msif_index.exact import exact_influence
+    from msif_index.index import InfluenceIndex
+
+    task = AttentionTask(math)
+    batch = full_batch(task.test_dataset(), [0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # torch: no vmap batching rule for the flash kernel
+        if not math:
+            with pytest.raises(TaskError, match=r"'exact' preconditioner .*forward AD.*SDPBackend\.MATH"):
+                build_index(task, tmp_path / "exact", PRESETS["exact"])
+            path = build_index(task, tmp_path / "ekfac", BuildConfig(proj_dim=8, preconditioner="ekfac"))
+            with pytest.raises(TaskError, match=r"attaching a finetuned model .*SDPBackend\.MATH"):
+                InfluenceIndex.open(path).attach(task)
+            with pytest.raises(TaskError, match=r"exact influence .*SDPBackend\.MATH"):
+                exact_influence(task, batch)
+            return
+        with InfluenceIndex.open(build_index(task, tmp_path / "exact", PRESETS["exact"])) as index:
+            index.attach(task)
+            got = index.scores(batch)
+        ref = exact_influence(task, batch).numpy()
+    assert abs(got - ref).max() / abs(ref).max() < 1e-8
