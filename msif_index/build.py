@@ -40,7 +40,7 @@ from . import __version__
 from .allocator import keep_freed_memory
 from .atomic import atomic_path, cleanup_stale_tmp, fsync_dir, read_json, write_json_atomic
 from .autodiff import FlatParams, batched_objective
-from .config import BuildConfig
+from .config import HESSIAN_DAMPING, BuildConfig
 from .data import batches, full_batch, move
 from .errors import (ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError, exception_text, first_line,
                      forward_ad_errors)
@@ -753,6 +753,20 @@ def _adopt_older_identity(out: Path, identity: dict) -> dict:
     return identity
 
 
+def _former_default_damping(out: Path, config: BuildConfig, identity: dict) -> tuple[BuildConfig, dict] | None:
+    """(config, identity) with hessian's former default damping (1e-3, also over a subsample) when
+    ``out`` holds this build made with it: a rerun without ``--damping`` then resumes or reuses it,
+    with a warning, instead of refusing it as another config. None otherwise."""
+    older = config.with_(damping=HESSIAN_DAMPING)
+    candidate = {**identity, "config": older.identity_fields()}
+    if _adopt_older_identity(out, candidate) is candidate:
+        return None
+    warnings.warn(f"{out} was built with damping {HESSIAN_DAMPING:g}, hessian's default over a subsample before "
+                  f"it became {config.damping:g} (README, 'Why auto'); it is kept: rebuild with --overwrite (and "
+                  f"no --damping) for the new default", RuntimeWarning, stacklevel=3)
+    return older, candidate
+
+
 def _faiss_name(manifest: dict) -> str | None:
     """The file of the index's search structure named by its manifest (InfluenceIndex.open checks the
     name is one of FAISS_NAMES); faiss.index in manifests from before the name could change."""
@@ -808,6 +822,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     Stored row s_z = [M^{-1} P grad g(z)]_W; with a query q_t = P_W v_t the influence is
     I(z, x_t) ~ - q_t . s_z (negative: helpful; positive: harmful).
     """
+    damping_unset = (config or BuildConfig()).damping is None
     config = resolve_config(task, config or BuildConfig())
     if config.preconditioner == "exact" and config.damping:
         # (a check here, not in BuildConfig: manifests of earlier builds with a damping stay readable)
@@ -832,6 +847,12 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         # kfac / ekfac rows in the eigenbasis: a build or index from a version that stored them in the
         # parameter basis (no key) is not resumed or reused
         identity["row_basis"] = pre.row_basis
+    if damping_unset and config.preconditioner == "hessian" and config.damping != HESSIAN_DAMPING:
+        older = _former_default_damping(out, config, identity)
+        if older is not None:
+            config, identity = older
+            prep = prepare(task, config)
+            pre = prep.preconditioner
     SearchIndex.create(pre.dim_w, config.factory)    # a bad factory string fails now, not after the pass
     if n < min_train_rows(config.factory):            # ... and one these rows cannot train
         raise ConfigError(f"factory {config.factory!r} needs at least {min_train_rows(config.factory)} rows to "

@@ -80,7 +80,7 @@ def forward_ad_errors(what: str) -> Iterator[None]:
     try:
         yield
     except NotImplementedError as e:
-        if "forward AD" not in str(e):
+        if "forward AD" not in str(e) and "forward mode AD" not in str(e):
             raise
         raise TaskError(f"{what} needs second derivatives (forward-over-reverse), and torch has no "
                         f"forward-mode derivative of an operation in the model ({first_line(e)}); "

@@ -548,6 +548,25 @@ def test_hessian_of_a_model_not_at_a_minimum_warns(tmp_path, digits_frozen):
     assert not [r for r in rec if "not at a minimum" in str(r.message)]
 
 
+def test_rerun_keeps_an_index_built_with_the_former_hessian_default(tmp_path):
+    """An index built when hessian's default damping over a subsample was 1e-3: the same command
+    (no damping given) reuses it with a warning, instead of refusing it as another config; a new
+    folder gets the new default, and a damping given explicitly is compared as before."""
+    cfg = BuildConfig(proj_dim=16, preconditioner="hessian", hessian_examples=20)
+    path = build_index(TinyTask(), tmp_path / "old", cfg.with_(damping=HESSIAN_DAMPING))   # the former default
+    rows, mtime = _rows(path), (path / "manifest.json").stat().st_mtime_ns
+    with pytest.warns(RuntimeWarning, match="it is kept") as rec:
+        assert build_index(TinyTask(), path, cfg) == path
+    w = [r for r in rec if "it is kept" in str(r.message)]
+    assert len(w) == 1 and w[0].filename == __file__
+    assert _manifest(path)["config"]["damping"] == HESSIAN_DAMPING
+    assert (path / "manifest.json").stat().st_mtime_ns == mtime and np.array_equal(_rows(path), rows)
+    with pytest.raises(ConfigError, match="damping"):
+        build_index(TinyTask(), path, cfg.with_(damping=0.05))
+    new = build_index(TinyTask(), tmp_path / "new", cfg)
+    assert _manifest(new)["config"]["damping"] == SUBSAMPLED_HESSIAN_DAMPING
+
+
 def test_hessian_default_damping_depends_on_the_subsample():
     cfg = BuildConfig(preconditioner="hessian", hessian_examples=10)
     assert cfg.resolved(100, 10, n=10).damping == HESSIAN_DAMPING == 1e-3   # every example

@@ -275,6 +275,20 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, tiny, raised):
     assert proc.stderr.strip() == "interrupted; rerun the same command to resume", proc.stderr
 
 
+def test_ctrl_c_inside_torch_outside_task_code_exits_130(tmp_path, tiny, capsys, monkeypatch):
+    """torch's RuntimeError('KeyboardInterrupt: ...') raised outside the task's code (not wrapped in
+    an msif error): exit 130 and the one line too."""
+    import msif_index.build
+
+    def interrupted(*args, **kwargs):
+        raise RuntimeError("KeyboardInterrupt: <EMPTY MESSAGE>")
+    monkeypatch.setattr(msif_index.build, "build_index", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["build-index", "--task", f"{tiny}:task", "--out", str(tmp_path / "idx")])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted; rerun the same command to resume"
+
+
 @pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES, errno.ENOSPC])
 def test_file_system_errors_are_one_line(tmp_path, tiny, capsys, monkeypatch, err):
     """A read-only, forbidden or full folder: one line naming the file and what to do, exit 2."""

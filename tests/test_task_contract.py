@@ -303,8 +303,9 @@ def test_an_op_without_forward_mode_derivatives_is_one_line_naming_the_fix(tmp_p
             with pytest.raises(TaskError, match=r"'exact' preconditioner .*forward AD.*SDPBackend\.MATH"):
                 build_index(task, tmp_path / "exact", PRESETS["exact"])
             path = build_index(task, tmp_path / "ekfac", BuildConfig(proj_dim=8, preconditioner="ekfac"))
-            with pytest.raises(TaskError, match=r"attaching a finetuned model .*SDPBackend\.MATH"):
-                InfluenceIndex.open(path).attach(task)
+            with InfluenceIndex.open(path) as index, \
+                    pytest.raises(TaskError, match=r"attaching a finetuned model .*SDPBackend\.MATH"):
+                index.attach(task)
             with pytest.raises(TaskError, match=r"exact influence .*SDPBackend\.MATH"):
                 exact_influence(task, batch)
             return
