@@ -96,7 +96,7 @@ def exact(task: str = typer.Option(..., help=TASK_HELP),
     infl = exact_influence(t, batch)
     scores, order = torch.sort(infl, dim=1, descending=(direction == "harmful"))
     with torch.no_grad():                 # as exact_influence computes: a float64 CPU copy of the model
-        model = copy.deepcopy(t.finetuned_model()).to(device="cpu", dtype=torch.float64)
+        model = copy.deepcopy(t.finetuned_model()).to(device="cpu", dtype=torch.float64).eval()
         values = t.measurement(model, move(batch, device="cpu", dtype=torch.float64)).detach()
     if values.shape != (len(ids),):
         raise ShapeError(f"measurement returned shape {tuple(values.shape)} for {len(ids)} test examples; it "

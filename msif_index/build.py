@@ -51,7 +51,7 @@ from .preconditioners import Preconditioner, make_preconditioner, projected_hess
 from .progress import progress
 from .search import SearchIndex, built_at_open, fitting_nlist, min_train_rows
 from .store import RowStore, ShardedWriter, _open_h5, link_shards
-from .task import MultiStageTask, fisher_loss_columns, has_fisher_losses, split_parameters
+from .task import MultiStageTask, eval_mode, fisher_loss_columns, has_fisher_losses, split_parameters
 
 BUILD_FILE = "build.json"
 MANIFEST = "manifest.json"
@@ -107,9 +107,13 @@ def pretrain_loss_probe(task: MultiStageTask, model: nn.Module) -> list[float | 
     """``pretrain_loss`` on the first pretraining examples at the pretrained model, as the build saw
     it (recorded in build.json and the manifest): the rows depend on the loss, which no fingerprint
     covers, so a rerun, a resume or an attach with another loss (label smoothing, another weighting)
-    is told (``loss_probe_change``). None when two evaluations differ (e.g. dropout on a CUDA model)."""
-    runs = [loss_values(task.pretrain_loss, model, task.pretrain_dataset()) for _ in range(2)]
+    is told (``loss_probe_change``). None when two evaluations differ (e.g. dropout on a CUDA model).
+    In eval mode, as the build computes its rows (on an eval copy): a task model returned in
+    training mode (batch norm on batch statistics, dropout) gives the same probe."""
+    with eval_mode(model):
+        runs = [loss_values(task.pretrain_loss, model, task.pretrain_dataset()) for _ in range(2)]
     return runs[0] if loss_probe_change(runs[0], runs[1], rtol=1e-9) is None else None
+
 
 
 def loss_probe_change(recorded: Any, now: list[float | None] | None, rtol: float = 1e-3) -> str | None:
@@ -535,6 +539,9 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
     if config.preconditioner in ("hessian", "exact"):
         ids = list(range(n)) if config.preconditioner == "exact" else _subsample(n, config.hessian_examples,
                                                                                  config.seed)
+        # the hooks' first-batch check (a weight used outside its module, an input not batch-first,
+        # interacting examples) on one batch now, before the HVPs, which take much longer than it
+        next(_raw_rows(task, prep, config, ids[:config.batch_size]), None)
         flat = FlatParams(prep.model, prep.projector.param_names)
         data = [move(b, prep.device, prep.dtype) for _, b in batches(task.pretrain_dataset(), config.batch_size, ids)]
         mean_loss = batched_objective(flat.loss(task.pretrain_loss), data, len(ids))

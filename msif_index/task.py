@@ -10,6 +10,7 @@ Notation of MATH.md:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -17,7 +18,7 @@ import math
 import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -184,9 +185,23 @@ def _first_batch(dataset: Dataset, size: int) -> Any:
     return collate([dataset[i] for i in range(min(size, n))])
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block (msif computes on eval copies: batch norm on its running
+    statistics, dropout off), each module's training flag restored after. A forward pass of a model
+    in training mode would also update its batch norm statistics."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def _check_loss(name: str, fn, model: nn.Module, batch: Any, expected: int) -> None:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             out = fn(model, batch)
     except Exception as e:  # noqa: BLE001 - the user's code; report it in one line
         where = task_code_location(e)
@@ -233,6 +248,14 @@ def validate_task(task: MultiStageTask) -> None:
                             f"pretrained model but {tuple(fp[name].shape)} in the finetuned model")
         if not pp[name].requires_grad:
             raise TaskError(f"shared parameter {name!r} does not require grad in pretrained_model()")
+        if task.finetuning == "frozen":
+            a = pp[name].detach().cpu()
+            b = fp[name].detach().cpu().to(a.dtype)
+            if not torch.equal(a, b):
+                diff = float((a.double() - b.double()).abs().max())
+                raise TaskError(f"finetuning is 'frozen' but shared parameter {name!r} differs between "
+                                f"pretrained_model() and finetuned_model() (max |difference| {diff:.3g}); give "
+                                f"the finetuned model the pretrained W, or set finetuning = 'proximal' (with alpha)")
     if not split_parameters(task, fin)[1]:
         raise TaskError("finetuned_model() has no trainable parameters besides the shared ones (theta is empty)")
     if not isinstance(task.dense_modules, (list, tuple)) or not all(isinstance(m, str) for m in task.dense_modules):

@@ -567,6 +567,54 @@ def test_rerun_keeps_an_index_built_with_the_former_hessian_default(tmp_path):
     assert _manifest(new)["config"]["damping"] == SUBSAMPLED_HESSIAN_DAMPING
 
 
+class BNNet(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.embed = nn.Linear(6, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, c)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.bn(self.embed(x))))
+
+
+class BNTask(TinyTask):
+    """TinyTask with batch norm in W; ``train_mode``: the models come back in training mode."""
+
+    shared_parameters = ("embed.weight", "embed.bias", "bn.weight", "bn.bias")
+
+    def __init__(self, train_mode: bool):
+        super().__init__()
+        self._pm, self._fm = _init(BNNet(3).double(), 1), _init(BNNet(2).double(), 2)
+        for name in ("embed", "bn"):
+            getattr(self._fm, name).load_state_dict(getattr(self._pm, name).state_dict())
+        g = torch.Generator().manual_seed(3)
+        for m in (self._pm, self._fm):
+            m.bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+            m.bn.running_var.uniform_(0.5, 2.0, generator=g)
+            m.train(train_mode)
+        self._fm.bn.load_state_dict(self._pm.bn.state_dict())
+
+
+def test_models_returned_in_training_mode_build_as_in_eval_mode(tmp_path):
+    """msif computes on eval copies (batch norm on its running statistics, dropout off): a task whose
+    models come back in training mode gets the same rows, the same recorded loss probe (no "the loss
+    changed" warning when the same task comes back in eval mode, or the other way) and keeps its
+    models' modes."""
+    cfg = BuildConfig(proj_dim=12, preconditioner="ekfac", dtype="float64")
+    train_task = BNTask(train_mode=True)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        path = build_index(train_task, tmp_path / "train", cfg)
+        assert build_index(BNTask(train_mode=False), path, cfg) == path
+        eval_path = build_index(BNTask(train_mode=False), tmp_path / "eval", cfg)
+        with InfluenceIndex.open(eval_path) as index:
+            index.attach(BNTask(train_mode=True))
+    assert not [r for r in rec if "other values" in str(r.message)], [str(r.message) for r in rec]
+    assert np.array_equal(_rows(path), _rows(eval_path))
+    assert train_task.pretrained_model().training and train_task.pretrained_model().bn.training
+
+
 def test_hessian_default_damping_depends_on_the_subsample():
     cfg = BuildConfig(preconditioner="hessian", hessian_examples=10)
     assert cfg.resolved(100, 10, n=10).damping == HESSIAN_DAMPING == 1e-3   # every example
@@ -1370,7 +1418,7 @@ def test_old_index_left_by_a_swap_killed_after_its_renames_is_removed(tmp_path):
     assert not replaced.exists()
 
 
-def test_tied_embeddings_are_named_and_built_exactly_with_dense_modules(tmp_path):
+def test_tied_embeddings_are_named_and_built_exactly_with_dense_modules(tmp_path, monkeypatch):
     """A weight used outside its module stops the build in one line naming the module and the task's
     dense_modules; listed there, the module takes the exact per-example path: rows = P g_z."""
     from msif_index.build import prepare, resolve_config
@@ -1380,6 +1428,14 @@ def test_tied_embeddings_are_named_and_built_exactly_with_dense_modules(tmp_path
         build_index(TiedTask(), tmp_path / "hooks", cfg)
     msg = _one_line(e)
     assert "'emb'" in msg and "dense_modules" in msg
+    import msif_index.build as build_mod
+
+    def no_hvps(*a, **k):
+        raise AssertionError("the Hessian-vector products ran before the hooks' check")
+    with monkeypatch.context() as mp:                  # hessian: the check comes before the HVPs
+        mp.setattr(build_mod, "projected_hessian", no_hvps)
+        with pytest.raises(TaskError, match="dense_modules"):
+            build_index(TiedTask(), tmp_path / "hessian", cfg.with_(preconditioner="hessian"))
     task = TiedTask(dense_modules=("emb",))
     path = build_index(task, tmp_path / "dense", cfg)
     prep = prepare(task, resolve_config(task, cfg))

@@ -400,6 +400,10 @@ def test_index_of_another_pretrained_model(exact_index, tasks):
     with torch.no_grad():
         other.embed.weight[0, 0] += 1e-6
     task.__dict__["_pretrained"] = other                           # ... except the pretrained one
+    fin = copy.deepcopy(task.finetuned_model())                     # (frozen: the finetuned model holds it)
+    with torch.no_grad():
+        fin.embed.weight.copy_(other.embed.weight)
+    task.__dict__["_finetuned"] = fin
     with InfluenceIndex.open(exact_index) as index:
         with pytest.raises(IndexMismatchError) as e:
             index.attach(task)

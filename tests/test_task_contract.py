@@ -31,6 +31,7 @@ class Tiny(msif_index.MultiStageTask):
         self.x = torch.randn(8, 4, generator=g)
         self.y = torch.randint(0, 2, (8,), generator=g)
         self.pre, self.fin = Net(3), Net(2)
+        self.fin.embed.load_state_dict(self.pre.embed.state_dict())     # frozen finetuning: W* kept
 
     def pretrained_model(self):
         return self.pre
@@ -54,6 +55,19 @@ def test_valid_task_passes_and_splits():
     t = Tiny()
     validate_task(t)
     assert split_parameters(t, t.pre) == (["embed.weight", "embed.bias"], ["head.weight", "head.bias"])
+
+
+def test_frozen_finetuning_with_another_w_is_refused_at_load():
+    """finetuning 'frozen' means the finetuned model holds W* itself: a W that moved (or was never
+    loaded) is one line at validation, naming the parameter; proximal finetuning may move it."""
+    t = Tiny()
+    with torch.no_grad():
+        t.fin.embed.bias[0] += 0.5
+    with pytest.raises(TaskError) as e:
+        validate_task(t)
+    assert "'embed.bias'" in _one_line(e) and "frozen" in _one_line(e) and "0.5" in _one_line(e)
+    t.finetuning, t.alpha = "proximal", 1.0
+    validate_task(t)
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..exact import exact_influence
 from ..index import InfluenceIndex
 from ..preconditioners import PRECONDITIONERS
-from ..task import MultiStageTask
+from ..task import MultiStageTask, eval_mode
 from . import against_exact, figures, lds, loo
 from .baselines import DESCRIPTIONS, METHODS, UNITS, Context, compute_methods, exact_feasible
 from .report import (AGAINST, HEADLINE, KIND, SCHEMA_VERSION, SIGN_CONVENTION, clean, summary, validate_report,
@@ -122,7 +122,7 @@ def choose_test_ids(task: MultiStageTask, config: EvaluationConfig) -> list[int]
     if config.test_select == "highest":
         model = task.finetuned_model()
         values = []
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             for _, batch in batches(task.test_dataset(), config.batch_size):
                 values.append(task.measurement(model, batch).detach().to(torch.float64).cpu().reshape(-1))
         m = torch.cat(values).numpy()
