@@ -115,7 +115,6 @@ def pretrain_loss_probe(task: MultiStageTask, model: nn.Module) -> list[float | 
     return runs[0] if loss_probe_change(runs[0], runs[1], rtol=1e-9) is None else None
 
 
-
 def loss_probe_change(recorded: Any, now: list[float | None] | None, rtol: float = 1e-3) -> str | None:
     """How the probe ``now`` differs from the ``recorded`` one beyond float noise (e.g. "2.303 -> 2.197
     on example 0"), or None (also when either was not recorded: builds from before the probe, or a
