@@ -432,6 +432,29 @@ def test_kronecker_preconditioners_equal_their_definition(tmp_path, pre, proj_di
     assert used == pytest.approx({"embed": lam_damp}, rel=1e-10)
 
 
+def _projected_gradients(task, proj_dim):
+    """By brute force, over (W, head) of the pretrained model: (model, names, P [k, d], the W columns
+    of a row, phi = P g_z [n, k] of every pretraining example)."""
+    model = task.pretrained_model()
+    w = list(task.shared_parameters)
+    names = w + ["head.weight", "head.bias"]
+    proj = GradientProjector(model, names, proj_dim=proj_dim, dtype=torch.float64)
+    p = proj.matrix()
+    w_cols = torch.cat([torch.arange(b.offset, b.offset + b.dim) for b in proj.blocks if set(b.params) <= set(w)])
+    phi = _example_grads(model, names, task.pretrain_loss, task.pretrain_dataset()) @ p.T
+    return model, names, p, w_cols, phi
+
+
+def _dense_definition_rows(phi, m, w_cols, damping: float, clamp: bool) -> tuple[np.ndarray, float]:
+    """Stored rows [(M + damping * mean eig(M) I)^{-1} phi]_W (eigenvalues of M clamped at 0 when
+    ``clamp``) and the damping used."""
+    evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
+    if clamp:
+        evals = evals.clamp_min(0)
+    lam = damping * float(evals.mean())
+    return (phi @ (evecs @ torch.diag(1 / (evals + lam)) @ evecs.T))[:, w_cols].numpy(), lam
+
+
 @pytest.mark.parametrize("proj_dim", [None, 16])
 @pytest.mark.parametrize("pre, fisher", [("gauss-newton", "empirical"), ("gauss-newton", "gauss-newton"),
                                          ("hessian", "empirical")])
@@ -444,26 +467,13 @@ def test_dense_preconditioners_equal_their_definition(tmp_path, pre, fisher, pro
     damping = 0.05
     path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=proj_dim, preconditioner=pre,
                                                            damping=damping, dtype="float64", fisher=fisher))
-    model = task.pretrained_model()
-    w = list(task.shared_parameters)
-    names = w + ["head.weight", "head.bias"]
-    proj = GradientProjector(model, names, proj_dim=proj_dim, dtype=torch.float64)
-    p = proj.matrix()
-    w_cols = torch.cat([torch.arange(b.offset, b.offset + b.dim) for b in proj.blocks if set(b.params) <= set(w)])
-    grads = _example_grads(model, names, task.pretrain_loss, task.pretrain_dataset())
-    phi = grads @ p.T
-    wd = task.pretrain_weight_decay
+    model, names, p, w_cols, phi = _projected_gradients(task, proj_dim)
     if pre == "gauss-newton":
         stats = _stats_rows(task, model, names, p)
-        m = stats.T @ stats / phi.shape[0] + wd * (p @ p.T)
+        m = stats.T @ stats / phi.shape[0] + task.pretrain_weight_decay * (p @ p.T)
     else:
         m = p @ pretrain_side(task).hessian @ p.T                 # pretrain_side's H_G includes wd I
-    evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
-    if pre == "hessian":
-        evals = evals.clamp_min(0)
-    lam = damping * float(evals.mean())
-    inv = evecs @ torch.diag(1 / (evals + lam)) @ evecs.T
-    want = (phi @ inv)[:, w_cols].numpy()
+    want, lam = _dense_definition_rows(phi, m, w_cols, damping, clamp=pre == "hessian")
     rows = _rows(path)
     assert rows.shape == want.shape
     assert np.abs(rows - want).max() / np.abs(want).max() < 1e-8
@@ -484,18 +494,9 @@ def test_subsampled_hessian_equals_its_definition(tmp_path, proj_dim):
     assert len(ids) == size
     sub = TinyTask()
     sub._pre = TensorDataset(*[t[ids] for t in task.pretrain_dataset().tensors])
-    model = task.pretrained_model()
-    w = list(task.shared_parameters)
-    names = w + ["head.weight", "head.bias"]
-    proj = GradientProjector(model, names, proj_dim=proj_dim, dtype=torch.float64)
-    p = proj.matrix()
-    w_cols = torch.cat([torch.arange(b.offset, b.offset + b.dim) for b in proj.blocks if set(b.params) <= set(w)])
-    phi = _example_grads(model, names, task.pretrain_loss, task.pretrain_dataset()) @ p.T
+    _, _, p, w_cols, phi = _projected_gradients(task, proj_dim)
     m = p @ pretrain_side(sub).hessian @ p.T                     # includes wd I
-    evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
-    evals = evals.clamp_min(0)
-    lam = SUBSAMPLED_HESSIAN_DAMPING * float(evals.mean())
-    want = (phi @ (evecs @ torch.diag(1 / (evals + lam)) @ evecs.T))[:, w_cols].numpy()
+    want, _ = _dense_definition_rows(phi, m, w_cols, SUBSAMPLED_HESSIAN_DAMPING, clamp=True)
     rows = _rows(path)
     assert np.abs(rows - want).max() / np.abs(want).max() < 1e-8
 
@@ -517,20 +518,12 @@ def test_gauss_newton_statistics_through_dense_blocks_equal_their_definition(tmp
     path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=proj_dim, preconditioner="gauss-newton",
                                                            dtype="float64"))
     assert _manifest(path)["config"]["fisher"] == "gauss-newton"
-    model = task.pretrained_model()
-    w = list(task.shared_parameters)
-    names = w + ["head.weight", "head.bias"]
-    proj = GradientProjector(model, names, proj_dim=proj_dim, dtype=torch.float64)
-    p = proj.matrix()
-    w_cols = torch.cat([torch.arange(b.offset, b.offset + b.dim) for b in proj.blocks if set(b.params) <= set(w)])
+    model, names, p, w_cols, phi = _projected_gradients(task, proj_dim)
     data = task.pretrain_dataset()
-    phi = _example_grads(model, names, task.pretrain_loss, data) @ p.T
     stats = torch.cat([_example_grads(model, names, lambda m, b, r=r: task.pretrain_fisher_losses(m, b)[:, r], data)
                        for r in range(3)]) @ p.T
     m = stats.T @ stats / len(data) + task.pretrain_weight_decay * (p @ p.T)
-    evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
-    lam = 0.1 * float(evals.mean())
-    want = (phi @ (evecs @ torch.diag(1 / (evals + lam)) @ evecs.T))[:, w_cols].numpy()
+    want, _ = _dense_definition_rows(phi, m, w_cols, 0.1, clamp=False)
     rows = _rows(path)
     assert np.abs(rows - want).max() / np.abs(want).max() < 1e-8
 
