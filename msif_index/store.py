@@ -171,6 +171,12 @@ def _open_h5(path: Path, mode: str, cache_bytes: int = _CACHE_BYTES) -> h5py.Fil
         # files are never written in place (atomic rename), so HDF5's file locks only get in
         # the way (read-only or network file systems)
         return h5py.File(path, mode, locking=False, **kwargs)
+    except OSError as e:
+        if "locking flag" not in str(e):
+            raise
+        # this process already holds the file open with HDF5's default locking (the user's own
+        # h5py.File(path)): HDF5 refuses a second open with other flags, so match them
+        return h5py.File(path, mode, **kwargs)
     except (TypeError, ValueError) as e:  # pragma: no cover - h5py/HDF5 without the locking option
         if "lock" not in str(e).lower() and not isinstance(e, TypeError):
             raise

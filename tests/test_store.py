@@ -332,6 +332,18 @@ def test_concurrent_reads_from_threads(tmp_path):
 # ----------------------------------------------------------------------------- disk full
 
 
+def test_open_while_the_user_holds_the_file_open_with_h5py(tmp_path):
+    """HDF5 refuses a second open of a file in one process with other locking flags; a user's own
+    h5py.File(rows.h5) (default locking) must not make RowStore.open call the file corrupted."""
+    path = tmp_path / "rows.h5"
+    data = rows_for(0, 20, k=5)
+    write_store(path, data)
+    with h5py.File(path, "r") as user:
+        with RowStore.open(path) as st:
+            np.testing.assert_array_equal(st.read(0, 20), data)
+        np.testing.assert_array_equal(user["rows"][()], data)
+
+
 def test_disk_full_during_write_keeps_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "rows.h5"
     write_store(path, rows_for(0, 10))
