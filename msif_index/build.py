@@ -544,8 +544,11 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
         flat = FlatParams(prep.model, prep.projector.param_names)
         data = [move(b, prep.device, prep.dtype) for _, b in batches(task.pretrain_dataset(), config.batch_size, ids)]
         mean_loss = batched_objective(flat.loss(task.pretrain_loss), data, len(ids))
-        with forward_ad_errors(f"the {config.preconditioner!r} preconditioner (Hessian-vector products)"):
-            php = projected_hessian(mean_loss, flat.get(), prep.projector.matrix())
+        pm = prep.projector.matrix()
+        with forward_ad_errors(f"the {config.preconditioner!r} preconditioner (Hessian-vector products)"), \
+                progress(pm.shape[0], f"{config.preconditioner} (HVPs over {len(ids)} examples)", unit="HVP",
+                         enabled=show) as advance:
+            php = projected_hessian(mean_loss, flat.get(), pm, advance=advance)
         if not torch.isfinite(php).all():
             # name the example that poisoned the Hessian (one pass over the subsample, error path only)
             for _ in _raw_rows(task, prep, config, ids):

@@ -453,8 +453,10 @@ def make_preconditioner(name: str, blocks: Sequence[Block], w_blocks: Sequence[b
 
 
 def projected_hessian(mean_loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                      p: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """P H P^T for H the Hessian of ``mean_loss`` at ``x``, by HVPs along the rows of P [k, d]."""
+                      p: torch.Tensor, chunk: int = 64,
+                      advance: Callable[[int], None] | None = None) -> torch.Tensor:
+    """P H P^T for H the Hessian of ``mean_loss`` at ``x``, by HVPs along the rows of P [k, d].
+    ``advance(c)`` is called after each chunk of c HVPs (a progress bar over the k rows)."""
     from torch.func import vmap
 
     from .autodiff import hvp
@@ -464,4 +466,6 @@ def projected_hessian(mean_loss: Callable[[torch.Tensor], torch.Tensor], x: torc
     for s in range(0, k, chunk):
         hp = vmap(lambda v: hvp(mean_loss, x, v))(pt[s:s + chunk])     # [c, d] rows of P H
         out[s:s + chunk] = (hp @ pt.T).to(_F64)
+        if advance is not None:
+            advance(hp.shape[0])
     return 0.5 * (out + out.T)

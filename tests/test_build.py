@@ -541,6 +541,29 @@ def test_hessian_of_a_model_not_at_a_minimum_warns(tmp_path, digits_frozen):
     assert not [r for r in rec if "not at a minimum" in str(r.message)]
 
 
+@pytest.mark.filterwarnings("ignore:the projected pretraining Hessian")
+def test_hessian_hvps_show_progress(tmp_path, monkeypatch):
+    """The HVPs of hessian (minutes for a small CNN) advance a progress bar over the k rows of P."""
+    import contextlib
+
+    import msif_index.build as build_mod
+    bars: dict[str, list[int]] = {}
+
+    @contextlib.contextmanager
+    def recording(total, description, unit="ex", enabled=None):
+        steps = bars.setdefault(description, [total])
+        yield steps.append
+
+    monkeypatch.setattr(build_mod, "progress", recording)
+    path = build_index(TinyTask(), tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="hessian",
+                                                                 hessian_examples=20), progress_bar=True)
+    hvp = [v for d, v in bars.items() if "HVPs over 20 examples" in d]
+    assert len(hvp) == 1, list(bars)
+    k = _manifest(path)["k"]
+    total, *steps = hvp[0]
+    assert total == sum(steps) >= k and all(s > 0 for s in steps)
+
+
 def test_rerun_keeps_an_index_built_with_the_former_hessian_default(tmp_path):
     """An index built when hessian's default damping over a subsample was 1e-3: the same command
     (no damping given) reuses it with a warning, instead of refusing it as another config; a new
