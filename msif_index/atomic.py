@@ -48,9 +48,10 @@ def is_disk_full(exc: BaseException) -> bool:
         seen.add(id(cur))
         if isinstance(cur, DiskFullError):
             return True
-        if isinstance(cur, OSError):
-            if cur.errno in _DISK_FULL_ERRNOS:
-                return True
+        if isinstance(cur, OSError) and cur.errno in _DISK_FULL_ERRNOS:
+            return True
+        # h5py raises OSError or RuntimeError (a failed flush or close) with HDF5's message text
+        if isinstance(cur, (OSError, RuntimeError)):
             text = str(cur).lower()
             if any(t in text for t in _DISK_FULL_TEXT):
                 return True
@@ -144,7 +145,7 @@ def atomic_path(final: Path | str, drop_cache: bool = False) -> Iterator[Path]:
             fsync_dir(final.parent)
         except BaseException as e:
             _remove_quietly(tmp)
-            if isinstance(e, OSError) and not isinstance(e, DiskFullError) and is_disk_full(e):
+            if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, DiskFullError) and is_disk_full(e):
                 raise disk_full_error(final) from e
             raise
     finally:

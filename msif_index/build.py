@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,7 +51,7 @@ from .lock import folder_lock
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian, read_state
 from .progress import progress
 from .search import SearchIndex, built_at_open, fitting_nlist, min_train_rows
-from .store import RowStore, ShardedWriter, _open_h5, link_shards
+from .store import RowStore, ShardedWriter, _open_h5, check_free_space, link_shards
 from .task import MultiStageTask, eval_mode, fisher_loss_columns, has_fisher_losses, split_parameters
 
 BUILD_FILE = "build.json"
@@ -922,6 +923,9 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
     write_json_atomic(out / BUILD_FILE, {"identity": identity, "config": config.to_dict(),
                                          "projector": prep.projector.config(), "version": __version__,
                                          "pretrain_loss_probe": probe})
+    todo = n if shards is None else sum(b - a for a, b in shards.pending_ranges())
+    # the rows must fit before the statistics and gradients are computed (each shard checks again)
+    check_free_space(out, f"the rows of {todo:,} examples", todo * pre.dim_w * np.dtype(config.dtype).itemsize)
     t0 = time.perf_counter()
     sample = _load_or_fit(task, prep, config, out, n, progress_bar)
     timings["statistics_s"] = time.perf_counter() - t0

@@ -25,6 +25,7 @@ import json
 import math
 import queue
 import re
+import shutil
 import sys
 import threading
 import warnings
@@ -35,7 +36,7 @@ import h5py
 import numpy as np
 
 from .atomic import atomic_path, cleanup_stale_tmp, disk_full_error, is_disk_full
-from .errors import ConfigError, CorruptIndexError, NonFiniteError, ShapeError, first_line
+from .errors import ConfigError, CorruptIndexError, DiskFullError, NonFiniteError, ShapeError, first_line
 
 try:  # torch is optional here: rows may be numpy arrays
     import torch
@@ -265,6 +266,22 @@ def _write_chunk(rows: h5py.Dataset, row: int, buf: np.ndarray) -> None:
     rows.id.write_direct_chunk((row, 0), buf, filter_mask=0)
 
 
+def check_free_space(folder: Path, what: str, nbytes: int) -> None:
+    """DiskFullError now, before any row (or the gradients behind them) is computed, when the disk
+    holding ``folder`` has less than ``nbytes`` free for ``what``. HDF5 meeting a full disk
+    mid-write could not close the file, and the process crashed at exit (a segfault in HDF5's
+    shutdown) after the DiskFullError line; the check leaves that to a disk filled by another
+    writer meanwhile (the command line exits at once after the line, before HDF5's shutdown)."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < nbytes:
+        raise DiskFullError(f"not enough free space for {what}: {nbytes / 2**20:,.1f} MiB needed, "
+                            f"{free / 2**20:,.1f} MiB free on the disk holding {folder}; free space and run the "
+                            f"same command again (files already written were left intact; builds resume)")
+
+
 def _chunk_rows_for(n: int, k: int, itemsize: int, chunk_rows: int) -> int:
     by_bytes = max(1, _MAX_CHUNK_BYTES // max(1, k * itemsize))
     return max(1, min(int(chunk_rows), by_bytes, max(n, 1)))
@@ -389,6 +406,7 @@ class RowWriter:
         try:
             self._tmp = self._stack.enter_context(atomic_path(self.path, drop_cache=self.drop_cache))
             self._f = _open_h5(self._tmp, "w")
+            check_free_space(self._tmp.parent, str(self.path), self._expected_bytes())
             maxshape = (None, self.k) if self.n == 0 else (self.n, self.k)
             self._rows = self._f.create_dataset(
                 ROWS,
@@ -442,6 +460,15 @@ class RowWriter:
         self._commit_thread = threading.Thread(target=commit, name=f"msif-commit-{self.path.name}")
         self._commit_thread.start()
         return False
+
+    def _expected_bytes(self) -> int:
+        """The complete file's size, from above: the rows (the edge chunk stored whole), a checksum
+        per chunk, the mask, the attributes, and 256 KiB for HDF5's metadata (tests/test_store.py
+        checks the bound)."""
+        chunks = -(-self.n // max(1, self.chunk_rows))
+        attrs = sum(len(str(v)) for v in self.attrs.values())
+        return (chunks * self.chunk_rows * self.k * self._np_dtype.itemsize + 4 * chunks + self.n
+                + 2 * attrs + (256 << 10))
 
     def wait_commit(self) -> None:
         """With ``background_commit``: wait until the file is fsynced and renamed into place; raise
@@ -497,7 +524,7 @@ class RowWriter:
             )
         try:
             self._f.flush()
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             if is_disk_full(e):
                 raise disk_full_error(self.path) from e
             raise
@@ -570,7 +597,7 @@ class RowWriter:
         try:
             self._write_rows(start, stop, out)
             self._written[start:stop] = True
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             if is_disk_full(e):
                 raise disk_full_error(self.path) from e
             raise
@@ -661,7 +688,7 @@ class RowWriter:
             if data.size:
                 ds[...] = data
             ds.attrs["scalar"] = np.bool_(scalar)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             if is_disk_full(e):
                 raise disk_full_error(self.path) from e
             raise
@@ -1255,7 +1282,7 @@ def link_shards(sharded: "ShardedWriter", path: Path | str, attrs: Mapping[str, 
                                  "dtype": sharded.dtype, **dict(attrs or {})})
                 for name, array in (datasets or {}).items():
                     f.create_dataset(name, data=np.asarray(array), fletcher32=True)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         if is_disk_full(e):
             raise disk_full_error(path) from e
         raise

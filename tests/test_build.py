@@ -541,6 +541,23 @@ def test_hessian_of_a_model_not_at_a_minimum_warns(tmp_path, digits_frozen):
     assert not [r for r in rec if "not at a minimum" in str(r.message)]
 
 
+def test_build_checks_free_space_for_all_rows_before_the_statistics(tmp_path, monkeypatch):
+    """A disk without room for every row stops the build at once, before the statistics and gradients
+    (nothing but build.json written), in one line with the space the rows need."""
+    import collections
+
+    import msif_index.store
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(msif_index.store.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 16, 16))
+    with pytest.raises(msif_index.errors.DiskFullError) as e:
+        build_index(TinyTask(), tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="ekfac"))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"not enough free space for the rows of {len(TinyTask().pretrain_dataset())} examples")
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["build.json"]
+    monkeypatch.undo()
+    assert build_index(TinyTask(), tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="ekfac")).is_dir()
+
+
 @pytest.mark.filterwarnings("ignore:the projected pretraining Hessian")
 def test_hessian_hvps_show_progress(tmp_path, monkeypatch):
     """The HVPs of hessian (minutes for a small CNN) advance a progress bar over the k rows of P."""

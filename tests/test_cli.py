@@ -370,10 +370,15 @@ def test_errors_in_the_task_code_are_one_line_naming_the_line(tmp_path, tiny, ca
 
 def test_full_disk_during_a_build_is_one_line_and_the_rerun_resumes(tmp_path, tiny):
     """A real full disk: a 700 KiB tmpfs in a private mount namespace (`unshare -rm`; skipped, with the
-    reason, where this Linux forbids unprivileged namespaces). The build stops with the one-line
-    DiskFullError, exit 2, no traceback and no crash (HDF5's failed writes are not retried at exit);
-    the finished shard stays, the temporary one is gone, and with space again the same command
-    resumes to a complete index."""
+    reason, where this Linux forbids unprivileged namespaces).
+
+    1. With the free-space checks off (a disk filled by another writer after they passed), the build
+       stops when HDF5 meets the full disk: the one-line DiskFullError, exit 2, no traceback and no
+       crash (HDF5's failed writes are not retried at exit); the finished shard stays, the temporary
+       one is gone.
+    2. The same command with the checks on stops at once, before any gradient, with one line naming
+       the space the remaining rows need; the finished shard is untouched.
+    3. With space again, the same command resumes to a complete index."""
     import shutil
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux unshare")
@@ -382,18 +387,30 @@ def test_full_disk_during_a_build_is_one_line_and_the_rerun_resumes(tmp_path, ti
                                             "for m, c in ((40000, 3), (8, 2), (4, 2))"))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    cmd = " ".join(MSIF + ["build-index", "--task", f"{big}:task", "--out", str(mnt / "idx"),
-                           "--preconditioner", "ekfac", "--proj-dim", "8", "--no-attach"])
-    script = (f"mount -t tmpfs -o size=700k tmpfs {mnt} || exit 99; {cmd}; echo rc=$?; ls -a {mnt}/idx/shards; "
+    args = ["build-index", "--task", f"{big}:task", "--out", str(mnt / "idx"), "--preconditioner", "ekfac",
+            "--proj-dim", "8", "--no-attach"]
+    unchecked = tmp_path / "unchecked.py"
+    unchecked.write_text("import sys\nimport msif_index.build, msif_index.store\n"
+                         "msif_index.build.check_free_space = msif_index.store.check_free_space = lambda *a: None\n"
+                         "from msif_index.cli.main import main\nmain(sys.argv[1:])\n")
+    cmd = " ".join(MSIF + args)
+    cmd_unchecked = " ".join([sys.executable, str(unchecked)] + args)
+    script = (f"mount -t tmpfs -o size=700k tmpfs {mnt} || exit 99; {cmd_unchecked} 2> {tmp_path}/err1; "
+              f"echo rc=$?; ls -a {mnt}/idx/shards; {cmd} 2> {tmp_path}/err2; echo rc1=$?; ls -a {mnt}/idx/shards; "
               f"mount -o remount,size=16m {mnt}; {cmd} --json > {tmp_path}/second.json; echo rc2=$?")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     if proc.returncode == 99 or "unshare:" in proc.stderr:
         pytest.skip(f"no private tmpfs here: {proc.stderr.strip()[:120]}")
     assert "rc=2" in proc.stdout, (proc.stdout, proc.stderr)
-    err = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: disk full while writing"), proc.stderr
-    assert "shard_00000.h5" in proc.stdout and ".tmp-" not in proc.stdout      # finished shard kept, temp gone
+    err = [line for line in (tmp_path / "err1").read_text().splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: disk full while writing"), err
+    listings = proc.stdout.split("rc1=")
+    assert "shard_00000.h5" in listings[0] and ".tmp-" not in proc.stdout      # finished shard kept, temp gone
+    assert "rc1=2" in proc.stdout, proc.stdout
+    err = [line for line in (tmp_path / "err2").read_text().splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: not enough free space for the rows of 23,616 examples"), err
+    assert "shard_00000.h5" in listings[1]
     assert "rc2=0" in proc.stdout, proc.stdout
     assert _strict_json((tmp_path / "second.json").read_text())["n"] == 40000
 

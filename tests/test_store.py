@@ -365,6 +365,62 @@ def test_disk_full_during_write_keeps_previous_file(tmp_path, monkeypatch):
         np.testing.assert_array_equal(st.read(0, 10), rows_for(0, 10))
 
 
+def test_runtime_error_of_a_failed_flush_on_a_full_disk_is_disk_full(tmp_path, monkeypatch):
+    """h5py reports a flush that met a full disk as RuntimeError, the errno only in HDF5's text (the
+    message below is a real one, from a 12 MiB tmpfs): one DiskFullError line, the old file kept."""
+    path = tmp_path / "rows.h5"
+    write_store(path, rows_for(0, 10))
+    before = path.read_bytes()
+
+    def no_space(self):
+        raise RuntimeError("Unable to flush raw data (file write failed: time = Mon Nov 30 17:28:33 2026\n, "
+                           "filename = '.shard_00000.h5.tmp-3603', file descriptor = 4, errno = 28, error message "
+                           "= 'No space left on device', buf = 0x55c62fa465c8, total write size = 1029236, bytes "
+                           "this sub-write = 1029236, offset = 12570624)")
+
+    monkeypatch.setattr(h5py.File, "flush", no_space)
+    with pytest.raises(DiskFullError) as e:
+        write_store(path, rows_for(10, 20))
+    monkeypatch.undo()
+    assert "disk full while writing" in one_line(e) and str(path) in one_line(e)
+    assert path.read_bytes() == before and tmp_files(tmp_path) == []
+
+
+def test_free_space_is_checked_before_any_row_is_written(tmp_path, monkeypatch):
+    """A disk without room for the whole file refuses at once, in one line with the sizes, instead
+    of meeting the full disk mid-write (where HDF5 could not close the file and the process crashed
+    at exit)."""
+    import collections
+    path = tmp_path / "rows.h5"
+    write_store(path, rows_for(0, 10))
+    before = path.read_bytes()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(msif_index.store.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 1000, 1000))
+    with pytest.raises(DiskFullError) as e:
+        with RowWriter(path, 10, 3) as w:
+            raise AssertionError("the writer opened")
+    msg = one_line(e)
+    assert msg.startswith(f"not enough free space for {path}") and "MiB needed, 0.0 MiB free" in msg
+    monkeypatch.undo()
+    assert path.read_bytes() == before and tmp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("n, k, dtype, chunk_rows", [(1000, 64, "float32", 16), (2000, 1058, "float32", 1024),
+                                                     (300, 780, "float16", 64), (7, 3, "float64", 4),
+                                                     (0, 5, "float32", 4)])
+def test_free_space_estimate_bounds_the_file_size(tmp_path, n, k, dtype, chunk_rows):
+    """The size the check asks for is at least the file's and at most 300 KiB (plus the attributes)
+    more: a disk that can hold the file is never refused for a large margin."""
+    path = tmp_path / "rows.h5"
+    attrs = {"config": {"a": "x" * 5000}}
+    with RowWriter(path, n, k, dtype, attrs, chunk_rows=chunk_rows) as w:
+        for s in range(0, n, 100):
+            w.write(s, np.ones((min(100, n - s), k), np.float32))
+        expected = w._expected_bytes()
+    size = path.stat().st_size
+    assert size <= expected <= size + (300 << 10) + 2 * 5100, (size, expected)
+
+
 def test_disk_full_at_commit_keeps_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "meta.json"
     write_json_atomic(path, {"a": 1})
