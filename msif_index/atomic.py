@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +20,7 @@ from .errors import CorruptIndexError, DiskFullError
 
 __all__ = [
     "atomic_path",
+    "check_free_space",
     "cleanup_stale_tmp",
     "disk_full_error",
     "drop_page_cache",
@@ -66,6 +68,22 @@ def disk_full_error(path: Path | str) -> DiskFullError:
         f"disk full while writing {path}: free space on the disk holding {path.parent} and "
         f"run the same command again (files already written were left intact; builds resume)"
     )
+
+
+def check_free_space(folder: Path, what: str, nbytes: int) -> None:
+    """DiskFullError now, before anything is written (or computed for it), when the disk holding
+    ``folder`` has less than ``nbytes`` free for ``what``. HDF5 that meets a full disk mid-write
+    cannot close the file, and the process can crash at exit (a segfault in HDF5's shutdown) after
+    the DiskFullError; the check leaves that to a disk filled by another writer meanwhile (the
+    command line exits at once after its error line, before HDF5's shutdown)."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < nbytes:
+        raise DiskFullError(f"not enough free space for {what}: {nbytes / 2**20:,.1f} MiB needed, "
+                            f"{free / 2**20:,.1f} MiB free on the disk holding {folder}; free space and run the "
+                            f"same command again (files already written were left intact; builds resume)")
 
 
 def tmp_path_for(final: Path | str) -> Path:

@@ -39,7 +39,7 @@ from torch import nn
 
 from . import __version__
 from .allocator import keep_freed_memory
-from .atomic import atomic_path, cleanup_stale_tmp, fsync_dir, read_json, write_json_atomic
+from .atomic import atomic_path, check_free_space, cleanup_stale_tmp, fsync_dir, read_json, write_json_atomic
 from .autodiff import FlatParams, batched_objective
 from .config import HESSIAN_DAMPING, BuildConfig
 from .data import batches, full_batch, move
@@ -51,7 +51,7 @@ from .lock import folder_lock
 from .preconditioners import Preconditioner, make_preconditioner, projected_hessian, read_state
 from .progress import progress
 from .search import SearchIndex, built_at_open, fitting_nlist, min_train_rows
-from .store import RowStore, ShardedWriter, _open_h5, check_free_space, link_shards
+from .store import RowStore, ShardedWriter, _open_h5, link_shards
 from .task import MultiStageTask, eval_mode, fisher_loss_columns, has_fisher_losses, split_parameters
 
 BUILD_FILE = "build.json"

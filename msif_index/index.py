@@ -26,7 +26,8 @@ from .atomic import read_json
 from .build import (BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, _faiss_name, file_sha256,
                     loss_probe_change, loss_values, pretrain_loss_probe, pretrained_fingerprints)
 from .data import batch_size_of, move
-from .errors import ConfigError, CorruptIndexError, IndexMismatchError, NonFiniteError, ShapeError, first_line
+from .errors import (ConfigError, CorruptIndexError, DiskFullError, IndexMismatchError, NonFiniteError, ShapeError,
+                     first_line)
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector
 from .gradients.blocks import Block, plan_blocks
@@ -358,6 +359,10 @@ class InfluenceIndex:
             try:
                 op_path.parent.mkdir(exist_ok=True)
                 op.save(op_path)
+            except DiskFullError as e:
+                # computing it took a while: the index still answers with it, from memory
+                warnings.warn(f"cannot cache the finetune operator in {op_path.parent} ({e}); it is kept in "
+                              f"memory and computed again by the next process", RuntimeWarning, stacklevel=2)
             except OSError as e:
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
                     raise

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_free_space
 from .autodiff import FlatParams, _LossCall, hvp
 from .data import batches, move
 from .errors import CorruptIndexError, NonFiniteError, forward_ad_errors
@@ -64,6 +64,10 @@ class FinetuneOperator:
         return q if self.c is None else q @ self.c.T
 
     def save(self, path: Path) -> None:
+        """Write atomically; DiskFullError before anything is written when the disk cannot hold it
+        (B and C, plus 256 KiB for HDF5's metadata and the attributes)."""
+        parts = [self.b] if self.c is None else [self.b, self.c]
+        check_free_space(Path(path).parent, str(path), sum(t.numel() * t.element_size() for t in parts) + (256 << 10))
         with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("b", data=self.b.numpy(), fletcher32=True)

@@ -25,7 +25,6 @@ import json
 import math
 import queue
 import re
-import shutil
 import sys
 import threading
 import warnings
@@ -35,8 +34,8 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 
-from .atomic import atomic_path, cleanup_stale_tmp, disk_full_error, is_disk_full
-from .errors import ConfigError, CorruptIndexError, DiskFullError, NonFiniteError, ShapeError, first_line
+from .atomic import atomic_path, check_free_space, cleanup_stale_tmp, disk_full_error, is_disk_full
+from .errors import ConfigError, CorruptIndexError, NonFiniteError, ShapeError, first_line
 
 try:  # torch is optional here: rows may be numpy arrays
     import torch
@@ -264,22 +263,6 @@ def fletcher32(data: np.ndarray) -> int:
 def _write_chunk(rows: h5py.Dataset, row: int, buf: np.ndarray) -> None:
     """Store ``buf`` (a chunk's bytes plus their fletcher32) as the chunk of ``rows`` at ``row``."""
     rows.id.write_direct_chunk((row, 0), buf, filter_mask=0)
-
-
-def check_free_space(folder: Path, what: str, nbytes: int) -> None:
-    """DiskFullError now, before any row (or the gradients behind them) is computed, when the disk
-    holding ``folder`` has less than ``nbytes`` free for ``what``. HDF5 meeting a full disk
-    mid-write could not close the file, and the process crashed at exit (a segfault in HDF5's
-    shutdown) after the DiskFullError line; the check leaves that to a disk filled by another
-    writer meanwhile (the command line exits at once after the line, before HDF5's shutdown)."""
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return
-    if free < nbytes:
-        raise DiskFullError(f"not enough free space for {what}: {nbytes / 2**20:,.1f} MiB needed, "
-                            f"{free / 2**20:,.1f} MiB free on the disk holding {folder}; free space and run the "
-                            f"same command again (files already written were left intact; builds resume)")
 
 
 def _chunk_rows_for(n: int, k: int, itemsize: int, chunk_rows: int) -> int:

@@ -546,9 +546,9 @@ def test_build_checks_free_space_for_all_rows_before_the_statistics(tmp_path, mo
     (nothing but build.json written), in one line with the space the rows need."""
     import collections
 
-    import msif_index.store
+    import msif_index.atomic
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(msif_index.store.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 16, 16))
+    monkeypatch.setattr(msif_index.atomic.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 16, 16))
     with pytest.raises(msif_index.errors.DiskFullError) as e:
         build_index(TinyTask(), tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="ekfac"))
     msg = str(e.value)

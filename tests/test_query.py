@@ -606,6 +606,30 @@ def test_read_only_index_attaches_in_memory(tmp_path, exact_index, tasks, monkey
     assert not list(folder.glob("operators/*.h5"))                     # nothing was cached
 
 
+def test_attach_on_a_full_disk_answers_from_memory(tmp_path, exact_index, tasks, monkeypatch):
+    """A disk without room for the operator: attach warns that it is kept in memory (computing it took
+    a while) and answers as a cached one would; nothing is written, and HDF5 never meets the full disk."""
+    import collections
+
+    import msif_index.atomic
+    folder = tmp_path / "full"
+    shutil.copytree(exact_index, folder)
+    shutil.rmtree(folder / "operators", ignore_errors=True)
+    batch = full_batch(tasks["frozen"].test_dataset(), [0, 1])
+    with InfluenceIndex.open(exact_index) as index:
+        index.attach(tasks["frozen"])
+        want = index.query(batch, k=5)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(msif_index.atomic.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 100, 100))
+    with InfluenceIndex.open(folder) as index:
+        with pytest.warns(RuntimeWarning, match="not enough free space .* kept in memory"):
+            index.attach(tasks["frozen"])
+        got = index.query(batch, k=5)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12)
+    assert not list(folder.glob("operators/*")) and not list(folder.glob("operators/.*"))
+
+
 def test_result_names_the_model_that_answered(exact_index, tasks, batch):
     """The key is read once per query: an attach from another thread that changes the default model
     midway must not label one model's answer with another's key."""

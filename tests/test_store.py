@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import msif_index.atomic
 import msif_index.store
 from msif_index.atomic import (
     atomic_path,
@@ -395,7 +396,7 @@ def test_free_space_is_checked_before_any_row_is_written(tmp_path, monkeypatch):
     write_store(path, rows_for(0, 10))
     before = path.read_bytes()
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(msif_index.store.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 1000, 1000))
+    monkeypatch.setattr(msif_index.atomic.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 1000, 1000))
     with pytest.raises(DiskFullError) as e:
         with RowWriter(path, 10, 3) as w:
             raise AssertionError("the writer opened")
