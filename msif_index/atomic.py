@@ -11,7 +11,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -70,20 +69,35 @@ def disk_full_error(path: Path | str) -> DiskFullError:
     )
 
 
-def check_free_space(folder: Path, what: str, nbytes: int) -> None:
+def _free_bytes(folder: Path | str) -> int | None:
+    """Bytes this process may still write on the disk holding ``folder``: the blocks free to
+    unprivileged users, or every free block for root (which may use the reserved ones); None when
+    the file system does not say (statvfs fails, or reports no blocks: some FUSE and special mounts)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_blocks == 0:
+        return None
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    return (st.f_bfree if root else st.f_bavail) * st.f_frsize
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.1f} KiB"
+
+
+def check_free_space(folder: Path | str, what: str, nbytes: int) -> None:
     """DiskFullError now, before anything is written (or computed for it), when the disk holding
     ``folder`` has less than ``nbytes`` free for ``what``. HDF5 that meets a full disk mid-write
     cannot close the file, and the process can crash at exit (a segfault in HDF5's shutdown) after
     the DiskFullError; the check leaves that to a disk filled by another writer meanwhile (the
     command line exits at once after its error line, before HDF5's shutdown)."""
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return
-    if free < nbytes:
-        raise DiskFullError(f"not enough free space for {what}: {nbytes / 2**20:,.1f} MiB needed, "
-                            f"{free / 2**20:,.1f} MiB free on the disk holding {folder}; free space and run the "
-                            f"same command again (files already written were left intact; builds resume)")
+    free = _free_bytes(folder)
+    if free is not None and free < nbytes:
+        raise DiskFullError(f"not enough free space for {what}: {_size(nbytes)} needed, {_size(free)} free on the "
+                            f"disk holding {folder}; free space and run the same command again (files already "
+                            f"written were left intact; builds resume)")
 
 
 def tmp_path_for(final: Path | str) -> Path:

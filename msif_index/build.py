@@ -48,7 +48,7 @@ from .errors import (ConfigError, CorruptIndexError, NonFiniteError, OutputExist
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .lock import folder_lock
-from .preconditioners import Preconditioner, make_preconditioner, projected_hessian, read_state
+from .preconditioners import DenseInverse, Preconditioner, make_preconditioner, projected_hessian, read_state
 from .progress import progress
 from .search import SearchIndex, built_at_open, fitting_nlist, min_train_rows
 from .store import RowStore, ShardedWriter, _open_h5, link_shards
@@ -617,9 +617,11 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
         except (OSError, KeyError, ValueError, RuntimeError, TypeError):
             path.unlink()                        # unreadable: fit again (deterministic)
     sample = _fit_preconditioner(task, prep, config, n, show)
+    state = pre.state_dict()
+    check_free_space(out, str(path), sum(np.asarray(v).nbytes for v in state.values()) + (256 << 10))
     with atomic_path(path) as tmp:
         with _open_h5(tmp, "w") as f:            # checksummed metadata (superblock v2+)
-            for k, v in pre.state_dict().items():
+            for k, v in state.items():
                 f.create_dataset(k, data=v, fletcher32=True)
             f.attrs["damping_used"] = json.dumps(pre.damping_used)
     return sample
@@ -923,15 +925,19 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
     write_json_atomic(out / BUILD_FILE, {"identity": identity, "config": config.to_dict(),
                                          "projector": prep.projector.config(), "version": __version__,
                                          "pretrain_loss_probe": probe})
-    todo = n if shards is None else sum(b - a for a, b in shards.pending_ranges())
-    # the rows must fit before the statistics and gradients are computed (each shard checks again)
-    check_free_space(out, f"the rows of {todo:,} examples", todo * pre.dim_w * np.dtype(config.dtype).itemsize)
+    if shards is None:
+        shards = shard_writer()
+    # the rows (and a dense preconditioner's k x k_W float64 inverse) must fit before the statistics
+    # and gradients are computed; each file checks again before it is written
+    todo = sum(b - a for a, b in shards.pending_ranges())
+    need = shards.pending_bytes()
+    if isinstance(pre, DenseInverse) and not (out / PRECOND).exists():
+        need += pre.dim * pre.dim_w * 8
+    check_free_space(out, f"the rows of {todo:,} examples", need)
     t0 = time.perf_counter()
     sample = _load_or_fit(task, prep, config, out, n, progress_bar)
     timings["statistics_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if shards is None:
-        shards = shard_writer()
     _write_rows(task, prep, config, shards, sample, progress_bar)
     del sample
     timings["featurize_s"] = time.perf_counter() - t0

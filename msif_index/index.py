@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import read_json
+from .atomic import is_disk_full, read_json
 from .build import (BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, _faiss_name, file_sha256,
                     loss_probe_change, loss_values, pretrain_loss_probe, pretrained_fingerprints)
 from .data import batch_size_of, move
@@ -361,10 +361,11 @@ class InfluenceIndex:
                 op.save(op_path)
             except DiskFullError as e:
                 # computing it took a while: the index still answers with it, from memory
-                warnings.warn(f"cannot cache the finetune operator in {op_path.parent} ({e}); it is kept in "
-                              f"memory and computed again by the next process", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"cannot cache the finetune operator in {op_path.parent} ({str(e).split(';')[0]}); "
+                              f"it is kept in memory and computed again by the next process", RuntimeWarning,
+                              stacklevel=2)
             except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT) and not is_disk_full(e):
                     raise
                 # a shared read-only index still answers (ENOENT: the folder was swapped meanwhile by
                 # an --overwrite rebuild, which takes no operators along): the operator lives in

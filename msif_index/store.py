@@ -172,11 +172,18 @@ def _open_h5(path: Path, mode: str, cache_bytes: int = _CACHE_BYTES) -> h5py.Fil
         # the way (read-only or network file systems)
         return h5py.File(path, mode, locking=False, **kwargs)
     except OSError as e:
-        if "locking flag" not in str(e):
+        if "flag values don't match" not in str(e):
             raise
-        # this process already holds the file open with HDF5's default locking (the user's own
-        # h5py.File(path)): HDF5 refuses a second open with other flags, so match them
-        return h5py.File(path, mode, **kwargs)
+        # this process already holds the file open with other locking flags (the user's own
+        # h5py.File(path), default or locking=True or "best-effort"): HDF5 refuses a second open
+        # with other flags, so match theirs
+        for locking in (None, True, "best-effort"):
+            try:
+                return h5py.File(path, mode, locking=locking, **kwargs)
+            except OSError as again:
+                if "flag values don't match" not in str(again):
+                    raise
+        raise
     except (TypeError, ValueError) as e:  # pragma: no cover - h5py/HDF5 without the locking option
         if "lock" not in str(e).lower() and not isinstance(e, TypeError):
             raise
@@ -263,6 +270,15 @@ def fletcher32(data: np.ndarray) -> int:
 def _write_chunk(rows: h5py.Dataset, row: int, buf: np.ndarray) -> None:
     """Store ``buf`` (a chunk's bytes plus their fletcher32) as the chunk of ``rows`` at ``row``."""
     rows.id.write_direct_chunk((row, 0), buf, filter_mask=0)
+
+
+def expected_file_bytes(n: int, k: int, itemsize: int, chunk_rows: int, attrs: Mapping[str, Any]) -> int:
+    """A row file's size when complete, from above: the rows (the edge chunk stored whole), 64 bytes
+    per chunk (its checksum and its entry in HDF5's chunk index), the mask, the attributes, and
+    256 KiB for HDF5's other metadata (tests/test_store.py checks the bound, down to 1-row chunks)."""
+    chunks = -(-n // max(1, chunk_rows))
+    text = sum(len(str(v)) for v in attrs.values())
+    return chunks * chunk_rows * k * itemsize + 64 * chunks + n + 2 * text + (256 << 10)
 
 
 def _chunk_rows_for(n: int, k: int, itemsize: int, chunk_rows: int) -> int:
@@ -388,8 +404,8 @@ class RowWriter:
         self._error, self._abandon = None, False
         try:
             self._tmp = self._stack.enter_context(atomic_path(self.path, drop_cache=self.drop_cache))
-            self._f = _open_h5(self._tmp, "w")
             check_free_space(self._tmp.parent, str(self.path), self._expected_bytes())
+            self._f = _open_h5(self._tmp, "w")
             maxshape = (None, self.k) if self.n == 0 else (self.n, self.k)
             self._rows = self._f.create_dataset(
                 ROWS,
@@ -445,13 +461,7 @@ class RowWriter:
         return False
 
     def _expected_bytes(self) -> int:
-        """The complete file's size, from above: the rows (the edge chunk stored whole), a checksum
-        per chunk, the mask, the attributes, and 256 KiB for HDF5's metadata (tests/test_store.py
-        checks the bound)."""
-        chunks = -(-self.n // max(1, self.chunk_rows))
-        attrs = sum(len(str(v)) for v in self.attrs.values())
-        return (chunks * self.chunk_rows * self.k * self._np_dtype.itemsize + 4 * chunks + self.n
-                + 2 * attrs + (256 << 10))
+        return expected_file_bytes(self.n, self.k, self._np_dtype.itemsize, self.chunk_rows, self.attrs)
 
     def wait_commit(self) -> None:
         """With ``background_commit``: wait until the file is fsynced and renamed into place; raise
@@ -1159,6 +1169,17 @@ class ShardedWriter:
 
     def is_complete(self) -> bool:
         return not self.pending_shards()
+
+    def pending_bytes(self) -> int:
+        """What the shards still to write take on disk, from above (``expected_file_bytes``)."""
+        itemsize = np.dtype(self.dtype).itemsize
+        total = 0
+        for i in self.pending_shards():
+            start, stop = self.shard_range(i)
+            total += expected_file_bytes(stop - start, self.k, itemsize,
+                                         _chunk_rows_for(stop - start, self.k, itemsize, self.chunk_rows),
+                                         self._shard_attrs(i))
+        return total
 
     # -- writing
 

@@ -544,18 +544,37 @@ def test_hessian_of_a_model_not_at_a_minimum_warns(tmp_path, digits_frozen):
 def test_build_checks_free_space_for_all_rows_before_the_statistics(tmp_path, monkeypatch):
     """A disk without room for every row stops the build at once, before the statistics and gradients
     (nothing but build.json written), in one line with the space the rows need."""
-    import collections
-
     import msif_index.atomic
-    usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(msif_index.atomic.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 16, 16))
+    monkeypatch.setattr(msif_index.atomic, "_free_bytes", lambda folder: 16)
     with pytest.raises(msif_index.errors.DiskFullError) as e:
         build_index(TinyTask(), tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="ekfac"))
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"not enough free space for the rows of {len(TinyTask().pretrain_dataset())} examples")
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["build.json"]
+    msg, n = str(e.value), len(TinyTask().pretrain_dataset())
+    assert "\n" not in msg and msg.startswith(f"not enough free space for the rows of {n} examples")
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["build.json", "shards"]
+    assert not list((tmp_path / "idx" / "shards").iterdir())
     monkeypatch.undo()
     assert build_index(TinyTask(), tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="ekfac")).is_dir()
+
+
+@pytest.mark.filterwarnings("ignore:the projected pretraining Hessian")
+@pytest.mark.parametrize("preconditioner", ["hessian", "ekfac"])
+def test_build_space_check_counts_the_shards_and_a_dense_inverse(tmp_path, monkeypatch, preconditioner):
+    """The space asked for before the statistics is the shards' (ShardedWriter.pending_bytes, checked
+    against the files in tests/test_store.py) plus the k_raw x k float64 inverse a dense
+    preconditioner saves (it can outweigh the rows; ekfac's factors are small and not counted);
+    preconditioner.h5 is checked again, with its real size, before it is written."""
+    import msif_index.build as build_mod
+    from msif_index.store import ShardedWriter
+    real, calls = build_mod.check_free_space, []
+    monkeypatch.setattr(build_mod, "check_free_space", lambda folder, what, nbytes:
+                        (calls.append((what, nbytes)), real(folder, what, nbytes)))
+    monkeypatch.setattr(ShardedWriter, "pending_bytes", lambda self: 1000)
+    path = build_index(TinyTask(), tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner=preconditioner))
+    m = _manifest(path)
+    dense = m["k_raw"] * m["k"] * 8 if preconditioner == "hessian" else 0
+    assert calls[0] == (f"the rows of {m['n']} examples", 1000 + dense)
+    assert calls[1][0] == str(path / "preconditioner.h5")
+    assert calls[1][1] >= (path / "preconditioner.h5").stat().st_size
 
 
 @pytest.mark.filterwarnings("ignore:the projected pretraining Hessian")

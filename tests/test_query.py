@@ -579,11 +579,11 @@ def test_damaged_or_mismatched_manifest_is_one_line(tmp_path, exact_index, tasks
         assert "manifest.json" in _one_line(e) and "--overwrite" in str(e.value), name
 
 
-@pytest.mark.parametrize("err", ["EROFS", "ENOENT"])
+@pytest.mark.parametrize("err", ["EROFS", "ENOENT", "ENOSPC"])
 def test_read_only_index_attaches_in_memory(tmp_path, exact_index, tasks, monkeypatch, err):
     """An operator that cannot be cached (read-only or forbidden folder; ENOENT: the folder was
-    swapped meanwhile by an --overwrite rebuild) is kept in memory with a warning: the index still
-    answers, the same as a writable one."""
+    swapped meanwhile by an --overwrite rebuild; ENOSPC: creating operators/ on a full disk) is kept in
+    memory with a warning: the index still answers, the same as a writable one."""
     import errno as errno_
     from msif_index.operator import FinetuneOperator
     folder = tmp_path / "ro"
@@ -609,8 +609,6 @@ def test_read_only_index_attaches_in_memory(tmp_path, exact_index, tasks, monkey
 def test_attach_on_a_full_disk_answers_from_memory(tmp_path, exact_index, tasks, monkeypatch):
     """A disk without room for the operator: attach warns that it is kept in memory (computing it took
     a while) and answers as a cached one would; nothing is written, and HDF5 never meets the full disk."""
-    import collections
-
     import msif_index.atomic
     folder = tmp_path / "full"
     shutil.copytree(exact_index, folder)
@@ -619,11 +617,11 @@ def test_attach_on_a_full_disk_answers_from_memory(tmp_path, exact_index, tasks,
     with InfluenceIndex.open(exact_index) as index:
         index.attach(tasks["frozen"])
         want = index.query(batch, k=5)
-    usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(msif_index.atomic.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 100, 100))
+    monkeypatch.setattr(msif_index.atomic, "_free_bytes", lambda folder: 100)
     with InfluenceIndex.open(folder) as index:
-        with pytest.warns(RuntimeWarning, match="not enough free space .* kept in memory"):
+        with pytest.warns(RuntimeWarning, match="not enough free space .* kept in memory") as rec:
             index.attach(tasks["frozen"])
+        assert not [r for r in rec if "run the same command" in str(r.message)]      # nothing to rerun
         got = index.query(batch, k=5)
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12)

@@ -335,14 +335,16 @@ def test_concurrent_reads_from_threads(tmp_path):
 
 def test_open_while_the_user_holds_the_file_open_with_h5py(tmp_path):
     """HDF5 refuses a second open of a file in one process with other locking flags; a user's own
-    h5py.File(rows.h5) (default locking) must not make RowStore.open call the file corrupted."""
+    h5py.File(rows.h5) (default locking, locking=True or "best-effort") must not make RowStore.open
+    call the file corrupted."""
     path = tmp_path / "rows.h5"
     data = rows_for(0, 20, k=5)
     write_store(path, data)
-    with h5py.File(path, "r") as user:
-        with RowStore.open(path) as st:
-            np.testing.assert_array_equal(st.read(0, 20), data)
-        np.testing.assert_array_equal(user["rows"][()], data)
+    for locking in (None, True, "best-effort"):
+        with h5py.File(path, "r", locking=locking) as user:
+            with RowStore.open(path) as st:
+                np.testing.assert_array_equal(st.read(0, 20), data)
+            np.testing.assert_array_equal(user["rows"][()], data)
 
 
 def test_disk_full_during_write_keeps_previous_file(tmp_path, monkeypatch):
@@ -391,35 +393,72 @@ def test_free_space_is_checked_before_any_row_is_written(tmp_path, monkeypatch):
     """A disk without room for the whole file refuses at once, in one line with the sizes, instead
     of meeting the full disk mid-write (where HDF5 could not close the file and the process crashed
     at exit)."""
-    import collections
     path = tmp_path / "rows.h5"
     write_store(path, rows_for(0, 10))
     before = path.read_bytes()
-    usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(msif_index.atomic.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 1000, 1000))
+    monkeypatch.setattr(msif_index.atomic, "_free_bytes", lambda folder: 1000)
     with pytest.raises(DiskFullError) as e:
         with RowWriter(path, 10, 3) as w:
             raise AssertionError("the writer opened")
     msg = one_line(e)
-    assert msg.startswith(f"not enough free space for {path}") and "MiB needed, 0.0 MiB free" in msg
+    assert msg.startswith(f"not enough free space for {path}: 256.") and "KiB needed, 1.0 KiB free" in msg
     monkeypatch.undo()
     assert path.read_bytes() == before and tmp_files(tmp_path) == []
 
 
+def test_free_space_of_root_and_of_mounts_that_do_not_say(tmp_path, monkeypatch):
+    """Root may fill the blocks ext4 reserves for it (a container's usual user): they count as free
+    for root only; a file system reporting no blocks at all (FUSE, special mounts) is not refused."""
+    import collections
+
+    import msif_index.atomic as atomic
+    vfs = collections.namedtuple("vfs", "f_blocks f_bfree f_bavail f_frsize")
+    monkeypatch.setattr(atomic.os, "statvfs", lambda folder: vfs(1000, 100, 10, 4096))
+    monkeypatch.setattr(atomic.os, "geteuid", lambda: 0)
+    assert atomic._free_bytes(tmp_path) == 100 * 4096
+    atomic.check_free_space(tmp_path, "x", 50 * 4096)
+    monkeypatch.setattr(atomic.os, "geteuid", lambda: 1000)
+    assert atomic._free_bytes(tmp_path) == 10 * 4096
+    with pytest.raises(DiskFullError, match="not enough free space for x: 200.0 KiB needed, 40.0 KiB free"):
+        atomic.check_free_space(tmp_path, "x", 50 * 4096)
+    monkeypatch.setattr(atomic.os, "statvfs", lambda folder: vfs(0, 0, 0, 4096))
+    atomic.check_free_space(tmp_path, "x", 1 << 40)
+
+
 @pytest.mark.parametrize("n, k, dtype, chunk_rows", [(1000, 64, "float32", 16), (2000, 1058, "float32", 1024),
                                                      (300, 780, "float16", 64), (7, 3, "float64", 4),
-                                                     (0, 5, "float32", 4)])
+                                                     (0, 5, "float32", 4), (20000, 2, "float16", 1)])
 def test_free_space_estimate_bounds_the_file_size(tmp_path, n, k, dtype, chunk_rows):
-    """The size the check asks for is at least the file's and at most 300 KiB (plus the attributes)
-    more: a disk that can hold the file is never refused for a large margin."""
+    """The size the check asks for is at least the file's and at most 300 KiB (plus the attributes and
+    32 bytes a chunk) more: a disk that can hold the file is never refused for a large margin."""
     path = tmp_path / "rows.h5"
     attrs = {"config": {"a": "x" * 5000}}
     with RowWriter(path, n, k, dtype, attrs, chunk_rows=chunk_rows) as w:
         for s in range(0, n, 100):
             w.write(s, np.ones((min(100, n - s), k), np.float32))
         expected = w._expected_bytes()
-    size = path.stat().st_size
-    assert size <= expected <= size + (300 << 10) + 2 * 5100, (size, expected)
+    size, chunks = path.stat().st_size, -(-n // min(chunk_rows, max(n, 1)))
+    assert size <= expected <= size + (300 << 10) + 2 * 5100 + 32 * chunks, (size, expected)
+
+
+def test_sharded_pending_bytes_bound_the_shard_files(tmp_path):
+    """What a build asks the disk for before computing anything: every pending shard's file, from
+    above, and nothing for the shards already written (a resume)."""
+    sw = ShardedWriter(tmp_path / "s", 1000, 40, "float32", shard_rows=300, attrs={"identity": {"x": "y" * 300}})
+    before = sw.pending_bytes()
+    with sw.shard(0) as w:
+        w.write(0, rows_for(0, 300, k=40))
+    sw.wait_commits()
+    after = sw.pending_bytes()
+    for i in (1, 2, 3):
+        with sw.shard(i) as w:
+            a, b = sw.shard_range(i)
+            w.write(a, rows_for(a, b, k=40))
+    sw.wait_commits()
+    sizes = [sw.shard_path(i).stat().st_size for i in range(4)]
+    assert sum(sizes) <= before <= sum(sizes) + 4 * (300 << 10)
+    assert sum(sizes[1:]) <= after <= sum(sizes[1:]) + 3 * (300 << 10)
+    assert sw.pending_bytes() == 0
 
 
 def test_disk_full_at_commit_keeps_previous_file(tmp_path, monkeypatch):
