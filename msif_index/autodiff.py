@@ -115,12 +115,49 @@ def batched_objective(f: Callable[[torch.Tensor, Any], torch.Tensor], batches: S
     return obj
 
 
+#: what the warning of ``vmap_or_loop`` suggests for the usual cause
+VMAP_LOOP_HINT = ("nn.LSTM / nn.GRU / nn.RNN called without an initial state cannot be batched by vmap: pass hx "
+                  "explicitly, zeros built from the input (e.g. x.new_zeros(num_layers, x.shape[0], hidden_size)), "
+                  "to let it batch them")
+_loop_warned: set[str] = set()
+
+
+def vmap_or_loop(fn: Callable, in_dims: tuple, args: tuple, what: str, **vmap_kwargs: Any) -> Any:
+    """``vmap(fn, in_dims)(*args)``; when vmap cannot batch ``fn`` (RuntimeError or ValueError while
+    tracing, e.g. torch's RNNs, whose default initial state ignores vmap's batch), ``fn`` on each
+    example in a Python loop, stacked: the same values, one example at a time, with a warning once
+    per ``what``. An error the loop meets too is vmap's original one, raised as is."""
+    try:
+        return vmap(fn, in_dims=in_dims, **vmap_kwargs)(*args)
+    except (RuntimeError, ValueError) as exc:
+        first = exc
+    tree_map = torch.utils._pytree.tree_map
+    batched = [a for a, d in zip(args, in_dims) if d == 0]
+    n = torch.utils._pytree.tree_leaves(batched[0])[0].shape[0]
+    outs = []
+    try:
+        for i in range(n):
+            outs.append(fn(*[tree_map(lambda t: t[i], a) if d == 0 else a for a, d in zip(args, in_dims)]))
+    except (RuntimeError, ValueError):
+        raise first from None
+    if what not in _loop_warned:
+        _loop_warned.add(what)
+        import warnings
+
+        from .errors import first_line
+        warnings.warn(f"vmap cannot batch the per-example gradients of {what} ({first_line(first)}); they are "
+                      f"computed one example at a time, which is slower. {VMAP_LOOP_HINT}", RuntimeWarning,
+                      stacklevel=3)
+    return tree_map(lambda *xs: torch.stack(xs), outs[0], *outs[1:])
+
+
 def per_example_grads(f: Callable[[torch.Tensor, Any], torch.Tensor], vec: torch.Tensor,
                       batch: Any) -> torch.Tensor:
-    """[B, dim]: gradient of each example's loss, via vmap over a batch of one."""
+    """[B, dim]: gradient of each example's loss, via vmap over a batch of one (or a loop, where
+    vmap cannot batch the model: ``vmap_or_loop``)."""
 
     def single(v: torch.Tensor, example: Any) -> torch.Tensor:
         one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), example)
         return f(v, one)[0]
 
-    return vmap(grad(single), in_dims=(None, 0))(vec, batch)
+    return vmap_or_loop(grad(single), (None, 0), (vec, batch), "the model's parameters")

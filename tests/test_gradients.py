@@ -578,3 +578,74 @@ def test_half_precision_models_pass_the_first_call_check(dtype):
         rows = GradientProjector(model, names, proj_dim=64, dtype=dtype).project_batch(
             lambda m, b: F.cross_entropy(m(b[0]).float(), b[1], reduction="none"), (x, y))
         assert rows.shape[0] == 64 and torch.isfinite(rows).all()
+
+
+class _Recurrent(nn.Module):
+    """Embedding -> LSTM (no initial state given: torch builds it with the batch vmap does not see)
+    -> Linear on the last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.rnn = nn.LSTM(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(self.emb(x))
+        return self.head(out[:, -1])
+
+
+def _rnn_loss(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+@pytest.mark.parametrize("proj_dim", [None, 40])
+def test_modules_vmap_cannot_batch_fall_back_to_a_loop(proj_dim):
+    """nn.LSTM without an initial state fails under torch.func.vmap; its per-example gradients are
+    then computed one example at a time (warned once, naming the fix), exact against brute force,
+    and so are exact influence's per-example gradients (autodiff.per_example_grads)."""
+    import warnings
+
+    import msif_index.autodiff as autodiff
+    torch.manual_seed(0)
+    model = _Recurrent().double()
+    batch = (torch.randint(0, 10, (5, 7)), torch.randint(0, 2, (5,)))
+    names = [n for n, _ in model.named_parameters()]
+    proj = GradientProjector(model, names, proj_dim=proj_dim, dtype=torch.float64)
+    autodiff._loop_warned.clear()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        rows = proj.project_batch(_rnn_loss, batch)
+        again = proj.project_batch(_rnn_loss, batch)
+    msgs = [str(r.message) for r in rec if "one example at a time" in str(r.message)]
+    assert len(msgs) == 1 and "pass hx explicitly" in msgs[0], [str(r.message) for r in rec]
+    ref = _brute(model, _rnn_loss, batch, names)
+    torch.testing.assert_close(again, rows, rtol=0, atol=0)
+    params, off, grads = dict(model.named_parameters()), 0, {}
+    for n in names:
+        grads[n] = ref[:, off:off + params[n].numel()].reshape(-1, *params[n].shape)
+        off += params[n].numel()
+    torch.testing.assert_close(rows, proj.project_dense(grads), rtol=1e-10, atol=1e-12)
+    flat = autodiff.FlatParams(model, names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = autodiff.per_example_grads(flat.loss(_rnn_loss), flat.get(), batch)
+    torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_the_loop_cannot_run_either_keeps_vmaps_error():
+    """A model that fails one example at a time too is the task's error: the dense path's TaskError
+    names vmap's message, no loop warning."""
+    import warnings
+
+    class Broken(_Recurrent):
+        def forward(self, x):
+            return super().forward(x) @ torch.ones(3, 2, dtype=torch.float64)
+
+    model = Broken().double()
+    names = ["rnn.weight_ih_l0"]
+    proj = GradientProjector(model, names, proj_dim=None, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as rec, pytest.raises(TaskError, match="vmap over loss_fn"):
+        warnings.simplefilter("always")
+        proj.project_batch(_rnn_loss, (torch.randint(0, 10, (3, 7)), torch.randint(0, 2, (3,))))
+    assert not [r for r in rec if "one example at a time" in str(r.message)]

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..autodiff import vmap_or_loop
 from ..errors import ConfigError, NonFiniteError, ShapeError, TaskError, TooLargeError, first_line
 from ..projection import (
     CHUNK_COLS,
@@ -611,7 +612,7 @@ class GradientProjector:
             view.zero_()
 
     def _dense_pass(self, loss_fn, batch, out, n):
-        from torch.func import functional_call, grad, vmap
+        from torch.func import functional_call, grad
 
         leaves, spec = tree_flatten(batch)
         if n is None:
@@ -644,8 +645,9 @@ class GradientProjector:
             # g, so the rows written into ``out`` carry none (``out`` may be a view of a larger
             # buffer that later batches write into in place)
             with torch.no_grad():
-                g, own = vmap(grad(one, has_aux=True), in_dims=(None,) + (0,) * len(bidx),
-                              randomness="different")(psub, *[leaves[i] for i in bidx])
+                g, own = vmap_or_loop(grad(one, has_aux=True), (None,) + (0,) * len(bidx),
+                                      (psub, *[leaves[i] for i in bidx]), f"the dense-path parameters {names}",
+                                      randomness="different")
         except (ShapeError, NonFiniteError, TaskError):
             raise
         except (RuntimeError, ValueError) as exc:
