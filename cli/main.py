@@ -46,9 +46,12 @@ def _preset_help(name: str) -> str:
 @app.command("check-task")
 def check_task(task: str = typer.Option(..., help=TASK_HELP),
                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")) -> None:
-    """Load and validate a task; print its parameter split (W, U, theta) and dataset sizes."""
+    """Load and validate a task; print its parameter split (W, U, theta), dataset sizes, and which
+    path its per-example gradients take (computed on 4 pretraining examples, as a build would)."""
+    from msif_index.gradients.probe import probe_gradients
     from msif_index.task import load_task, split_parameters
     t = load_task(task)
+    grads = probe_gradients(t)
     pre, fin = t.pretrained_model(), t.finetuned_model()
     w, u = split_parameters(t, pre)
     _, theta = split_parameters(t, fin)
@@ -60,7 +63,7 @@ def check_task(task: str = typer.Option(..., help=TASK_HELP),
         "n_test": len(t.test_dataset()),
         "dim_W": sum(params[n].numel() for n in w), "dim_U": sum(params[n].numel() for n in u),
         "dim_theta": sum(fparams[n].numel() for n in theta),
-        "W": w, "U": u, "theta": theta,
+        "W": w, "U": u, "theta": theta, "gradients": grads,
     }
     if as_json:
         print_json(info)
@@ -72,6 +75,11 @@ def check_task(task: str = typer.Option(..., help=TASK_HELP),
     typer.echo(f"  W     ({info['dim_W']} params): {', '.join(w)}")
     typer.echo(f"  U     ({info['dim_U']} params): {', '.join(u) or '-'}")
     typer.echo(f"  theta ({info['dim_theta']} params): {', '.join(theta)}")
+    typer.echo(f"  per-example gradients: factored (Kronecker) for {', '.join(grads['kronecker']) or '-'}; "
+               f"dense path for {', '.join(grads['dense']) or '-'}")
+    if grads["dense_batched"] is False:
+        from msif_index.autodiff import VMAP_LOOP_HINT
+        typer.echo(f"  the dense path runs one example at a time (vmap cannot batch it), slower: {VMAP_LOOP_HINT}")
 
 
 @app.command("exact")

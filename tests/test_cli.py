@@ -368,6 +368,55 @@ def test_errors_in_the_task_code_are_one_line_naming_the_line(tmp_path, tiny, ca
         main(["check-task", "--task", f"{tiny}:task"])
 
 
+RNN_TASK = TINY_TASK.replace("""        self.embed = nn.Linear(4, 3)
+        self.head = nn.Linear(3, c)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)))""", """        self.embed = nn.Linear(4, 3)
+        self.rnn = nn.LSTM(3, 3, batch_first=True)
+        self.head = nn.Linear(3, c)
+
+    def forward(self, x):
+        out, _ = self.rnn(torch.tanh(self.embed(x)).unsqueeze(1))
+        return self.head(out[:, -1])""").replace("self.pre, self.fin = Net(3), Net(2)",
+                                          "self.pre, self.fin = Net(3).double(), Net(2).double()").replace(
+    "torch.randn(m, 4, generator=g)", "torch.randn(m, 4, generator=g).double()")
+
+
+def test_check_task_reports_the_per_example_gradient_paths(tmp_path, tiny, capsys):
+    """check-task computes per-example gradients on a few examples, as a build would: it names the
+    factored and the dense blocks, says when vmap cannot batch the dense path (an LSTM without an
+    initial state: one example at a time, with the fix), and fails in one line where the build
+    would (a weight used outside its module, which the factored path cannot see)."""
+    main(["check-task", "--task", f"{tiny}:task", "--json"])
+    grads = _strict_json(capsys.readouterr().out)["gradients"]
+    assert grads == {"kronecker": ["embed", "head"], "dense": [], "dense_batched": None}
+
+    assert "self.rnn" in RNN_TASK and "Net(3).double()" in RNN_TASK     # float64: torch's LSTM kernel vmap fails on
+    rnn = tmp_path / "rnn_task.py"
+    rnn.write_text(RNN_TASK)
+    main(["check-task", "--task", f"{rnn}:task"])
+    out = capsys.readouterr().out
+    assert "factored (Kronecker) for embed, head; dense path for rnn.weight_ih_l0" in out, out
+    assert "one example at a time (vmap cannot batch it)" in out and "pass hx explicitly" in out
+    hx = tmp_path / "rnn_hx_task.py"          # an initial state built from the input: vmap batches it
+    hx.write_text(RNN_TASK.replace("self.rnn(torch.tanh(self.embed(x)).unsqueeze(1))",
+                                   "self.rnn(torch.tanh(self.embed(x)).unsqueeze(1), "
+                                   "(x.new_zeros(1, x.shape[0], 3), x.new_zeros(1, x.shape[0], 3)))"))
+    main(["check-task", "--task", f"{hx}:task", "--json"])
+    assert _strict_json(capsys.readouterr().out)["gradients"]["dense_batched"] is True
+
+    shared = tmp_path / "shared_weight_task.py"     # embed.weight also used outside its module
+    shared.write_text(TINY_TASK.replace("return self.head(torch.tanh(self.embed(x)))",
+                                        "return self.head(torch.tanh(self.embed(x))) "
+                                        "* (1 + 0.5 * (x @ self.embed.weight.T)[:, :1])"))
+    assert "* (1 + 0.5 * (x @ self.embed.weight.T)" in shared.read_text()
+    with pytest.raises(SystemExit) as e:
+        main(["check-task", "--task", f"{shared}:task"])
+    err = capsys.readouterr().err.strip().split("\n")
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "embed" in err[0], err
+
+
 def test_full_disk_during_a_build_is_one_line_and_the_rerun_resumes(tmp_path, tiny):
     """A real full disk: a 700 KiB tmpfs in a private mount namespace (`unshare -rm`; skipped, with the
     reason, where this Linux forbids unprivileged namespaces).

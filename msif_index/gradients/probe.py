@@ -1,0 +1,55 @@
+"""``probe_gradients``: a task's per-example gradients on a few examples, as a build computes them.
+
+``msif check-task`` runs it, so that a task whose per-example gradients fail (or can only be taken
+one example at a time) is reported before a build, not during it.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+from .capture import GradientProjector
+
+
+def probe_gradients(task: Any, examples: int = 4, proj_dim: int | None = 4096) -> dict[str, Any]:
+    """Per-example projected gradients of the pretraining loss over (W, U) on the first ``examples``
+    pretraining examples, on an eval-mode copy of the pretrained model (as ``build_index``).
+
+    Returns ``{"kronecker": [module names], "dense": [parameter names], "dense_batched": bool | None}``:
+    the modules that take the factored (Kronecker) path, the parameters that take the dense path
+    (torch.func per-example gradients, then a seeded projection), and whether vmap batches the dense
+    path (False: one example at a time, slower; None: no dense path). Raises what a build would
+    raise on these examples (TaskError, ShapeError, NonFiniteError), with its one-line message.
+    """
+    from .. import autodiff
+    from ..data import full_batch, move
+    from ..task import split_parameters
+
+    model = copy.deepcopy(task.pretrained_model())
+    model.eval()
+    w, u = split_parameters(task, model)
+    dtype = next(model.parameters()).dtype
+    projector = GradientProjector(model, w + u, proj_dim=proj_dim, dtype=dtype,
+                                  dense_modules=list(task.dense_modules))
+    data = task.pretrain_dataset()
+    batch = move(full_batch(data, range(min(int(examples), len(data)))), "cpu", dtype)
+    hint = autodiff.VMAP_LOOP_HINT
+    shown = set(autodiff._loop_warned)     # the fallback warns once per process: let it warn here
+    autodiff._loop_warned.clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            projector.project_batch(task.pretrain_loss, batch)
+    finally:
+        autodiff._loop_warned |= shown
+    looped = any(hint in str(c.message) for c in caught)
+    for c in caught:                       # everything else the user should still see
+        if hint not in str(c.message):
+            warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
+    dense = [p for b in projector.blocks if not b.kronecker for p in b.params]
+    return {"kronecker": [b.name for b in projector.blocks if b.kronecker], "dense": dense,
+            "dense_batched": (not looped) if dense else None}
+
+
+__all__ = ["probe_gradients"]
