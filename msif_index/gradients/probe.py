@@ -14,7 +14,7 @@ from .capture import GradientProjector
 
 def probe_gradients(task: Any, examples: int = 4, proj_dim: int | None = 4096) -> dict[str, Any]:
     """Per-example projected gradients of the pretraining loss over (W, U) on the first ``examples``
-    pretraining examples, on an eval-mode copy of the pretrained model (as ``build_index``).
+    pretraining examples, on an eval-mode CPU copy of the pretrained model (as ``build_index``).
 
     Returns ``{"kronecker": [module names], "dense": [parameter names], "dense_batched": bool | None}``:
     the modules that take the factored (Kronecker) path, the parameters that take the dense path
@@ -26,7 +26,7 @@ def probe_gradients(task: Any, examples: int = 4, proj_dim: int | None = 4096) -
     from ..data import full_batch, move
     from ..task import split_parameters
 
-    model = copy.deepcopy(task.pretrained_model())
+    model = copy.deepcopy(task.pretrained_model()).to("cpu")    # 4 examples: the CPU will do
     model.eval()
     w, u = split_parameters(task, model)
     dtype = next(model.parameters()).dtype
