@@ -122,13 +122,13 @@ VMAP_LOOP_HINT = ("nn.LSTM / nn.GRU / nn.RNN called without an initial state can
 _loop_warned: set[str] = set()
 
 
-def vmap_or_loop(fn: Callable, in_dims: tuple, args: tuple, what: str, **vmap_kwargs: Any) -> Any:
-    """``vmap(fn, in_dims)(*args)``; when vmap cannot batch ``fn`` (RuntimeError or ValueError while
-    tracing, e.g. torch's RNNs, whose default initial state ignores vmap's batch), ``fn`` on each
-    example in a Python loop, stacked: the same values, one example at a time, with a warning once
-    per ``what``. An error the loop meets too is vmap's original one, raised as is."""
+def vmap_or_loop(fn: Callable, in_dims: tuple, args: tuple, what: str, **vmap_kwargs: Any) -> tuple[Any, bool]:
+    """(``vmap(fn, in_dims)(*args)``, True); when vmap cannot batch ``fn`` (RuntimeError or ValueError
+    while tracing, e.g. torch's RNNs, whose default initial state ignores vmap's batch), (``fn`` on
+    each example in a Python loop, stacked, False): the same values, one example at a time, with a
+    warning once per ``what``. An error the loop meets too is vmap's original one, raised as is."""
     try:
-        return vmap(fn, in_dims=in_dims, **vmap_kwargs)(*args)
+        return vmap(fn, in_dims=in_dims, **vmap_kwargs)(*args), True
     except (RuntimeError, ValueError) as exc:
         first = exc
     tree_map = torch.utils._pytree.tree_map
@@ -148,7 +148,7 @@ def vmap_or_loop(fn: Callable, in_dims: tuple, args: tuple, what: str, **vmap_kw
         warnings.warn(f"vmap cannot batch the per-example gradients of {what} ({first_line(first)}); they are "
                       f"computed one example at a time, which is slower. {VMAP_LOOP_HINT}", RuntimeWarning,
                       stacklevel=3)
-    return tree_map(lambda *xs: torch.stack(xs), outs[0], *outs[1:])
+    return tree_map(lambda *xs: torch.stack(xs), outs[0], *outs[1:]), False
 
 
 def per_example_grads(f: Callable[[torch.Tensor, Any], torch.Tensor], vec: torch.Tensor,
@@ -160,4 +160,4 @@ def per_example_grads(f: Callable[[torch.Tensor, Any], torch.Tensor], vec: torch
         one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), example)
         return f(v, one)[0]
 
-    return vmap_or_loop(grad(single), (None, 0), (vec, batch), "the model's parameters")
+    return vmap_or_loop(grad(single), (None, 0), (vec, batch), "the model's parameters")[0]

@@ -579,12 +579,15 @@ def test_damaged_or_mismatched_manifest_is_one_line(tmp_path, exact_index, tasks
         assert "manifest.json" in _one_line(e) and "--overwrite" in str(e.value), name
 
 
-@pytest.mark.parametrize("err", ["EROFS", "ENOENT", "ENOSPC"])
+@pytest.mark.parametrize("err", ["EROFS", "ENOENT", "ENOSPC", "no room"])
 def test_read_only_index_attaches_in_memory(tmp_path, exact_index, tasks, monkeypatch, err):
     """An operator that cannot be cached (read-only or forbidden folder; ENOENT: the folder was
-    swapped meanwhile by an --overwrite rebuild; ENOSPC: creating operators/ on a full disk) is kept in
-    memory with a warning: the index still answers, the same as a writable one."""
+    swapped meanwhile by an --overwrite rebuild; ENOSPC: creating operators/ on a full disk; no room:
+    the free-space check refuses it before HDF5 meets the full disk) is kept in memory with a warning
+    (computing it took a while): the index still answers, the same as a writable one."""
     import errno as errno_
+
+    import msif_index.atomic
     from msif_index.operator import FinetuneOperator
     folder = tmp_path / "ro"
     shutil.copytree(exact_index, folder)
@@ -596,36 +599,20 @@ def test_read_only_index_attaches_in_memory(tmp_path, exact_index, tasks, monkey
 
     def refuse(self, path):
         raise OSError(getattr(errno_, err), os.strerror(getattr(errno_, err)), str(path))
-    monkeypatch.setattr(FinetuneOperator, "save", refuse)
+    if err == "no room":
+        monkeypatch.setattr(msif_index.atomic, "_free_bytes", lambda folder: 100)
+    else:
+        monkeypatch.setattr(FinetuneOperator, "save", refuse)
     with InfluenceIndex.open(folder) as index:
-        with pytest.warns(RuntimeWarning, match="kept in memory"):
+        with pytest.warns(RuntimeWarning, match="kept in memory") as rec:
             index.attach(tasks["frozen"])
         got = index.query(batch, k=5)
+    if err == "no room":
+        msg = [str(r.message) for r in rec if "kept in memory" in str(r.message)][0]
+        assert "not enough free space" in msg and "run the same command" not in msg       # nothing to rerun
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12)
-    assert not list(folder.glob("operators/*.h5"))                     # nothing was cached
-
-
-def test_attach_on_a_full_disk_answers_from_memory(tmp_path, exact_index, tasks, monkeypatch):
-    """A disk without room for the operator: attach warns that it is kept in memory (computing it took
-    a while) and answers as a cached one would; nothing is written, and HDF5 never meets the full disk."""
-    import msif_index.atomic
-    folder = tmp_path / "full"
-    shutil.copytree(exact_index, folder)
-    shutil.rmtree(folder / "operators", ignore_errors=True)
-    batch = full_batch(tasks["frozen"].test_dataset(), [0, 1])
-    with InfluenceIndex.open(exact_index) as index:
-        index.attach(tasks["frozen"])
-        want = index.query(batch, k=5)
-    monkeypatch.setattr(msif_index.atomic, "_free_bytes", lambda folder: 100)
-    with InfluenceIndex.open(folder) as index:
-        with pytest.warns(RuntimeWarning, match="not enough free space .* kept in memory") as rec:
-            index.attach(tasks["frozen"])
-        assert not [r for r in rec if "run the same command" in str(r.message)]      # nothing to rerun
-        got = index.query(batch, k=5)
-    np.testing.assert_array_equal(got.ids, want.ids)
-    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12)
-    assert not list(folder.glob("operators/*")) and not list(folder.glob("operators/.*"))
+    assert not list(folder.glob("operators/*")) and not list(folder.glob("operators/.*"))   # nothing cached
 
 
 def test_result_names_the_model_that_answered(exact_index, tasks, batch):

@@ -275,6 +275,8 @@ class GradientProjector:
                         b.k_out, b.d_out, _dense_seed(seed, b.name), self.dtype, self.device)
         self._need_check = bool(check) and bool(self._kron)
         self._need_dense_check = bool(check) and bool(self._dense)
+        #: whether vmap batched the last dense pass (False: one example at a time; None: no pass yet)
+        self.dense_batched: bool | None = None
 
     def rotated(self, rotations: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]]) -> "GradientProjector":
         """A projector over the same model and blocks whose Kronecker block ``name`` gives rows
@@ -645,9 +647,9 @@ class GradientProjector:
             # g, so the rows written into ``out`` carry none (``out`` may be a view of a larger
             # buffer that later batches write into in place)
             with torch.no_grad():
-                g, own = vmap_or_loop(grad(one, has_aux=True), (None,) + (0,) * len(bidx),
-                                      (psub, *[leaves[i] for i in bidx]), f"the dense-path parameters {names}",
-                                      randomness="different")
+                (g, own), self.dense_batched = vmap_or_loop(
+                    grad(one, has_aux=True), (None,) + (0,) * len(bidx), (psub, *[leaves[i] for i in bidx]),
+                    f"the dense-path parameters {names}", randomness="different")
         except (ShapeError, NonFiniteError, TaskError):
             raise
         except (RuntimeError, ValueError) as exc:
