@@ -122,15 +122,21 @@ VMAP_LOOP_HINT = ("nn.LSTM / nn.GRU / nn.RNN called without an initial state can
 _loop_warned: set[str] = set()
 
 
-def vmap_or_loop(fn: Callable, in_dims: tuple, args: tuple, what: str, **vmap_kwargs: Any) -> tuple[Any, bool]:
+def vmap_or_loop(fn: Callable, in_dims: tuple, args: tuple, what: str, try_vmap: bool = True,
+                 **vmap_kwargs: Any) -> tuple[Any, bool]:
     """(``vmap(fn, in_dims)(*args)``, True); when vmap cannot batch ``fn`` (RuntimeError or ValueError
     while tracing, e.g. torch's RNNs, whose default initial state ignores vmap's batch), (``fn`` on
     each example in a Python loop, stacked, False): the same values, one example at a time, with a
-    warning once per ``what``. An error the loop meets too is vmap's original one, raised as is."""
-    try:
-        return vmap(fn, in_dims=in_dims, **vmap_kwargs)(*args), True
-    except (RuntimeError, ValueError) as exc:
-        first = exc
+    warning once per ``what``. An error the loop meets too is vmap's original one, raised as is.
+
+    ``try_vmap=False`` goes straight to the loop (a caller that saw vmap fail on the same function
+    before: a model vmap cannot batch stays so), and an error is then the loop's own."""
+    first: BaseException | None = None
+    if try_vmap:
+        try:
+            return vmap(fn, in_dims=in_dims, **vmap_kwargs)(*args), True
+        except (RuntimeError, ValueError) as exc:
+            first = exc
     tree_map = torch.utils._pytree.tree_map
     batched = [a for a, d in zip(args, in_dims) if d == 0]
     n = torch.utils._pytree.tree_leaves(batched[0])[0].shape[0]
@@ -139,8 +145,10 @@ def vmap_or_loop(fn: Callable, in_dims: tuple, args: tuple, what: str, **vmap_kw
         for i in range(n):
             outs.append(fn(*[tree_map(lambda t: t[i], a) if d == 0 else a for a, d in zip(args, in_dims)]))
     except (RuntimeError, ValueError):
+        if first is None:
+            raise
         raise first from None
-    if what not in _loop_warned:
+    if first is not None and what not in _loop_warned:
         _loop_warned.add(what)
         import warnings
 

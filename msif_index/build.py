@@ -48,7 +48,8 @@ from .errors import (ConfigError, CorruptIndexError, NonFiniteError, OutputExist
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .lock import folder_lock
-from .preconditioners import DenseInverse, Preconditioner, make_preconditioner, projected_hessian, read_state
+from .preconditioners import (DenseInverse, Preconditioner, make_preconditioner, projected_hessian, read_state,
+                             warn_negative)
 from .progress import progress
 from .search import SearchIndex, built_at_open, fitting_nlist, min_train_rows
 from .store import RowStore, ShardedWriter, _open_h5, link_shards
@@ -611,6 +612,9 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
             state, attrs = read_state(path)
             pre.load_state_dict(state)
             pre.damping_used = json.loads(attrs["damping_used"])
+            pre.negative = json.loads(attrs.get("negative_eigenvalues", "null"))
+            if pre.negative:                     # said at the fit; again, at build_index's caller
+                warn_negative(pre.negative, stacklevel=5)
             if not _reuses_sample(pre, config):
                 return None
             return _Sample(_stats_ids(n, config), _shard_rows(n, config))    # rows recomputed per shard
@@ -624,6 +628,8 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
             for k, v in state.items():
                 f.create_dataset(k, data=v, fletcher32=True)
             f.attrs["damping_used"] = json.dumps(pre.damping_used)
+            if pre.negative:
+                f.attrs["negative_eigenvalues"] = json.dumps(pre.negative)
     return sample
 
 

@@ -100,6 +100,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             "n": m["n"], "k": m["k"], "dtype": cfg.get("dtype"),
             "preconditioner": pre.get("name"), "row_basis": pre.get("row_basis", "parameter"),
             "damping_used": pre.get("damping_used"), "statistics": fisher,
+            "negative_eigenvalues": pre.get("negative_eigenvalues"),
             "proj_dim": cfg.get("proj_dim"), "seed": cfg.get("seed"), "factory": cfg.get("factory"),
             "w_names": m["w_names"], "u_names": m.get("u_names") or [],
             "fingerprints": {k: short(v) for k, v in m["fingerprints"].items() if isinstance(v, str)},

@@ -129,6 +129,8 @@ class Preconditioner:
         self.w_cols = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
         self.dim_w = int(self.w_cols.numel())
         self.damping_used: dict[str, float] = {}
+        #: the clamped negative eigenvalues of a dense Hessian (``negative_eigenvalues``), or None
+        self.negative: dict[str, float] | None = None
 
     # statistics ---------------------------------------------------------------------------------
     def fit(self, row_blocks: Callable[[], Iterable[torch.Tensor]], n: int) -> None:
@@ -183,8 +185,11 @@ class Preconditioner:
         pass
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "damping": self.damping, "damping_used": self.damping_used,
-                "weight_decay": self.weight_decay, "row_basis": self.row_basis}
+        out = {"name": self.name, "damping": self.damping, "damping_used": self.damping_used,
+               "weight_decay": self.weight_decay, "row_basis": self.row_basis}
+        if self.negative:
+            out["negative_eigenvalues"] = self.negative
+        return out
 
 
 class DenseInverse(Preconditioner):
@@ -209,7 +214,11 @@ class DenseInverse(Preconditioner):
         m = 0.5 * (m + m.T) + self.weight_decay * self._full_gram()
         evals, evecs = torch.linalg.eigh(m)
         if clamp:
-            _warn_negative(evals)
+            self.negative = negative_eigenvalues(evals)
+            if self.negative:
+                # at build_index's caller: _factor, fit_hessian, _fit_preconditioner, _load_or_fit,
+                # _build_locked, build_index (tests/test_build.py checks where it points)
+                warn_negative(self.negative, stacklevel=8)
             evals = evals.clamp_min(0.0)
         lam = self.damping * float(evals.mean()) if self.damping > 0 else 0.0
         self.damping_used["all"] = lam
@@ -229,20 +238,23 @@ class DenseInverse(Preconditioner):
         self.inv_w = torch.from_numpy(np.asarray(state["inv_w"]))
 
 
-def _warn_negative(evals: torch.Tensor, rel: float = 1e-3) -> None:
-    """RuntimeWarning when the projected Hessian has eigenvalues below -``rel`` x its largest: the
-    pretrained model is not at a minimum (a saddle point or far from converged)."""
+def negative_eigenvalues(evals: torch.Tensor, rel: float = 1e-3) -> dict[str, float] | None:
+    """{count, of, min, largest} of the eigenvalues below -``rel`` x the largest magnitude, or None."""
     top = float(evals.abs().max()) if evals.numel() else 0.0
     neg = evals < -rel * top
     if top > 0 and bool(neg.any()):
-        warnings.warn(f"the projected pretraining Hessian has {int(neg.sum())} of {evals.numel()} eigenvalues "
-                      f"below 0 (down to {float(evals.min()):.3g}; the largest is {top:.3g}): the pretrained model "
-                      f"is not at a minimum of its loss, which influence assumes. They are clamped to 0, and the "
-                      f"scores may not track retraining: train the pretrained model to convergence, or use "
-                      f"ekfac / gauss-newton (positive by construction)", RuntimeWarning,
-                      # at build_index's caller: _factor, fit_hessian, _fit_preconditioner, _load_or_fit,
-                      # _build_locked, build_index (tests/test_build.py checks where it points)
-                      stacklevel=8)
+        return {"count": int(neg.sum()), "of": int(evals.numel()), "min": float(evals.min()), "largest": top}
+    return None
+
+
+def warn_negative(negative: dict[str, float], stacklevel: int) -> None:
+    """RuntimeWarning for ``negative_eigenvalues``: the pretrained model is not at a minimum (a saddle
+    point or far from converged). Given again when a resumed build loads the fitted state."""
+    warnings.warn(f"the projected pretraining Hessian has {negative['count']} of {negative['of']} eigenvalues "
+                  f"below 0 (down to {negative['min']:.3g}; the largest is {negative['largest']:.3g}): the "
+                  f"pretrained model is not at a minimum of its loss, which influence assumes. They are clamped "
+                  f"to 0, and the scores may not track retraining: train the pretrained model to convergence, or "
+                  f"use ekfac / gauss-newton (positive by construction)", RuntimeWarning, stacklevel=stacklevel)
 
 
 class GaussNewton(DenseInverse):

@@ -6,6 +6,7 @@ small reference pipelines are trained until the gradient vanishes to float64 pre
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -30,12 +31,14 @@ def torch_threads(n: int) -> Iterator[None]:
 def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[Any], n: int,
         weights: Sequence[torch.Tensor] | None = None, l2: float | torch.Tensor = 0.0,
         center: torch.Tensor | None = None, max_iter: int = 1000, newton_max_dim: int = 4000,
-        grad_tol: float = 1e-11) -> float:
+        grad_tol: float = 1e-11, warn: bool = True) -> float:
     """Minimize (1/n) sum_i w_i loss_i + 1/2 sum_c l2_c (x_c - center_c)^2 over ``names``, in place.
 
     ``data`` are batches covering the n examples; ``weights`` (one tensor per batch) default to 1.
     ``l2`` is a scalar or a per-coordinate vector; ``center`` defaults to zero. Returns the final
-    gradient norm. Starts from the model's current values (warm start).
+    gradient norm. Starts from the model's current values (warm start). When that norm is still above
+    ``grad_tol`` (ill-conditioned models, too few iterations), a RuntimeWarning says so, since the
+    influence formulas hold at an optimum; ``warn=False`` for a deliberately budgeted call.
     """
     flat = FlatParams(model, names)
     f = flat.loss(loss_fn)
@@ -68,6 +71,11 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
                 break
             x, gnorm = _newton_step(objective, x)
     flat.set(x)
+    if warn and not gnorm <= grad_tol:
+        warnings.warn(f"fit stopped at gradient norm {gnorm:.1e}, above grad_tol={grad_tol:.0e} (L-BFGS, "
+                      f"max_iter={max_iter}{', then Newton steps' if newton else ''}): influence assumes an "
+                      f"optimum; call fit again (it continues from here), raise max_iter, or add l2",
+                      RuntimeWarning, stacklevel=2)
     return gnorm
 
 

@@ -528,13 +528,29 @@ def test_gauss_newton_statistics_through_dense_blocks_equal_their_definition(tmp
     assert np.abs(rows - want).max() / np.abs(want).max() < 1e-8
 
 
-def test_hessian_of_a_model_not_at_a_minimum_warns(tmp_path, digits_frozen):
+def test_hessian_of_a_model_not_at_a_minimum_warns(tmp_path, digits_frozen, capsys):
     """Negative eigenvalues of the projected Hessian (an untrained model) are clamped with a warning
-    that points at build_index's caller; a model trained to its minimum (digits) gets none."""
+    that points at build_index's caller, recorded in the manifest, and said again by a build resumed
+    from the saved preconditioner; a model trained to its minimum (digits) gets none."""
+    cfg = BuildConfig(proj_dim=None, preconditioner="hessian", shard_rows=16)
     with pytest.warns(RuntimeWarning, match="not at a minimum") as rec:
-        build_index(TinyTask(), tmp_path / "tiny", BuildConfig(proj_dim=None, preconditioner="hessian"))
+        out = build_index(TinyTask(), tmp_path / "tiny", cfg)
     w = [r for r in rec if "not at a minimum" in str(r.message)]
     assert len(w) == 1 and w[0].filename == __file__, [(r.filename, r.lineno) for r in w]
+    neg = _manifest(out)["preconditioner"]["negative_eigenvalues"]
+    assert neg["count"] >= 1 and neg["min"] < 0 < neg["largest"] and f"{neg['count']} of {neg['of']}" in str(w[0].message)
+    (out / "manifest.json").unlink()                     # as if killed before the last shard
+    (out / "shards" / "shard_00003.h5").unlink()
+    with pytest.warns(RuntimeWarning, match="not at a minimum") as rec:
+        build_index(TinyTask(), out, cfg)
+    w2 = [r for r in rec if "not at a minimum" in str(r.message)]
+    assert len(w2) == 1 and w2[0].filename == __file__ and str(w2[0].message) == str(w[0].message)
+    assert _manifest(out)["preconditioner"]["negative_eigenvalues"] == neg
+    from msif_index.cli.main import main
+    from msif_index.info import describe
+    assert describe(out)["negative_eigenvalues"] == neg
+    main(["info", "--index", str(out)])
+    assert f"warning: {neg['count']} of {neg['of']} eigenvalues" in capsys.readouterr().out
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         build_index(digits_frozen, tmp_path / "digits", BuildConfig(proj_dim=128, preconditioner="hessian"))

@@ -613,10 +613,23 @@ def test_modules_vmap_cannot_batch_fall_back_to_a_loop(proj_dim):
     names = [n for n, _ in model.named_parameters()]
     proj = GradientProjector(model, names, proj_dim=proj_dim, dtype=torch.float64)
     autodiff._loop_warned.clear()
+    traced = []
+    real_vmap = autodiff.vmap
+
+    def counting_vmap(*a, **kw):
+        traced.append(1)
+        return real_vmap(*a, **kw)
+
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        rows = proj.project_batch(_rnn_loss, batch)
-        again = proj.project_batch(_rnn_loss, batch)
+        autodiff.vmap = counting_vmap
+        try:
+            rows = proj.project_batch(_rnn_loss, batch)
+            first_pass = len(traced)
+            again = proj.project_batch(_rnn_loss, batch)    # vmap failed once: not retried
+        finally:
+            autodiff.vmap = real_vmap
+    assert first_pass == 1 and len(traced) == 1 and proj.dense_batched is False
     msgs = [str(r.message) for r in rec if "one example at a time" in str(r.message)]
     assert len(msgs) == 1 and "pass hx explicitly" in msgs[0], [str(r.message) for r in rec]
     ref = _brute(model, _rnn_loss, batch, names)

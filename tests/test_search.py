@@ -310,6 +310,41 @@ def test_save_failure_leaves_old_file(tmp_path, monkeypatch):
     assert [f.name for f in tmp_path.iterdir()] == ["s.faiss"]
 
 
+def test_save_on_a_real_full_disk_is_disk_full_and_keeps_the_old_file(tmp_path):
+    """faiss's own error on a real full disk (a 1 MiB tmpfs in a private mount namespace; skipped
+    where unprivileged namespaces are not allowed) is recognised: DiskFullError, the old file intact,
+    no temporary file left."""
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = tmp_path / "save.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, numpy as np
+        from msif_index.errors import DiskFullError
+        from msif_index.search import SearchIndex
+        idx = SearchIndex.create(64, "Flat", device="cpu")
+        idx.train_and_add([np.ones((8000, 64), dtype=np.float32)], 8000)    # 2 MiB of rows
+        open("{mnt}/s.faiss", "wb").write(b"old")
+        try:
+            idx.save("{mnt}/s.faiss")
+        except DiskFullError as e:
+            print("DiskFullError:", e)
+        print(sorted(os.listdir("{mnt}")), open("{mnt}/s.faiss", "rb").read())
+    """))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mnt} || exit 99; "
+                           f"{sys.executable} {script}"], capture_output=True, text=True, timeout=120)
+    if proc.returncode == 99 or "unshare:" in proc.stderr:
+        pytest.skip(f"no private tmpfs here: {proc.stderr.strip()[:120]}")
+    assert proc.returncode == 0, proc.stderr
+    assert "DiskFullError: disk full while saving index" in proc.stdout, proc.stdout
+    assert "['s.faiss'] b'old'" in proc.stdout, proc.stdout
+
+
 # -------------------------------------------------------------------------------- exact helpers
 
 

@@ -333,7 +333,7 @@ class MnistToDigitsTask(msif_index.MultiStageTask):
         info: dict[str, Any] = {"grad_norm_W_after_adam": _grad_norm(model, BACKBONE, x, y, w, wd)}
         if lbfgs_iters:
             fit(model, list(BACKBONE + HEAD), cross_entropy, [(x, y)], len(x), weights=[w], l2=wd,
-                max_iter=lbfgs_iters, newton_max_dim=0)
+                max_iter=lbfgs_iters, newton_max_dim=0, warn=False)
         _solve_head(model, x, y, w, wd)
         info.update(seconds=round(time.perf_counter() - t0, 1), objective=_objective(model, x, y, w, wd),
                     train_accuracy=_accuracy(model, x, y), grad_norm_W=_grad_norm(model, BACKBONE, x, y, w, wd),
@@ -361,7 +361,7 @@ class MnistToDigitsTask(msif_index.MultiStageTask):
             l2 = torch.cat([torch.full((d_head,), wd), torch.full((w_star.numel(),), self.alpha)])
             center = torch.cat([torch.zeros(d_head), w_star])
             fit(model, list(HEAD + BACKBONE), cross_entropy, [(x, y)], len(x), l2=l2, center=center,
-                max_iter=self.proximal_iters, newton_max_dim=0)
+                max_iter=self.proximal_iters, newton_max_dim=0, warn=False)
             _solve_head(model, x, y, ones, wd)              # theta exactly optimal for the final W
             w_hat = _flat(model, BACKBONE)
             info["moved_W"] = float((w_hat - w_star).norm() / w_star.norm())

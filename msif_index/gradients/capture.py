@@ -275,7 +275,8 @@ class GradientProjector:
                         b.k_out, b.d_out, _dense_seed(seed, b.name), self.dtype, self.device)
         self._need_check = bool(check) and bool(self._kron)
         self._need_dense_check = bool(check) and bool(self._dense)
-        #: whether vmap batched the last dense pass (False: one example at a time; None: no pass yet)
+        #: whether vmap batched the last dense pass (False: one example at a time, and later passes
+        #: go straight to the loop: vmap is not retried; None: no pass yet)
         self.dense_batched: bool | None = None
 
     def rotated(self, rotations: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]]) -> "GradientProjector":
@@ -649,7 +650,8 @@ class GradientProjector:
             with torch.no_grad():
                 (g, own), self.dense_batched = vmap_or_loop(
                     grad(one, has_aux=True), (None,) + (0,) * len(bidx), (psub, *[leaves[i] for i in bidx]),
-                    f"the dense-path parameters {names}", randomness="different")
+                    f"the dense-path parameters {names}", try_vmap=self.dense_batched is not False,
+                    randomness="different")
         except (ShapeError, NonFiniteError, TaskError):
             raise
         except (RuntimeError, ValueError) as exc:
