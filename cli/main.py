@@ -240,8 +240,10 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
                + (f"proj_dim={d['proj_dim']}" if d["proj_dim"] else "none (exact)") + f", seed {d['seed']}")
     neg = d.get("negative_eigenvalues")
     if neg:
+        needed = neg.get("damping_needed")
         typer.echo(f"  warning: {neg['count']} of {neg['of']} eigenvalues of the projected pretraining Hessian were "
-                   f"below 0 (clamped to 0): the pretrained model is not at a minimum of its loss")
+                   f"below minus the damping (down to {neg['min']:.3g}; clamped to 0): the pretrained model is not at "
+                   f"a minimum of its loss" + (f"; a --damping above {needed:.2g} covers them" if needed else ""))
     typer.echo(f"  search {d['factory']}; W = {', '.join(d['w_names'])}")
     typer.echo(f"  fingerprints: W {d['fingerprints'].get('W')}, U {d['fingerprints'].get('U')}, "
                f"pretraining data {d['data_fingerprint']}")

@@ -43,8 +43,8 @@ from .atomic import atomic_path, check_free_space, cleanup_stale_tmp, fsync_dir,
 from .autodiff import FlatParams, batched_objective
 from .config import HESSIAN_DAMPING, BuildConfig
 from .data import batches, full_batch, move
-from .errors import (ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError, exception_text, first_line,
-                     forward_ad_errors)
+from .errors import (ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError, TaskError, exception_text,
+                     first_line, forward_ad_errors)
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .lock import folder_lock
@@ -192,13 +192,21 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def resolve_compute_dtype(compute_dtype: str, model: nn.Module) -> torch.dtype:
+    """The dtype gradients are computed in: ``compute_dtype`` (float32 / float64), or for "auto" the
+    model's own when it is float32 or float64, else float32 (a float16 / bfloat16 model's gradients,
+    statistics and eigendecompositions need more precision than its weights). Build and attach use
+    the same."""
+    if compute_dtype != "auto":
+        return _DTYPES[compute_dtype]
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def prepare(task: MultiStageTask, config: BuildConfig) -> Prepared:
     """Copy the pretrained model to the compute dtype/device and plan its projection."""
     source = task.pretrained_model()
-    first = next(source.parameters())
-    dtype = first.dtype if config.compute_dtype == "auto" else _DTYPES[config.compute_dtype]
-    if not dtype.is_floating_point:
-        dtype = torch.float32
+    dtype = resolve_compute_dtype(config.compute_dtype, source)
     device = _device(config.device)
     model = copy.deepcopy(source).to(device=device, dtype=dtype)
     model.eval()
@@ -850,6 +858,8 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     keep_freed_memory()                  # glibc: reuse freed tensor memory (see msif_index.allocator)
     out = Path(out_dir)
     n = len(task.pretrain_dataset())
+    if n == 0:
+        raise TaskError("the task's pretrain_dataset() is empty: there is nothing to index")
     fps = pretrained_fingerprints(task, task.pretrained_model())
     # the pretraining data too (its length and a fixed sample of examples): a build is not resumed,
     # reused or queried with other data under the same ids

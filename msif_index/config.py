@@ -50,7 +50,7 @@ class BuildConfig:
         "when the task defines pretrain_fisher_losses).", "auto")
     seed: int = _help("Seed of the random projection (and of subsamples).", 0)
     dtype: str = _help("Storage dtype of the stored rows: float32 | float16 | float64.", "float32")
-    compute_dtype: str = _help("Dtype of gradient computation: auto (the model's) | float32 | float64.", "auto")
+    compute_dtype: str = _help("Dtype of gradient computation: auto (the model's; float32 for a float16 / bfloat16 model) | float32 | float64.", "auto")
     batch_size: int = _help("Pretraining examples per batch.", 256)
     device: str = _help("Torch device of the gradient computation: cpu, cuda, cuda:1 ...", "cpu")
     factory: str = _help("Search index: Flat (exact), SVD<r> (msif's two-stage index: candidates in "

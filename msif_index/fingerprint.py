@@ -74,7 +74,9 @@ def _seeded_rngs(seed: int = 0) -> Iterator[None]:
     __getitem__ draws random augmentations from them gives the same examples every time."""
     py, npy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed would reseed the CUDA generators too, which
+        # fork_rng(devices=[]) does not restore (the caller's CUDA random state would be reset)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
         try:

@@ -24,7 +24,8 @@ from torch import nn
 
 from .atomic import is_disk_full, read_json
 from .build import (BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, _faiss_name, file_sha256,
-                    loss_probe_change, loss_values, pretrain_loss_probe, pretrained_fingerprints)
+                    loss_probe_change, loss_values, pretrain_loss_probe, pretrained_fingerprints,
+                    resolve_compute_dtype)
 from .data import batch_size_of, move
 from .errors import (ConfigError, CorruptIndexError, DiskFullError, IndexMismatchError, NonFiniteError, ShapeError,
                      first_line)
@@ -140,6 +141,9 @@ class InfluenceIndex:
         self.search_index = search
         self._attached: dict[str, _Attached] = {}
         self._default: str | None = None
+        #: one lock per finetuned-model key: two threads attaching one model compute its operator once
+        self._attach_locks: dict[str, threading.Lock] = {}
+        self._attach_guard = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -314,8 +318,7 @@ class InfluenceIndex:
                 raise IndexMismatchError("finetuning is 'frozen' but the finetuned model's W differs from the "
                                          "pretrained W*; set finetuning = 'proximal' (with alpha) or use the "
                                          "frozen finetuned model")
-        dtype = torch.float64 if self.manifest["config"]["compute_dtype"] == "float64" else \
-            next(source.parameters()).dtype
+        dtype = resolve_compute_dtype(self.manifest["config"].get("compute_dtype", "auto"), source)
         # the finetune side (attach, query vectors) runs on a CPU copy of the model, whatever device
         # the task's model is on; the search index uses the GPU when there is one
         model = copy.deepcopy(source).to(device="cpu", dtype=dtype)
@@ -338,6 +341,25 @@ class InfluenceIndex:
         projector = self._w_projector(model, dtype)
         op_path = self.path / OPERATORS / f"{key}.h5"
         projection = _projection_fingerprint(self.manifest)
+        with self._attach_guard:
+            key_lock = self._attach_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            op = self._load_or_compute_operator(task, model, projector, key, op_path, projection, ident, params,
+                                                theta, batch_size, damping, cg_iters, progress_bar)
+        query = _QueryPath.make(model, projector, theta, op, self._eigenbases(dtype), task.dense_modules)
+        if self.huge_pages:
+            _pack_on_huge_pages(model, query)
+        self._attached[key] = _Attached(task, model, projector, op, query)
+        self._default = key
+        return key
+
+    def _load_or_compute_operator(self, task, model, projector, key, op_path, projection, ident, params, theta,
+                                  batch_size, damping, cg_iters, progress_bar) -> FinetuneOperator:
+        """The operator of ``key``: the one this index already holds for it (another thread attached
+        the same model), the cached file, or computed and cached (called under the key's lock)."""
+        held = self._attached.get(key)
+        if held is not None and held.operator.projection == projection:
+            return held.operator
         op = None
         if op_path.exists():
             # the key covers the model, data and settings but not the index's projection: a file
@@ -346,11 +368,12 @@ class InfluenceIndex:
                 op = FinetuneOperator.load(op_path)
                 why = _operator_misfit(op, projection, projector.dim, sum(params[n].numel() for n in theta),
                                        theta, task.finetuning)
-            except CorruptIndexError:
-                why = "unreadable: damaged"
+            except CorruptIndexError as e:
+                why = ("written without a checksum by an older msif" if getattr(e, "reason", "") == "no checksum"
+                       else "unreadable: damaged")
             if why:
                 warnings.warn(f"the finetune operator {op_path} does not fit this index ({why}); computing it "
-                              f"again", RuntimeWarning, stacklevel=2)
+                              f"again", RuntimeWarning, stacklevel=3)
                 op = None
         if op is None:
             op = compute_operator(task, model, projector, key, batch_size=batch_size, damping=damping,
@@ -363,7 +386,7 @@ class InfluenceIndex:
                 # computing it took a while: the index still answers with it, from memory
                 warnings.warn(f"cannot cache the finetune operator in {op_path.parent} ({str(e).split(';')[0]}); "
                               f"it is kept in memory and computed again by the next process", RuntimeWarning,
-                              stacklevel=2)
+                              stacklevel=3)
             except OSError as e:
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT) and not is_disk_full(e):
                     raise
@@ -372,13 +395,8 @@ class InfluenceIndex:
                 # this process only
                 warnings.warn(f"cannot cache the finetune operator in {op_path.parent} ({e.strerror}); it is "
                               f"kept in memory and computed again by the next process", RuntimeWarning,
-                              stacklevel=2)
-        query = _QueryPath.make(model, projector, theta, op, self._eigenbases(dtype), task.dense_modules)
-        if self.huge_pages:
-            _pack_on_huge_pages(model, query)
-        self._attached[key] = _Attached(task, model, projector, op, query)
-        self._default = key
-        return key
+                              stacklevel=3)
+        return op
 
     @property
     def attached(self) -> list[str]:
@@ -424,6 +442,8 @@ class InfluenceIndex:
                 raise _does_not_fit(e) from None
         if q.shape[0] != q_n:
             raise ShapeError(f"measurement returned {q.shape[0]} values for {q_n} test examples")
+        if q.dtype not in (torch.float32, torch.float64):      # a half-precision model: float32 vectors
+            q = q.float()
         q = q.numpy()
         if not np.isfinite(q.sum()) and not np.isfinite(q).all():
             bad = int(np.flatnonzero(~np.isfinite(q).all(1))[0])
@@ -674,16 +694,23 @@ def _canonical(value: Any) -> str:
     return json.dumps(drop(value), sort_keys=True, default=str)
 
 
+#: bytes of float64 candidate rows an exact rerank reads at once
+RERANK_BLOCK_BYTES = 64 << 20
+
+
 def _rerank(q: np.ndarray, cand: np.ndarray, store: RowStore, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact q . s over each query's candidate ids, top k (float64)."""
+    """Exact q . s over each query's candidate ids, top k (float64); the candidates' rows are read
+    ``RERANK_BLOCK_BYTES`` at a time (exact_rerank may name all n rows)."""
     ids = np.full((q.shape[0], k), -1, dtype=np.int64)
     dots = np.full((q.shape[0], k), -np.inf)
+    block = max(1, RERANK_BLOCK_BYTES // (8 * max(1, store.k)))
     for i in range(q.shape[0]):
         c = cand[i][cand[i] >= 0]
         if not len(c):
             continue
-        rows = store.take(c, dtype=np.float64)
-        s = rows @ q[i]
+        s = np.empty(len(c))
+        for j in range(0, len(c), block):
+            s[j:j + block] = store.take(c[j:j + block], dtype=np.float64) @ q[i]
         order = np.argsort(-s, kind="stable")[:k]
         ids[i, :len(order)] = c[order]
         dots[i, :len(order)] = s[order]

@@ -15,6 +15,7 @@ from .build import BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, 
 from .errors import CorruptIndexError
 from .fingerprint import short
 from .lock import lock_holder, writer_text
+from .operator import verify_file
 from .search import built_at_open
 
 
@@ -43,12 +44,16 @@ def _operators(path: Path) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"key": f.stem}
         try:
             entry["bytes"] = f.stat().st_size
-            with h5py.File(f, "r") as h:
+            verify_file(f)                       # HDF5 can crash on a damaged file: its seal first
+            with h5py.File(f, "r", locking=False) as h:
                 info = json.loads(h.attrs["info"])
                 finetuning = str(h.attrs["finetuning"])
                 entry.update(finetuning=finetuning,
                              alpha=float(h.attrs["alpha"]) if finetuning == "proximal" else None,
                              h_tt=info.get("h_tt") if isinstance(info, dict) else None, b_shape=list(h["b"].shape))
+        except CorruptIndexError as e:
+            entry["error"] = (("written without a checksum by an older msif" if getattr(e, "reason", "") == "no checksum"
+                               else "damaged") + " (the next attach of this model computes it again)")
         except (OSError, KeyError, ValueError, TypeError, RuntimeError):
             entry["error"] = "unreadable (the next attach of this model computes it again)"
         out.append(entry)

@@ -16,6 +16,7 @@ touches the finetuning data. With no projection (P = I) and dense Hessians both 
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,12 +65,13 @@ class FinetuneOperator:
         return q if self.c is None else q @ self.c.T
 
     def save(self, path: Path) -> None:
-        """Write atomically; DiskFullError before anything is written when the disk cannot hold it
-        (B and C, plus 256 KiB for HDF5's metadata and the attributes)."""
+        """Write atomically, sealed with a sha256 (``seal_file``); DiskFullError before anything is
+        written when the disk cannot hold it (B and C, plus 256 KiB for HDF5's metadata and the
+        attributes)."""
         parts = [self.b] if self.c is None else [self.b, self.c]
         check_free_space(Path(path).parent, str(path), sum(t.numel() * t.element_size() for t in parts) + (256 << 10))
         with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as f:
+            with h5py.File(tmp, "w", userblock_size=USERBLOCK, libver=("v108", "latest"), locking=False) as f:
                 f.create_dataset("b", data=self.b.numpy(), fletcher32=True)
                 if self.c is not None:
                     f.create_dataset("c", data=self.c.numpy(), fletcher32=True)
@@ -80,12 +82,16 @@ class FinetuneOperator:
                 f.attrs["projection"] = self.projection
                 import json
                 f.attrs["info"] = json.dumps(self.info)
+            seal_file(tmp)
 
     @classmethod
     def load(cls, path: Path) -> "FinetuneOperator":
+        """Read a saved operator; CorruptIndexError (its ``reason``: "damaged" or "no checksum") when
+        the file's sha256 does not match its seal, before HDF5 parses it."""
         import json
+        verify_file(path)
         try:
-            with h5py.File(path, "r") as f:
+            with h5py.File(path, "r", locking=False) as f:
                 b = torch.from_numpy(f["b"][()])
                 c = torch.from_numpy(f["c"][()]) if "c" in f else None
                 return cls(str(f.attrs["finetuning"]), float(f.attrs["alpha"]), b, c,
@@ -94,6 +100,48 @@ class FinetuneOperator:
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CorruptIndexError(f"finetune operator {path} is unreadable ({type(e).__name__}); delete it "
                                     f"and attach the finetuned model again") from None
+
+
+#: bytes before the HDF5 superblock (an HDF5 user block) holding the operator file's seal
+USERBLOCK = 512
+_SEAL = b"msif-operator sha256="
+
+
+def _digest_after_userblock(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(USERBLOCK)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal_file(path: Path) -> None:
+    """Write the sha256 of everything after the user block into the user block of a closed file."""
+    digest = _digest_after_userblock(path)
+    with open(path, "r+b") as f:
+        f.write((_SEAL + digest.encode() + b"\n").ljust(USERBLOCK, b"\0"))
+
+
+def verify_file(path: Path) -> None:
+    """CorruptIndexError unless ``path`` carries a seal that matches its contents. HDF5 can crash or
+    hang on damaged metadata, so an operator file is checked before it is parsed."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(USERBLOCK)
+        if not head.startswith(_SEAL):
+            reason = "no checksum" if head.startswith(b"\x89HDF") else "damaged"
+        else:
+            digest = head[len(_SEAL):len(_SEAL) + 64].decode("ascii", "replace")
+            reason = "" if digest == _digest_after_userblock(path) else "damaged"
+    except OSError:
+        reason = "damaged"
+    if reason:
+        what = ("written without a checksum by an older msif" if reason == "no checksum"
+                else "damaged: its checksum does not match")
+        err = CorruptIndexError(f"finetune operator {path} is {what}; delete it and attach the finetuned model again")
+        err.reason = reason  # type: ignore[attr-defined]
+        raise err
 
 
 def reference_query_vectors(projector: GradientProjector, op: FinetuneOperator, model: nn.Module,

@@ -213,15 +213,17 @@ class DenseInverse(Preconditioner):
     def _factor(self, m: torch.Tensor, clamp: bool) -> None:
         m = 0.5 * (m + m.T) + self.weight_decay * self._full_gram()
         evals, evecs = torch.linalg.eigh(m)
+        raw = evals
         if clamp:
-            self.negative = negative_eigenvalues(evals)
+            evals = evals.clamp_min(0.0)
+        lam = self.damping * float(evals.mean()) if self.damping > 0 else 0.0
+        self.damping_used["all"] = lam
+        if clamp:
+            self.negative = negative_eigenvalues(raw, lam)
             if self.negative:
                 # at build_index's caller: _factor, fit_hessian, _fit_preconditioner, _load_or_fit,
                 # _build_locked, build_index (tests/test_build.py checks where it points)
                 warn_negative(self.negative, stacklevel=8)
-            evals = evals.clamp_min(0.0)
-        lam = self.damping * float(evals.mean()) if self.damping > 0 else 0.0
-        self.damping_used["all"] = lam
         inv = (evecs / (evals + lam)) @ evecs.T
         self.inv_w = inv[:, self.w_cols].contiguous()
 
@@ -238,23 +240,34 @@ class DenseInverse(Preconditioner):
         self.inv_w = torch.from_numpy(np.asarray(state["inv_w"]))
 
 
-def negative_eigenvalues(evals: torch.Tensor, rel: float = 1e-3) -> dict[str, float] | None:
-    """{count, of, min, largest} of the eigenvalues below -``rel`` x the largest magnitude, or None."""
+def negative_eigenvalues(evals: torch.Tensor, lam: float, noise: float = 1e-9) -> dict[str, float] | None:
+    """{count, of, min, largest, damping, mean, damping_needed} of the eigenvalues below -``lam`` (the
+    absolute damping; at least ``noise`` x the largest magnitude, rounding), or None.
+
+    Clamped to 0 and damped by ``lam``, such a direction gets the largest weight there is, 1 / lam,
+    where the Hessian says its curvature is negative: with a small damping those directions dominate
+    every score. ``damping_needed`` is the relative damping (x the clamped mean eigenvalue) above
+    which none is left."""
     top = float(evals.abs().max()) if evals.numel() else 0.0
-    neg = evals < -rel * top
+    neg = evals < -max(lam, noise * top)
     if top > 0 and bool(neg.any()):
-        return {"count": int(neg.sum()), "of": int(evals.numel()), "min": float(evals.min()), "largest": top}
+        mean = float(evals.clamp_min(0.0).mean())
+        return {"count": int(neg.sum()), "of": int(evals.numel()), "min": float(evals.min()), "largest": top,
+                "damping": lam, "mean": mean, "damping_needed": -float(evals.min()) / mean if mean > 0 else None}
     return None
 
 
 def warn_negative(negative: dict[str, float], stacklevel: int) -> None:
     """RuntimeWarning for ``negative_eigenvalues``: the pretrained model is not at a minimum (a saddle
     point or far from converged). Given again when a resumed build loads the fitted state."""
+    needed = negative.get("damping_needed")
+    more = f"a --damping above {needed:.2g} (x the mean eigenvalue), " if needed else ""
     warnings.warn(f"the projected pretraining Hessian has {negative['count']} of {negative['of']} eigenvalues "
-                  f"below 0 (down to {negative['min']:.3g}; the largest is {negative['largest']:.3g}): the "
-                  f"pretrained model is not at a minimum of its loss, which influence assumes. They are clamped "
-                  f"to 0, and the scores may not track retraining: train the pretrained model to convergence, or "
-                  f"use ekfac / gauss-newton (positive by construction)", RuntimeWarning, stacklevel=stacklevel)
+                  f"below minus the damping ({negative.get('damping', 0.0):.3g}; down to {negative['min']:.3g}, the "
+                  f"largest is {negative['largest']:.3g}): the pretrained model is not at a minimum of its loss, "
+                  f"which influence assumes. Clamped to 0, those directions get the largest weight and the scores "
+                  f"may not track retraining: train the pretrained model to convergence, or use {more}or ekfac / "
+                  f"gauss-newton (positive by construction)", RuntimeWarning, stacklevel=stacklevel)
 
 
 class GaussNewton(DenseInverse):

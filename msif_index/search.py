@@ -125,6 +125,8 @@ def built_at_open(factory: str) -> bool:
 
 # Largest score matrix (elements) the torch exact path materialises at once: 2**25 floats = 128 MiB.
 _SCORE_BLOCK_ELEMENTS = 1 << 25
+#: bytes of full rows the SVD<r> search gathers at once to rescore its candidates
+_GATHER_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------------------- threads
@@ -746,15 +748,24 @@ class SearchIndex:
                 _, cid = _torch_topk(q_red.contiguous().cpu().numpy(), reduced, cand)
         out_s, out_i = _empty_result(q.shape[0], topk)
         kk = min(topk, n)
+        # gathered full rows: up to 16 queries' candidates at once, within _GATHER_BYTES (one query's
+        # candidates in pieces beyond it)
+        per_row = rows.shape[1] * rows.element_size()
+        piece = max(1, _GATHER_BYTES // per_row)
+        group = max(1, min(16, _GATHER_BYTES // (per_row * cand)))
         with torch.inference_mode():
-            for q0 in range(0, q.shape[0], 16):                 # at most 16 x cand full rows at once
-                ids = torch.from_numpy(cid[q0:q0 + 16]).to(dev)
-                g = ids.shape[0]                                    # index_select: faster than rows[ids]
-                full = rows.index_select(0, ids.reshape(-1)).view(g, ids.shape[1], rows.shape[1])
-                s = torch.bmm(full, qt[q0:q0 + 16, :, None])[..., 0]         # [g, cand] exact
+            for q0 in range(0, q.shape[0], group):
+                ids = torch.from_numpy(cid[q0:q0 + group]).to(dev)
+                g, c = ids.shape
+                if g * c <= piece:                                  # index_select: faster than rows[ids]
+                    full = rows.index_select(0, ids.reshape(-1)).view(g, c, rows.shape[1])
+                    s = torch.bmm(full, qt[q0:q0 + g, :, None])[..., 0]       # [g, cand] exact
+                else:
+                    s = torch.cat([rows.index_select(0, ids[0, j:j + piece]) @ qt[q0]
+                                   for j in range(0, c, piece)])[None]
                 bs, pos = torch.topk(s, kk, dim=1)
-                out_s[q0:q0 + 16, :kk] = bs.cpu().numpy()
-                out_i[q0:q0 + 16, :kk] = torch.gather(ids, 1, pos).cpu().numpy()
+                out_s[q0:q0 + g, :kk] = bs.cpu().numpy()
+                out_i[q0:q0 + g, :kk] = torch.gather(ids, 1, pos).cpu().numpy()
         return out_s, out_i
 
     def _fit_fast_scan(self, train_size: int, seed: int) -> None:

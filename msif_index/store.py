@@ -703,9 +703,27 @@ class RowStore:
         self.dtype: str = attrs["dtype"]
         if self._rows.is_virtual:      # linked shards: read in pieces the size of the shards' chunks
             self.chunk_rows = _chunk_rows_for(self.n, self.k, np.dtype(self.dtype).itemsize, 1024)
+            self._hold_shards()
         else:
             self.chunk_rows = int(self._rows.chunks[0]) if self._rows.chunks else max(1, self.n)
         self._lock = threading.RLock()
+
+    def _hold_shards(self) -> None:
+        """Read one value of each shard through the handle kept for reading: HDF5 then holds the
+        shard files open, so a shard removed or replaced after this open (an in-place rebuild) cannot
+        turn rows read later into the virtual dataset's fill value (NaN)."""
+        if not (self.n and self.k):
+            return
+        for src in self._rows.virtual_sources():
+            first = int(src.vspace.get_select_bounds()[0][0])
+            try:
+                value = self._rows[first, 0]
+            except (OSError, RuntimeError) as e:
+                raise CorruptIndexError(f"{self.path} cannot read its rows in {src.file_name} ({first_line(e)}); "
+                                        f"{_REBUILD}") from None
+            if not np.isfinite(value):
+                raise CorruptIndexError(f"{self.path} reads no rows from {src.file_name} (removed or replaced "
+                                        f"meanwhile?); {_REBUILD}")
 
     # -- opening and validation
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from msif_index.build import build_index
 from msif_index.config import PRESETS, BuildConfig
 from msif_index.data import full_batch
 from msif_index.autodiff import per_example_grads
+from msif_index.errors import CorruptIndexError
 from msif_index.exact import _as_float64, exact_influence, finetune_side
 from msif_index.index import InfluenceIndex
 from tests.test_build import MixedTask
@@ -129,3 +131,69 @@ def test_proximal_operator_tends_to_frozen_as_alpha_grows(tmp_path, digits_froze
         diffs.append(np.linalg.norm(q - q_frozen) / np.linalg.norm(q_frozen))
     assert diffs[1] < diffs[0] / 20, diffs   # shrinks ~ 1/alpha
     assert diffs[1] < 1e-2, diffs
+
+
+def _tiny_attached(tmp_path):
+    from tests.test_build import TinyTask
+    task = TinyTask(n=48)
+    path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="ekfac"))
+    with InfluenceIndex.open(path, huge_pages=False) as index:
+        key = index.attach(task, progress_bar=False)
+        ref = index.scores(full_batch(task.test_dataset(), [0, 1]))
+    return task, path, path / "operators" / f"{key}.h5", ref
+
+
+def test_a_damaged_operator_file_is_refused_before_hdf5_parses_it(tmp_path):
+    """Every flipped byte of an operator file (sampled: every 3rd) is caught by its seal (sha256 in
+    the HDF5 user block) before HDF5 reads it: HDF5 can segfault or hang on damaged metadata. Only
+    the user block's unused padding may change."""
+    from msif_index.operator import _SEAL, USERBLOCK, FinetuneOperator
+    _, _, op_file, _ = _tiny_attached(tmp_path)
+    good = op_file.read_bytes()
+    ref = FinetuneOperator.load(op_file).b
+    padding = len(_SEAL) + 64 + 1
+    probe = tmp_path / "probe.h5"
+    for off in range(0, len(good), 3):
+        bad = bytearray(good)
+        bad[off] ^= 0xFF
+        probe.write_bytes(bytes(bad))
+        if padding <= off < USERBLOCK:
+            assert torch.equal(FinetuneOperator.load(probe).b, ref)
+        else:
+            with pytest.raises(CorruptIndexError, match="checksum does not match"):
+                FinetuneOperator.load(probe)
+
+
+def test_damaged_or_unsealed_operator_files_are_computed_again(tmp_path, capsys):
+    """attach recomputes (with a warning naming why) an operator file that is damaged or was written
+    without a seal (older msif), and the answers equal the original ones; msif info lists such a file
+    as damaged instead of parsing it."""
+    import h5py
+
+    from msif_index.cli.main import main
+    from msif_index.operator import USERBLOCK
+    task, path, op_file, ref = _tiny_attached(tmp_path)
+    data = bytearray(op_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    op_file.write_bytes(bytes(data))
+    main(["info", "--index", str(path)])
+    assert "damaged (the next attach of this model computes it again)" in capsys.readouterr().out
+    unsealed = tmp_path / "unsealed.h5"
+    for damage, why in (("flip", "unreadable: damaged"), ("unsealed", "written without a checksum")):
+        if damage == "unsealed":                        # the same file as an older msif wrote it
+            good = op_file.read_bytes()
+            with h5py.File(op_file, "r") as src, h5py.File(unsealed, "w") as dst:
+                for name in src:
+                    dst.create_dataset(name, data=src[name][()])
+                for k, v in src.attrs.items():
+                    dst.attrs[k] = v
+            op_file.write_bytes(unsealed.read_bytes())
+            assert good[:USERBLOCK] != op_file.read_bytes()[:USERBLOCK]
+        with InfluenceIndex.open(path, huge_pages=False) as index:
+            with pytest.warns(RuntimeWarning, match=f"does not fit this index \\({why}"):
+                index.attach(task, progress_bar=False)
+            np.testing.assert_allclose(index.scores(full_batch(task.test_dataset(), [0, 1])), ref, rtol=1e-10)
+        with InfluenceIndex.open(path, huge_pages=False) as index:     # sealed again: no warning
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                index.attach(task, progress_bar=False)

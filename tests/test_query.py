@@ -503,6 +503,15 @@ def test_svd_index_agrees_with_flat(tmp_path, tasks, default_index, batch, facto
         np.testing.assert_allclose(b.scores, np.take_along_axis(all_scores, b.ids, 1), rtol=1e-4, atol=1e-6)
         wide = svd.query(batch, k=10, direction=direction, exact_rerank=svd.n)       # every row rescored
         np.testing.assert_array_equal(np.sort(wide.ids, 1), np.sort(a.ids, 1))
+        # the float64 rerank of a faiss index reads its candidates' rows in blocks: 3 rows at a time
+        import msif_index.index as index_mod
+        old, index_mod.RERANK_BLOCK_BYTES = index_mod.RERANK_BLOCK_BYTES, 3 * 8 * flat.k
+        try:
+            blocked = flat.query(batch, k=10, direction=direction, exact_rerank=flat.n)
+        finally:
+            index_mod.RERANK_BLOCK_BYTES = old
+        np.testing.assert_array_equal(blocked.ids, a.ids)
+        np.testing.assert_allclose(blocked.scores, a.scores, rtol=1e-5, atol=1e-7)
     flat.close()
     svd.close()
 
@@ -667,3 +676,74 @@ def test_attach_of_a_model_without_the_shared_parameters_is_one_line(exact_index
             index.attach(tasks["frozen"], finetuned=other)
         assert "shared_parameters" in _one_line(e)
         assert index.attached == []
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_indexed_and_queried_in_float32(tmp_path, half):
+    """A float16 / bfloat16 model (and data) under compute_dtype "auto": build, attach and query
+    compute in float32, so the answers equal those of the model's float32 copy (same weights).
+    (bfloat16 rows once failed to convert to numpy in the build, and attach computed B in the
+    model's half precision even under compute_dtype float32.)"""
+    from torch.utils.data import TensorDataset
+
+    from tests.test_build import TinyTask
+
+    def task_in(dtype):
+        task = TinyTask(n=48)
+        for name in ("_pre", "_fin", "_test"):
+            x, *rest = getattr(task, name).tensors
+            setattr(task, name, TensorDataset(x.to(half).to(dtype), *rest))
+        task._pm = task._pm.to(half).to(dtype)
+        task._fm = task._fm.to(half).to(dtype)
+        return task
+
+    answers = []
+    for dtype in (half, torch.float32):
+        task = task_in(dtype)
+        path = build_index(task, tmp_path / str(dtype), BuildConfig(proj_dim=16, preconditioner="ekfac"))
+        with InfluenceIndex.open(path, huge_pages=False) as index:
+            key = index.attach(task, progress_bar=False)
+            assert index._attached[key].projector.dtype == torch.float32
+            res = index.query(full_batch(task.test_dataset(), [0, 1, 2]), k=5)
+        answers.append(res)
+    assert np.isfinite(answers[0].scores).all()
+    np.testing.assert_array_equal(answers[0].ids, answers[1].ids)
+    np.testing.assert_allclose(answers[0].scores, answers[1].scores, rtol=1e-5)
+
+
+def test_two_threads_attaching_one_model_compute_its_operator_once(tmp_path, monkeypatch):
+    """Concurrent attaches of the same finetuned model to one open index: both succeed and share one
+    operator, computed once (the second waited for the first; its save once collided with the
+    first's temporary file and failed with a raw RuntimeError)."""
+    import threading
+
+    import msif_index.index as index_mod
+    from tests.test_build import TinyTask
+
+    task = TinyTask(n=48)
+    path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="ekfac"))
+    real, calls = index_mod.compute_operator, []
+
+    def slow(*a, **kw):
+        calls.append(1)
+        time.sleep(0.3)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(index_mod, "compute_operator", slow)
+    errors, keys = [], []
+    with InfluenceIndex.open(path, huge_pages=False) as index:
+        def attach():
+            try:
+                keys.append(index.attach(task, progress_bar=False))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=attach) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and len(set(keys)) == 1 and len(calls) == 1, (errors, keys, calls)
+        res = index.query(full_batch(task.test_dataset(), [0, 1]), k=3)
+    assert np.isfinite(res.scores).all()
+    assert [p.name for p in (path / "operators").iterdir()] == [f"{keys[0]}.h5"]

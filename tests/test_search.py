@@ -605,6 +605,22 @@ def test_svd_two_stage_recall_and_exact_scores():
     assert recall_at_k(s, i, fi, 10) >= 0.95
 
 
+@pytest.mark.parametrize("budget_rows", [1, 7, 100])
+def test_svd_rescoring_within_a_memory_budget_gives_the_same_answer(monkeypatch, budget_rows):
+    """The second stage gathers at most _GATHER_BYTES of full rows at once (16 queries' candidates,
+    or one query's in pieces): a budget of 1, 7 or 100 rows gives exactly the default's answer, also
+    with every row a candidate and topk = n."""
+    x, q = _low_rank()
+    idx = SearchIndex.create(x.shape[1], "SVD16")
+    idx.train_and_add(lambda: _blocks(x, 1000), len(x))
+    want = [idx.search(q, 10), idx.search(q, 10, candidates=len(x)), idx.search(q[:3], len(x))]
+    monkeypatch.setattr(S, "_GATHER_BYTES", budget_rows * x.shape[1] * 4)
+    got = [idx.search(q, 10), idx.search(q, 10, candidates=len(x)), idx.search(q[:3], len(x))]
+    for (ws, wi), (gs, gi) in zip(want, got):       # the same sets; order may differ between near-ties
+        np.testing.assert_array_equal(np.sort(gi, 1), np.sort(wi, 1))
+        np.testing.assert_allclose(gs, ws, rtol=1e-5, atol=1e-6 * np.abs(ws).max())   # float32 sums
+
+
 def test_svd_basis_is_uncentered_principal_subspace():
     x, _ = _low_rank(n=2000, d=32, r=4)
     x = x + 5.0                                             # a large mean: centering would lose it

@@ -745,3 +745,24 @@ def test_fingerprint_changes_with_values_shapes_and_names():
     assert fingerprint_tensors({"x": torch.ones(2, dtype=torch.bfloat16)}) != fingerprint_tensors(
         {"x": torch.ones(2, dtype=torch.float16)}
     )
+
+
+def test_linked_rows_stay_readable_when_a_shard_is_removed_or_replaced_after_open(tmp_path):
+    """An open row store over shards holds every shard from the start: a shard removed or replaced
+    afterwards (an in-place rebuild) changes nothing it reads. Rows read lazily (HNSW / IVF indexes,
+    scores, exact rerank) once came back as the virtual dataset's fill value, NaN, without an error."""
+    from msif_index.store import link_shards
+    sw = ShardedWriter(tmp_path / "shards", 8, 3, shard_rows=4)
+    for i in range(2):
+        with sw.shard(i) as w:
+            w.write(4 * i, np.full((4, 3), float(i + 1)))
+    link_shards(sw, tmp_path / "rows.h5")
+    want = np.repeat([1.0, 2.0], 4)
+    with RowStore.open(tmp_path / "rows.h5") as s:
+        os.unlink(tmp_path / "shards" / "shard_00001.h5")
+        np.testing.assert_array_equal(s.read(0, 8)[:, 0], want)
+        np.testing.assert_array_equal(s.take([6, 5])[:, 0], [2.0, 2.0])
+        again = ShardedWriter(tmp_path / "shards", 8, 3, shard_rows=4)
+        with again.shard(1) as w:                   # another build's rows under the same name
+            w.write(4, np.full((4, 3), 9.0))
+        np.testing.assert_array_equal(s.read(0, 8)[:, 0], want)

@@ -736,15 +736,14 @@ class GradientProjector:
             # (the hooks' vector, its scale, the reference gradients, what a mismatch means)
             checks = [(ours.sum(0), ours.norm(dim=1).sum().item(), full,
                        "its weight also gets gradient from outside the module's forward (e.g. tied embeddings, "
-                       "F.linear(x, m.weight)); list it in dense_modules (the task's attribute, or "
-                       "GradientProjector's argument)")]
+                       "F.linear(x, m.weight)); list it in the task's dense_modules")]
             if own is not None:
                 checks.append((ours[0], ours[0].norm().item(), own,
                                "example 0's row differs from its own gradient, so the rows mix examples: the "
                                "module's input does not have the batch dimension first (e.g. [T, B, d] or a "
                                "position embedding called without one), or examples interact (batch norm in "
                                "training mode); pass batch-first inputs, put the model in eval mode, or list it "
-                               "in dense_modules"))
+                               "in the task's dense_modules"))
             for vec, norm, grads, meaning in checks:
                 self._kron_dense_rows(st, grads, ref[:, cols])
                 theirs = ref[0, cols]
