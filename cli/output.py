@@ -60,16 +60,27 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+#: keys of a dict item (Hugging Face style) that hold its label
+LABEL_KEYS = ("label", "labels")
+
+
 def label_value(dataset: Any, idx: int) -> int | float | str | None:
-    """The label of a dataset item shaped (input, label, ...) as a Python scalar (its second entry),
-    or None when there is none (or it is not one finite number or string)."""
+    """The label of a dataset item as a Python scalar: the second entry of an item shaped (input,
+    label, ...), or the "label" / "labels" entry of a dict item; None when there is none (or it is not
+    one finite number or string: a token sequence's labels are not shown)."""
     try:
         item = dataset[idx]
     except Exception:  # noqa: BLE001 - labels are decoration only
         return None
-    if not (isinstance(item, (tuple, list)) and len(item) >= 2):
+    if isinstance(item, dict):
+        key = next((k for k in LABEL_KEYS if k in item), None)
+        if key is None:
+            return None
+        y = item[key]
+    elif isinstance(item, (tuple, list)) and len(item) >= 2:
+        y = item[1]
+    else:
         return None
-    y = item[1]
     if hasattr(y, "numel") and not isinstance(y, np.generic):
         y = y.item() if y.numel() == 1 else None            # a tensor
     elif isinstance(y, np.ndarray):
@@ -84,7 +95,7 @@ def label_value(dataset: Any, idx: int) -> int | float | str | None:
 
 
 def label_of(dataset: Any, idx: int) -> str:
-    """The label of a dataset item shaped (input, label), or '' when there is none."""
+    """``label_value`` as text, or '' when there is none."""
     y = label_value(dataset, idx)
     return "" if y is None else str(y)
 

@@ -665,22 +665,8 @@ class RowWriter:
         """Store a small extra array (any numeric dtype, any shape) under ``name``, checksummed."""
         self._require_open()
         assert self._f is not None
-        if name in _RESERVED_DATASETS or not name or "/" in name:
-            raise ValueError(f"dataset name {name!r} is reserved or invalid")
-        arr = _to_numpy(array) if (torch is not None and isinstance(array, torch.Tensor)) else np.asarray(array)
-        if arr.dtype.kind not in "biufc":
-            raise TypeError(f"dataset {name!r} must be numeric, got dtype {arr.dtype}")
-        scalar = arr.ndim == 0
-        data = arr.reshape(1) if scalar else arr
-        maxshape = tuple(None if s == 0 else s for s in data.shape)
-        chunks = tuple(max(1, min(s, 1 << 16)) if s else 1 for s in data.shape)
         try:
-            ds = self._f.create_dataset(
-                name, shape=data.shape, maxshape=maxshape, dtype=data.dtype, chunks=chunks, fletcher32=True
-            )
-            if data.size:
-                ds[...] = data
-            ds.attrs["scalar"] = np.bool_(scalar)
+            _create_small_dataset(self._f, name, array)
         except (OSError, RuntimeError) as e:
             if is_disk_full(e):
                 raise disk_full_error(self.path) from e
@@ -1276,6 +1262,25 @@ class ShardedWriter:
         self._valid.clear()
 
 
+def _create_small_dataset(f: h5py.File, name: str, array: Any) -> None:
+    """A small extra array (any numeric dtype, any shape, scalars and empty arrays included) stored
+    under ``name`` in ``f``, checksummed; ``RowStore.dataset`` reads it back."""
+    if name in _RESERVED_DATASETS or not name or "/" in name:
+        raise ValueError(f"dataset name {name!r} is reserved or invalid")
+    arr = _to_numpy(array) if (torch is not None and isinstance(array, torch.Tensor)) else np.asarray(array)
+    if arr.dtype.kind not in "biufc":
+        raise TypeError(f"dataset {name!r} must be numeric, got dtype {arr.dtype}")
+    scalar = arr.ndim == 0
+    data = arr.reshape(1) if scalar else arr
+    maxshape = tuple(None if s == 0 else s for s in data.shape)
+    chunks = tuple(max(1, min(s, 1 << 16)) if s else 1 for s in data.shape)
+    ds = f.create_dataset(name, shape=data.shape, maxshape=maxshape, dtype=data.dtype, chunks=chunks,
+                          fletcher32=True)
+    if data.size:
+        ds[...] = data
+    ds.attrs["scalar"] = np.bool_(scalar)
+
+
 def link_shards(sharded: "ShardedWriter", path: Path | str, attrs: Mapping[str, Any] | None = None,
                 datasets: Mapping[str, Any] | None = None) -> None:
     """Write ``path`` atomically: a row store whose ``rows`` and ``written`` are HDF5 virtual datasets
@@ -1303,7 +1308,7 @@ def link_shards(sharded: "ShardedWriter", path: Path | str, attrs: Mapping[str, 
                 _write_attrs(f, {"schema_version": SCHEMA_VERSION, "n": sharded.n, "k": sharded.k,
                                  "dtype": sharded.dtype, **dict(attrs or {})})
                 for name, array in (datasets or {}).items():
-                    f.create_dataset(name, data=np.asarray(array), fletcher32=True)
+                    _create_small_dataset(f, name, array)
     except (OSError, RuntimeError) as e:
         if is_disk_full(e):
             raise disk_full_error(path) from e

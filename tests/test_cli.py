@@ -476,6 +476,10 @@ def test_json_output_is_strict_and_labels_are_scalars(capsys):
              (0, "cat"), (0, np.array([7])), (0, None), (0,), (0, 5, 99), "no tuple"]
     assert [label_value(items, i) for i in range(len(items))] == [3, None, 4, 2.5, None, "cat", 7, None, None,
                                                                   5, None]
+    # Hugging Face style dict items: a scalar "label" / "labels" entry; a token sequence's is not shown
+    items = [{"input_ids": torch.arange(4), "label": torch.tensor(1)}, {"x": 0, "labels": "neg"},
+             {"input_ids": torch.arange(4), "labels": torch.arange(4)}, {"input_ids": torch.arange(4)}]
+    assert [label_value(items, i) for i in range(len(items))] == [1, "neg", None, None]
 
 
 def test_id_ranges_are_checked_before_they_are_expanded():

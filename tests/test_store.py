@@ -766,3 +766,20 @@ def test_linked_rows_stay_readable_when_a_shard_is_removed_or_replaced_after_ope
         with again.shard(1) as w:                   # another build's rows under the same name
             w.write(4, np.full((4, 3), 9.0))
         np.testing.assert_array_equal(s.read(0, 8)[:, 0], want)
+
+
+def test_linked_store_takes_the_small_datasets_a_row_writer_takes(tmp_path):
+    """link_shards(datasets=...) stores extra arrays as RowWriter.add_dataset does: scalars and empty
+    arrays included (h5py refused a chunked scalar), read back by RowStore.dataset."""
+    from msif_index.store import link_shards
+    sw = ShardedWriter(tmp_path / "shards", 4, 3, shard_rows=4)
+    with sw.shard(0) as w:
+        w.write(0, np.ones((4, 3)))
+    extra = {"scalar": np.float64(3.0), "empty": np.zeros((0, 3)), "ids": torch.arange(5)}
+    link_shards(sw, tmp_path / "rows.h5", datasets=extra)
+    with RowStore.open(tmp_path / "rows.h5") as s:
+        assert s.dataset("scalar").shape == () and float(s.dataset("scalar")) == 3.0
+        assert s.dataset("empty").shape == (0, 3)
+        np.testing.assert_array_equal(s.dataset("ids"), np.arange(5))
+    with pytest.raises(ValueError, match="reserved"):
+        link_shards(sw, tmp_path / "bad.h5", datasets={"rows": np.zeros(2)})
