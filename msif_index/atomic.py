@@ -8,6 +8,7 @@ process left behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import errno
 import json
 import os
@@ -22,6 +23,7 @@ __all__ = [
     "check_free_space",
     "cleanup_stale_tmp",
     "disk_full_error",
+    "file_sha256",
     "drop_page_cache",
     "fsync_dir",
     "is_disk_full",
@@ -98,6 +100,16 @@ def check_free_space(folder: Path | str, what: str, nbytes: int) -> None:
         raise DiskFullError(f"not enough free space for {what}: {_size(nbytes)} needed, {_size(free)} free on the "
                             f"disk holding {folder}; free space and run the same command again (files already "
                             f"written were left intact; builds resume)")
+
+
+def file_sha256(path: Path | str, offset: int = 0) -> str:
+    """sha256 of a file's bytes from ``offset`` on (read in 16 MiB pieces)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for piece in iter(lambda: f.read(16 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
 
 
 def tmp_path_for(final: Path | str) -> Path:

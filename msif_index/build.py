@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -39,7 +38,8 @@ from torch import nn
 
 from . import __version__
 from .allocator import keep_freed_memory
-from .atomic import atomic_path, check_free_space, cleanup_stale_tmp, fsync_dir, read_json, write_json_atomic
+from .atomic import (atomic_path, check_free_space, cleanup_stale_tmp, file_sha256, fsync_dir, read_json,
+                     write_json_atomic)
 from .autodiff import FlatParams, batched_objective
 from .config import HESSIAN_DAMPING, BuildConfig
 from .data import batches, full_batch, move
@@ -67,15 +67,6 @@ FAISS_NAMES = (FAISS, "faiss.alt.index")
 OPERATORS = "operators"
 _OURS = {BUILD_FILE, MANIFEST, ROWS, SHARDS, PRECOND, *FAISS_NAMES, OPERATORS, "report.png", "README.md"}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (read in 16 MiB pieces)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(16 << 20), b""):
-            h.update(piece)
-    return h.hexdigest()
 
 
 def pretrained_fingerprints(task: MultiStageTask, model: nn.Module) -> dict[str, str]:

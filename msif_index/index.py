@@ -339,13 +339,12 @@ class InfluenceIndex:
             ident["cg_iters"] = CG_ITERS if cg_iters is None else int(cg_iters)
         key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()[:16]
         projector = self._w_projector(model, dtype)
-        op_path = self.path / OPERATORS / f"{key}.h5"
-        projection = _projection_fingerprint(self.manifest)
         with self._attach_guard:
             key_lock = self._attach_locks.setdefault(key, threading.Lock())
         with key_lock:
-            op = self._load_or_compute_operator(task, model, projector, key, op_path, projection, ident, params,
-                                                theta, batch_size, damping, cg_iters, progress_bar)
+            op = self._load_or_compute_operator(task, model, projector, key, ident, theta,
+                                                sum(params[n].numel() for n in theta), batch_size, damping,
+                                                cg_iters, progress_bar)
         query = _QueryPath.make(model, projector, theta, op, self._eigenbases(dtype), task.dense_modules)
         if self.huge_pages:
             _pack_on_huge_pages(model, query)
@@ -353,10 +352,12 @@ class InfluenceIndex:
         self._default = key
         return key
 
-    def _load_or_compute_operator(self, task, model, projector, key, op_path, projection, ident, params, theta,
-                                  batch_size, damping, cg_iters, progress_bar) -> FinetuneOperator:
+    def _load_or_compute_operator(self, task, model, projector, key, ident, theta, d_theta, batch_size, damping,
+                                  cg_iters, progress_bar) -> FinetuneOperator:
         """The operator of ``key``: the one this index already holds for it (another thread attached
         the same model), the cached file, or computed and cached (called under the key's lock)."""
+        op_path = self.path / OPERATORS / f"{key}.h5"
+        projection = _projection_fingerprint(self.manifest)
         held = self._attached.get(key)
         if held is not None and held.operator.projection == projection:
             return held.operator
@@ -366,11 +367,9 @@ class InfluenceIndex:
             # copied from another index under the same name, or a damaged one, is computed again
             try:
                 op = FinetuneOperator.load(op_path)
-                why = _operator_misfit(op, projection, projector.dim, sum(params[n].numel() for n in theta),
-                                       theta, task.finetuning)
+                why = _operator_misfit(op, projection, projector.dim, d_theta, theta, task.finetuning)
             except CorruptIndexError as e:
-                why = ("written without a checksum by an older msif" if getattr(e, "reason", "") == "no checksum"
-                       else "unreadable: damaged")
+                why = f"unreadable: {getattr(e, 'reason', 'damaged')}"
             if why:
                 warnings.warn(f"the finetune operator {op_path} does not fit this index ({why}); computing it "
                               f"again", RuntimeWarning, stacklevel=3)

@@ -52,8 +52,7 @@ def _operators(path: Path) -> list[dict[str, Any]]:
                              alpha=float(h.attrs["alpha"]) if finetuning == "proximal" else None,
                              h_tt=info.get("h_tt") if isinstance(info, dict) else None, b_shape=list(h["b"].shape))
         except CorruptIndexError as e:
-            entry["error"] = (("written without a checksum by an older msif" if getattr(e, "reason", "") == "no checksum"
-                               else "damaged") + " (the next attach of this model computes it again)")
+            entry["error"] = f"{getattr(e, 'reason', 'damaged')} (the next attach of this model computes it again)"
         except (OSError, KeyError, ValueError, TypeError, RuntimeError):
             entry["error"] = "unreadable (the next attach of this model computes it again)"
         out.append(entry)

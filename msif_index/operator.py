@@ -16,7 +16,6 @@ touches the finetuning data. With no projection (P = I) and dense Hessians both 
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from .atomic import atomic_path, check_free_space
+from .atomic import atomic_path, check_free_space, file_sha256
 from .autodiff import FlatParams, _LossCall, hvp
 from .data import batches, move
 from .errors import CorruptIndexError, NonFiniteError, forward_ad_errors
@@ -86,8 +85,8 @@ class FinetuneOperator:
 
     @classmethod
     def load(cls, path: Path) -> "FinetuneOperator":
-        """Read a saved operator; CorruptIndexError (its ``reason``: "damaged" or "no checksum") when
-        the file's sha256 does not match its seal, before HDF5 parses it."""
+        """Read a saved operator; CorruptIndexError (its ``reason``: DAMAGED or NO_SEAL) when the
+        file's sha256 does not match its seal, before HDF5 parses it."""
         import json
         verify_file(path)
         try:
@@ -105,20 +104,14 @@ class FinetuneOperator:
 #: bytes before the HDF5 superblock (an HDF5 user block) holding the operator file's seal
 USERBLOCK = 512
 _SEAL = b"msif-operator sha256="
-
-
-def _digest_after_userblock(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(USERBLOCK)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+#: why ``verify_file`` refused a file (its CorruptIndexError's ``reason``)
+DAMAGED = "damaged: its checksum does not match"
+NO_SEAL = "written without a checksum by an older msif"
 
 
 def seal_file(path: Path) -> None:
     """Write the sha256 of everything after the user block into the user block of a closed file."""
-    digest = _digest_after_userblock(path)
+    digest = file_sha256(path, USERBLOCK)
     with open(path, "r+b") as f:
         f.write((_SEAL + digest.encode() + b"\n").ljust(USERBLOCK, b"\0"))
 
@@ -130,16 +123,14 @@ def verify_file(path: Path) -> None:
         with open(path, "rb") as f:
             head = f.read(USERBLOCK)
         if not head.startswith(_SEAL):
-            reason = "no checksum" if head.startswith(b"\x89HDF") else "damaged"
+            reason = NO_SEAL if head.startswith(b"\x89HDF") else DAMAGED
         else:
             digest = head[len(_SEAL):len(_SEAL) + 64].decode("ascii", "replace")
-            reason = "" if digest == _digest_after_userblock(path) else "damaged"
+            reason = "" if digest == file_sha256(path, USERBLOCK) else DAMAGED
     except OSError:
-        reason = "damaged"
+        reason = DAMAGED
     if reason:
-        what = ("written without a checksum by an older msif" if reason == "no checksum"
-                else "damaged: its checksum does not match")
-        err = CorruptIndexError(f"finetune operator {path} is {what}; delete it and attach the finetuned model again")
+        err = CorruptIndexError(f"finetune operator {path} is {reason}; delete it and attach the finetuned model again")
         err.reason = reason  # type: ignore[attr-defined]
         raise err
 

@@ -241,7 +241,7 @@ class DenseInverse(Preconditioner):
 
 
 def negative_eigenvalues(evals: torch.Tensor, lam: float, noise: float = 1e-9) -> dict[str, float] | None:
-    """{count, of, min, largest, damping, mean, damping_needed} of the eigenvalues below -``lam`` (the
+    """{count, of, min, largest, damping, damping_needed} of the eigenvalues below -``lam`` (the
     absolute damping; at least ``noise`` x the largest magnitude, rounding), or None.
 
     Clamped to 0 and damped by ``lam``, such a direction gets the largest weight there is, 1 / lam,
@@ -253,7 +253,7 @@ def negative_eigenvalues(evals: torch.Tensor, lam: float, noise: float = 1e-9) -
     if top > 0 and bool(neg.any()):
         mean = float(evals.clamp_min(0.0).mean())
         return {"count": int(neg.sum()), "of": int(evals.numel()), "min": float(evals.min()), "largest": top,
-                "damping": lam, "mean": mean, "damping_needed": -float(evals.min()) / mean if mean > 0 else None}
+                "damping": lam, "damping_needed": -float(evals.min()) / mean if mean > 0 else None}
     return None
 
 

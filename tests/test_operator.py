@@ -177,9 +177,10 @@ def test_damaged_or_unsealed_operator_files_are_computed_again(tmp_path, capsys)
     data[len(data) // 2] ^= 0xFF
     op_file.write_bytes(bytes(data))
     main(["info", "--index", str(path)])
-    assert "damaged (the next attach of this model computes it again)" in capsys.readouterr().out
+    assert "damaged: its checksum does not match (the next attach of this model computes it again)" in \
+        capsys.readouterr().out
     unsealed = tmp_path / "unsealed.h5"
-    for damage, why in (("flip", "unreadable: damaged"), ("unsealed", "written without a checksum")):
+    for damage, why in (("flip", "unreadable: damaged"), ("unsealed", "unreadable: written without a checksum")):
         if damage == "unsealed":                        # the same file as an older msif wrote it
             good = op_file.read_bytes()
             with h5py.File(op_file, "r") as src, h5py.File(unsealed, "w") as dst:
