@@ -173,7 +173,9 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name!r}: this torch sees no CUDA device; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        count = torch.cuda.device_count()
+        raise ConfigError(f"--device {name!r}: this machine has {count} CUDA device(s) "
+                          f"(cuda:0{'' if count == 1 else f' .. cuda:{count - 1}'}); use one of those or --device cpu")
     if device.type not in ("cpu", "cuda"):
         try:
             torch.empty(1, device=device)

@@ -43,6 +43,26 @@ def test_search_on_cuda_equals_cpu(factory):
         np.testing.assert_allclose(gs, cs, rtol=1e-4, atol=1e-4)
 
 
+def test_fast_scan_factory_on_cuda_searches_as_its_svd_stage_and_one_query_equals_the_batch():
+    """On CUDA "SVD<r>,PQ<M>fs" skips its CPU fast-scan stage (documented): it answers as "SVD<r>";
+    a query alone and in a batch get the same ids and scores within float32 rounding (the GPU
+    matmul's reduction order depends on the batch shape, so not bit for bit as on CPU)."""
+    x, q = _rows()
+    fs = SearchIndex.create(x.shape[1], "SVD8,PQ4fs", device="auto")
+    fs.train_and_add(lambda: [x], len(x), seed=3)
+    svd = SearchIndex.create(x.shape[1], "SVD8", device="auto")
+    svd.train_and_add(lambda: [x], len(x), seed=3)
+    assert fs.on_gpu and svd.on_gpu
+    fs_s, fs_i = fs.search(q, 10, candidates=40)
+    sv_s, sv_i = svd.search(q, 10, candidates=40)
+    np.testing.assert_array_equal(fs_i, sv_i)
+    np.testing.assert_allclose(fs_s, sv_s, rtol=1e-6)
+    for j in range(len(q)):
+        s, i = fs.search(q[j:j + 1], 10, candidates=40)
+        np.testing.assert_array_equal(i[0], fs_i[j])
+        np.testing.assert_allclose(s[0], fs_s[j], rtol=1e-5, atol=1e-5)
+
+
 def test_build_on_cuda_equals_cpu_build(tmp_path, digits_frozen):
     cfg = BuildConfig(proj_dim=256)
     cpu = build_index(digits_frozen, tmp_path / "cpu", cfg)

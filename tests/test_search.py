@@ -701,7 +701,7 @@ def test_svd_fast_scan_stage_recall_exact_scores_and_determinism():
     es, ei = _brute(q, x, 10)
     answers = []
     for _ in range(2):
-        idx = SearchIndex.create(x.shape[1], "SVD16,PQ8fs")
+        idx = SearchIndex.create(x.shape[1], "SVD16,PQ8fs", device="cpu")  # on CUDA it searches as SVD16
         idx.train_and_add(lambda: _blocks(x, 1000), len(x), seed=4)
         assert idx.two_stage and idx.factory == "SVD16,PQ8fs" and idx._fast_scan is not None
         s, i = idx.search(q, 10)
@@ -714,7 +714,7 @@ def test_svd_fast_scan_stage_recall_exact_scores_and_determinism():
     _, i_all = idx.search(q, 10, candidates=len(x))
     assert recall_at_k(es, ei, i_all, 10) == 1.0
     # the first stage matters: with few candidates it is an approximation of the plain SVD stage
-    plain = SearchIndex.create(x.shape[1], "SVD16")
+    plain = SearchIndex.create(x.shape[1], "SVD16", device="cpu")
     plain.train_and_add(lambda: _blocks(x, 1000), len(x), seed=4)
     _, i_few = idx.search(q, 10, candidates=10)
     _, p_few = plain.search(q, 10, candidates=10)
@@ -749,7 +749,7 @@ def test_svd_fast_scan_one_query_at_a_time_equals_the_batch():
     """A query alone (its candidates split over threads) and the same query in a batch (one query
     per thread) get the same ids and scores, bit for bit."""
     x, q = _low_rank()
-    idx = SearchIndex.create(x.shape[1], "SVD16,PQ8fs")
+    idx = SearchIndex.create(x.shape[1], "SVD16,PQ8fs", device="cpu")  # the CPU fast-scan path
     idx.train_and_add(lambda: _blocks(x, 1000), len(x), seed=4)
     bs, bi = idx.search(q, 10, candidates=70)
     for j in range(len(q)):
