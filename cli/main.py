@@ -45,6 +45,10 @@ def _preset_help(name: str) -> str:
 
 @app.command("check-task")
 def check_task(task: str = typer.Option(..., help=TASK_HELP),
+               stationarity: bool = typer.Option(
+                   False, "--stationarity",
+                   help="Also measure how far the pretrained and finetuned models are from the optima the "
+                        "influence formulas assume: one pass over each dataset (about a training epoch)."),
                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")) -> None:
     """Load and validate a task; print its parameter split (W, U, theta), dataset sizes, and which
     path its per-example gradients take (computed on 4 pretraining examples, as a build would)."""
@@ -52,6 +56,10 @@ def check_task(task: str = typer.Option(..., help=TASK_HELP),
     from msif_index.task import load_task, split_parameters
     t = load_task(task)
     grads = probe_gradients(t)
+    optima = None
+    if stationarity:
+        from msif_index.stationarity import stationarity as measure
+        optima = measure(t, progress_bar=None if not as_json else False)
     pre, fin = t.pretrained_model(), t.finetuned_model()
     w, u = split_parameters(t, pre)
     _, theta = split_parameters(t, fin)
@@ -65,6 +73,8 @@ def check_task(task: str = typer.Option(..., help=TASK_HELP),
         "dim_theta": sum(fparams[n].numel() for n in theta),
         "W": w, "U": u, "theta": theta, "gradients": grads,
     }
+    if optima is not None:
+        info["stationarity"] = optima
     if as_json:
         print_json(info)
         return
@@ -80,6 +90,26 @@ def check_task(task: str = typer.Option(..., help=TASK_HELP),
     if grads["dense_batched"] is False:
         from msif_index.autodiff import VMAP_LOOP_HINT
         typer.echo(f"  the dense path runs one example at a time (vmap cannot batch it), slower: {VMAP_LOOP_HINT}")
+    if optima is not None:
+        _echo_stationarity(optima, t.finetuning)
+
+
+def _echo_stationarity(optima: dict, finetuning: str) -> None:
+    """check-task --stationarity's lines: each stage's relative gradient, and a warning above the bar."""
+    from msif_index.stationarity import RELATIVE_WARN
+    sampled = optima["pretraining"]["sampled"]
+    typer.echo(f"  stationarity: |gradient of the objective| / RMS |gradient of one example| ({sampled} sampled; "
+               f"at an optimum: <= {RELATIVE_WARN:g})")
+    params = {"pretraining": "W, U", "finetuning": "theta" if finetuning == "frozen" else "W, theta"}
+    for stage, r in optima.items():
+        verdict = "at an optimum" if r["at_optimum"] else "NOT at an optimum"
+        typer.echo(f"    {stage:<11} ({params[stage]}, {r['examples']} examples): {r['relative']:.1e}  "
+                   f"(|grad| {r['grad_norm']:.1e}, one example's {r['example_grad_rms']:.1e})  {verdict}")
+    for stage, r in optima.items():
+        if not r["at_optimum"]:
+            typer.echo(f"  warning: the {stage} model is not at a minimum of its objective ({r['relative']:.1e} above "
+                       f"{RELATIVE_WARN:g}): influence assumes one, so the index ranks less reliably; train that "
+                       f"stage longer, or measure with `msif evaluate`", err=True)
 
 
 @app.command("exact")

@@ -1,0 +1,159 @@
+"""msif_index.stationarity: how far a task's models are from the optima the influence formulas assume.
+
+- converged models (the digits task, both finetuning styles) read ~1e-10 or less, weight decay and the
+  proximal term included (without them the gradients at these optima are ~1e-3 of an example's);
+- the gradient norm and the per-example RMS equal a brute-force float64 computation over the whole
+  dataset (one batch) and the same seeded sample;
+- a perturbed stage is flagged, the other is not;
+- ``msif check-task --stationarity`` prints and returns it (JSON), with a warning line for a stage
+  off its optimum.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import msif_index
+from msif_index.data import full_batch
+from msif_index.stationarity import RELATIVE_WARN, stationarity
+
+
+def test_converged_tasks_are_at_their_optima(digits_frozen, digits_proximal):
+    for task in (digits_frozen, digits_proximal):
+        r = stationarity(task, progress_bar=False)
+        w = list(task.shared_parameters)
+        u = [n for n in r["pretraining"]["params"] if n not in w]
+        assert r["pretraining"]["params"] == w + u and u
+        theta = [n for n in r["finetuning"]["params"] if n not in w]
+        assert r["finetuning"]["params"] == (theta if task.finetuning == "frozen" else w + theta)
+        for stage in ("pretraining", "finetuning"):
+            assert r[stage]["relative"] < 1e-8, (task.finetuning, stage, r[stage])
+            assert r[stage]["at_optimum"] and r[stage]["example_grad_rms"] > 0.05
+            assert r[stage]["sampled"] == min(64, r[stage]["examples"])
+
+
+class _Net(nn.Module):
+    def __init__(self, classes: int):
+        super().__init__()
+        self.embed = nn.Linear(4, 3)
+        self.head = nn.Linear(3, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)))
+
+
+class _Untrained(msif_index.MultiStageTask):
+    shared_parameters = ("embed.weight", "embed.bias")
+    finetuning = "proximal"
+    alpha = 0.7
+    pretrain_weight_decay = 0.05
+    finetune_weight_decay = 0.2
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(3)
+        torch.manual_seed(3)
+        self.pre, self.fin = _Net(3).double(), _Net(2).double()
+        with torch.no_grad():           # W_hat near, not at, W*: the proximal term contributes
+            self.fin.embed.weight.copy_(self.pre.embed.weight + 0.1)
+            self.fin.embed.bias.copy_(self.pre.embed.bias)
+        self.data = [TensorDataset(torch.randn(m, 4, generator=g, dtype=torch.float64),
+                                   torch.randint(0, c, (m,), generator=g)) for m, c in ((23, 3), (11, 2), (4, 2))]
+
+    def pretrained_model(self): return self.pre
+    def finetuned_model(self): return self.fin
+    def pretrain_dataset(self): return self.data[0]
+    def finetune_dataset(self): return self.data[1]
+    def test_dataset(self): return self.data[2]
+    def pretrain_loss(self, model, batch): return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+    def finetune_loss(self, model, batch): return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def _brute(task, model, names, loss_fn, data, reg, ids):
+    params = dict(model.named_parameters())
+    plist = [params[n] for n in names]
+    objective = loss_fn(model, full_batch(data)).mean() + reg(params)
+    grad_norm = math.sqrt(sum(float((g ** 2).sum()) for g in torch.autograd.grad(objective, plist)))
+    squares = [sum(float((g ** 2).sum()) for g in torch.autograd.grad(loss_fn(model, full_batch(data, [i])).sum(), plist))
+               for i in ids]
+    return grad_norm, math.sqrt(sum(squares) / len(squares))
+
+
+@pytest.mark.parametrize("finetuning", ["proximal", "frozen"])
+def test_gradient_and_example_rms_equal_brute_force(finetuning):
+    task = _Untrained()
+    task.finetuning = finetuning
+    r = stationarity(task, batch_size=5, sample=7, seed=11, progress_bar=False)
+    w, u, theta = ["embed.weight", "embed.bias"], ["head.weight", "head.bias"], ["head.weight", "head.bias"]
+    fin_names = theta if finetuning == "frozen" else w + theta
+    star = {n: p.detach().clone() for n, p in task.pre.named_parameters()}
+
+    def pre_reg(p):
+        return 0.5 * task.pretrain_weight_decay * sum((p[n] ** 2).sum() for n in w + u)
+
+    def fin_reg(p):
+        out = 0.5 * task.finetune_weight_decay * sum((p[n] ** 2).sum() for n in theta)
+        if finetuning == "proximal":
+            out = out + 0.5 * task.alpha * sum(((p[n] - star[n]) ** 2).sum() for n in w)
+        return out
+
+    for stage, model, names, loss_fn, data, reg in (
+            ("pretraining", task.pre, w + u, task.pretrain_loss, task.data[0], pre_reg),
+            ("finetuning", task.fin, fin_names, task.finetune_loss, task.data[1], fin_reg)):
+        n = len(data)
+        ids = torch.randperm(n, generator=torch.Generator().manual_seed(11))[:7].tolist()
+        grad_norm, rms = _brute(task, model, names, loss_fn, data, reg, ids)
+        got = r[stage]
+        assert got["params"] == names and got["examples"] == n and got["sampled"] == 7
+        assert got["grad_norm"] == pytest.approx(grad_norm, rel=1e-10)
+        assert got["example_grad_rms"] == pytest.approx(rms, rel=1e-10)
+        assert got["relative"] == pytest.approx(grad_norm / rms, rel=1e-10)
+        assert got["relative"] > RELATIVE_WARN and not got["at_optimum"]       # untrained
+    # the parameters' requires_grad flags are left as they were
+    assert all(p.requires_grad for p in task.pre.parameters())
+
+
+def test_a_stage_moved_off_its_optimum_is_flagged(digits_frozen):
+    moved = copy.copy(digits_frozen)
+    pre = copy.deepcopy(digits_frozen.pretrained_model())
+    with torch.no_grad():
+        pre.embed.weight.add_(1e-2 * torch.randn(pre.embed.weight.shape, generator=torch.Generator().manual_seed(0),
+                                                  dtype=pre.embed.weight.dtype))
+    moved.pretrained_model = lambda: pre
+    r = stationarity(moved, progress_bar=False)
+    assert not r["pretraining"]["at_optimum"] and r["pretraining"]["relative"] > RELATIVE_WARN
+    assert r["finetuning"]["at_optimum"]                 # the finetuned model is untouched
+
+    moved = copy.copy(digits_frozen)
+    fin = copy.deepcopy(digits_frozen.finetuned_model())
+    with torch.no_grad():
+        fin.head.bias[0] += 0.1          # (shifting both logits alike would change nothing)
+    moved.finetuned_model = lambda: fin
+    r = stationarity(moved, progress_bar=False)
+    assert r["pretraining"]["at_optimum"]
+    assert not r["finetuning"]["at_optimum"] and r["finetuning"]["relative"] > RELATIVE_WARN
+
+
+def test_check_task_stationarity_text_and_json(tmp_path, capsys):
+    from msif_index.cli.main import main
+    path = tmp_path / "untrained_task.py"
+    path.write_text("import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\nimport msif_index\n\n"
+                    + inspect.getsource(_Net) + "\n" + inspect.getsource(_Untrained) + "\ntask = _Untrained()\n")
+    main(["check-task", "--task", f"{path}:task", "--stationarity"])
+    captured = capsys.readouterr()
+    assert "stationarity: |gradient of the objective| / RMS |gradient of one example|" in captured.out
+    assert "pretraining (W, U, 23 examples)" in captured.out and "NOT at an optimum" in captured.out
+    assert "finetuning  (W, theta, 11 examples)" in captured.out
+    assert "warning: the pretraining model is not at a minimum of its objective" in captured.err
+    main(["check-task", "--task", f"{path}:task", "--stationarity", "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["stationarity"]) == {"pretraining", "finetuning"}
+    assert info["stationarity"]["finetuning"]["params"] == ["embed.weight", "embed.bias", "head.weight", "head.bias"]
+    main(["check-task", "--task", f"{path}:task", "--json"])          # not asked: not measured
+    assert "stationarity" not in json.loads(capsys.readouterr().out)
