@@ -457,15 +457,23 @@ def _task_error_line(e: BaseException) -> Optional[str]:
             f"for the full traceback")
 
 
-def _usage_exceptions() -> tuple[type, type, type]:
-    """(ClickException, Exit, Abort): from click, or from typer where it vendors click (typer >= 0.2x
-    no longer installs click)."""
-    try:
-        from click.exceptions import Abort, ClickException, Exit
-    except ImportError:
-        from typer import Abort, Exit
-        from typer._click.exceptions import ClickException
-    return ClickException, Exit, Abort
+def _usage_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Exit, Abort) classes, each a tuple: typer's own (typer >= 0.2x vendors click
+    as typer._click and raises its classes, even where a separate click is installed too) and
+    click's, where click is importable (older typer raises those)."""
+    import importlib
+
+    found: dict[str, list[type]] = {"ClickException": [], "Exit": [typer.Exit], "Abort": [typer.Abort]}
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for kind, classes in found.items():
+            cls = getattr(module, kind, None)
+            if isinstance(cls, type) and cls not in classes:
+                classes.append(cls)
+    return tuple(found["ClickException"]), tuple(found["Exit"]), tuple(found["Abort"])
 
 
 if __name__ == "__main__":

@@ -244,6 +244,24 @@ def test_usage_errors_exit_2_without_traceback(args, expected):
     assert expected in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_usage_errors_exit_2_where_another_click_is_installed(monkeypatch, capsys):
+    """typer >= 0.2x raises its vendored click's exceptions even where a separate click package is
+    importable (the H200 machine: typer 0.27 beside click 8): those must be caught as well. A stand-in
+    `click` whose exception classes typer never raises plays that package here."""
+    import types
+
+    fake = types.ModuleType("click")
+    fake.exceptions = types.ModuleType("click.exceptions")
+    for name in ("ClickException", "Exit", "Abort"):
+        setattr(fake.exceptions, name, type(name, (Exception,), {}))
+    monkeypatch.setitem(sys.modules, "click", fake)
+    monkeypatch.setitem(sys.modules, "click.exceptions", fake.exceptions)
+    with pytest.raises(SystemExit) as e:
+        main(["no-such-command"])
+    assert e.value.code == 2
+    assert "No such command" in capsys.readouterr().err
+
+
 def test_query_nprobe_reaches_the_ivf_index(tmp_path, tiny):
     """--nprobe is passed to an IVF index (all lists visited: the exact top-k), and refused by
     others with one line."""
