@@ -59,7 +59,7 @@ def check_task(task: str = typer.Option(..., help=TASK_HELP),
     optima = None
     if stationarity:
         from msif_index.stationarity import stationarity as measure
-        optima = measure(t, progress_bar=None if not as_json else False)
+        optima = measure(t, progress_bar=False if as_json else None)
     pre, fin = t.pretrained_model(), t.finetuned_model()
     w, u = split_parameters(t, pre)
     _, theta = split_parameters(t, fin)

@@ -12,7 +12,8 @@ proximal finetuning the proximal term alpha/2 ||W - W*||^2) against the typical 
 (root mean square over a seeded sample), over the parameters that stage trains: (W, U) of the
 pretrained model; theta (frozen) or (W, theta) (proximal) of the finetuned one. At an optimum the
 numerator vanishes while the per-example gradients do not. Models trained to convergence give
-~1e-8 or less; an untrained model ~0.1-1. ``RELATIVE_WARN`` is a heuristic bar, not a guarantee.
+~1e-8 or less; an untrained one ~1e-2 or more, though with noisy labels the examples' gradients
+cancel in the mean, down to about 1/sqrt(n). ``RELATIVE_WARN`` is a heuristic bar, not a guarantee.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import torch
 from torch import nn
 
 from .data import batches, full_batch, move
-from .progress import progress
 from .errors import TaskError
+from .progress import progress
 from .task import MultiStageTask, eval_mode, split_parameters
 
 #: above this relative gradient a stage is reported as not at an optimum
