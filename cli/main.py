@@ -109,7 +109,8 @@ def _echo_stationarity(optima: dict, finetuning: str) -> None:
         if not r["at_optimum"]:
             typer.echo(f"  warning: the {stage} model is not at a minimum of its objective ({r['relative']:.1e} above "
                        f"{RELATIVE_WARN:g}): influence assumes one, so the index ranks less reliably; train that "
-                       f"stage longer, or measure with `msif evaluate`", err=True)
+                       f"stage longer, in eval mode (msif evaluates the models so: batch norm statistics and "
+                       f"dropout change the objective), or measure with `msif evaluate`", err=True)
 
 
 @app.command("exact")

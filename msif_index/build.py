@@ -70,11 +70,14 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def pretrained_fingerprints(task: MultiStageTask, model: nn.Module) -> dict[str, str]:
-    """sha256 of the pretrained W and of U (names, shapes, dtypes, values)."""
+    """sha256 of the pretrained W, of U and of the model's floating-point buffers (batch norm running
+    statistics, ...: what the model computes depends on them too) (names, shapes, dtypes, values)."""
     params = dict(model.named_parameters())
     w, u = split_parameters(task, model)
+    buffers = {n: b for n, b in model.named_buffers() if b is not None and b.is_floating_point()}
     return {"W": fingerprint_tensors({n: params[n] for n in w}),
-            "U": fingerprint_tensors({n: params[n] for n in u})}
+            "U": fingerprint_tensors({n: params[n] for n in u}),
+            "buffers": fingerprint_tensors(buffers)}
 
 
 #: pretraining examples whose loss values a build records (``pretrain_loss_probe``)
@@ -139,8 +142,8 @@ def _warn_if_loss_changed(out: Path, identity: dict, probe: list[float | None] |
             change = loss_probe_change(recorded, probe)
             if change:
                 warnings.warn(f"the task's pretrain_loss gives other values than when {out} was built ({change}); "
-                              f"its rows are the old loss's: if the loss changed on purpose, rebuild with "
-                              f"--overwrite", RuntimeWarning, stacklevel=4)    # build_index's caller
+                              f"its rows are the old loss's (or the first pretraining examples changed): if that was on "
+                              f"purpose, rebuild with --overwrite", RuntimeWarning, stacklevel=4)    # build_index's caller
             return
 
 
@@ -401,13 +404,14 @@ def _damage(e: CorruptIndexError) -> str:
 
 
 def _diff(old: dict, new: dict) -> str:
-    old, new = _identity_part(old, False), _identity_part(new, False)     # the factory is no difference
+    old, new = _identity_part(old, old), _identity_part(new, old)     # the factory is no difference
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if "config" in keys:
         oc, nc = old.get("config", {}), new.get("config", {})
         keys = [f"config.{k}: {oc.get(k)!r} -> {nc.get(k)!r}" for k in sorted(set(oc) | set(nc))
                 if oc.get(k) != nc.get(k)] + [k for k in keys if k != "config"]
-    names = {"data": "pretraining data (fingerprint of sampled examples)", "fingerprints": "pretrained W / U"}
+    names = {"data": "pretraining data (fingerprint of sampled examples)",
+             "fingerprints": "pretrained W / U / buffers", "pretrain_weight_decay": "the task's pretrain_weight_decay"}
     return "; ".join(names.get(k, k) for k in keys[:3]) or "unknown difference"
 
 
@@ -744,20 +748,31 @@ def _data_fingerprint(task: MultiStageTask) -> str | None:
     return fp
 
 
-def _identity_part(identity: dict, drop_data: bool) -> dict:
+#: identity keys (top level, and in "fingerprints") that older versions did not record: a build or
+#: index without them is compared without them (its rows may be the same)
+_LATER_KEYS = ("data", "pretrain_weight_decay")
+_LATER_FINGERPRINTS = ("buffers",)
+
+
+def _identity_part(identity: dict, previous: dict) -> dict:
     """An identity without what older versions recorded and this one does not (config.factory), and
-    without the data fingerprint when ``drop_data``."""
-    d = {k: v for k, v in identity.items() if not (drop_data and k == "data")}
+    without what this one records and ``previous`` (an older version's) does not."""
+    d = {k: v for k, v in identity.items() if not (k in _LATER_KEYS and k not in previous)}
     if isinstance(d.get("config"), dict):
         d["config"] = {k: v for k, v in d["config"].items() if k != "factory"}
+    old_fps = previous.get("fingerprints")
+    if isinstance(d.get("fingerprints"), dict) and isinstance(old_fps, dict):
+        d["fingerprints"] = {k: v for k, v in d["fingerprints"].items()
+                             if not (k in _LATER_FINGERPRINTS and k not in old_fps)}
     return d
 
 
 def _adopt_older_identity(out: Path, identity: dict) -> dict:
     """The identity ``out`` records when it names the same rows as ``identity`` in an older form, so
     that build or index is reused or resumed as before (its rows are the same) instead of refused
-    as another build: from before the data were fingerprinted (no "data"), or before the search
-    factory left the identity (config.factory). Else ``identity``."""
+    as another build: from before the data, the buffers or the weight decay were recorded (no "data",
+    "fingerprints.buffers", "pretrain_weight_decay"), or before the search factory left the identity
+    (config.factory). Else ``identity``."""
     for name in (MANIFEST, BUILD_FILE):
         if (out / name).is_file():
             try:
@@ -765,8 +780,7 @@ def _adopt_older_identity(out: Path, identity: dict) -> dict:
             except (CorruptIndexError, AttributeError):
                 return identity                       # _check_out_dir reports it
             if isinstance(previous, dict):
-                drop = "data" not in previous
-                if _identity_part(previous, drop) == _identity_part(identity, drop):
+                if _identity_part(previous, previous) == _identity_part(identity, previous):
                     return previous
             return identity
     return identity
@@ -857,7 +871,9 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     # the pretraining data too (its length and a fixed sample of examples): a build is not resumed,
     # reused or queried with other data under the same ids
     identity = {"config": config.identity_fields(), "fingerprints": fps, "n": n,
-                "data": _data_fingerprint(task)}
+                "data": _data_fingerprint(task),
+                # part of G (H_G's + wd I): the rows of every preconditioner but identity depend on it
+                "pretrain_weight_decay": float(task.pretrain_weight_decay)}
     # everything that can be checked without writing is checked before the folder is touched (so a
     # bad --device or --factory with --overwrite leaves the existing index as it was)
     prep = prepare(task, config)

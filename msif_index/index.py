@@ -39,7 +39,8 @@ from .operator import KRONECKER_DAMPING, FinetuneOperator, compute_operator
 from .preconditioners import read_state, rotate_blocks, stored_eigenbases
 from .search import SearchIndex, built_at_open
 from .store import RowStore
-from .task import MultiStageTask, has_finetune_fisher_losses, split_parameters, validate_task
+from .task import (MultiStageTask, frozen_buffer_problem, has_finetune_fisher_losses, split_parameters,
+                   validate_task)
 
 DIRECTIONS = ("helpful", "harmful")
 
@@ -214,11 +215,18 @@ class InfluenceIndex:
         a fixed sample of examples, ``fingerprint_dataset``), are the ones the index was built from."""
         fps = pretrained_fingerprints(task, task.pretrained_model())
         want = self.manifest["fingerprints"]
-        for part in ("W", "U"):
-            if fps[part] != want[part]:
+        for part in ("W", "U", "buffers"):
+            if part in want and fps[part] != want[part]:     # (buffers: absent in indexes built before them)
+                what = part if part != "buffers" else "model's buffers (batch norm running statistics, ...)"
                 raise IndexMismatchError(
-                    f"the task's pretrained {part} ({short(fps[part])}) is not the one this index was built "
+                    f"the task's pretrained {what} ({short(fps[part])}) is not the one this index was built "
                     f"from ({short(want[part])}); use the matching pretrained model or rebuild the index")
+        wd = self.manifest["identity"].get("pretrain_weight_decay")      # absent in indexes built before it
+        if wd is not None and float(task.pretrain_weight_decay) != wd:
+            raise IndexMismatchError(
+                f"the task's pretrain_weight_decay is {task.pretrain_weight_decay:g} but this index was built with "
+                f"{wd:g} (part of the pretraining objective, so of its Hessian and the stored rows); use the "
+                f"weight decay it was built with or rebuild the index")
         if len(task.pretrain_dataset()) != self.n:
             raise IndexMismatchError(f"the task has {len(task.pretrain_dataset())} pretraining examples, "
                                      f"the index {self.n}; rebuild the index for this dataset")
@@ -235,7 +243,8 @@ class InfluenceIndex:
                                    pretrain_loss_probe(task, task.pretrained_model()))
         if change:
             warnings.warn(f"the task's pretrain_loss gives other values than when {self.path} was built ({change}); "
-                          f"the index's rows are the old loss's: if the loss changed on purpose, rebuild the index",
+                          f"the index's rows are the old loss's (or the first pretraining examples changed): if "
+                          f"that was on purpose, rebuild the index",
                           RuntimeWarning, stacklevel=3)
 
     def _w_blocks(self) -> list[Block]:
@@ -318,6 +327,9 @@ class InfluenceIndex:
                 raise IndexMismatchError("finetuning is 'frozen' but the finetuned model's W differs from the "
                                          "pretrained W*; set finetuning = 'proximal' (with alpha) or use the "
                                          "frozen finetuned model")
+            problem = frozen_buffer_problem(task, task.pretrained_model(), source)
+            if problem:
+                raise IndexMismatchError(f"finetuning is 'frozen' but {problem}")
         dtype = resolve_compute_dtype(self.manifest["config"].get("compute_dtype", "auto"), source)
         # the finetune side (attach, query vectors) runs on a CPU copy of the model, whatever device
         # the task's model is on; the search index uses the GPU when there is one

@@ -211,6 +211,8 @@ def _check_loss(name: str, fn, model: nn.Module, batch: Any, expected: int) -> N
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TaskError(f"{name} must return one loss per example (shape [{expected}]), got {shape}; "
                         f"do not reduce with .mean() or .sum()")
+    if not out.is_floating_point():
+        raise TaskError(f"{name} must return floating-point losses (differentiable), got {_dtype(out)}")
     if not torch.isfinite(out).all():
         raise TaskError(f"{name} returned non-finite values on the first {expected} examples")
 
@@ -251,11 +253,18 @@ def validate_task(task: MultiStageTask) -> None:
         if task.finetuning == "frozen":
             a = pp[name].detach().cpu()
             b = fp[name].detach().cpu().to(a.dtype)
+            if not torch.equal(a, b) and pp[name].dtype != fp[name].dtype:
+                raise TaskError(f"finetuning is 'frozen' but shared parameter {name!r} is {_dtype(pp[name])} in "
+                                f"pretrained_model() and {_dtype(fp[name])} in finetuned_model(), with other values; "
+                                f"give both models one dtype (the finetuned model must hold the pretrained W itself)")
             if not torch.equal(a, b):
                 diff = float((a.double() - b.double()).abs().max())
                 raise TaskError(f"finetuning is 'frozen' but shared parameter {name!r} differs between "
                                 f"pretrained_model() and finetuned_model() (max |difference| {diff:.3g}); give "
                                 f"the finetuned model the pretrained W, or set finetuning = 'proximal' (with alpha)")
+    problem = frozen_buffer_problem(task, pre, fin) if task.finetuning == "frozen" else None
+    if problem:
+        raise TaskError(f"finetuning is 'frozen' but {problem}")
     if not split_parameters(task, fin)[1]:
         raise TaskError("finetuned_model() has no trainable parameters besides the shared ones (theta is empty)")
     if not isinstance(task.dense_modules, (list, tuple)) or not all(isinstance(m, str) for m in task.dense_modules):
@@ -279,6 +288,42 @@ def validate_task(task: MultiStageTask) -> None:
                 min(b, len(task.finetune_dataset())))
     _check_loss("measurement", task.measurement, fin, _first_batch(task.test_dataset(), b),
                 min(b, len(task.test_dataset())))
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def w_buffers(task: MultiStageTask, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The floating-point buffers of the modules that hold W (batch norm running statistics, ...),
+    by name: part of what W computes, so the pretrained fingerprint and the frozen check cover them."""
+    shared = set(task.shared_parameters)
+    out = {}
+    for mod_name, module in model.named_modules():
+        own = {f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters(recurse=False)}
+        if own & shared:
+            for b_name, buf in module.named_buffers(recurse=False):
+                if buf is not None and buf.is_floating_point():
+                    out[f"{mod_name}.{b_name}" if mod_name else b_name] = buf
+    return out
+
+
+def frozen_buffer_problem(task: MultiStageTask, pre: nn.Module, fin: nn.Module) -> str | None:
+    """Why the finetuned model's buffers of W's modules are not the pretrained model's (frozen
+    finetuning needs them equal, as W itself), or None."""
+    a, b = w_buffers(task, pre), w_buffers(task, fin)
+    moved = [n for n in a if n in b and not torch.equal(a[n].detach().cpu(), b[n].detach().cpu().to(a[n].dtype))]
+    if not moved:
+        return None
+    names = ", ".join(moved[:4]) + (", ..." if len(moved) > 4 else "")
+    other = [n for n in moved if a[n].dtype != b[n].dtype]
+    if other:
+        n = other[0]
+        return (f"buffers of W's modules ({names}) are {_dtype(a[n])} in pretrained_model() and {_dtype(b[n])} in "
+                f"finetuned_model(), with other values; give both models one dtype")
+    return (f"buffers of W's modules differ between pretrained_model() and finetuned_model() ({names}: batch norm "
+            f"statistics updated while finetuning?); finetune with those modules in eval mode, or copy the "
+            f"pretrained buffers into the finetuned model")
 
 
 def _some(params: dict) -> str:

@@ -35,7 +35,9 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
     """Minimize (1/n) sum_i w_i loss_i + 1/2 sum_c l2_c (x_c - center_c)^2 over ``names``, in place.
 
     ``data`` are batches covering the n examples; ``weights`` (one tensor per batch) default to 1.
-    ``l2`` is a scalar or a per-coordinate vector; ``center`` defaults to zero. Returns the final
+    ``l2`` is a scalar or a per-coordinate vector; ``center`` defaults to zero. The model is trained
+    in the mode it is in (call ``model.eval()`` first for the objective msif differentiates: batch
+    norm on its running statistics, dropout off). Returns the final
     gradient norm. Starts from the model's current values (warm start). When that norm is still above
     ``grad_tol`` (ill-conditioned models, too few iterations), a RuntimeWarning says so, since the
     influence formulas hold at an optimum; ``warn=False`` for a deliberately budgeted call.
