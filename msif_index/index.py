@@ -217,10 +217,11 @@ class InfluenceIndex:
         want = self.manifest["fingerprints"]
         for part in ("W", "U", "buffers"):
             if part in want and fps[part] != want[part]:     # (buffers: absent in indexes built before them)
-                what = part if part != "buffers" else "model's buffers (batch norm running statistics, ...)"
+                what = (f"{part} ({short(fps[part])}) is not the one" if part != "buffers" else
+                        f"model's buffers ({short(fps[part])}: batch norm running statistics, ...) are not the ones")
                 raise IndexMismatchError(
-                    f"the task's pretrained {what} ({short(fps[part])}) is not the one this index was built "
-                    f"from ({short(want[part])}); use the matching pretrained model or rebuild the index")
+                    f"the task's pretrained {what} this index was built from ({short(want[part])}); use the "
+                    f"matching pretrained model or rebuild the index")
         wd = self.manifest["identity"].get("pretrain_weight_decay")      # absent in indexes built before it
         if wd is not None and float(task.pretrain_weight_decay) != wd:
             raise IndexMismatchError(
