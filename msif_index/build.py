@@ -53,7 +53,8 @@ from .preconditioners import (DenseInverse, Preconditioner, make_preconditioner,
 from .progress import progress
 from .search import SearchIndex, built_at_open, fitting_nlist, min_train_rows
 from .store import RowStore, ShardedWriter, _open_h5, link_shards
-from .task import MultiStageTask, eval_mode, fisher_loss_columns, has_fisher_losses, split_parameters
+from .task import (MultiStageTask, eval_mode, fisher_loss_columns, has_fisher_losses, split_parameters,
+                   state_buffers)
 
 BUILD_FILE = "build.json"
 MANIFEST = "manifest.json"
@@ -70,14 +71,14 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def pretrained_fingerprints(task: MultiStageTask, model: nn.Module) -> dict[str, str]:
-    """sha256 of the pretrained W, of U and of the model's floating-point buffers (batch norm running
-    statistics, ...: what the model computes depends on them too) (names, shapes, dtypes, values)."""
+    """sha256 of the pretrained W, of U and of the model's persistent floating-point buffers (batch
+    norm running statistics, ...: what the model computes depends on them too; ``state_buffers``),
+    each over names, shapes, dtypes and values."""
     params = dict(model.named_parameters())
     w, u = split_parameters(task, model)
-    buffers = {n: b for n, b in model.named_buffers() if b is not None and b.is_floating_point()}
     return {"W": fingerprint_tensors({n: params[n] for n in w}),
             "U": fingerprint_tensors({n: params[n] for n in u}),
-            "buffers": fingerprint_tensors(buffers)}
+            "buffers": fingerprint_tensors(state_buffers(model))}
 
 
 #: pretraining examples whose loss values a build records (``pretrain_loss_probe``)
@@ -142,8 +143,9 @@ def _warn_if_loss_changed(out: Path, identity: dict, probe: list[float | None] |
             change = loss_probe_change(recorded, probe)
             if change:
                 warnings.warn(f"the task's pretrain_loss gives other values than when {out} was built ({change}); "
-                              f"its rows are the old loss's (or the first pretraining examples changed): if that was on "
-                              f"purpose, rebuild with --overwrite", RuntimeWarning, stacklevel=4)    # build_index's caller
+                              f"its rows are the old loss's (or the first pretraining examples changed): if that "
+                              f"was on purpose, rebuild with --overwrite",
+                              RuntimeWarning, stacklevel=4)    # build_index's caller
             return
 
 

@@ -294,18 +294,20 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
+def state_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's persistent floating-point buffers (batch norm running statistics, ...), by name:
+    state that what the model computes depends on. Non-persistent buffers (caches a forward pass may
+    fill, such as rotary tables) and integer ones (counters, masks) are left out."""
+    saved = set(model.state_dict(keep_vars=True))
+    return {n: b for n, b in model.named_buffers() if n in saved and b is not None and b.is_floating_point()}
+
+
 def w_buffers(task: MultiStageTask, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The floating-point buffers of the modules that hold W (batch norm running statistics, ...),
-    by name: part of what W computes, so the pretrained fingerprint and the frozen check cover them."""
+    """``state_buffers`` of the modules that hold W: part of what W computes, so frozen finetuning
+    needs them unchanged too."""
     shared = set(task.shared_parameters)
-    out = {}
-    for mod_name, module in model.named_modules():
-        own = {f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters(recurse=False)}
-        if own & shared:
-            for b_name, buf in module.named_buffers(recurse=False):
-                if buf is not None and buf.is_floating_point():
-                    out[f"{mod_name}.{b_name}" if mod_name else b_name] = buf
-    return out
+    owners = {name.rpartition(".")[0] for name in shared}
+    return {n: b for n, b in state_buffers(model).items() if n.rpartition(".")[0] in owners}
 
 
 def frozen_buffer_problem(task: MultiStageTask, pre: nn.Module, fin: nn.Module) -> str | None:

@@ -1,7 +1,8 @@
 """What besides W and U decides the stored rows, checked like W and U (a new-user trial's findings):
 
-- the pretrained model's buffers (batch norm running statistics): fingerprinted; another value is
-  refused at attach (before: accepted silently, scores computed against stale rows);
+- the pretrained model's persistent floating-point buffers (batch norm running statistics):
+  fingerprinted; another value is refused at attach (before: accepted silently, scores computed
+  against stale rows); non-persistent ones (caches) are not;
 - the task's pretrain_weight_decay (part of G and its Hessian): recorded; another value is refused
   at attach, and a rerun of the build with it is another build;
 - an index written before these were recorded is still reused and attached;
@@ -35,6 +36,8 @@ class _BNNet(nn.Module):
         self.embed = nn.Linear(4, 6)
         self.bn = nn.BatchNorm1d(6)
         self.head = nn.Linear(6, classes)
+        # a cache a forward pass may fill (as rotary tables are): not state, not fingerprinted
+        self.embed.register_buffer("cache", torch.zeros(3), persistent=False)
 
     def forward(self, x):
         return self.head(torch.tanh(self.bn(self.embed(x))))
@@ -91,6 +94,11 @@ def test_buffers_and_weight_decay_are_recorded_and_checked_at_attach(bn_index):
     assert set(manifest["fingerprints"]) == {"W", "U", "buffers"}
     with InfluenceIndex.open(bn_index) as index:
         index.attach(BNTask())                                        # the same task: fine
+        cached = BNTask()
+        cached.pre.embed.cache.fill_(1.0)
+        cached.fin.embed.cache.fill_(2.0)
+        validate_task(cached)
+        index.check_pretrained(cached)                                # non-persistent buffers: not checked
 
         moved = BNTask()
         with torch.no_grad():
