@@ -104,7 +104,9 @@ def register(app: typer.Typer) -> None:
             figures: bool = typer.Option(True, help="Write PNG figures next to the report."),
             threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (e.g. 1 per process "
                                                                     "when running shards in parallel)."),
-            progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on a terminal."),
+            progress_bar: bool = typer.Option(True, "--progress/--no-progress",
+                                              help="Progress bars on a terminal; plain lines every 15 s on a "
+                                                   "redirected stderr."),
             as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table.")) -> None:
         """Evaluate an index: against exact influence, leave-out retraining or LDS, with baselines, on the
         same test points. Writes report.json (docs/evaluation_schema.md) and PNG figures."""

@@ -1,21 +1,33 @@
-"""Progress bars (rich) with items/s and ETA; silent when disabled or not on a terminal."""
+"""Progress bars (rich) with items/s and ETA on a terminal; plain lines when stderr is not one.
+
+Without a terminal (a log file, nohup, CI, a notebook) a long phase prints one line to stderr at most
+every ``PLAIN_EVERY_S`` seconds, then a last one when it ends; a phase shorter than that prints
+nothing. ``enabled=False`` is silent either way.
+"""
 from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Callable, Iterator
 
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+#: without a terminal, a progress line at most this often (seconds)
+PLAIN_EVERY_S = 15.0
+
 
 @contextlib.contextmanager
 def progress(total: int, description: str, unit: str = "ex", enabled: bool | None = None
              ) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``. ``enabled=None``: show only when stderr is a terminal."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
+    """Yield ``advance(n)``. ``enabled=None``: a bar when stderr is a terminal, plain lines otherwise;
+    ``True``: a bar; ``False``: nothing."""
+    if enabled is None and not sys.stderr.isatty():
+        with _plain(total, description, unit) as advance:
+            yield advance
+        return
+    if enabled is False:
         yield lambda n: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
@@ -31,3 +43,28 @@ def progress(total: int, description: str, unit: str = "ex", enabled: bool | Non
                 bar.update(task, rate=f"{speed:,.0f} {unit}/s")
 
         yield advance
+
+
+@contextlib.contextmanager
+def _plain(total: int, description: str, unit: str) -> Iterator[Callable[[int], None]]:
+    start = time.monotonic()
+    state = {"done": 0, "last": start, "printed": False}
+
+    def line(now: float) -> None:
+        done, elapsed = state["done"], now - start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        share = f" ({100 * done / total:.0f}%)" if total else ""
+        eta = f", ETA {(total - done) / rate:,.0f} s" if rate > 0 and total >= done else ""
+        print(f"{description}: {done:,}/{total:,} {unit}{share}, {rate:,.0f} {unit}/s, {elapsed:,.0f} s{eta}",
+              file=sys.stderr, flush=True)
+        state["last"], state["printed"] = now, True
+
+    def advance(n: int) -> None:
+        state["done"] += n
+        now = time.monotonic()
+        if now - state["last"] >= PLAIN_EVERY_S:
+            line(now)
+
+    yield advance
+    if state["printed"]:
+        line(time.monotonic())

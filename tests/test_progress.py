@@ -1,0 +1,35 @@
+"""Progress without a terminal: plain lines on stderr at most every PLAIN_EVERY_S seconds and a last
+one, none for a phase shorter than that, none when disabled (before: a build whose stderr went to a
+log file printed nothing for its whole run)."""
+from __future__ import annotations
+
+import msif_index.progress as P
+from msif_index.progress import progress
+
+
+def _lines(capsys) -> list[str]:
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return [line for line in captured.err.splitlines() if line]
+
+
+def test_plain_lines_without_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(P, "PLAIN_EVERY_S", 0.0)
+    with progress(10, "featurize") as advance:          # pytest's stderr is no terminal
+        advance(4)
+        advance(6)
+    lines = _lines(capsys)
+    assert len(lines) == 3, lines                        # each advance, then the last line
+    assert lines[0].startswith("featurize: 4/10 ex (40%), ") and "ex/s" in lines[0]
+    assert lines[-1].startswith("featurize: 10/10 ex (100%), ")
+
+
+def test_a_short_phase_or_a_disabled_one_prints_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(P, "PLAIN_EVERY_S", 3600.0)
+    with progress(5, "statistics", unit="rows") as advance:
+        advance(5)
+    assert _lines(capsys) == []
+    monkeypatch.setattr(P, "PLAIN_EVERY_S", 0.0)
+    with progress(5, "statistics", enabled=False) as advance:
+        advance(5)
+    assert _lines(capsys) == []
