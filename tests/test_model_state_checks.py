@@ -188,3 +188,26 @@ def test_frozen_w_of_another_dtype_names_the_dtypes():
     with pytest.raises(TaskError) as e:
         validate_task(task)
     assert "'embed.weight' is float64 in pretrained_model() and float32 in finetuned_model()" in _one_line(e)
+
+
+def test_retraining_cache_key_covers_buffers_and_keeps_older_keys_without_them(monkeypatch):
+    """Leave-out retraining caches (msif evaluate) are keyed by the task: a moved batch norm statistic
+    is another key; a model without buffers keeps the key of versions that fingerprinted W and U
+    only, so its existing caches stay valid."""
+    import msif_index.evaluation.retraining as R
+    task = BNTask()
+    key = R.task_fingerprint(task, "auto")
+    with torch.no_grad():
+        task.pre.bn.running_var.mul_(1.001)
+    assert R.task_fingerprint(task, "auto") != key
+
+    plain = BNTask()
+    plain.pre.bn.track_running_stats = False                    # no buffers left in the pretrained model
+    plain.pre.bn.running_mean = plain.pre.bn.running_var = plain.pre.bn.num_batches_tracked = None
+    from msif_index.task import state_buffers
+    assert not state_buffers(plain.pre)                         # (its non-persistent cache is no state)
+    new_key = R.task_fingerprint(plain, "auto")
+    real = R.pretrained_fingerprints
+    monkeypatch.setattr(R, "pretrained_fingerprints",
+                        lambda t, m: {k: v for k, v in real(t, m).items() if k in ("W", "U")})   # the older form
+    assert R.task_fingerprint(plain, "auto") == new_key

@@ -44,7 +44,7 @@ from ..data import batches
 from ..errors import ConfigError, CorruptIndexError, NonFiniteError, TaskError
 from ..fingerprint import fingerprint_tensors
 from ..progress import progress
-from ..task import MultiStageTask
+from ..task import MultiStageTask, state_buffers
 
 CACHE_SCHEMA = 1
 FINETUNE_INITS = ("auto", "finetuned", "fresh")
@@ -97,8 +97,11 @@ def task_fingerprint(task: MultiStageTask, finetune_init: str) -> str:
         source = inspect.getsource(type(task))
     except (OSError, TypeError):
         source = type(task).__qualname__
+    pretrained = pretrained_fingerprints(task, pre)
+    if not state_buffers(pre):
+        pretrained.pop("buffers", None)   # as before buffers were fingerprinted: such caches stay valid
     parts = {
-        "pretrained": pretrained_fingerprints(task, pre),
+        "pretrained": pretrained,
         "finetuned": fingerprint_tensors(dict(fin.named_parameters())),
         "sizes": [len(task.pretrain_dataset()), len(task.finetune_dataset()), len(task.test_dataset())],
         "data": [_items_digest(task.pretrain_dataset()), _items_digest(task.finetune_dataset()),
