@@ -20,14 +20,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
-import msif_index
 from msif_index.build import build_index
 from msif_index.config import BuildConfig
 from msif_index.errors import ConfigError, IndexMismatchError, TaskError
 from msif_index.index import InfluenceIndex
 from msif_index.task import validate_task
+from tests.held_task import HeldTask, random_data
 
 
 class _BNNet(nn.Module):
@@ -43,7 +42,7 @@ class _BNNet(nn.Module):
         return self.head(torch.tanh(self.bn(self.embed(x))))
 
 
-class BNTask(msif_index.MultiStageTask):
+class BNTask(HeldTask):
     shared_parameters = ("embed.weight", "embed.bias", "bn.weight", "bn.bias")
     pretrain_weight_decay = 0.01
 
@@ -56,16 +55,7 @@ class BNTask(msif_index.MultiStageTask):
             self.pre.bn.running_var.copy_(1 + torch.rand(6, generator=g, dtype=torch.float64))
         self.fin.embed.load_state_dict(self.pre.embed.state_dict())
         self.fin.bn.load_state_dict(self.pre.bn.state_dict())
-        self.data = [TensorDataset(torch.randn(m, 4, generator=g, dtype=torch.float64), torch.randint(0, c, (m,), generator=g))
-                     for m, c in ((24, 3), (10, 2), (4, 2))]
-
-    def pretrained_model(self): return self.pre
-    def finetuned_model(self): return self.fin
-    def pretrain_dataset(self): return self.data[0]
-    def finetune_dataset(self): return self.data[1]
-    def test_dataset(self): return self.data[2]
-    def pretrain_loss(self, model, batch): return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
-    def finetune_loss(self, model, batch): return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+        self.data = random_data(g, ((24, 3), (10, 2), (4, 2)))
 
 
 CFG = BuildConfig(proj_dim=8, preconditioner="identity", shard_rows=16)

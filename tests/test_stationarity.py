@@ -18,11 +18,10 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
-import msif_index
 from msif_index.data import full_batch
 from msif_index.stationarity import RELATIVE_WARN, stationarity
+from tests.held_task import HeldTask, random_data
 
 
 def test_converged_tasks_are_at_their_optima(digits_frozen, digits_proximal):
@@ -49,7 +48,7 @@ class _Net(nn.Module):
         return self.head(torch.tanh(self.embed(x)))
 
 
-class _Untrained(msif_index.MultiStageTask):
+class _Untrained(HeldTask):
     shared_parameters = ("embed.weight", "embed.bias")
     finetuning = "proximal"
     alpha = 0.7
@@ -63,16 +62,7 @@ class _Untrained(msif_index.MultiStageTask):
         with torch.no_grad():           # W_hat near, not at, W*: the proximal term contributes
             self.fin.embed.weight.copy_(self.pre.embed.weight + 0.1)
             self.fin.embed.bias.copy_(self.pre.embed.bias)
-        self.data = [TensorDataset(torch.randn(m, 4, generator=g, dtype=torch.float64),
-                                   torch.randint(0, c, (m,), generator=g)) for m, c in ((23, 3), (11, 2), (4, 2))]
-
-    def pretrained_model(self): return self.pre
-    def finetuned_model(self): return self.fin
-    def pretrain_dataset(self): return self.data[0]
-    def finetune_dataset(self): return self.data[1]
-    def test_dataset(self): return self.data[2]
-    def pretrain_loss(self, model, batch): return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
-    def finetune_loss(self, model, batch): return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+        self.data = random_data(g, ((23, 3), (11, 2), (4, 2)))
 
 
 def _brute(task, model, names, loss_fn, data, reg, ids):
@@ -143,7 +133,7 @@ def test_a_stage_moved_off_its_optimum_is_flagged(digits_frozen):
 def test_check_task_stationarity_text_and_json(tmp_path, capsys):
     from msif_index.cli.main import main
     path = tmp_path / "untrained_task.py"
-    path.write_text("import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\nimport msif_index\n\n"
+    path.write_text("import torch\nfrom torch import nn\n\nfrom tests.held_task import HeldTask, random_data\n\n"
                     + inspect.getsource(_Net) + "\n" + inspect.getsource(_Untrained) + "\ntask = _Untrained()\n")
     main(["check-task", "--task", f"{path}:task", "--stationarity"])
     captured = capsys.readouterr()
