@@ -15,7 +15,7 @@ import typer
 from msif_index.config import help_text
 from msif_index.errors import ConfigError, DiskFullError, MsifError, exception_text
 
-from .output import SIGN_CONVENTION, parse_ids, print_json, print_ranking, test_point_info
+from .output import SIGN_CONVENTION, parse_ids, print_json, print_ranking, ranking_result, test_point_info
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-stage influence index: which pretraining examples made a finetuned "
@@ -141,8 +141,8 @@ def exact(task: str = typer.Option(..., help=TASK_HELP),
         raise ShapeError(f"measurement returned shape {tuple(values.shape)} for {len(ids)} test examples; it "
                          f"must return one value per example")
     values = values.tolist()
-    result = {"method": "exact", "direction": direction, "test_ids": ids,
-              "ids": order[:, :k].tolist(), "scores": scores[:, :k].tolist(), **test_point_info(t, ids, values)}
+    result = ranking_result("exact", direction, None, ids, order[:, :k].tolist(), scores[:, :k].tolist(),
+                            test_point_info(t, ids, values))
     if as_json:
         print_json(result)
     else:
@@ -336,9 +336,9 @@ def query_cmd(index: str = typer.Option(..., help="Index folder (from msif build
         batch = full_batch(t.test_dataset(), ids)
         res = idx.query(batch, k=k, direction=direction, exact_rerank=exact_rerank, nprobe=nprobe, test_ids=ids)
         values = idx.measurements(batch, res.finetuned)
-    out = res.to_dict()
-    out["method"] = "index"
-    out.update(test_point_info(t, ids, values))
+    res_json = res.to_dict()
+    out = ranking_result("index", res.direction, res.finetuned, ids, res_json["ids"], res_json["scores"],
+                         test_point_info(t, ids, values))
     if as_json:
         print_json(out)
     else:

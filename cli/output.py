@@ -111,6 +111,14 @@ def test_point_info(task: Any, test_ids: list[int], values: Any) -> dict[str, An
             "measurement": "finetuning loss" if default else "measurement"}
 
 
+def ranking_result(method: str, direction: str, finetuned: str | None, test_ids: list[int], ids: Any,
+                   scores: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """The JSON of a ranking, the same keys in the same order for ``msif query`` ("index": its
+    ``finetuned`` is the attached model's key) and ``msif exact`` ("exact": None, no attached model)."""
+    return {"method": method, "direction": direction, "finetuned": finetuned, "test_ids": list(test_ids),
+            "ids": ids, "scores": scores, **info}
+
+
 def print_ranking(result: dict, pretrain_dataset: Any = None) -> None:
     """One table per test point: rank, pretraining id, score (and label when the dataset has one),
     under a heading with the test point's label and measurement when the result has them."""

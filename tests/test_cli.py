@@ -228,6 +228,9 @@ def test_tiny_task_works_end_to_end_in_a_fresh_process(tmp_path, tiny):
     proc = _msif("exact", "--task", f"{tiny}:task", "--test-ids", "0-3", "--k", "16", "--json")
     assert proc.returncode == 0, proc.stderr
     ex = _strict_json(proc.stdout)
+    # one schema for both commands: the same keys in the same order (exact has no attached model)
+    assert list(ex) == list(res) and ex["method"] == "exact" and ex["finetuned"] is None
+    assert res["finetuned"] and isinstance(res["finetuned"], str)
     np.testing.assert_allclose(ex["scores"], res["scores"], rtol=1e-6, atol=1e-12)
     assert ex["test_labels"] == res["test_labels"] and len(ex["test_labels"]) == 4
     np.testing.assert_allclose(ex["test_measurement"], res["test_measurement"], rtol=1e-6)
