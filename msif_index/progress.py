@@ -23,12 +23,12 @@ def progress(total: int, description: str, unit: str = "ex", enabled: bool | Non
              ) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``. ``enabled=None``: a bar when stderr is a terminal, plain lines otherwise;
     ``True``: a bar; ``False``: nothing."""
+    if enabled is not None and not enabled:         # False, or a falsy stand-in (0, numpy's False_)
+        yield lambda n: None
+        return
     if enabled is None and not sys.stderr.isatty():
         with _plain(total, description, unit) as advance:
             yield advance
-        return
-    if enabled is False:
-        yield lambda n: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),

@@ -33,3 +33,15 @@ def test_a_short_phase_or_a_disabled_one_prints_nothing(capsys, monkeypatch):
     with progress(5, "statistics", enabled=False) as advance:
         advance(5)
     assert _lines(capsys) == []
+
+
+def test_a_falsy_enabled_is_silent_on_a_terminal_too(capsys, monkeypatch):
+    """``enabled=0`` (a falsy stand-in for False, as a config file or a numpy bool gives) prints no
+    bar even where stderr is a terminal (before: only ``False`` itself silenced it)."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    for off in (False, 0):
+        with progress(5, "statistics", enabled=off) as advance:
+            advance(5)
+        assert _lines(capsys) == [], off
