@@ -197,7 +197,11 @@ def build_index_cmd(
     old_factory, old_rows = _factory_of(manifest) if before is not None else (None, None)
     path = build_index(t, out_dir, config, overwrite=overwrite)
     reused = before is not None and manifest.is_file() and manifest.stat().st_mtime_ns == before
-    with InfluenceIndex.open(path, huge_pages=False) as index:      # one process, no queries
+    with warnings.catch_warnings():
+        if not reused:                # the build said it (negative eigenvalues): not again at the open
+            warnings.filterwarnings("ignore", message=".*: the projected pretraining Hessian has", category=RuntimeWarning)
+        index = InfluenceIndex.open(path, huge_pages=False)              # one process, no queries
+    with index:
         key = index.attach(t, validate=False) if attach else None
         m = index.manifest
     # only the search structure rebuilt (another --factory, or a damaged faiss file, over the same rows)
@@ -262,7 +266,9 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
                             for k, v in list(damping.items())[:3]) + (" ..." if len(damping) > 3 else "")
     about = [f"rows in the {d['row_basis']} basis"]
     if damping not in (None, "", {}):
-        about.append(f"damping used: {damping}")
+        relative = d.get("damping")
+        about.append((f"damping {relative:g} x the mean eigenvalue (--damping), absolute: {damping}"
+                      if isinstance(relative, (int, float)) else f"damping used: {damping}"))
     if d["statistics"]:
         about.append(f"{d['statistics']} statistics")
     typer.echo(f"index {d['index']}: n={d['n']} rows of k={d['k']} ({d['dtype']})"
@@ -272,15 +278,23 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
     neg = d.get("negative_eigenvalues")
     if neg:
         needed = neg.get("damping_needed")
+        what = ("not clamped: the exact preconditioner inverts them as they are" if neg.get("clamped") is False
+                else "clamped to 0")
         typer.echo(f"  warning: {neg['count']} of {neg['of']} eigenvalues of the projected pretraining Hessian were "
-                   f"below minus the damping (down to {neg['min']:.3g}; clamped to 0): the pretrained model is not at "
-                   f"a minimum of its loss" + (f"; a --damping above {needed:.2g} covers them" if needed else ""))
+                   f"below minus the damping (down to {neg['min']:.3g}; {what}): the pretrained model is not at "
+                   f"a minimum of its loss" + (f"; a --damping above {needed:.2g} covers them"
+                                               if needed and neg.get("clamped") is not False else ""))
     typer.echo(f"  search {d['factory']}; W = {', '.join(d['w_names'])}")
     typer.echo(f"  fingerprints: W {d['fingerprints'].get('W')}, U {d['fingerprints'].get('U')}, "
                f"pretraining data {d['data_fingerprint']}")
     typer.echo("  files: " + ", ".join(f"{k} {v}" for k, v in mb.items()))
     if d["timings"]:
-        typer.echo("  built in " + ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in d["timings"].items()))
+        resumed = d.get("resumed")
+        how = ""
+        if resumed:                 # the timings are those of the run that finished the build
+            how = (f" (the run that resumed it: {resumed.get('rows_computed', 0):,} of {d['n']:,} rows computed, "
+                   f"preconditioner {'loaded' if resumed.get('preconditioner_loaded') else 'fitted'})")
+        typer.echo(f"  built in{how} " + ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in d["timings"].items()))
     if not d["attached"]:
         typer.echo("  no finetuned model attached (msif attach, or msif query attaches it)")
     for a in d["attached"]:

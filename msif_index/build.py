@@ -640,6 +640,15 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
     return sample
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of a file, None when there is none: an atomic rewrite changes it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, start: int, stop: int,
                     sample: _Sample | None, cbuf: torch.Tensor, wbuf: torch.Tensor
                     ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -961,9 +970,12 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
     if isinstance(pre, DenseInverse) and not (out / PRECOND).exists():
         need += pre.dim * pre.dim_w * 8
     check_free_space(out, f"the rows of {todo:,} examples", need)
+    saved = _file_id(out / PRECOND)            # an earlier, interrupted run's fitted state, if any
     t0 = time.perf_counter()
     sample = _load_or_fit(task, prep, config, out, n, progress_bar)
     timings["statistics_s"] = time.perf_counter() - t0
+    # what this run did where an earlier, interrupted one left work (the timings are this run's only)
+    resumed = {"rows_computed": todo, "preconditioner_loaded": saved is not None and _file_id(out / PRECOND) == saved}
     t0 = time.perf_counter()
     _write_rows(task, prep, config, shards, sample, progress_bar)
     del sample
@@ -990,6 +1002,7 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
         "fingerprints": fps, "fingerprint_short": {k: short(v) for k, v in fps.items()},
         "w_names": prep.w_names, "u_names": prep.u_names,
         "projector": prep.projector.config(), "preconditioner": summary, "timings": timings,
+        "resumed": resumed if resumed["rows_computed"] < n or resumed["preconditioner_loaded"] else None,
         "files": {"rows": ROWS, "shards": SHARDS, "preconditioner": PRECOND,
                   "faiss": None if built_at_open(config.factory) else FAISS},
         "checksums": checksums,

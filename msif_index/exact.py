@@ -11,8 +11,12 @@ test measurement by about -I / n.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +26,7 @@ from torch import nn
 from .autodiff import FlatParams, batched_objective, dense_hessian, per_example_grads
 from .data import batch_size_of, batches, move
 from .errors import ConfigError, TooLargeError, forward_ad_errors
+from .preconditioners import NOT_A_MINIMUM_ADVICE, negative_eigenvalues
 from .task import FINETUNING_STYLES, MultiStageTask, split_parameters
 
 #: dense Hessians above this many parameters are refused
@@ -40,6 +45,39 @@ def _check_size(dim: int, what: str, limit: int) -> None:
         raise TooLargeError(
             f"exact influence needs a dense {dim}x{dim} Hessian of {what} (limit {limit} parameters); "
             f"use the index instead: msif build-index --preconditioner ekfac (or gauss-newton)")
+
+
+def _outside_package() -> int:
+    """The warnings stacklevel, for the function that calls this, of the first frame outside msif_index
+    (and contextlib, whose decorators wrap some of its functions)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def check_minimum(hessian: torch.Tensor, what: str, model: str) -> dict | None:
+    """RuntimeWarning when the dense Hessian of an objective (``what``) has negative eigenvalues: its
+    ``model`` is then not at a minimum, and the exact formula's value there (a saddle point) is not
+    the influence retraining measures. The warning points at the first caller outside msif_index.
+    A Cholesky factorization decides (as cheap as the solves that follow); only a matrix it refuses
+    gets an eigendecomposition, whose eigenvalues below rounding (``negative_eigenvalues`` with no
+    damping) are reported. Returns them, or None."""
+    stacklevel = _outside_package()
+    if int(torch.linalg.cholesky_ex(hessian).info) == 0:
+        return None
+    neg = negative_eigenvalues(torch.linalg.eigvalsh(hessian), 0.0, clamped=False)
+    if neg:
+        warnings.warn(f"exact influence: {what} has {neg['count']} of {neg['of']} negative eigenvalues (down to "
+                      f"{neg['min']:.3g}, the largest is {neg['largest']:.3g}): the {model} model is not at a minimum "
+                      f"of its objective, which influence assumes, so the exact scores are the formula's value at a "
+                      f"saddle point and may not track retraining: {NOT_A_MINIMUM_ADVICE}", RuntimeWarning,
+                      stacklevel=stacklevel)
+    return neg
 
 
 @dataclass
@@ -69,6 +107,7 @@ def pretrain_side(task: MultiStageTask, pretrained: nn.Module | None = None, bat
     mean_loss = batched_objective(f, data, n)
     wd = float(task.pretrain_weight_decay)
     hessian = dense_hessian(mean_loss, x) + wd * torch.eye(flat.dim, dtype=_DTYPE)
+    check_minimum(hessian, "the pretraining Hessian H_G (over W and U)", "pretrained")
     grads = torch.cat([per_example_grads(f, x, b) for b in data])
     solved = torch.linalg.solve(hessian, grads.T).T      # H_G^{-1} grad g(z_i), rows
     d_w = sum(flat.sizes[: len(w)])
@@ -123,9 +162,11 @@ def chained_test_vectors(task: MultiStageTask, test_batch: Any, finetuned: nn.Mo
     h = side.hessian
     if style == "frozen":
         h_tt, f_wt = h[:dt, :dt], h[dt:, :dt]
+        check_minimum(h_tt, "the finetuning Hessian H_tt (over theta)", "finetuned")
         return g[:, dt:] - (f_wt @ torch.linalg.solve(h_tt, g[:, :dt].T)).T
     k = h.clone()
     k[dt:, dt:] += a * torch.eye(h.shape[0] - dt, dtype=_DTYPE)
+    check_minimum(k, "the proximal finetuning Hessian K (over theta and W, alpha I added on W)", "finetuned")
     return a * torch.linalg.solve(k, g.T).T[:, dt:]
 
 

@@ -36,7 +36,7 @@ from .head_curvature import CG_ITERS, block_permutation, resolve_h_tt
 from .hugepages import packed_on_huge_pages
 from .lock import lock_holder, writer_text
 from .operator import KRONECKER_DAMPING, FinetuneOperator, compute_operator
-from .preconditioners import read_state, rotate_blocks, stored_eigenbases
+from .preconditioners import negative_message, read_state, rotate_blocks, stored_eigenbases
 from .search import SearchIndex, built_at_open
 from .store import RowStore
 from .task import (MultiStageTask, frozen_buffer_problem, has_finetune_fisher_losses, split_parameters,
@@ -190,6 +190,12 @@ class InfluenceIndex:
             manifest = again
         if huge_pages:
             search.use_huge_pages()
+        negative = manifest["preconditioner"].get("negative_eigenvalues")
+        if isinstance(negative, dict):      # said at the build; again to whoever queries the index
+            try:
+                warnings.warn(f"{p}: {negative_message(negative)}", RuntimeWarning, stacklevel=2)
+            except (KeyError, TypeError, ValueError):
+                pass                        # a hand-edited record: msif info shows what is there
         return cls(p, manifest, store, search, huge_pages)
 
     @property

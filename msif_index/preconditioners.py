@@ -210,7 +210,9 @@ class DenseInverse(Preconditioner):
                 g[s, s] = self.gram(b).to(_F64)
         return g
 
-    def _factor(self, m: torch.Tensor, clamp: bool) -> None:
+    def _factor(self, m: torch.Tensor, clamp: bool, check: bool = False) -> None:
+        """M^{-1}[:, W] of M + weight decay, damped; ``clamp``: negative eigenvalues to 0 first;
+        ``check``: record (``negative``) and warn of eigenvalues below minus the damping (a Hessian's)."""
         m = 0.5 * (m + m.T) + self.weight_decay * self._full_gram()
         evals, evecs = torch.linalg.eigh(m)
         raw = evals
@@ -218,8 +220,8 @@ class DenseInverse(Preconditioner):
             evals = evals.clamp_min(0.0)
         lam = self.damping * float(evals.mean()) if self.damping > 0 else 0.0
         self.damping_used["all"] = lam
-        if clamp:
-            self.negative = negative_eigenvalues(raw, lam)
+        if check:
+            self.negative = negative_eigenvalues(raw, lam, clamped=clamp)
             if self.negative:
                 # at build_index's caller: _factor, fit_hessian, _fit_preconditioner, _load_or_fit,
                 # _build_locked, build_index (tests/test_build.py checks where it points)
@@ -240,34 +242,53 @@ class DenseInverse(Preconditioner):
         self.inv_w = torch.from_numpy(np.asarray(state["inv_w"]))
 
 
-def negative_eigenvalues(evals: torch.Tensor, lam: float, noise: float = 1e-9) -> dict[str, float] | None:
-    """{count, of, min, largest, damping, damping_needed} of the eigenvalues below -``lam`` (the
-    absolute damping; at least ``noise`` x the largest magnitude, rounding), or None.
+def negative_eigenvalues(evals: torch.Tensor, lam: float, noise: float = 1e-9,
+                         clamped: bool = True) -> dict[str, Any] | None:
+    """{count, of, min, largest, damping, damping_needed, clamped} of the eigenvalues below -``lam``
+    (the absolute damping; at least ``noise`` x the largest magnitude, rounding), or None.
 
     Clamped to 0 and damped by ``lam``, such a direction gets the largest weight there is, 1 / lam,
     where the Hessian says its curvature is negative: with a small damping those directions dominate
     every score. ``damping_needed`` is the relative damping (x the clamped mean eigenvalue) above
-    which none is left."""
+    which none is left. ``clamped`` False: the exact preconditioner, which inverts them as they are
+    (manifests written before this key were all clamped)."""
     top = float(evals.abs().max()) if evals.numel() else 0.0
     neg = evals < -max(lam, noise * top)
     if top > 0 and bool(neg.any()):
         mean = float(evals.clamp_min(0.0).mean())
         return {"count": int(neg.sum()), "of": int(evals.numel()), "min": float(evals.min()), "largest": top,
-                "damping": lam, "damping_needed": -float(evals.min()) / mean if mean > 0 else None}
+                "damping": lam, "damping_needed": -float(evals.min()) / mean if mean > 0 else None,
+                "clamped": bool(clamped)}
     return None
 
 
-def warn_negative(negative: dict[str, float], stacklevel: int) -> None:
+#: what to do about a model that is not at a minimum, in every message that says so
+NOT_A_MINIMUM_ADVICE = ("train that model to convergence (`msif check-task --stationarity` measures how close it "
+                        "is)")
+
+
+def warn_negative(negative: dict[str, Any], stacklevel: int) -> None:
     """RuntimeWarning for ``negative_eigenvalues``: the pretrained model is not at a minimum (a saddle
     point or far from converged). Given again when a resumed build loads the fitted state."""
+    warnings.warn(negative_message(negative), RuntimeWarning, stacklevel=stacklevel)
+
+
+def negative_message(negative: dict[str, Any]) -> str:
+    """The one-line account of ``negative_eigenvalues`` (build warnings, msif info, opening the index)."""
+    head = (f"the projected pretraining Hessian has {negative['count']} of {negative['of']} eigenvalues below "
+            f"minus the damping ({negative.get('damping', 0.0):.3g} absolute; down to {negative['min']:.3g}, the "
+            f"largest is {negative['largest']:.3g}): the pretrained model is not at a minimum of its loss, which "
+            f"influence assumes. ")
+    if not negative.get("clamped", True):
+        return head + ("The exact preconditioner inverts them as they are, so the scores are the formula's value "
+                       "at a saddle point and may not track retraining: " + NOT_A_MINIMUM_ADVICE)
     needed = negative.get("damping_needed")
-    more = f"a --damping above {needed:.2g} (x the mean eigenvalue), " if needed else ""
-    warnings.warn(f"the projected pretraining Hessian has {negative['count']} of {negative['of']} eigenvalues "
-                  f"below minus the damping ({negative.get('damping', 0.0):.3g}; down to {negative['min']:.3g}, the "
-                  f"largest is {negative['largest']:.3g}): the pretrained model is not at a minimum of its loss, "
-                  f"which influence assumes. Clamped to 0, those directions get the largest weight and the scores "
-                  f"may not track retraining: train the pretrained model to convergence, or use {more}or ekfac / "
-                  f"gauss-newton (positive by construction)", RuntimeWarning, stacklevel=stacklevel)
+    damping = (f"a --damping above {needed:.2g} x the mean eigenvalue covers them" if needed
+               else "relative to the mean eigenvalue")
+    return head + ("Clamped to 0, those directions get the largest weight and the scores may not track "
+                   f"retraining: {NOT_A_MINIMUM_ADVICE}. Damping ({damping}) or ekfac / gauss-newton (positive "
+                   f"by construction) only mask those directions and can rank worse: check such an index against "
+                   f"`msif exact` (small models) or `msif evaluate`")
 
 
 class GaussNewton(DenseInverse):
@@ -292,7 +313,7 @@ class ProjectedHessian(DenseInverse):
 
     def fit_hessian(self, php: torch.Tensor) -> None:
         """``php`` = P (H_G without weight decay) P^T, [dim, dim]."""
-        self._factor(php.to(device="cpu", dtype=_F64), clamp=self.name == "hessian")
+        self._factor(php.to(device="cpu", dtype=_F64), clamp=self.name == "hessian", check=True)
 
 
 class ExactHessian(ProjectedHessian):

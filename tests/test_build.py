@@ -706,7 +706,7 @@ build_index(TinyTask(slow={slow}), {out!r}, BuildConfig(**KILL_CONFIG))
 """
 
 
-def test_killed_build_resumes_to_identical_rows(tmp_path):
+def test_killed_build_resumes_to_identical_rows(tmp_path, capsys):
     out = tmp_path / "killed"
     script = _KILL_SCRIPT.format(root=str(ROOT), slow=0.2, out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
@@ -755,6 +755,13 @@ def test_killed_build_resumes_to_identical_rows(tmp_path):
 
     ref = build_index(TinyTask(), tmp_path / "uninterrupted", BuildConfig(**KILL_CONFIG))
     assert np.array_equal(_rows(out), _rows(ref))
+    # the manifest's timings are the resuming run's, and it says what that run computed
+    assert describe(out)["resumed"] == {"rows_computed": 64 - n_done, "preconditioner_loaded": True}
+    assert describe(ref)["resumed"] is None
+    from msif_index.cli.main import main
+    main(["info", "--index", str(out)])
+    assert (f"built in (the run that resumed it: {64 - n_done} of 64 rows computed, preconditioner loaded) "
+            in capsys.readouterr().out)
     queries = np.random.default_rng(0).standard_normal((5, _rows(ref).shape[1])).astype(np.float32)
     with InfluenceIndex.open(out) as a, InfluenceIndex.open(ref) as b:
         sa, ia = a.search_index.search(queries, 10)

@@ -1,0 +1,130 @@
+"""A model that is not at a minimum (an indefinite Hessian) is said, not hidden: by exact influence
+(H_G, H_tt, K), by the exact preconditioner (which inverts the Hessian as it is), and again whenever
+such an index is opened. Before, `--preset exact` and `msif exact` said nothing, and their perfect
+agreement with each other read as correctness (a new-user trial with a transformer at a saddle)."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from msif_index.build import build_index
+from msif_index.config import BuildConfig
+from msif_index.exact import check_minimum, exact_influence, finetune_side, pretrain_side
+from msif_index.index import InfluenceIndex
+
+from .test_build import TinyTask
+
+NOT_MIN = "not at a minimum"
+
+
+def _caught(fn, where: list | None = None):
+    """fn()'s result and its "not at a minimum" warnings' messages (their files into ``where``)."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = fn()
+    mine = [r for r in rec if issubclass(r.category, RuntimeWarning) and NOT_MIN in str(r.message)]
+    if where is not None:
+        where.extend(r.filename for r in mine)
+    return out, [str(r.message) for r in mine]
+
+
+def _rotated(evals: list[float], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(evals), len(evals), generator=g, dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(evals, dtype=torch.float64)) @ q.T
+
+
+@pytest.mark.parametrize("evals, count", [([3.0, 1.0, 0.5, 1e-3], 0),     # positive definite
+                                          ([3.0, 1.0, 0.0, 0.0], 0),      # singular, positive semidefinite
+                                          ([3.0, 1.0, -0.5, 2.0], 1),
+                                          ([-1.0, -2.0, 4.0, 0.1], 2)])
+def test_check_minimum_counts_the_negative_eigenvalues(evals, count):
+    neg, said = _caught(lambda: check_minimum(_rotated(evals), "a Hessian", "pretrained"))
+    if count == 0:
+        assert neg is None and said == []
+        return
+    assert neg["count"] == count and neg["of"] == 4 and neg["clamped"] is False
+    assert abs(neg["min"] - min(evals)) < 1e-12 and abs(neg["largest"] - max(abs(e) for e in evals)) < 1e-12
+    assert len(said) == 1 and f"a Hessian has {count} of 4 negative eigenvalues" in said[0]
+
+
+@pytest.mark.parametrize("finetuning", ["frozen", "proximal"])
+def test_exact_influence_warns_exactly_when_a_hessian_is_indefinite(finetuning):
+    """The oracle: the eigenvalues of the same dense matrices (H_G; H_tt or K). The untrained tiny
+    task's pretraining Hessian has negative eigenvalues; each warning names its matrix."""
+    task = TinyTask()
+    task.finetuning = finetuning
+    task.alpha = 0.5
+    files: list[str] = []
+    _, said = _caught(lambda: exact_influence(task, task.test_dataset()[:4][:2]), files)
+    assert set(files) == {__file__}                   # at exact_influence's caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pre = pretrain_side(task)
+    assert float(torch.linalg.eigvalsh(pre.hessian).min()) < 0        # the case is not vacuous
+    fin, _ = finetune_side(task, task.finetuned_model().double())
+    dt = fin.d_theta
+    h = fin.hessian.clone()
+    if finetuning == "frozen":
+        h = h[:dt, :dt]
+    else:
+        h[dt:, dt:] += task.alpha * torch.eye(h.shape[0] - dt, dtype=torch.float64)
+    second_negative = float(torch.linalg.eigvalsh(h).min()) < 0
+    # both outcomes are covered: H_tt (a linear head's cross entropy + weight decay) is positive
+    # definite, while K at this alpha is not
+    assert second_negative == (finetuning == "proximal")
+    assert sum("the pretraining Hessian H_G" in m and "pretrained model" in m for m in said) == 1
+    name = "H_tt" if finetuning == "frozen" else "Hessian K"
+    assert sum(name in m and "finetuned model" in m for m in said) == int(second_negative), said
+    assert len(said) == 1 + int(second_negative)
+
+
+def test_a_converged_task_gets_no_warning(digits_frozen):
+    _, said = _caught(lambda: exact_influence(digits_frozen, digits_frozen.test_dataset()[:2][:2]))
+    assert said == []
+
+
+def test_the_exact_preconditioner_says_it_and_the_index_says_it_again(tmp_path, capsys):
+    """Build (the warning, at the caller), manifest record (not clamped), every later open, and msif
+    info; the command line's build-index says it once, not again at its own open."""
+    task = TinyTask()
+    (out, said) = _caught(lambda: build_index(task, tmp_path / "exact", BuildConfig(
+        proj_dim=None, preconditioner="exact", damping=0.0)))
+    assert len(said) == 1 and "inverts them as they are" in said[0]
+    neg = json.loads((out / "manifest.json").read_text())["preconditioner"]["negative_eigenvalues"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        truth = torch.linalg.eigvalsh(pretrain_side(task).hessian)   # identity projection: M = H_G itself
+    assert neg["clamped"] is False and neg["count"] == int((truth < 0).sum()) >= 1
+    assert abs(neg["min"] - float(truth.min())) < 1e-8 * float(truth.abs().max())
+    index, said = _caught(lambda: InfluenceIndex.open(out))
+    index.close()
+    assert len(said) == 1 and str(out) in said[0] and "inverts them as they are" in said[0]
+
+    from msif_index.cli.main import main
+    main(["info", "--index", str(out)])
+    text = capsys.readouterr().out
+    assert f"warning: {neg['count']} of {neg['of']} eigenvalues" in text and "not clamped" in text
+    spec_dir = tmp_path / "task"
+    spec_dir.mkdir()
+    (spec_dir / "t.py").write_text("from tests.test_build import TinyTask\ntask = TinyTask()\n")
+    for reused in (False, True):
+        main(["build-index", "--task", f"{spec_dir / 't.py'}:task", "--out", str(tmp_path / "cli"),
+              "--preconditioner", "hessian", "--proj-dim", "0"])
+        err = capsys.readouterr().err
+        assert err.count("the projected pretraining Hessian has") == 1, (reused, err)
+
+
+def test_info_gives_the_damping_in_both_units(tmp_path, capsys):
+    out = build_index(TinyTask(), tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="gauss-newton",
+                                                                damping=0.01))
+    from msif_index.cli.main import main
+    main(["info", "--index", str(out)])
+    text = capsys.readouterr().out
+    used = json.loads((out / "manifest.json").read_text())["preconditioner"]["damping_used"]["all"]
+    assert f"damping 0.01 x the mean eigenvalue (--damping), absolute: all {used:.3g}" in text
+    assert np.isfinite(used) and used > 0
