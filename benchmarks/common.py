@@ -251,6 +251,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def anon_huge_mb() -> float | None:
+    """Anonymous memory of this process backed by transparent huge pages (MB; /proc/self/smaps_rollup),
+    None where the kernel does not say: what msif_index.hugepages managed to collapse."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def current_rss_mb() -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -190,6 +190,7 @@ def latency(index, task, ids: list[int], param: str | None, value: int | None, r
     index.query(one[0], k=TOPK, **qkw)          # warm-up
     index.query(one[1], k=TOPK, **qkw)
     lat, qv, srch = [], [], []
+    huge = common.anon_huge_mb()                # the query's memory on huge pages (varies run to run)
     for b in one:
         t0 = time.perf_counter()
         index.query(b, k=TOPK, **qkw)
@@ -211,7 +212,7 @@ def latency(index, task, ids: list[int], param: str | None, value: int | None, r
         tb.append(time.perf_counter() - t0)
     return {"p50_ms": 1e3 * pct(lat, 50), "p99_ms": 1e3 * pct(lat, 99), "mean_ms": 1e3 * float(np.mean(lat)),
             "queries": len(lat), "model_part_p50_ms": 1e3 * pct(qv, 50), "search_part_p50_ms": 1e3 * pct(srch, 50),
-            "batch64_queries_per_s": 64 / median(tb), "batch64_s_median": median(tb)}
+            "batch64_queries_per_s": 64 / median(tb), "batch64_s_median": median(tb), "anon_huge_mb": huge}
 
 
 def query_vectors(index, task, ids: list[int]) -> np.ndarray:
