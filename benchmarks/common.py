@@ -252,8 +252,9 @@ def peak_rss_mb() -> float:
 
 
 def anon_huge_mb() -> float | None:
-    """Anonymous memory of this process backed by transparent huge pages (MB; /proc/self/smaps_rollup),
-    None where the kernel does not say: what msif_index.hugepages managed to collapse."""
+    """All anonymous memory of this process backed by transparent huge pages (MB;
+    /proc/self/smaps_rollup), None where the kernel does not say: what msif_index.hugepages collapsed
+    plus whatever else got huge pages (numpy asks for them for its large arrays)."""
     try:
         for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
             if line.startswith("AnonHugePages:"):

@@ -190,7 +190,7 @@ def latency(index, task, ids: list[int], param: str | None, value: int | None, r
     index.query(one[0], k=TOPK, **qkw)          # warm-up
     index.query(one[1], k=TOPK, **qkw)
     lat, qv, srch = [], [], []
-    huge = common.anon_huge_mb()                # the query's memory on huge pages (varies run to run)
+    huge = common.anon_huge_mb()                # the process's memory on huge pages (the rows' among it)
     for b in one:
         t0 = time.perf_counter()
         index.query(b, k=TOPK, **qkw)

@@ -195,11 +195,22 @@ def build_index_cmd(
     manifest = out_dir / "manifest.json"
     before = manifest.stat().st_mtime_ns if manifest.is_file() else None
     old_factory, old_rows = _factory_of(manifest) if before is not None else (None, None)
-    path = build_index(t, out_dir, config, overwrite=overwrite)
+    from msif_index.preconditioners import NEGATIVE_HEAD
+    said: list[str] = []
+    shown = warnings.showwarning
+
+    def note(message, *args, **kwargs):     # shown as they come, and remembered
+        said.append(str(message))
+        shown(message, *args, **kwargs)
+    warnings.showwarning = note
+    try:
+        path = build_index(t, out_dir, config, overwrite=overwrite)
+    finally:
+        warnings.showwarning = shown
     reused = before is not None and manifest.is_file() and manifest.stat().st_mtime_ns == before
     with warnings.catch_warnings():
-        if not reused:                # the build said it (negative eigenvalues): not again at the open
-            warnings.filterwarnings("ignore", message=".*: the projected pretraining Hessian has", category=RuntimeWarning)
+        if any(NEGATIVE_HEAD in m for m in said):     # the build said it: not again at the open
+            warnings.filterwarnings("ignore", message=f".*: {NEGATIVE_HEAD}", category=RuntimeWarning)
         index = InfluenceIndex.open(path, huge_pages=False)              # one process, no queries
     with index:
         key = index.attach(t, validate=False) if attach else None
@@ -267,8 +278,11 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
     about = [f"rows in the {d['row_basis']} basis"]
     if damping not in (None, "", {}):
         relative = d.get("damping")
-        about.append((f"damping {relative:g} x the mean eigenvalue (--damping), absolute: {damping}"
-                      if isinstance(relative, (int, float)) else f"damping used: {damping}"))
+        if relative == 0:
+            about.append("no damping")
+        else:
+            about.append((f"damping {relative:g} x the mean eigenvalue (--damping), absolute: {damping}"
+                          if isinstance(relative, (int, float)) else f"damping used: {damping}"))
     if d["statistics"]:
         about.append(f"{d['statistics']} statistics")
     typer.echo(f"index {d['index']}: n={d['n']} rows of k={d['k']} ({d['dtype']})"
@@ -292,7 +306,9 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
         resumed = d.get("resumed")
         how = ""
         if resumed:                 # the timings are those of the run that finished the build
-            how = (f" (the run that resumed it: {resumed.get('rows_computed', 0):,} of {d['n']:,} rows computed, "
+            rows = resumed.get("rows_computed")
+            rows = f"{rows:,}" if isinstance(rows, int) else str(rows)      # (a hand-edited record: as it is)
+            how = (f" (the run that resumed it: {rows} of {d['n']:,} rows computed, "
                    f"preconditioner {'loaded' if resumed.get('preconditioner_loaded') else 'fitted'})")
         typer.echo(f"  built in{how} " + ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in d["timings"].items()))
     if not d["attached"]:

@@ -190,13 +190,20 @@ class InfluenceIndex:
             manifest = again
         if huge_pages:
             search.use_huge_pages()
+        index = cls(p, manifest, store, search, huge_pages)
         negative = manifest["preconditioner"].get("negative_eigenvalues")
         if isinstance(negative, dict):      # said at the build; again to whoever queries the index
             try:
-                warnings.warn(f"{p}: {negative_message(negative)}", RuntimeWarning, stacklevel=2)
+                text = negative_message(negative)
             except (KeyError, TypeError, ValueError):
-                pass                        # a hand-edited record: msif info shows what is there
-        return cls(p, manifest, store, search, huge_pages)
+                text = None                 # a hand-edited record: msif info shows what is there
+            try:
+                if text:
+                    warnings.warn(f"{p}: {text}", RuntimeWarning, stacklevel=2)
+            except BaseException:           # warnings raised as errors (-W error): nothing left open
+                index.close()
+                raise
+        return index
 
     @property
     def n(self) -> int:

@@ -262,6 +262,9 @@ def negative_eigenvalues(evals: torch.Tensor, lam: float, noise: float = 1e-9,
     return None
 
 
+#: how every account of an index's negative eigenvalues begins (the command line matches it)
+NEGATIVE_HEAD = "the projected pretraining Hessian has"
+
 #: what to do about a model that is not at a minimum, in every message that says so
 NOT_A_MINIMUM_ADVICE = ("train that model to convergence (`msif check-task --stationarity` measures how close it "
                         "is)")
@@ -275,7 +278,7 @@ def warn_negative(negative: dict[str, Any], stacklevel: int) -> None:
 
 def negative_message(negative: dict[str, Any]) -> str:
     """The one-line account of ``negative_eigenvalues`` (build warnings, msif info, opening the index)."""
-    head = (f"the projected pretraining Hessian has {negative['count']} of {negative['of']} eigenvalues below "
+    head = (f"{NEGATIVE_HEAD} {negative['count']} of {negative['of']} eigenvalues below "
             f"minus the damping ({negative.get('damping', 0.0):.3g} absolute; down to {negative['min']:.3g}, the "
             f"largest is {negative['largest']:.3g}): the pretrained model is not at a minimum of its loss, which "
             f"influence assumes. ")

@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Callable, Iterator
 
+from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
@@ -33,7 +34,8 @@ def progress(total: int, description: str, unit: str = "ex", enabled: bool | Non
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                TimeRemainingColumn())
-    with Progress(*columns, transient=False) as bar:
+    # on stderr, like the plain lines: stdout carries results (`msif query --json > file`)
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
         task = bar.add_task(description, total=total, rate="")
 
         def advance(n: int) -> None:

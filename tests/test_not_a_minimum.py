@@ -40,16 +40,33 @@ def _rotated(evals: list[float], seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("evals, count", [([3.0, 1.0, 0.5, 1e-3], 0),     # positive definite
                                           ([3.0, 1.0, 0.0, 0.0], 0),      # singular, positive semidefinite
+                                          ([3.0, 1.0, -1e-13, 0.0], 0),   # rounding below zero
+                                          ([0.0, 0.0, 0.0, 0.0], 0),
                                           ([3.0, 1.0, -0.5, 2.0], 1),
                                           ([-1.0, -2.0, 4.0, 0.1], 2)])
-def test_check_minimum_counts_the_negative_eigenvalues(evals, count):
-    neg, said = _caught(lambda: check_minimum(_rotated(evals), "a Hessian", "pretrained"))
+def test_check_minimum_counts_the_negative_eigenvalues(evals, count, monkeypatch):
+    h = _rotated(evals)
+    if count == 0:          # the shifted Cholesky factorization settles these: no eigendecomposition
+        monkeypatch.setattr(torch.linalg, "eigvalsh", lambda *a, **k: pytest.fail("an eigendecomposition"))
+    neg, said = _caught(lambda: check_minimum(h, "a Hessian", "pretrained"))
     if count == 0:
         assert neg is None and said == []
         return
     assert neg["count"] == count and neg["of"] == 4 and neg["clamped"] is False
     assert abs(neg["min"] - min(evals)) < 1e-12 and abs(neg["largest"] - max(abs(e) for e in evals)) < 1e-12
     assert len(said) == 1 and f"a Hessian has {count} of 4 negative eigenvalues" in said[0]
+
+
+def test_above_the_counting_size_the_warning_comes_without_counting(monkeypatch):
+    """Past MAX_EIGEN_COUNT rows no eigendecomposition: the Cholesky factorization's refusal is said."""
+    import msif_index.exact as E
+    monkeypatch.setattr(E, "MAX_EIGEN_COUNT", 3)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda *a, **k: pytest.fail("eigendecomposition above the limit"))
+    neg, said = _caught(lambda: check_minimum(_rotated([3.0, 1.0, -0.5, 2.0]), "a Hessian", "pretrained"))
+    assert neg["count"] is None and neg["of"] == 4 and len(said) == 1
+    assert "a Hessian has negative eigenvalues (not counted" in said[0]
+    neg, said = _caught(lambda: check_minimum(_rotated([3.0, 1.0, 0.5, 2.0]), "a Hessian", "pretrained"))
+    assert neg is None and said == []
 
 
 @pytest.mark.parametrize("finetuning", ["frozen", "proximal"])
@@ -112,11 +129,21 @@ def test_the_exact_preconditioner_says_it_and_the_index_says_it_again(tmp_path, 
     spec_dir = tmp_path / "task"
     spec_dir.mkdir()
     (spec_dir / "t.py").write_text("from tests.test_build import TinyTask\ntask = TinyTask()\n")
-    for reused in (False, True):
+    # said once each time: by the fit, by the open of a reused index, by the open after a search-only
+    # rebuild (another factory: no fit, a new manifest)
+    for run, extra in (("built", []), ("reused", []), ("search switched", ["--factory", "HNSW8"])):
         main(["build-index", "--task", f"{spec_dir / 't.py'}:task", "--out", str(tmp_path / "cli"),
-              "--preconditioner", "hessian", "--proj-dim", "0"])
+              "--preconditioner", "hessian", "--proj-dim", "0"] + extra)
         err = capsys.readouterr().err
-        assert err.count("the projected pretraining Hessian has") == 1, (reused, err)
+        assert err.count("the projected pretraining Hessian has") == 1, (run, err)
+
+    main(["info", "--index", str(out)])                            # the exact index: no damping
+    assert "no damping" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["resumed"] = {"rows_computed": "12", "preconditioner_loaded": True}    # hand-edited
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    main(["info", "--index", str(out)])
+    assert "(the run that resumed it: 12 of 64 rows computed, preconditioner loaded)" in capsys.readouterr().out
 
 
 def test_info_gives_the_damping_in_both_units(tmp_path, capsys):

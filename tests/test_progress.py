@@ -45,3 +45,12 @@ def test_a_falsy_enabled_is_silent_on_a_terminal_too(capsys, monkeypatch):
         with progress(5, "statistics", enabled=off) as advance:
             advance(5)
         assert _lines(capsys) == [], off
+
+
+def test_the_bar_goes_to_stderr_never_stdout(capsys):
+    """stdout carries results (`msif query --json > file`): a bar, shown or forced, writes stderr only
+    (before: rich's default console, stdout, put the bar's last frame into redirected JSON)."""
+    with progress(3, "featurize", enabled=True) as advance:
+        advance(3)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "featurize" in captured.err
