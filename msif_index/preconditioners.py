@@ -277,7 +277,8 @@ def warn_negative(negative: dict[str, Any], stacklevel: int) -> None:
 
 
 def negative_message(negative: dict[str, Any]) -> str:
-    """The one-line account of ``negative_eigenvalues`` (build warnings, msif info, opening the index)."""
+    """The one-line account of ``negative_eigenvalues`` (the build's warning, and each open's; msif info
+    prints a shorter line)."""
     head = (f"{NEGATIVE_HEAD} {negative['count']} of {negative['of']} eigenvalues below "
             f"minus the damping ({negative.get('damping', 0.0):.3g} absolute; down to {negative['min']:.3g}, the "
             f"largest is {negative['largest']:.3g}): the pretrained model is not at a minimum of its loss, which "
