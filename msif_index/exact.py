@@ -47,6 +47,10 @@ def _check_size(dim: int, what: str, limit: int) -> None:
             f"use the index instead: msif build-index --preconditioner ekfac (or gauss-newton)")
 
 
+#: this package's folder: frames there are skipped when a warning looks for the caller
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def _outside_package() -> int:
     """The warnings stacklevel, for the function that calls this, of the first frame outside msif_index
     (and contextlib, whose decorators wrap some of its functions)."""
@@ -55,9 +59,6 @@ def _outside_package() -> int:
                                  or frame.f_code.co_filename == contextlib.__file__):
         frame, level = frame.f_back, level + 1
     return level
-
-
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 #: above this many parameters a Hessian that is not positive definite is reported without counting

@@ -191,15 +191,10 @@ class InfluenceIndex:
         if huge_pages:
             search.use_huge_pages()
         index = cls(p, manifest, store, search, huge_pages)
-        negative = manifest["preconditioner"].get("negative_eigenvalues")
-        if isinstance(negative, dict):      # said at the build; again to whoever queries the index
+        text = _negative_text(manifest)
+        if text:                            # said at the build; again to whoever queries the index
             try:
-                text = negative_message(negative)
-            except (KeyError, TypeError, ValueError):
-                text = None                 # a hand-edited record: msif info shows what is there
-            try:
-                if text:
-                    warnings.warn(f"{p}: {text}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"{p}: {text}", RuntimeWarning, stacklevel=2)
             except BaseException:           # warnings raised as errors (-W error): nothing left open
                 index.close()
                 raise
@@ -548,6 +543,18 @@ class InfluenceIndex:
 
 #: what the finetuned model raises on a test batch it cannot take (wrong shape, dtype, ...)
 _MODEL_CALL_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
+
+
+def _negative_text(manifest: dict) -> str | None:
+    """The account of the negative eigenvalues the manifest records, or None (none recorded, or a
+    hand-edited record: msif info shows what is there)."""
+    negative = manifest["preconditioner"].get("negative_eigenvalues")
+    if not isinstance(negative, dict):
+        return None
+    try:
+        return negative_message(negative)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _does_not_fit(e: BaseException) -> ShapeError:

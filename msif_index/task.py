@@ -253,15 +253,16 @@ def validate_task(task: MultiStageTask) -> None:
         if task.finetuning == "frozen":
             a = pp[name].detach().cpu()
             b = fp[name].detach().cpu().to(a.dtype)
-            if not torch.equal(a, b) and pp[name].dtype != fp[name].dtype:
+            if torch.equal(a, b):
+                continue
+            if pp[name].dtype != fp[name].dtype:
                 raise TaskError(f"finetuning is 'frozen' but shared parameter {name!r} is {_dtype(pp[name])} in "
                                 f"pretrained_model() and {_dtype(fp[name])} in finetuned_model(), with other values; "
                                 f"give both models one dtype (the finetuned model must hold the pretrained W itself)")
-            if not torch.equal(a, b):
-                diff = float((a.double() - b.double()).abs().max())
-                raise TaskError(f"finetuning is 'frozen' but shared parameter {name!r} differs between "
-                                f"pretrained_model() and finetuned_model() (max |difference| {diff:.3g}); give "
-                                f"the finetuned model the pretrained W, or set finetuning = 'proximal' (with alpha)")
+            diff = float((a.double() - b.double()).abs().max())
+            raise TaskError(f"finetuning is 'frozen' but shared parameter {name!r} differs between "
+                            f"pretrained_model() and finetuned_model() (max |difference| {diff:.3g}); give "
+                            f"the finetuned model the pretrained W, or set finetuning = 'proximal' (with alpha)")
     problem = frozen_buffer_problem(task, pre, fin) if task.finetuning == "frozen" else None
     if problem:
         raise TaskError(f"finetuning is 'frozen' but {problem}")
