@@ -13,7 +13,7 @@ import torch
 
 from msif_index.build import build_index
 from msif_index.config import BuildConfig
-from msif_index.exact import check_minimum, exact_influence, finetune_side, pretrain_side
+from msif_index.exact import check_minimum, exact_influence, finetune_side, negative_inertia, pretrain_side
 from msif_index.index import InfluenceIndex
 
 from .test_build import TinyTask
@@ -57,16 +57,41 @@ def test_check_minimum_counts_the_negative_eigenvalues(evals, count, monkeypatch
     assert len(said) == 1 and f"a Hessian has {count} of 4 negative eigenvalues" in said[0]
 
 
-def test_above_the_counting_size_the_warning_comes_without_counting(monkeypatch):
-    """Past MAX_EIGEN_COUNT rows no eigendecomposition: the Cholesky factorization's refusal is said."""
+@pytest.mark.parametrize("evals, count", [([3.0, 1.0, -0.5, 2.0], 1), ([-1.0, -2.0, 4.0, 0.1], 2),
+                                          ([-3.0, -1.0, -0.5, -2.0], 4), ([3.0, 1.0, 0.5, 2.0], 0),
+                                          ([3.0, 1.0, -1e-13, 0.0], 0)])
+def test_above_the_eigen_size_an_ldl_factorization_counts_them(evals, count, monkeypatch):
+    """Past MAX_EIGEN_COUNT rows no eigendecomposition: the inertia of an LDL^T factorization counts."""
     import msif_index.exact as E
     monkeypatch.setattr(E, "MAX_EIGEN_COUNT", 3)
     monkeypatch.setattr(torch.linalg, "eigvalsh", lambda *a, **k: pytest.fail("eigendecomposition above the limit"))
-    neg, said = _caught(lambda: check_minimum(_rotated([3.0, 1.0, -0.5, 2.0]), "a Hessian", "pretrained"))
-    assert neg["count"] is None and neg["of"] == 4 and len(said) == 1
-    assert "a Hessian has negative eigenvalues (not counted" in said[0]
-    neg, said = _caught(lambda: check_minimum(_rotated([3.0, 1.0, 0.5, 2.0]), "a Hessian", "pretrained"))
-    assert neg is None and said == []
+    neg, said = _caught(lambda: check_minimum(_rotated(evals), "a Hessian", "pretrained"))
+    if count == 0:
+        assert neg is None and said == []
+        return
+    assert neg["count"] == count and neg["of"] == 4 and neg["min"] is None and len(said) == 1
+    assert f"a Hessian has {count} of 4 negative eigenvalues (counted by an LDL^T factorization" in said[0]
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 60, 301])
+def test_negative_inertia_equals_the_eigenvalue_count(d):
+    """The oracle: eigvalsh of the same matrices; indefinite ones (Bunch-Kaufman picks 2 x 2 pivots
+    there), definite ones of either sign, and exactly singular ones."""
+    g = torch.Generator().manual_seed(d)
+    cases = []
+    for kind in ("indefinite", "positive", "negative", "singular"):
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        ev = torch.randn(d, generator=g, dtype=torch.float64) * 10 ** (3 * torch.rand(d, generator=g, dtype=torch.float64))
+        ev = {"positive": ev.abs() + 0.1, "negative": -ev.abs() - 0.1, "indefinite": ev,
+              "singular": torch.where(torch.arange(d) % 3 == 0, torch.zeros(()), ev.abs() + 1)}[kind]
+        cases.append((kind, q @ torch.diag(ev) @ q.T, int((ev < 0).sum())))
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)                 # a plain symmetric one
+    cases.append(("symmetric", a + a.T, int((torch.linalg.eigvalsh(a + a.T) < 0).sum())))
+    for kind, m, expected in cases:
+        m = (m + m.T) / 2
+        if kind == "singular":       # rounding puts its zero eigenvalues on either side: shift past it
+            m = m + 1e-6 * torch.eye(d, dtype=torch.float64)
+        assert negative_inertia(m) == expected, kind
 
 
 @pytest.mark.parametrize("finetuning", ["frozen", "proximal"])
