@@ -150,12 +150,10 @@ def vmap_or_loop(fn: Callable, in_dims: tuple, args: tuple, what: str, try_vmap:
         raise first from None
     if first is not None and what not in _loop_warned:
         _loop_warned.add(what)
-        import warnings
-
         from .errors import first_line
-        warnings.warn(f"vmap cannot batch the per-example gradients of {what} ({first_line(first)}); they are "
-                      f"computed one example at a time, which is slower. {VMAP_LOOP_HINT}", RuntimeWarning,
-                      stacklevel=3)
+        from .warn import warn_user
+        warn_user(f"vmap cannot batch the per-example gradients of {what} ({first_line(first)}); they are "
+                  f"computed one example at a time, which is slower. {VMAP_LOOP_HINT}")
     return tree_map(lambda *xs: torch.stack(xs), outs[0], *outs[1:]), False
 
 

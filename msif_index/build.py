@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -55,6 +54,7 @@ from .search import SearchIndex, built_at_open, fitting_nlist, min_train_rows
 from .store import RowStore, ShardedWriter, _open_h5, link_shards
 from .task import (MultiStageTask, eval_mode, fisher_loss_columns, has_fisher_losses, split_parameters,
                    state_buffers)
+from .warn import warn_user
 
 BUILD_FILE = "build.json"
 MANIFEST = "manifest.json"
@@ -142,10 +142,9 @@ def _warn_if_loss_changed(out: Path, identity: dict, probe: list[float | None] |
                 return
             change = loss_probe_change(recorded, probe)
             if change:
-                warnings.warn(f"the task's pretrain_loss gives other values than when {out} was built ({change}); "
-                              f"its rows are the old loss's (or the first pretraining examples changed): if that "
-                              f"was on purpose, rebuild with --overwrite",
-                              RuntimeWarning, stacklevel=4)    # build_index's caller
+                warn_user(f"the task's pretrain_loss gives other values than when {out} was built ({change}); "
+                          f"its rows are the old loss's (or the first pretraining examples changed): if that "
+                          f"was on purpose, rebuild with --overwrite")
             return
 
 
@@ -620,8 +619,8 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
             pre.load_state_dict(state)
             pre.damping_used = json.loads(attrs["damping_used"])
             pre.negative = json.loads(attrs.get("negative_eigenvalues", "null"))
-            if pre.negative:                     # said at the fit; again, at build_index's caller
-                warn_negative(pre.negative, stacklevel=5)
+            if pre.negative:                     # said at the fit; again
+                warn_negative(pre.negative)
             if not _reuses_sample(pre, config):
                 return None
             return _Sample(_stats_ids(n, config), _shard_rows(n, config))    # rows recomputed per shard
@@ -752,9 +751,9 @@ def _data_fingerprint(task: MultiStageTask) -> str | None:
     data = task.pretrain_dataset()
     fp = fingerprint_dataset(data)
     if fingerprint_dataset(data) != fp:
-        warnings.warn("the pretraining dataset returns different examples when read twice (random "
-                      "augmentation?), so its fingerprint is not recorded: resuming this build or attaching "
-                      "a task to the index cannot check that its data are the same", RuntimeWarning, stacklevel=3)
+        warn_user("the pretraining dataset returns different examples when read twice (random "
+                  "augmentation?), so its fingerprint is not recorded: resuming this build or attaching "
+                  "a task to the index cannot check that its data are the same")
         return None
     return fp
 
@@ -805,9 +804,9 @@ def _former_default_damping(out: Path, config: BuildConfig, identity: dict) -> t
     candidate = {**identity, "config": older.identity_fields()}
     if _adopt_older_identity(out, candidate) is candidate:
         return None
-    warnings.warn(f"{out} was built with damping {HESSIAN_DAMPING:g}, hessian's default over a subsample before "
-                  f"it became {config.damping:g} (README, 'Why auto'); it is kept: rebuild with --overwrite (and "
-                  f"no --damping) for the new default", RuntimeWarning, stacklevel=3)
+    warn_user(f"{out} was built with damping {HESSIAN_DAMPING:g}, hessian's default over a subsample before "
+              f"it became {config.damping:g} (README, 'Why auto'); it is kept: rebuild with --overwrite (and "
+              f"no --damping) for the new default")
     return older, candidate
 
 
@@ -906,7 +905,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
         raise ConfigError(f"factory {config.factory!r} needs at least {min_train_rows(config.factory)} rows to "
                           f"train, the pretraining set has {n}; use fewer lists (e.g. 'IVF{fitting_nlist(n)},Flat') "
                           f"or 'Flat'")
-    with folder_lock(out, stacklevel=4):              # one writer per folder (BusyError otherwise)
+    with folder_lock(out):                            # one writer per folder (BusyError otherwise)
         return _build_locked(task, config, out, prep, identity, fps, n, overwrite, progress_bar)
 
 
@@ -933,14 +932,13 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
             search_damage = _search_damage(out) if overwrite else None
             if search_damage is not None:
                 # only the search structure is damaged (or missing): built again over the rows
-                warnings.warn(f"rebuilding the search index of {out} over its rows ({search_damage})",
-                              RuntimeWarning, stacklevel=3)
+                warn_user(f"rebuilding the search index of {out} over its rows ({search_damage})")
             # already built with these rows; another --factory rebuilds only the search structure
             _switch_search_index(out, config, rebuild=search_damage is not None)
             return final
         # the same build, damaged (what every corruption error tells to rebuild with --overwrite):
         # built again in place, its attached operators kept (they do not depend on the rows)
-        warnings.warn(f"rebuilding the damaged index in {out} ({damage})", RuntimeWarning, stacklevel=3)
+        warn_user(f"rebuilding the damaged index in {out} ({damage})")
         _clear(out, keep={OPERATORS})
     out.mkdir(parents=True, exist_ok=True)
     cleanup_stale_tmp(out)
@@ -1013,6 +1011,6 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
     if out != final:
         _swap_in(out, final)
     if dropped:
-        warnings.warn(f"the replaced index in {final} had {dropped} attached finetuned model(s); their operators "
-                      f"belong to the old index and were removed: attach them again", RuntimeWarning, stacklevel=3)
+        warn_user(f"the replaced index in {final} had {dropped} attached finetuned model(s); their operators "
+                  f"belong to the old index and were removed: attach them again")
     return final

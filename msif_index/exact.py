@@ -11,12 +11,8 @@ test measurement by about -I / n.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
-import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +24,7 @@ from .data import batch_size_of, batches, move
 from .errors import ConfigError, TooLargeError, forward_ad_errors
 from .preconditioners import NOT_A_MINIMUM_ADVICE, negative_eigenvalues
 from .task import FINETUNING_STYLES, MultiStageTask, split_parameters
+from .warn import warn_user
 
 #: dense Hessians above this many parameters are refused
 MAX_EXACT_PARAMS = 20_000
@@ -45,20 +42,6 @@ def _check_size(dim: int, what: str, limit: int) -> None:
         raise TooLargeError(
             f"exact influence needs a dense {dim}x{dim} Hessian of {what} (limit {limit} parameters); "
             f"use the index instead: msif build-index --preconditioner ekfac (or gauss-newton)")
-
-
-#: this package's folder: frames there are skipped when a warning looks for the caller
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _outside_package() -> int:
-    """The warnings stacklevel, for the function that calls this, of the first frame outside msif_index
-    (and contextlib, whose decorators wrap some of its functions)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
-                                 or frame.f_code.co_filename == contextlib.__file__):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 #: up to this many parameters the negative eigenvalues of a Hessian that is not positive definite
@@ -99,7 +82,6 @@ def check_minimum(hessian: torch.Tensor, what: str, model: str) -> dict | None:
     counted: an eigendecomposition up to ``MAX_EIGEN_COUNT`` rows, the inertia of an LDL^T
     factorization of the same shifted matrix above (the eigenvalues below -tol; no sizes). Returns
     ``negative_eigenvalues`` (with no damping; min and largest None above that size), or None."""
-    stacklevel = _outside_package()
     d = hessian.shape[0]
     scale = float(hessian.abs().sum(1).max()) if d else 0.0
     if not (math.isfinite(scale) and scale > 0):
@@ -121,9 +103,9 @@ def check_minimum(hessian: torch.Tensor, what: str, model: str) -> dict | None:
                "clamped": False}
         which = (f"{count} of {d} negative eigenvalues (counted by an LDL^T factorization; their sizes take an "
                  f"eigendecomposition, not done above MAX_EIGEN_COUNT = {MAX_EIGEN_COUNT} parameters)")
-    warnings.warn(f"exact influence: {what} has {which}: the {model} model is not at a minimum of its objective, "
-                  f"which influence assumes, so the exact scores are the formula's value at a saddle point and may "
-                  f"not track retraining: {NOT_A_MINIMUM_ADVICE}", RuntimeWarning, stacklevel=stacklevel)
+    warn_user(f"exact influence: {what} has {which}: the {model} model is not at a minimum of its objective, "
+              f"which influence assumes, so the exact scores are the formula's value at a saddle point and may "
+              f"not track retraining: {NOT_A_MINIMUM_ADVICE}")
     return neg
 
 

@@ -13,7 +13,6 @@ import errno
 import hashlib
 import json
 import threading
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from .search import SearchIndex, built_at_open
 from .store import RowStore
 from .task import (MultiStageTask, frozen_buffer_problem, has_finetune_fisher_losses, split_parameters,
                    validate_task)
+from .warn import warn_user
 
 DIRECTIONS = ("helpful", "harmful")
 
@@ -194,7 +194,7 @@ class InfluenceIndex:
         text = _negative_text(manifest)
         if text:                            # said at the build; again to whoever queries the index
             try:
-                warnings.warn(f"{p}: {text}", RuntimeWarning, stacklevel=2)
+                warn_user(f"{p}: {text}")
             except BaseException:           # warnings raised as errors (-W error): nothing left open
                 index.close()
                 raise
@@ -251,10 +251,9 @@ class InfluenceIndex:
         change = loss_probe_change(self.manifest.get("pretrain_loss_probe"),
                                    pretrain_loss_probe(task, task.pretrained_model()))
         if change:
-            warnings.warn(f"the task's pretrain_loss gives other values than when {self.path} was built ({change}); "
-                          f"the index's rows are the old loss's (or the first pretraining examples changed): if "
-                          f"that was on purpose, rebuild the index",
-                          RuntimeWarning, stacklevel=3)
+            warn_user(f"the task's pretrain_loss gives other values than when {self.path} was built ({change}); "
+                      f"the index's rows are the old loss's (or the first pretraining examples changed): if "
+                      f"that was on purpose, rebuild the index")
 
     def _w_blocks(self) -> list[Block]:
         """The W blocks of the projection, with their offsets in a stored row (q_t's layout)."""
@@ -392,8 +391,8 @@ class InfluenceIndex:
             except CorruptIndexError as e:
                 why = f"unreadable: {getattr(e, 'reason', 'damaged')}"
             if why:
-                warnings.warn(f"the finetune operator {op_path} does not fit this index ({why}); computing it "
-                              f"again", RuntimeWarning, stacklevel=3)
+                warn_user(f"the finetune operator {op_path} does not fit this index ({why}); computing it "
+                          f"again")
                 op = None
         if op is None:
             op = compute_operator(task, model, projector, key, batch_size=batch_size, damping=damping,
@@ -404,18 +403,16 @@ class InfluenceIndex:
                 op.save(op_path)
             except DiskFullError as e:
                 # computing it took a while: the index still answers with it, from memory
-                warnings.warn(f"cannot cache the finetune operator in {op_path.parent} ({str(e).split(';')[0]}); "
-                              f"it is kept in memory and computed again by the next process", RuntimeWarning,
-                              stacklevel=3)
+                warn_user(f"cannot cache the finetune operator in {op_path.parent} ({str(e).split(';')[0]}); "
+                          f"it is kept in memory and computed again by the next process")
             except OSError as e:
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT) and not is_disk_full(e):
                     raise
                 # a shared read-only index still answers (ENOENT: the folder was swapped meanwhile by
                 # an --overwrite rebuild, which takes no operators along): the operator lives in
                 # this process only
-                warnings.warn(f"cannot cache the finetune operator in {op_path.parent} ({e.strerror}); it is "
-                              f"kept in memory and computed again by the next process", RuntimeWarning,
-                              stacklevel=3)
+                warn_user(f"cannot cache the finetune operator in {op_path.parent} ({e.strerror}); it is "
+                          f"kept in memory and computed again by the next process")
         return op
 
     @property

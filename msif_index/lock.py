@@ -15,12 +15,12 @@ import contextlib
 import errno
 import os
 import stat
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 from .atomic import pid_alive
 from .errors import BusyError
+from .warn import warn_user
 
 try:
     import fcntl
@@ -75,13 +75,13 @@ _UNGUARDED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ELOOP, errno.EINVAL,
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path | str, stacklevel: int = 3) -> Iterator[None]:
+def folder_lock(folder: Path | str) -> Iterator[None]:
     """Hold the write lock of ``folder`` for the ``with`` block; BusyError at once if another
     process (or another ``folder_lock`` of this one) holds it. The parent folder is created.
 
     Where the lock file cannot be created, opened or locked (a parent folder this user cannot
     write, a file system without flock), the block runs unguarded, with a RuntimeWarning saying so
-    (``stacklevel``: where it points, 3 = the caller of ``with folder_lock(...)``)."""
+    (at the first caller outside msif_index)."""
     if fcntl is None:                                    # pragma: no cover - Windows
         yield
         return
@@ -122,8 +122,8 @@ def folder_lock(folder: Path | str, stacklevel: int = 3) -> Iterator[None]:
             fd = None
     if fd is None:
         # outside the except block: an error of the build must not be chained to this one
-        warnings.warn(f"cannot use the lock file {path} ({unguarded}): this build is not protected against "
-                      f"another build into {folder} at the same time", RuntimeWarning, stacklevel=stacklevel)
+        warn_user(f"cannot use the lock file {path} ({unguarded}): this build is not protected against "
+                  f"another build into {folder} at the same time")
         yield
         return
     try:

@@ -16,7 +16,6 @@ touches the finetuning data. With no projection (P = I) and dense Hessians both 
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +34,7 @@ from .head_curvature import (CG_ITERS, MAX_DENSE_THETA, DenseHeadCurvature, Head
                              KroneckerHeadCurvature, conjugate_gradient_rows, resolve_h_tt)
 from .progress import progress
 from .task import MultiStageTask, split_parameters
+from .warn import warn_user
 
 #: default relative damping of Kronecker-factored H_tt (x each block's mean eigenvalue)
 KRONECKER_DAMPING = 1e-3
@@ -202,10 +202,9 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
                                         iters, show)
         info.update({"h_tt_" + k: v for k, v in cg.items()})
         if cg["cg_negative_curvature"]:
-            warnings.warn(f"H_tt is not positive definite (the finetuned head is not at a minimum): CG stopped "
-                          f"early on {cg['cg_negative_curvature']} of {pf.shape[0]} rows of B; finetune the head to "
-                          f"convergence or attach with h_tt='dense' (heads up to {MAX_DENSE_THETA} parameters)",
-                          RuntimeWarning, stacklevel=3)
+            warn_user(f"H_tt is not positive definite (the finetuned head is not at a minimum): CG stopped "
+                      f"early on {cg['cg_negative_curvature']} of {pf.shape[0]} rows of B; finetune the head to "
+                      f"convergence or attach with h_tt='dense' (heads up to {MAX_DENSE_THETA} parameters)")
     if not torch.isfinite(b).all():
         raise NonFiniteError(f"the finetune operator B is not finite ({method} H_tt is singular or the "
                              f"finetuning losses are not finite); attach with damping > 0, e.g. 1e-3")

@@ -24,7 +24,6 @@ gauss-newton / hessian / exact and as wd * mean diag(P_b P_b^T) per layer for kf
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 from typing import Any, Callable, Collection, Iterable, Sequence
 
@@ -33,6 +32,7 @@ import torch
 
 from .errors import ConfigError
 from .gradients.blocks import Block
+from .warn import warn_user
 
 PRECONDITIONERS = ("identity", "gauss-newton", "kfac", "ekfac", "hessian", "exact")
 _F64 = torch.float64
@@ -222,10 +222,8 @@ class DenseInverse(Preconditioner):
         self.damping_used["all"] = lam
         if check:
             self.negative = negative_eigenvalues(raw, lam, clamped=clamp)
-            if self.negative:
-                # at build_index's caller: _factor, fit_hessian, _fit_preconditioner, _load_or_fit,
-                # _build_locked, build_index (tests/test_build.py checks where it points)
-                warn_negative(self.negative, stacklevel=8)
+            if self.negative:                   # at build_index's caller (tests/test_build.py checks)
+                warn_negative(self.negative)
         inv = (evecs / (evals + lam)) @ evecs.T
         self.inv_w = inv[:, self.w_cols].contiguous()
 
@@ -270,10 +268,10 @@ NOT_A_MINIMUM_ADVICE = ("train that model to convergence (`msif check-task --sta
                         "is)")
 
 
-def warn_negative(negative: dict[str, Any], stacklevel: int) -> None:
+def warn_negative(negative: dict[str, Any]) -> None:
     """RuntimeWarning for ``negative_eigenvalues``: the pretrained model is not at a minimum (a saddle
     point or far from converged). Given again when a resumed build loads the fitted state."""
-    warnings.warn(negative_message(negative), RuntimeWarning, stacklevel=stacklevel)
+    warn_user(negative_message(negative))
 
 
 def negative_message(negative: dict[str, Any]) -> str:

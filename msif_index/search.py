@@ -45,7 +45,6 @@ import os
 import re
 import threading
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +54,7 @@ from ._faiss import faiss
 import numpy as np
 
 from .errors import ConfigError, CorruptIndexError, DiskFullError, NonFiniteError, ShapeError
+from .warn import warn_user
 
 __all__ = [
     "EXACT_PATH",
@@ -957,7 +957,7 @@ class SearchIndex:
             self._gpu_index, self._gpu_res = _to_gpu(self._index)
         except Exception as e:
             self._gpu_index = self._gpu_res = None
-            warnings.warn(f"could not move index {self._factory!r} to GPU ({_first_line(e)}); searching on CPU", RuntimeWarning, stacklevel=3)
+            warn_user(f"could not move index {self._factory!r} to GPU ({_first_line(e)}); searching on CPU")
 
     def _drop_gpu(self) -> None:
         self._gpu_index = None

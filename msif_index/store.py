@@ -27,7 +27,6 @@ import queue
 import re
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -36,6 +35,7 @@ import numpy as np
 
 from .atomic import atomic_path, check_free_space, cleanup_stale_tmp, disk_full_error, is_disk_full
 from .errors import ConfigError, CorruptIndexError, NonFiniteError, ShapeError, first_line
+from .warn import warn_user
 
 try:  # torch is optional here: rows may be numpy arrays
     import torch
@@ -1105,11 +1105,8 @@ class ShardedWriter:
         try:
             store = RowStore.open(path)
         except CorruptIndexError:
-            warnings.warn(
-                f"shard {path} is truncated, corrupted or half-written; deleted it, its rows will be computed again",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            warn_user(f"shard {path} is truncated, corrupted or half-written; deleted it, its rows will be computed "
+                      f"again")
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             self._valid.pop(i, None)

@@ -6,13 +6,13 @@ small reference pipelines are trained until the gradient vanishes to float64 pre
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .autodiff import FlatParams, LossFn, batched_objective, dense_hessian
+from .warn import warn_user
 
 
 @contextlib.contextmanager
@@ -74,10 +74,9 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
             x, gnorm = _newton_step(objective, x)
     flat.set(x)
     if warn and not gnorm <= grad_tol:
-        warnings.warn(f"fit stopped at gradient norm {gnorm:.1e}, above grad_tol={grad_tol:.0e} (L-BFGS, "
-                      f"max_iter={max_iter}{', then Newton steps' if newton else ''}): influence assumes an "
-                      f"optimum; call fit again (it continues from here), raise max_iter, or add l2",
-                      RuntimeWarning, stacklevel=2)
+        warn_user(f"fit stopped at gradient norm {gnorm:.1e}, above grad_tol={grad_tol:.0e} (L-BFGS, "
+                  f"max_iter={max_iter}{', then Newton steps' if newton else ''}): influence assumes an "
+                  f"optimum; call fit again (it continues from here), raise max_iter, or add l2")
     return gnorm
 
 

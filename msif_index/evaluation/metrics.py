@@ -28,11 +28,12 @@ import numpy as np
 from scipy import stats
 
 from ..search import recall_at_k
+from ..warn import warn_user
 
 DIRECTIONS = ("helpful", "harmful")
 
 
-def _finite_pair(a: np.ndarray, b: np.ndarray, what: str, stacklevel: int) -> tuple[np.ndarray, np.ndarray]:
+def _finite_pair(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     if a.shape != b.shape:
@@ -41,8 +42,8 @@ def _finite_pair(a: np.ndarray, b: np.ndarray, what: str, stacklevel: int) -> tu
     if not ok.all():
         # e.g. a retraining that diverged: its pairs are left out, and that is said (the figures
         # computed from the rest are over fewer points than asked for)
-        warnings.warn(f"{int((~ok).sum())} of {ok.size} score pairs are NaN or infinite and were left out of "
-                      f"the {what}", RuntimeWarning, stacklevel=stacklevel + 1)
+        warn_user(f"{int((~ok).sum())} of {ok.size} score pairs are NaN or infinite and were left out of "
+                  f"the {what}")
         return a[ok], b[ok]
     return a, b
 
@@ -52,7 +53,7 @@ def _constant(x: np.ndarray) -> bool:
 
 
 def _correlation(fn, a: Sequence[float], b: Sequence[float]) -> float:
-    x, y = _finite_pair(np.asarray(a), np.asarray(b), "correlation", 3)     # spearman / pearson's caller
+    x, y = _finite_pair(np.asarray(a), np.asarray(b), "correlation")
     if x.size < 3 or _constant(x) or _constant(y):
         return float("nan")
     with warnings.catch_warnings():
@@ -72,7 +73,7 @@ def pearson(a: Sequence[float], b: Sequence[float]) -> float:
 
 def scale(scores: Sequence[float], truth: Sequence[float]) -> float:
     """Least-squares slope of ``scores`` regressed on ``truth`` (with intercept): cov(s, t) / var(t)."""
-    s, t = _finite_pair(np.asarray(scores), np.asarray(truth), "scale", 2)
+    s, t = _finite_pair(np.asarray(scores), np.asarray(truth), "scale")
     if s.size < 2:
         return float("nan")
     tc = t - t.mean()

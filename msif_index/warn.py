@@ -1,0 +1,26 @@
+"""Warnings that point at the user's code: the first frame outside msif_index."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+
+#: this package's folder: frames there are skipped when a warning looks for the caller
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def outside_package() -> int:
+    """The warnings stacklevel, for the function that calls this, of the first frame outside msif_index
+    (and contextlib, whose decorators wrap some of its functions)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """``warnings.warn`` at the first caller outside msif_index (the user's line; the CLI's in a
+    ``msif`` command), however deep inside the package the warning arises."""
+    warnings.warn(message, category, stacklevel=outside_package())

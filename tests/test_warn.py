@@ -1,0 +1,50 @@
+"""Every warning of the package points at the user's line (the first frame outside msif_index),
+however deep inside the package it arises: before, each call site guessed a stacklevel, and
+InfluenceIndex.open's warning pointed inside msif_index.evaluation when an evaluation opened it."""
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+
+import msif_index.warn as W
+
+
+def _package_chain(depth: int):
+    """A chain of ``depth`` functions whose code lives in a file inside the package (as far as frames
+    tell), the innermost calling warn_user."""
+    src = "def f0():\n    warn_user('deep')\n"
+    for i in range(1, depth):
+        src += f"def f{i}():\n    f{i - 1}()\n"
+    ns = {"warn_user": W.warn_user}
+    exec(compile(src, os.path.join(W._PACKAGE, "evaluation", "somewhere.py"), "exec"), ns)
+    return ns[f"f{depth - 1}"]
+
+
+def test_a_warning_deep_in_the_package_points_at_the_caller():
+    for depth in (1, 2, 5):
+        fn = _package_chain(depth)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            line = inspect.currentframe().f_lineno + 1
+            fn()
+        assert len(rec) == 1 and rec[0].category is RuntimeWarning and str(rec[0].message) == "deep"
+        assert rec[0].filename == __file__ and rec[0].lineno == line, (depth, rec[0].filename, rec[0].lineno)
+
+
+def test_the_open_of_an_index_that_records_negative_eigenvalues_points_at_the_caller(tmp_path):
+    from msif_index.build import build_index
+    from msif_index.config import BuildConfig
+    from msif_index.index import InfluenceIndex
+
+    from .test_build import TinyTask
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = build_index(TinyTask(), tmp_path / "exact", BuildConfig(proj_dim=None, preconditioner="exact",
+                                                                      damping=0.0), progress_bar=False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        InfluenceIndex.open(out).close()
+    mine = [r for r in rec if "not at a minimum" in str(r.message)]
+    assert len(mine) == 1 and mine[0].filename == __file__
