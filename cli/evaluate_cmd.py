@@ -8,7 +8,7 @@ import typer
 
 from msif_index.errors import ConfigError
 
-from .output import SIGN_CONVENTION, parse_ids, print_json
+from .output import NOT_A_MINIMUM, SIGN_CONVENTION, parse_ids, print_json, warnings_kept
 
 TASK_HELP = "Task as FILE.py:NAME (NAME: a MultiStageTask instance, or a class/factory called with no arguments)."
 
@@ -127,7 +127,9 @@ def register(app: typer.Typer) -> None:
             num_subsets=num_subsets, fraction=fraction, subset_start=subset_start, subset_stop=subset_stop,
             sweep_proj_dims=_int_list(sweep_proj_dims, "--sweep-proj-dims", zero_is_none=True),
             sweep_preconditioners=pres, figures=figures)
-        result = evaluate(t, index, config, out, task_spec=task, progress_bar=None if progress_bar else False)
+        with warnings_kept() as said:
+            result = evaluate(t, index, config, out, task_spec=task, progress_bar=None if progress_bar else False)
+        not_min = [m for m in said if NOT_A_MINIMUM in m]
         r = result.report
         paths = {k_: str(v) for k_, v in result.paths.items()}
         if as_json:
@@ -136,7 +138,7 @@ def register(app: typer.Typer) -> None:
                         "pooled": r["pooled"], "sweep": [{k_: v for k_, v in row.items() if k_ != "path"}
                                                          for row in r["sweep"]],
                         "retraining": r["retraining"], "skipped_methods": r["skipped_methods"],
-                        "timings": r["timings"]})
+                        "timings": r["timings"], "not_at_a_minimum": not_min})
             return
         typer.echo(SIGN_CONVENTION)
         head = (f"evaluation against {r['against']}: {len(r['config']['test_ids'])} test points, k={r['config']['k']}, "
@@ -155,6 +157,11 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  LDS over {rt['subsets_used']} subsets keeping {r['config']['fraction']:g} of the "
                        f"pretraining set (mean over test points of Spearman(predicted, actual))")
         print_summary(r)
+        if not_min:
+            typer.echo(f"  note: {len(not_min)} warning(s) above say a model is not at a minimum of its objective: "
+                       f"influence assumes one, so these figures measure the formulas where they do not hold "
+                       f"(exact influence is then their value at a saddle point); train to convergence first "
+                       f"(README, 'Both stages at a minimum')")
         for name, why in r["skipped_methods"].items():
             typer.echo(f"  skipped {name}: {why}")
         if r["sweep"]:

@@ -15,7 +15,8 @@ import typer
 from msif_index.config import help_text
 from msif_index.errors import ConfigError, DiskFullError, MsifError, exception_text
 
-from .output import SIGN_CONVENTION, parse_ids, print_json, print_ranking, ranking_result, test_point_info
+from .output import (SIGN_CONVENTION, parse_ids, print_json, print_ranking, ranking_result, test_point_info,
+                     warnings_kept)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-stage influence index: which pretraining examples made a finetuned "
@@ -96,21 +97,37 @@ def check_task(task: str = typer.Option(..., help=TASK_HELP),
 
 def _echo_stationarity(optima: dict, finetuning: str) -> None:
     """check-task --stationarity's lines: each stage's relative gradient, and a warning above the bar."""
+    from msif_index.exact import negative_text
+    from msif_index.preconditioners import NOT_A_MINIMUM_ADVICE
     from msif_index.stationarity import RELATIVE_WARN
     sampled = optima["pretraining"]["sampled"]
     typer.echo(f"  stationarity: |gradient of the objective| / RMS |gradient of one example| ({sampled} sampled; "
-               f"at an optimum: <= {RELATIVE_WARN:g})")
+               f"stationary: <= {RELATIVE_WARN:g})")
     params = {"pretraining": "W, U", "finetuning": "theta" if finetuning == "frozen" else "W, theta"}
     for stage, r in optima.items():
-        verdict = "at an optimum" if r["at_optimum"] else "NOT at an optimum"
+        verdict = "stationary" if r["relative"] <= RELATIVE_WARN else "NOT stationary"
         typer.echo(f"    {stage:<11} ({params[stage]}, {r['examples']} examples): {r['relative']:.1e}  "
                    f"(|grad| {r['grad_norm']:.1e}, one example's {r['example_grad_rms']:.1e})  {verdict}")
+        h = r.get("hessian") or {}
+        if not h.get("checked"):
+            curvature = f"not checked ({h.get('why', 'not measured')}; build-index and msif exact check it)"
+        elif h.get("negative"):
+            curvature = f"{negative_text(h['negative'])}: a saddle point or nonconvex region"
+        else:
+            curvature = "no negative eigenvalue"
+        typer.echo(f"    {'':<11} Hessian: {curvature}  ->  "
+                   + ("at a minimum" if r["at_optimum"] else "NOT at a minimum"))
     for stage, r in optima.items():
-        if not r["at_optimum"]:
+        if r["relative"] > RELATIVE_WARN:
             typer.echo(f"  warning: the {stage} model is not at a minimum of its objective ({r['relative']:.1e} above "
                        f"{RELATIVE_WARN:g}): influence assumes one, so the index ranks less reliably; train that "
                        f"stage longer, in eval mode (msif evaluates the models so: batch norm statistics and "
                        f"dropout change the objective), or measure with `msif evaluate`", err=True)
+        elif not r["at_optimum"]:
+            typer.echo(f"  warning: the {stage} model is not at a minimum of its objective: its gradient is small but "
+                       f"its Hessian has negative eigenvalues (a saddle point), and influence assumes a minimum; "
+                       f"{NOT_A_MINIMUM_ADVICE}, from another start if it stays there (msif_index.training.fit "
+                       f"steps down along negative curvature on models of up to 4,000 parameters)", err=True)
 
 
 @app.command("exact")
@@ -196,17 +213,8 @@ def build_index_cmd(
     before = manifest.stat().st_mtime_ns if manifest.is_file() else None
     old_factory, old_rows = _factory_of(manifest) if before is not None else (None, None)
     from msif_index.preconditioners import NEGATIVE_HEAD
-    said: list[str] = []
-    shown = warnings.showwarning
-
-    def note(message, *args, **kwargs):     # shown as they come, and remembered
-        said.append(str(message))
-        shown(message, *args, **kwargs)
-    warnings.showwarning = note
-    try:
+    with warnings_kept() as said:
         path = build_index(t, out_dir, config, overwrite=overwrite)
-    finally:
-        warnings.showwarning = shown
     reused = before is not None and manifest.is_file() and manifest.stat().st_mtime_ns == before
     with warnings.catch_warnings():
         if any(NEGATIVE_HEAD in m for m in said):     # the build said it: not again at the open
@@ -294,8 +302,9 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
         needed = neg.get("damping_needed")
         what = ("not clamped: the exact preconditioner inverts them as they are" if neg.get("clamped") is False
                 else "clamped to 0")
+        below = "below minus the damping" if neg.get("damping") else "negative"
         typer.echo(f"  warning: {neg['count']} of {neg['of']} eigenvalues of the projected pretraining Hessian were "
-                   f"below minus the damping (down to {neg['min']:.3g}; {what}): the pretrained model is not at "
+                   f"{below} (down to {neg['min']:.3g}; {what}): the pretrained model is not at "
                    f"a minimum of its loss" + (f"; a --damping above {needed:.2g} covers them"
                                                if needed and neg.get("clamped") is not False else ""))
     typer.echo(f"  search {d['factory']}; W = {', '.join(d['w_names'])}")

@@ -1,9 +1,11 @@
 """Human and --json output for the CLI."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 import numpy as np
 import typer
@@ -12,6 +14,27 @@ from msif_index.errors import ConfigError
 
 SIGN_CONVENTION = ("Scores are I(z, x_t) = d loss(x_t) / d eps of up-weighting pretraining example z: "
                    "negative = helpful (proponent), positive = harmful (opponent).")
+
+
+#: what every warning that a model is not at a minimum of its objective says
+NOT_A_MINIMUM = "not at a minimum"
+
+
+@contextlib.contextmanager
+def warnings_kept() -> Iterator[list[str]]:
+    """Warnings shown as they come (by the current ``warnings.showwarning``), their messages also
+    appended to the yielded list (for a command's closing lines)."""
+    said: list[str] = []
+    shown = warnings.showwarning
+
+    def note(message, *args, **kwargs):
+        said.append(str(message))
+        shown(message, *args, **kwargs)
+    warnings.showwarning = note
+    try:
+        yield said
+    finally:
+        warnings.showwarning = shown
 
 
 def parse_ids(text: str, n: int, what: str) -> list[int]:

@@ -71,17 +71,17 @@ def negative_inertia(matrix: torch.Tensor) -> int:
     return int(count)
 
 
-def check_minimum(hessian: torch.Tensor, what: str, model: str) -> dict | None:
-    """RuntimeWarning when the dense Hessian of an objective (``what``) has negative eigenvalues: its
-    ``model`` is then not at a minimum, and the exact formula's value there (a saddle point) is not
-    the influence retraining measures. The warning points at the first caller outside msif_index.
+def negative_curvature(hessian: torch.Tensor) -> dict | None:
+    """The negative eigenvalues of a dense symmetric Hessian beyond rounding, as ``negative_eigenvalues``
+    records them (no damping, not clamped), or None.
 
     A Cholesky factorization of ``hessian + tol I`` decides (``tol`` = 1e-9 x its largest absolute
     row sum, a bound on its eigenvalues: rounding in a singular positive semidefinite Hessian is
-    not reported). It costs about what the solves that follow cost; only a matrix it refuses gets
-    counted: an eigendecomposition up to ``MAX_EIGEN_COUNT`` rows, the inertia of an LDL^T
-    factorization of the same shifted matrix above (the eigenvalues below -tol; no sizes). Returns
-    ``negative_eigenvalues`` (with no damping; min and largest None above that size), or None."""
+    not reported). It costs about what the solves that follow it in exact influence cost; only a
+    matrix it refuses gets counted: an eigendecomposition up to ``MAX_EIGEN_COUNT`` rows, the inertia
+    of an LDL^T factorization of the same shifted matrix above (the eigenvalues below -tol; min and
+    largest None)."""
+    hessian = hessian.detach()
     d = hessian.shape[0]
     scale = float(hessian.abs().sum(1).max()) if d else 0.0
     if not (math.isfinite(scale) and scale > 0):
@@ -90,22 +90,33 @@ def check_minimum(hessian: torch.Tensor, what: str, model: str) -> dict | None:
     if int(torch.linalg.cholesky_ex(shifted).info) == 0:
         return None
     if d <= MAX_EIGEN_COUNT:
-        neg = negative_eigenvalues(torch.linalg.eigvalsh(hessian), 0.0, clamped=False)
-        if not neg:
-            return None
-        which = (f"{neg['count']} of {neg['of']} negative eigenvalues (down to {neg['min']:.3g}, the largest is "
-                 f"{neg['largest']:.3g})")
-    else:
-        count = negative_inertia(shifted)
-        if count == 0:                        # the Cholesky factorization's refusal was rounding at -tol
-            return None
-        neg = {"count": count, "of": d, "min": None, "largest": None, "damping": 0.0, "damping_needed": None,
-               "clamped": False}
-        which = (f"{count} of {d} negative eigenvalues (counted by an LDL^T factorization; their sizes take an "
-                 f"eigendecomposition, not done above MAX_EIGEN_COUNT = {MAX_EIGEN_COUNT} parameters)")
-    warn_user(f"exact influence: {what} has {which}: the {model} model is not at a minimum of its objective, "
-              f"which influence assumes, so the exact scores are the formula's value at a saddle point and may "
-              f"not track retraining: {NOT_A_MINIMUM_ADVICE}")
+        return negative_eigenvalues(torch.linalg.eigvalsh(hessian), 0.0, clamped=False)
+    count = negative_inertia(shifted)
+    if count == 0:                            # the Cholesky factorization's refusal was rounding at -tol
+        return None
+    return {"count": count, "of": d, "min": None, "largest": None, "damping": 0.0, "damping_needed": None,
+            "clamped": False}
+
+
+def negative_text(neg: dict) -> str:
+    """'19 of 728 negative eigenvalues (down to -0.0773, the largest is 41.2)', or the LDL^T count's."""
+    if neg["min"] is not None:
+        return (f"{neg['count']} of {neg['of']} negative eigenvalues (down to {neg['min']:.3g}, the largest is "
+                f"{neg['largest']:.3g})")
+    return (f"{neg['count']} of {neg['of']} negative eigenvalues (counted by an LDL^T factorization; their sizes "
+            f"take an eigendecomposition, not done above MAX_EIGEN_COUNT = {MAX_EIGEN_COUNT} parameters)")
+
+
+def check_minimum(hessian: torch.Tensor, what: str, model: str) -> dict | None:
+    """RuntimeWarning when the dense Hessian of an objective (``what``) has negative eigenvalues
+    (``negative_curvature``): its ``model`` is then not at a minimum, and the exact formula's value
+    there (a saddle point) is not the influence retraining measures. The warning points at the first
+    caller outside msif_index. Returns ``negative_curvature``'s record, or None."""
+    neg = negative_curvature(hessian)
+    if neg:
+        warn_user(f"exact influence: {what} has {negative_text(neg)}: the {model} model is not at a minimum of its "
+                  f"objective, which influence assumes, so the exact scores are the formula's value at a saddle "
+                  f"point and may not track retraining: {NOT_A_MINIMUM_ADVICE}")
     return neg
 
 
@@ -126,21 +137,57 @@ def pretrain_side(task: MultiStageTask, pretrained: nn.Module | None = None, bat
     """H_G, per-example gradients and DW(z) for every pretraining example, exactly."""
     model = _as_float64(pretrained if pretrained is not None else task.pretrained_model())
     w, u = split_parameters(task, model)
-    flat = FlatParams(model, w + u)
-    _check_size(flat.dim, "the pretraining objective over (W, U)", max_params)
+    hessian, flat, data = _pretrain_hessian(task, model, w + u, batch_size, max_params)
+    check_minimum(hessian, "the pretraining Hessian H_G (over W and U)", "pretrained")
     x = flat.get()
     f = flat.loss(task.pretrain_loss)
-    dataset = task.pretrain_dataset()
-    n = len(dataset)  # type: ignore[arg-type]
-    data = [move(b, dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
-    mean_loss = batched_objective(f, data, n)
-    wd = float(task.pretrain_weight_decay)
-    hessian = dense_hessian(mean_loss, x) + wd * torch.eye(flat.dim, dtype=_DTYPE)
-    check_minimum(hessian, "the pretraining Hessian H_G (over W and U)", "pretrained")
     grads = torch.cat([per_example_grads(f, x, b) for b in data])
     solved = torch.linalg.solve(hessian, grads.T).T      # H_G^{-1} grad g(z_i), rows
     d_w = sum(flat.sizes[: len(w)])
     return PretrainSide(hessian, grads, -solved[:, :d_w], w, u)
+
+
+def _pretrain_hessian(task: MultiStageTask, model: nn.Module, names: list[str], batch_size: int,
+                      max_params: int) -> tuple[torch.Tensor, FlatParams, list]:
+    """H_G over ``names`` of the float64 ``model`` (mean pretraining loss plus its weight decay), with
+    the flat parameters and the float64 batches."""
+    flat = FlatParams(model, names)
+    _check_size(flat.dim, "the pretraining objective over (W, U)", max_params)
+    dataset = task.pretrain_dataset()
+    data = [move(b, dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
+    mean_loss = batched_objective(flat.loss(task.pretrain_loss), data, len(dataset))  # type: ignore[arg-type]
+    x = flat.get()
+    hessian = dense_hessian(mean_loss, x) + float(task.pretrain_weight_decay) * torch.eye(flat.dim, dtype=_DTYPE,
+                                                                                         device=x.device)
+    return hessian, flat, data
+
+
+@forward_ad_errors("the pretraining Hessian")
+def pretrain_hessian(task: MultiStageTask, pretrained: nn.Module | None = None, batch_size: int = 512,
+                     max_params: int = MAX_EXACT_PARAMS) -> torch.Tensor:
+    """H_G over (W, U) at the pretrained model, dense, float64 (no check of its eigenvalues)."""
+    model = _as_float64(pretrained if pretrained is not None else task.pretrained_model())
+    w, u = split_parameters(task, model)
+    return _pretrain_hessian(task, model, w + u, batch_size, max_params)[0]
+
+
+@forward_ad_errors("the finetuning Hessian")
+def finetune_objective_hessian(task: MultiStageTask, finetuned: nn.Module | None = None, batch_size: int = 512,
+                               max_params: int = MAX_EXACT_PARAMS) -> torch.Tensor:
+    """The Hessian of the finetuning objective over what finetuning trains, dense, float64: H_tt over
+    theta (frozen), K over (theta, W) with the proximal term's alpha I on W (proximal)."""
+    model = _as_float64(finetuned if finetuned is not None else task.finetuned_model())
+    w, theta = split_parameters(task, model)
+    frozen = task.finetuning == "frozen"
+    flat = FlatParams(model, theta if frozen else theta + w)
+    _check_size(flat.dim, "the finetuning objective over " + ("theta" if frozen else "(theta, W)"), max_params)
+    dataset = task.finetune_dataset()
+    data = [move(b, dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
+    h = dense_hessian(batched_objective(flat.loss(task.finetune_loss), data, len(dataset)), flat.get())  # type: ignore[arg-type]
+    d_theta = sum(flat.sizes[: len(theta)])
+    diag = torch.full((flat.dim,), float(task.finetune_weight_decay), dtype=_DTYPE, device=h.device)
+    diag[d_theta:] = float(task.alpha)                  # proximal: alpha/2 ||W - W*||^2
+    return h + torch.diag(diag)
 
 
 @dataclass

@@ -43,6 +43,10 @@ from .task import (MultiStageTask, frozen_buffer_problem, has_finetune_fisher_lo
 from .warn import warn_user
 
 DIRECTIONS = ("helpful", "harmful")
+#: how a test batch looks, in the errors about one that does not
+_BATCH_HINT = ("pass a batch as the task's losses take one, with the batch dimension first, e.g. "
+               "msif_index.data.full_batch(task.test_dataset(), ids)")
+_REBUILD = "rebuild the index with `msif build-index ... --overwrite`"
 
 
 @dataclass
@@ -229,16 +233,16 @@ class InfluenceIndex:
                         f"model's buffers ({short(fps[part])}: batch norm running statistics, ...) are not the ones")
                 raise IndexMismatchError(
                     f"the task's pretrained {what} this index was built from ({short(want[part])}); use the "
-                    f"matching pretrained model or rebuild the index")
+                    f"matching pretrained model or {_REBUILD}")
         wd = self.manifest["identity"].get("pretrain_weight_decay")      # absent in indexes built before it
         if wd is not None and float(task.pretrain_weight_decay) != wd:
             raise IndexMismatchError(
                 f"the task's pretrain_weight_decay is {task.pretrain_weight_decay:g} but this index was built with "
                 f"{wd:g} (part of the pretraining objective, so of its Hessian and the stored rows); use the "
-                f"weight decay it was built with or rebuild the index")
+                f"weight decay it was built with or {_REBUILD}")
         if len(task.pretrain_dataset()) != self.n:
             raise IndexMismatchError(f"the task has {len(task.pretrain_dataset())} pretraining examples, "
-                                     f"the index {self.n}; rebuild the index for this dataset")
+                                     f"the index {self.n}; {_REBUILD} for this dataset")
         want_data = self.manifest["identity"].get("data")        # absent in indexes built before it
         if want_data is not None:
             data = fingerprint_dataset(task.pretrain_dataset())
@@ -246,14 +250,14 @@ class InfluenceIndex:
                 raise IndexMismatchError(
                     f"the task's pretraining dataset ({short(data)}) is not the one this index was built from "
                     f"({short(want_data)}: its length and a fixed sample of examples differ); the index's ids "
-                    f"would name other examples: use the dataset it was built from or rebuild the index")
+                    f"would name other examples: use the dataset it was built from or {_REBUILD}")
         # the same model and data: is it the same loss? (the rows depend on it; no fingerprint covers it)
         change = loss_probe_change(self.manifest.get("pretrain_loss_probe"),
                                    pretrain_loss_probe(task, task.pretrained_model()))
         if change:
             warn_user(f"the task's pretrain_loss gives other values than when {self.path} was built ({change}); "
                       f"the index's rows are the old loss's (or the first pretraining examples changed): if "
-                      f"that was on purpose, rebuild the index")
+                      f"that was on purpose, {_REBUILD}")
 
     def _w_blocks(self) -> list[Block]:
         """The W blocks of the projection, with their offsets in a stored row (q_t's layout)."""
@@ -457,6 +461,8 @@ class InfluenceIndex:
                 q = a.query.vectors(a.task.measurement, batch).detach()
             except _MODEL_CALL_ERRORS as e:
                 raise _does_not_fit(e) from None
+            except ShapeError as e:            # the per-example gradients' own checks (no batch dimension, ...)
+                raise ShapeError(f"{first_line(e)}; {_BATCH_HINT}") from None
         if q.shape[0] != q_n:
             raise ShapeError(f"measurement returned {q.shape[0]} values for {q_n} test examples")
         if q.dtype not in (torch.float32, torch.float64):      # a half-precision model: float32 vectors
@@ -555,7 +561,8 @@ def _negative_text(manifest: dict) -> str | None:
 
 
 def _does_not_fit(e: BaseException) -> ShapeError:
-    return ShapeError(f"the test batch does not fit the finetuned model: {first_line(e)}")
+    return ShapeError(f"the test batch does not fit the finetuned model (shapes or dtypes): {first_line(e)}; "
+                      f"{_BATCH_HINT}")
 
 
 def _projection_fingerprint(manifest: dict) -> str:

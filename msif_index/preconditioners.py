@@ -277,8 +277,10 @@ def warn_negative(negative: dict[str, Any]) -> None:
 def negative_message(negative: dict[str, Any]) -> str:
     """The one-line account of ``negative_eigenvalues`` (the build's warning, and each open's; msif info
     prints a shorter line)."""
-    head = (f"{NEGATIVE_HEAD} {negative['count']} of {negative['of']} eigenvalues below "
-            f"minus the damping ({negative.get('damping', 0.0):.3g} absolute; down to {negative['min']:.3g}, the "
+    damping = negative.get("damping", 0.0)
+    which = (f"eigenvalues below minus the damping ({damping:.3g} absolute; " if damping
+             else "negative eigenvalues (no damping; ")
+    head = (f"{NEGATIVE_HEAD} {negative['count']} of {negative['of']} {which}down to {negative['min']:.3g}, the "
             f"largest is {negative['largest']:.3g}): the pretrained model is not at a minimum of its loss, which "
             f"influence assumes. ")
     if not negative.get("clamped", True):

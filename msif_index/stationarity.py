@@ -32,14 +32,25 @@ from .task import MultiStageTask, eval_mode, split_parameters
 RELATIVE_WARN = 1e-3
 #: examples per stage whose own gradients give the typical per-example gradient
 SAMPLE = 64
+#: stages with at most this many trained parameters also get their dense Hessian's eigenvalues
+#: checked (a vanishing gradient is also what a saddle point has); above, build-index's hessian
+#: preconditioner and msif exact check them
+HESSIAN_MAX_PARAMS = 2048
 
 
 def stationarity(task: MultiStageTask, batch_size: int = 256, sample: int = SAMPLE,
-                 seed: int = 0, progress_bar: bool | None = None) -> dict[str, dict[str, Any]]:
+                 seed: int = 0, progress_bar: bool | None = None,
+                 hessian_max_params: int = HESSIAN_MAX_PARAMS) -> dict[str, dict[str, Any]]:
     """{"pretraining": ..., "finetuning": ...}, each {"params", "grad_norm", "example_grad_rms",
-    "examples", "sampled", "relative", "at_optimum"}; one pass over each dataset plus ``sample``
-    single-example backward passes per stage. Models stay where they are (their device and dtype)
-    and are evaluated in eval mode, as a build does."""
+    "examples", "sampled", "relative", "hessian", "at_optimum"}; one pass over each dataset plus
+    ``sample`` single-example backward passes per stage. Models stay where they are (their device and
+    dtype) and are evaluated in eval mode, as a build does.
+
+    ``hessian``: for a stage of at most ``hessian_max_params`` parameters, the negative eigenvalues
+    of its objective's dense float64 Hessian (``exact.negative_curvature``: {"checked": True,
+    "negative": record or None}); above, or where its second derivatives cannot be taken,
+    {"checked": False, "why": ...}. ``at_optimum``: the relative gradient within ``RELATIVE_WARN``
+    and no negative eigenvalue found."""
     pre, fin = task.pretrained_model(), task.finetuned_model()
     w, u = split_parameters(task, pre)
     _, theta = split_parameters(task, fin)
@@ -64,12 +75,30 @@ def stationarity(task: MultiStageTask, batch_size: int = 256, sample: int = SAMP
                                                 for n in w))
         return sum(terms) if terms else None
 
-    return {
+    out = {
         "pretraining": _stage("pretraining", pre, pre_params, task.pretrain_loss, task.pretrain_dataset(),
                               pretrain_extra, batch_size, sample, seed, progress_bar),
         "finetuning": _stage("finetuning", fin, fin_params, task.finetune_loss, task.finetune_dataset(),
                              finetune_extra, batch_size, sample, seed, progress_bar),
     }
+    for stage, params in (("pretraining", pre_params), ("finetuning", fin_params)):
+        r = out[stage]
+        r["hessian"] = _curvature(task, stage, sum(p.numel() for p in params.values()), hessian_max_params)
+        r["at_optimum"] = r["at_optimum"] and not r["hessian"].get("negative")
+    return out
+
+
+def _curvature(task: MultiStageTask, stage: str, d: int, max_params: int) -> dict[str, Any]:
+    """The stage objective's dense Hessian checked for negative eigenvalues, where it is small enough."""
+    from .errors import MsifError
+    from .exact import finetune_objective_hessian, negative_curvature, pretrain_hessian
+    if d > max_params:
+        return {"checked": False, "why": f"{d:,} parameters, above {max_params:,}"}
+    try:
+        h = pretrain_hessian(task) if stage == "pretraining" else finetune_objective_hessian(task)
+    except MsifError as e:
+        return {"checked": False, "why": str(e).split(";")[0]}
+    return {"checked": True, "negative": negative_curvature(h)}
 
 
 def _params(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:

@@ -28,6 +28,11 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+#: L-BFGS then Newton rounds at most: a round ends at a minimum, or where the polish found negative
+#: curvature and stepped down along it (then L-BFGS again from there)
+MAX_ROUNDS = 6
+
+
 def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[Any], n: int,
         weights: Sequence[torch.Tensor] | None = None, l2: float | torch.Tensor = 0.0,
         center: torch.Tensor | None = None, max_iter: int = 1000, newton_max_dim: int = 4000,
@@ -41,6 +46,13 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
     gradient norm. Starts from the model's current values (warm start). When that norm is still above
     ``grad_tol`` (ill-conditioned models, too few iterations), a RuntimeWarning says so, since the
     influence formulas hold at an optimum; ``warn=False`` for a deliberately budgeted call.
+
+    Up to ``newton_max_dim`` parameters, L-BFGS is followed by Newton steps on the dense Hessian,
+    which also tell a minimum from a saddle point (where L-BFGS, and Newton's own steps, can stop
+    with a vanishing gradient): where the Hessian has negative eigenvalues the polish takes a
+    saddle-free Newton step (|H|^-1 g) and a step along the most negative curvature, each kept only
+    if it lowers the objective, then L-BFGS runs again from there (at most ``MAX_ROUNDS`` rounds).
+    A fit that still ends where the Hessian has negative eigenvalues warns, whatever its gradient.
     """
     flat = FlatParams(model, names)
     f = flat.loss(loss_fn)
@@ -53,10 +65,38 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
         return data_term(x) + 0.5 * (l2_t * (x - c) ** 2).sum()
 
     newton = flat.dim <= newton_max_dim
-    x = x0.clone().requires_grad_(True)
-    # with a Newton polish to follow, L-BFGS only needs to reach Newton's region of fast convergence
-    opt = torch.optim.LBFGS([x], lr=1, max_iter=max_iter, tolerance_grad=max(grad_tol, 1e-7) if newton else grad_tol,
-                            tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe")
+    x, negative = x0.clone(), 0
+    rounds = MAX_ROUNDS if newton else 1
+    for r in range(rounds):
+        x = _lbfgs(objective, x, max_iter, max(grad_tol, 1e-7) if newton else grad_tol)
+        gnorm = _grad_norm(objective, x)
+        if not newton:
+            break
+        x_next, g_next, negative, escaped = _polish(objective, x, gnorm, grad_tol)
+        if not escaped:
+            x, gnorm = x_next, g_next
+            break
+        if r + 1 < rounds:           # stepped down along negative curvature: L-BFGS again from there
+            x = x_next
+        # else: the last round's L-BFGS point stays, and ``negative`` says where it stopped
+    flat.set(x)
+    if warn and negative:
+        warn_user(f"fit stopped where the Hessian has {negative} negative eigenvalue(s) (gradient norm {gnorm:.1e}): "
+                  f"a saddle point or a nonconvex region, not the minimum influence assumes; call fit again, train "
+                  f"longer first (e.g. Adam with a decaying learning rate), start elsewhere, or add l2")
+    elif warn and not gnorm <= grad_tol:
+        warn_user(f"fit stopped at gradient norm {gnorm:.1e}, above grad_tol={grad_tol:.0e} (L-BFGS, "
+                  f"max_iter={max_iter}{', then Newton steps' if newton else ''}): influence assumes an "
+                  f"optimum; call fit again (it continues from here), raise max_iter, or add l2")
+    return gnorm
+
+
+def _lbfgs(objective, x0: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
+    """L-BFGS (strong Wolfe line search) from ``x0``; with a Newton polish to follow, ``tol`` only
+    needs to reach Newton's region of fast convergence."""
+    x = x0.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-16,
+                            history_size=50, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -65,29 +105,47 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
         return val
 
     opt.step(closure)
-    x = x.detach()
-    gnorm = _grad_norm(objective, x)
-    if newton:
-        for _ in range(8):
-            if gnorm < grad_tol:
-                break
-            x, gnorm = _newton_step(objective, x)
-    flat.set(x)
-    if warn and not gnorm <= grad_tol:
-        warn_user(f"fit stopped at gradient norm {gnorm:.1e}, above grad_tol={grad_tol:.0e} (L-BFGS, "
-                  f"max_iter={max_iter}{', then Newton steps' if newton else ''}): influence assumes an "
-                  f"optimum; call fit again (it continues from here), raise max_iter, or add l2")
-    return gnorm
+    return x.detach()
 
 
 def _grad_norm(objective, x: torch.Tensor) -> float:
     return float(torch.func.grad(objective)(x).detach().norm())
 
 
-def _newton_step(objective, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _polish(objective, x: torch.Tensor, gnorm: float, grad_tol: float, steps: int = 8
+            ) -> tuple[torch.Tensor, float, int, bool]:
+    """Newton steps while the Hessian is positive definite; (x, gradient norm, negative eigenvalues
+    of the last Hessian, whether a step down along negative curvature was taken).
+
+    A point that already meets ``grad_tol`` still gets its Hessian checked once: a vanishing gradient
+    is also what a saddle point has."""
+    checked = False
+    for _ in range(steps):
+        if gnorm < grad_tol and checked:
+            break
+        h = dense_hessian(objective, x)
+        if int(torch.linalg.cholesky_ex(h).info) != 0:
+            evals, evecs = torch.linalg.eigh(h)
+            top = float(evals.abs().max())
+            negative = int((evals < -1e-9 * top).sum())
+            if negative:
+                down = _descend(objective, x, evals, evecs)
+                if down is None:
+                    return x, gnorm, negative, False
+                return down, _grad_norm(objective, down), negative, True
+        checked = True
+        if gnorm < grad_tol:
+            break
+        x_new, g_new = _newton_step(objective, x, h)
+        if g_new >= gnorm:
+            break
+        x, gnorm = x_new, g_new
+    return x, gnorm, 0, False
+
+
+def _newton_step(objective, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, float]:
     """One damped Newton step with backtracking; keeps x if nothing decreases the gradient."""
     g = torch.func.grad(objective)(x)
-    h = dense_hessian(objective, x)
     step = torch.linalg.solve(h, g)
     g0 = float(g.detach().norm())
     t = 1.0
@@ -98,3 +156,38 @@ def _newton_step(objective, x: torch.Tensor) -> tuple[torch.Tensor, float]:
             return cand, gn
         t *= 0.5
     return x, g0
+
+
+def _descend(objective, x: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor) -> torch.Tensor | None:
+    """A point of lower objective where the Hessian ``evecs diag(evals) evecs^T`` has negative
+    eigenvalues, or None: the saddle-free Newton step -|H|^-1 g (a descent direction whatever the
+    signs), backtracked to an Armijo decrease, then from there a step along the most negative
+    curvature's eigenvector v, turned downhill, of length s = 2^-j (j = 0..40) while
+    f(x + s v) <= f(x) + 1e-4 s^2 lambda_min / 2 fails."""
+    g = torch.func.grad(objective)(x).detach()
+    f0 = float(objective(x))
+    top = float(evals.abs().max())
+    p = -(evecs @ ((evecs.T @ g) / evals.abs().clamp_min(1e-8 * top)))
+    best, f_best = x, f0
+    slope = float(g @ p)
+    t = 1.0
+    for _ in range(40):
+        cand = x + t * p
+        fc = float(objective(cand))
+        if fc <= f0 + 1e-4 * t * slope and fc < f0:
+            best, f_best = cand, fc
+            break
+        t *= 0.5
+    v = evecs[:, 0]
+    if float(torch.func.grad(objective)(best).detach() @ v) > 0:
+        v = -v
+    lam = float(evals[0])
+    s = 1.0
+    for _ in range(40):
+        cand = best + s * v
+        fc = float(objective(cand))
+        if fc <= f_best + 1e-4 * 0.5 * s * s * lam and fc < f_best:
+            best, f_best = cand, fc
+            break
+        s *= 0.5
+    return best if f_best < f0 else None

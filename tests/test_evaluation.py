@@ -239,6 +239,7 @@ def test_cli_evaluate_json(task, index_dir, tmp_path, monkeypatch):
     assert out["status"] == "complete" and out["test_ids"] == [0, 5]
     assert set(out["summary"]) == {"index", "single_stage"}
     assert out["summary"]["index"]["spearman"] >= 0.9
+    assert out["not_at_a_minimum"] == []                   # the digits task is trained to convergence
     assert (tmp_path / "r" / "report.json").exists()
     bad = CliRunner().invoke(app, ["evaluate", "--index", str(index_dir), "--task", "digits:task",
                                    "--against", "loo"])

@@ -137,6 +137,7 @@ def test_the_exact_preconditioner_says_it_and_the_index_says_it_again(tmp_path, 
     (out, said) = _caught(lambda: build_index(task, tmp_path / "exact", BuildConfig(
         proj_dim=None, preconditioner="exact", damping=0.0)))
     assert len(said) == 1 and "inverts them as they are" in said[0]
+    assert "negative eigenvalues (no damping; down to" in said[0] and "minus the damping" not in said[0]
     neg = json.loads((out / "manifest.json").read_text())["preconditioner"]["negative_eigenvalues"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -151,6 +152,7 @@ def test_the_exact_preconditioner_says_it_and_the_index_says_it_again(tmp_path, 
     main(["info", "--index", str(out)])
     text = capsys.readouterr().out
     assert f"warning: {neg['count']} of {neg['of']} eigenvalues" in text and "not clamped" in text
+    assert "were negative (down to" in text
     spec_dir = tmp_path / "task"
     spec_dir.mkdir()
     (spec_dir / "t.py").write_text("from tests.test_build import TinyTask\ntask = TinyTask()\n")
@@ -161,6 +163,13 @@ def test_the_exact_preconditioner_says_it_and_the_index_says_it_again(tmp_path, 
               "--preconditioner", "hessian", "--proj-dim", "0"] + extra)
         err = capsys.readouterr().err
         assert err.count("the projected pretraining Hessian has") == 1, (run, err)
+
+    # evaluate: the warnings as they come, and a note under its table (the figures are of the
+    # formulas where they do not hold)
+    main(["evaluate", "--index", str(out), "--task", f"{spec_dir / 't.py'}:task", "--against", "exact",
+          "--test-ids", "0,1", "--methods", "index", "--no-figures", "--out", str(tmp_path / "report")])
+    got = capsys.readouterr()
+    assert "not at a minimum" in got.err and "note: " in got.out and "not at a minimum" in got.out.split("note: ")[1]
 
     main(["info", "--index", str(out)])                            # the exact index: no damping
     assert "no damping" in capsys.readouterr().out

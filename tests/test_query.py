@@ -331,6 +331,10 @@ def test_wrong_shape_test_batch(exact_index, tasks):
             with pytest.raises(ShapeError) as e:
                 index.measurements(bad)
             _one_line(e)
+        for bad in ((x[:, :63], y), x[:2], x[0]):        # a bare tensor: the task unpacks its rows as (x, y)
+            with pytest.raises(ShapeError) as e:
+                index.query(bad, k=5)
+            assert "full_batch(task.test_dataset(), ids)" in _one_line(e)
         for ids in ([0, 1], [0, 1, 2, 3]):                         # test_ids: one per test point
             with pytest.raises(ShapeError, match="one id per test point") as e:
                 index.query((x, y), k=5, test_ids=ids)

@@ -138,7 +138,8 @@ def test_check_task_stationarity_text_and_json(tmp_path, capsys):
     main(["check-task", "--task", f"{path}:task", "--stationarity"])
     captured = capsys.readouterr()
     assert "stationarity: |gradient of the objective| / RMS |gradient of one example|" in captured.out
-    assert "pretraining (W, U, 23 examples)" in captured.out and "NOT at an optimum" in captured.out
+    assert "pretraining (W, U, 23 examples)" in captured.out and "NOT stationary" in captured.out
+    assert "Hessian: " in captured.out and "NOT at a minimum" in captured.out
     assert "finetuning  (W, theta, 11 examples)" in captured.out
     assert "warning: the pretraining model is not at a minimum of its objective" in captured.err
     main(["check-task", "--task", f"{path}:task", "--stationarity", "--json"])
@@ -147,3 +148,74 @@ def test_check_task_stationarity_text_and_json(tmp_path, capsys):
     assert info["stationarity"]["finetuning"]["params"] == ["embed.weight", "embed.bias", "head.weight", "head.bias"]
     main(["check-task", "--task", f"{path}:task", "--json"])          # not asked: not measured
     assert "stationarity" not in json.loads(capsys.readouterr().out)
+
+
+def _brute_hessian(model, names, loss_fn, data, reg):
+    """The stage objective's Hessian by autograd's double backward over the flat parameters."""
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    batch = full_batch(data)
+
+    def objective(flat):
+        pieces = dict(zip(names, (t.reshape(sh) for t, sh in zip(flat.split(sizes), shapes))))
+        full = {**{k: v.detach() for k, v in params.items()}, **pieces}
+        return torch.func.functional_call(model, full, (batch[0],)).log_softmax(1).gather(
+            1, batch[1][:, None]).neg().mean() + reg(full)
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    return torch.autograd.functional.hessian(objective, flat)
+
+
+def _count(evals):
+    return int((evals < -1e-9 * evals.abs().max()).sum())
+
+
+@pytest.mark.parametrize("finetuning", ["proximal", "frozen"])
+def test_the_hessian_check_counts_what_eigvalsh_counts(finetuning):
+    """The oracle: eigvalsh of each stage's Hessian by double backward (weight decay and the proximal
+    term included); the untrained task has negative eigenvalues in its pretraining stage."""
+    task = _Untrained()
+    task.finetuning = finetuning
+    r = stationarity(task, progress_bar=False)
+    w, head = ["embed.weight", "embed.bias"], ["head.weight", "head.bias"]
+    star = {n: p.detach().clone() for n, p in task.pre.named_parameters()}
+    pre = _brute_hessian(task.pre, w + head, None, task.data[0],
+                         lambda p: 0.5 * task.pretrain_weight_decay * sum((p[n] ** 2).sum() for n in w + head))
+    fin_names = head if finetuning == "frozen" else head + w
+
+    def fin_reg(p):
+        out = 0.5 * task.finetune_weight_decay * sum((p[n] ** 2).sum() for n in head)
+        if finetuning == "proximal":
+            out = out + 0.5 * task.alpha * sum(((p[n] - star[n]) ** 2).sum() for n in w)
+        return out
+    fin = _brute_hessian(task.fin, fin_names, None, task.data[1], fin_reg)
+    counts = []
+    for stage, h in (("pretraining", pre), ("finetuning", fin)):
+        got = r[stage]["hessian"]
+        expected = _count(torch.linalg.eigvalsh(h))
+        assert got["checked"] is True
+        assert (got["negative"] or {}).get("count", 0) == expected, (stage, got, expected)
+        if expected:
+            assert got["negative"]["min"] == pytest.approx(float(torch.linalg.eigvalsh(h).min()), rel=1e-8)
+        counts.append(expected)
+    assert counts[0] > 0
+
+
+def test_a_stationary_saddle_point_is_not_a_minimum(capsys):
+    """Zero weights, balanced classes: every gradient vanishes exactly (each layer's is multiplied by
+    the other's zeros, the head bias's by the balanced labels), and the cross terms make a saddle.
+    The gradient check alone called this 'at an optimum'."""
+    task = _Untrained()
+    task.finetuning = "frozen"
+    with torch.no_grad():
+        for prm in task.pre.parameters():
+            prm.zero_()
+    x = torch.randn(24, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.arange(24) % 3
+    x = x + 2.0 * nn.functional.one_hot(y, 4).to(x.dtype)       # inputs correlated with the labels
+    task.data[0] = torch.utils.data.TensorDataset(x, y)
+    r = stationarity(task, progress_bar=False)["pretraining"]
+    assert r["grad_norm"] < 1e-14 and r["relative"] <= RELATIVE_WARN
+    assert r["hessian"]["negative"]["count"] >= 1 and not r["at_optimum"]
+    assert stationarity(task, progress_bar=False, hessian_max_params=10)["pretraining"]["hessian"] == {
+        "checked": False, "why": "27 parameters, above 10"}

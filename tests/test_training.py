@@ -39,3 +39,51 @@ def test_fit_that_stops_short_warns_unless_told_not_to(warn):
         assert len(msgs) == 1 and f"{gnorm:.1e}" in msgs[0] and "call fit again" in msgs[0], msgs
     else:
         assert msgs == []
+
+
+def _saddle_problem():
+    """A two-layer tanh network at zero weights: the gradient vanishes exactly (each layer's gradient
+    is multiplied by the other's zeros), and the Hessian's cross terms make it a saddle point."""
+    torch.manual_seed(1)
+    x = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.tanh(x @ torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64))[:, None]
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 1, bias=False)).double()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.zero_()
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1)  # noqa: E731
+    return model, loss, [(x, y)]
+
+
+def _objective_and_hessian(model, loss, data, l2):
+    from msif_index.autodiff import FlatParams, batched_objective, dense_hessian
+    flat = FlatParams(model, ["0.weight", "2.weight"])
+    term = batched_objective(flat.loss(loss), data, 40)
+    obj = lambda v: term(v) + 0.5 * l2 * (v ** 2).sum()  # noqa: E731
+    x = flat.get()
+    return float(obj(x)), torch.linalg.eigvalsh(dense_hessian(obj, x))
+
+
+def test_fit_leaves_a_saddle_point_for_a_minimum():
+    """Before, fit returned at once (gradient 0 <= grad_tol), silently, at the saddle."""
+    model, loss, data = _saddle_problem()
+    f_saddle, evals = _objective_and_hessian(model, loss, data, 1e-3)
+    assert evals.min() < -0.1                                   # the start is a saddle point
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        gnorm = fit(model, ["0.weight", "2.weight"], loss, data, 40, l2=1e-3)
+    f_end, evals = _objective_and_hessian(model, loss, data, 1e-3)
+    assert [str(r.message) for r in rec if "fit stopped" in str(r.message)] == []
+    assert gnorm <= 1e-11 and f_end < 0.5 * f_saddle
+    assert evals.min() > -1e-9 * evals.abs().max()               # a minimum: no negative curvature left
+
+
+def test_fit_that_cannot_leave_negative_curvature_says_so(monkeypatch):
+    import msif_index.training as T
+    monkeypatch.setattr(T, "_descend", lambda *a: None)           # no step lowers the objective
+    model, loss, data = _saddle_problem()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fit(model, ["0.weight", "2.weight"], loss, data, 40, l2=1e-3)
+    msgs = [str(r.message) for r in rec if "fit stopped" in str(r.message)]
+    assert len(msgs) == 1 and "negative eigenvalue" in msgs[0] and rec[0].filename == __file__, msgs
