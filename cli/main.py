@@ -98,7 +98,6 @@ def check_task(task: str = typer.Option(..., help=TASK_HELP),
 def _echo_stationarity(optima: dict, finetuning: str) -> None:
     """check-task --stationarity's lines: each stage's relative gradient, and a warning above the bar."""
     from msif_index.exact import negative_text
-    from msif_index.preconditioners import NOT_A_MINIMUM_ADVICE
     from msif_index.stationarity import RELATIVE_WARN
     sampled = optima["pretraining"]["sampled"]
     typer.echo(f"  stationarity: |gradient of the objective| / RMS |gradient of one example| ({sampled} sampled; "
@@ -126,8 +125,9 @@ def _echo_stationarity(optima: dict, finetuning: str) -> None:
         elif not r["at_optimum"]:
             typer.echo(f"  warning: the {stage} model is not at a minimum of its objective: its gradient is small but "
                        f"its Hessian has negative eigenvalues (a saddle point), and influence assumes a minimum; "
-                       f"{NOT_A_MINIMUM_ADVICE}, from another start if it stays there (msif_index.training.fit "
-                       f"steps down along negative curvature on models of up to 4,000 parameters)", err=True)
+                       f"train that model on to its minimum, from another start if it stays there "
+                       f"(msif_index.training.fit steps down along negative curvature on models of up to 4,000 "
+                       f"parameters)", err=True)
 
 
 @app.command("exact")

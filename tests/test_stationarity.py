@@ -214,8 +214,15 @@ def test_a_stationary_saddle_point_is_not_a_minimum(capsys):
     y = torch.arange(24) % 3
     x = x + 2.0 * nn.functional.one_hot(y, 4).to(x.dtype)       # inputs correlated with the labels
     task.data[0] = torch.utils.data.TensorDataset(x, y)
-    r = stationarity(task, progress_bar=False)["pretraining"]
+    optima = stationarity(task, progress_bar=False)
+    r = optima["pretraining"]
     assert r["grad_norm"] < 1e-14 and r["relative"] <= RELATIVE_WARN
     assert r["hessian"]["negative"]["count"] >= 1 and not r["at_optimum"]
+    from msif_index.cli.main import _echo_stationarity
+    capsys.readouterr()
+    _echo_stationarity(optima, "frozen")
+    out = capsys.readouterr()
+    assert "  stationary" in out.out and "a saddle point or nonconvex region  ->  NOT at a minimum" in out.out
+    assert "its gradient is small but its Hessian has negative eigenvalues" in out.err
     assert stationarity(task, progress_bar=False, hessian_max_params=10)["pretraining"]["hessian"] == {
         "checked": False, "why": "27 parameters, above 10"}
