@@ -114,8 +114,9 @@ def _echo_stationarity(optima: dict, finetuning: str) -> None:
             curvature = f"{negative_text(h['negative'])}: a saddle point or nonconvex region"
         else:
             curvature = "no negative eigenvalue"
-        typer.echo(f"    {'':<11} Hessian: {curvature}  ->  "
-                   + ("at a minimum" if r["at_optimum"] else "NOT at a minimum"))
+        verdict = ("NOT at a minimum" if not r["at_optimum"] else "at a minimum" if h.get("checked")
+                   else "stationary (the Hessian's sign not checked)")
+        typer.echo(f"    {'':<11} Hessian: {curvature}  ->  {verdict}")
     for stage, r in optima.items():
         if r["relative"] > RELATIVE_WARN:
             typer.echo(f"  warning: the {stage} model is not at a minimum of its objective ({r['relative']:.1e} above "

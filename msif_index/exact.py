@@ -32,7 +32,9 @@ _DTYPE = torch.float64
 
 
 def _as_float64(model: nn.Module) -> nn.Module:
-    m = copy.deepcopy(model).to(_DTYPE)
+    """A float64 copy on the CPU, in eval mode: exact influence is a small model's dense algebra (the
+    task's datasets give CPU batches, moved there too)."""
+    m = copy.deepcopy(model).to(device="cpu", dtype=_DTYPE)
     m.eval()
     return m
 
@@ -154,7 +156,7 @@ def _pretrain_hessian(task: MultiStageTask, model: nn.Module, names: list[str], 
     flat = FlatParams(model, names)
     _check_size(flat.dim, "the pretraining objective over (W, U)", max_params)
     dataset = task.pretrain_dataset()
-    data = [move(b, dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
+    data = [move(b, device="cpu", dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
     mean_loss = batched_objective(flat.loss(task.pretrain_loss), data, len(dataset))  # type: ignore[arg-type]
     x = flat.get()
     hessian = dense_hessian(mean_loss, x) + float(task.pretrain_weight_decay) * torch.eye(flat.dim, dtype=_DTYPE,
@@ -182,7 +184,7 @@ def finetune_objective_hessian(task: MultiStageTask, finetuned: nn.Module | None
     flat = FlatParams(model, theta if frozen else theta + w)
     _check_size(flat.dim, "the finetuning objective over " + ("theta" if frozen else "(theta, W)"), max_params)
     dataset = task.finetune_dataset()
-    data = [move(b, dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
+    data = [move(b, device="cpu", dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
     h = dense_hessian(batched_objective(flat.loss(task.finetune_loss), data, len(dataset)), flat.get())  # type: ignore[arg-type]
     d_theta = sum(flat.sizes[: len(theta)])
     diag = torch.full((flat.dim,), float(task.finetune_weight_decay), dtype=_DTYPE, device=h.device)
@@ -212,7 +214,7 @@ def finetune_side(task: MultiStageTask, finetuned: nn.Module, batch_size: int = 
     f = flat.loss(task.finetune_loss)
     dataset = task.finetune_dataset()
     m = len(dataset)  # type: ignore[arg-type]
-    data = [move(b, dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
+    data = [move(b, device="cpu", dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
     d_theta = sum(flat.sizes[: len(theta)])
     h = dense_hessian(batched_objective(f, data, m), x)
     wd = float(task.finetune_weight_decay)
@@ -232,7 +234,7 @@ def chained_test_vectors(task: MultiStageTask, test_batch: Any, finetuned: nn.Mo
         raise ConfigError(f"proximal finetuning needs alpha > 0 (the proximal strength), got {a!r}")
     model = _as_float64(finetuned if finetuned is not None else task.finetuned_model())
     side, flat = finetune_side(task, model, max_params=max_params)
-    batch = move(test_batch, dtype=_DTYPE)
+    batch = move(test_batch, device="cpu", dtype=_DTYPE)
     g = per_example_grads(flat.loss(task.measurement), flat.get(), batch)   # [Q, d_theta + d_W]
     dt = side.d_theta
     h = side.hessian

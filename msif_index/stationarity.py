@@ -90,7 +90,7 @@ def stationarity(task: MultiStageTask, batch_size: int = 256, sample: int = SAMP
 
 def _curvature(task: MultiStageTask, stage: str, d: int, max_params: int) -> dict[str, Any]:
     """The stage objective's dense Hessian checked for negative eigenvalues, where it is small enough."""
-    from .errors import MsifError
+    from .errors import MsifError, first_line
     from .exact import finetune_objective_hessian, negative_curvature, pretrain_hessian
     if d > max_params:
         return {"checked": False, "why": f"{d:,} parameters, above {max_params:,}"}
@@ -98,6 +98,9 @@ def _curvature(task: MultiStageTask, stage: str, d: int, max_params: int) -> dic
         h = pretrain_hessian(task) if stage == "pretraining" else finetune_objective_hessian(task)
     except MsifError as e:
         return {"checked": False, "why": str(e).split(";")[0]}
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+        # e.g. an autograd.Function without forward-mode support: the gradient check above still holds
+        return {"checked": False, "why": f"its second derivatives failed: {first_line(e)}"}
     return {"checked": True, "negative": negative_curvature(h)}
 
 

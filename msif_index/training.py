@@ -51,8 +51,9 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
     which also tell a minimum from a saddle point (where L-BFGS, and Newton's own steps, can stop
     with a vanishing gradient): where the Hessian has negative eigenvalues the polish takes a
     saddle-free Newton step (|H|^-1 g) and a step along the most negative curvature, each kept only
-    if it lowers the objective, then L-BFGS runs again from there (at most ``MAX_ROUNDS`` rounds).
-    A fit that still ends where the Hessian has negative eigenvalues warns, whatever its gradient.
+    if it lowers the objective; when L-BFGS had converged there (a saddle point), it runs again from
+    the lower point (``max_iter`` per run, at most ``MAX_ROUNDS`` runs). A fit that still ends where
+    the Hessian has negative eigenvalues warns, whatever its gradient.
     """
     flat = FlatParams(model, names)
     f = flat.loss(loss_fn)
@@ -67,23 +68,27 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
     newton = flat.dim <= newton_max_dim
     x, negative = x0.clone(), 0
     rounds = MAX_ROUNDS if newton else 1
+    tol = max(grad_tol, 1e-7) if newton else grad_tol
     for r in range(rounds):
-        x = _lbfgs(objective, x, max_iter, max(grad_tol, 1e-7) if newton else grad_tol)
+        x = _lbfgs(objective, x, max_iter, tol)
         gnorm = _grad_norm(objective, x)
         if not newton:
             break
         x_next, g_next, negative, escaped = _polish(objective, x, gnorm, grad_tol)
-        if not escaped:
+        if not escaped or gnorm > 10 * tol:
+            # a minimum; or L-BFGS used up max_iter short of a stationary point: the budget is spent
+            # (the step down, if any, is kept: a lower objective)
             x, gnorm = x_next, g_next
             break
-        if r + 1 < rounds:           # stepped down along negative curvature: L-BFGS again from there
+        if r + 1 < rounds:           # stuck where the curvature is negative: down, then L-BFGS again
             x = x_next
         # else: the last round's L-BFGS point stays, and ``negative`` says where it stopped
     flat.set(x)
     if warn and negative:
         warn_user(f"fit stopped where the Hessian has {negative} negative eigenvalue(s) (gradient norm {gnorm:.1e}): "
-                  f"a saddle point or a nonconvex region, not the minimum influence assumes; call fit again, train "
-                  f"longer first (e.g. Adam with a decaying learning rate), start elsewhere, or add l2")
+                  f"a saddle point or a nonconvex region, so the model is not at a minimum, which influence "
+                  f"assumes; call fit again, train longer first (e.g. Adam with a decaying learning rate), start "
+                  f"elsewhere, or add l2")
     elif warn and not gnorm <= grad_tol:
         warn_user(f"fit stopped at gradient norm {gnorm:.1e}, above grad_tol={grad_tol:.0e} (L-BFGS, "
                   f"max_iter={max_iter}{', then Newton steps' if newton else ''}): influence assumes an "
@@ -127,7 +132,9 @@ def _polish(objective, x: torch.Tensor, gnorm: float, grad_tol: float, steps: in
         if int(torch.linalg.cholesky_ex(h).info) != 0:
             evals, evecs = torch.linalg.eigh(h)
             top = float(evals.abs().max())
-            negative = int((evals < -1e-9 * top).sum())
+            # rounding: 1e-9 of the largest in float64; float32's eigenvalues carry ~d x its eps of it
+            noise = max(1e-9, 100 * h.shape[0] * torch.finfo(h.dtype).eps)
+            negative = int((evals < -noise * top).sum())
             if negative:
                 down = _descend(objective, x, evals, evecs)
                 if down is None:
@@ -146,8 +153,11 @@ def _polish(objective, x: torch.Tensor, gnorm: float, grad_tol: float, steps: in
 def _newton_step(objective, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, float]:
     """One damped Newton step with backtracking; keeps x if nothing decreases the gradient."""
     g = torch.func.grad(objective)(x)
-    step = torch.linalg.solve(h, g)
     g0 = float(g.detach().norm())
+    try:
+        step = torch.linalg.solve(h, g)
+    except torch.linalg.LinAlgError:        # exactly singular (e.g. float32 softmax without l2): no step
+        return x, g0
     t = 1.0
     for _ in range(20):
         cand = x - t * step

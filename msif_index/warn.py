@@ -6,15 +6,18 @@ import os
 import sys
 import warnings
 
-#: this package's folder: frames there are skipped when a warning looks for the caller
+#: this package's folder: frames there are skipped when a warning looks for the caller, except the
+#: command line's (installed as msif_index.cli; a checkout keeps it in cli/, outside the package)
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_CLI = _PACKAGE + "cli" + os.sep
 
 
 def outside_package() -> int:
     """The warnings stacklevel, for the function that calls this, of the first frame outside msif_index
     (and contextlib, whose decorators wrap some of its functions)."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+    while frame is not None and ((frame.f_code.co_filename.startswith(_PACKAGE)
+                                  and not frame.f_code.co_filename.startswith(_CLI))
                                  or frame.f_code.co_filename == contextlib.__file__):
         frame, level = frame.f_back, level + 1
     return level

@@ -226,3 +226,38 @@ def test_a_stationary_saddle_point_is_not_a_minimum(capsys):
     assert "its gradient is small but its Hessian has negative eigenvalues" in out.err
     assert stationarity(task, progress_bar=False, hessian_max_params=10)["pretraining"]["hessian"] == {
         "checked": False, "why": "27 parameters, above 10"}
+
+
+class _LegacyTanh(torch.autograd.Function):
+    """An autograd.Function without setup_context: plain autograd only (no torch.func transforms)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y ** 2)
+
+
+class _LegacyNet(_Net):
+    def forward(self, x):
+        return self.head(_LegacyTanh.apply(self.embed(x)))
+
+
+def test_second_derivatives_that_fail_leave_the_gradient_check_standing():
+    """Before the Hessian check was caught, such a model's `check-task --stationarity` stopped with an
+    error blaming the task's code; now the Hessian reads 'not checked', with the reason."""
+    task = _Untrained()
+    legacy_pre, legacy_fin = _LegacyNet(3).double(), _LegacyNet(2).double()
+    legacy_pre.load_state_dict(task.pre.state_dict())
+    legacy_fin.load_state_dict(task.fin.state_dict())
+    task.pre, task.fin = legacy_pre, legacy_fin
+    r = stationarity(task, progress_bar=False)
+    for stage in ("pretraining", "finetuning"):
+        h = r[stage]["hessian"]
+        assert h["checked"] is False and h["why"], h
+        assert r[stage]["relative"] > RELATIVE_WARN and not r[stage]["at_optimum"]

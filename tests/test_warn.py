@@ -48,3 +48,15 @@ def test_the_open_of_an_index_that_records_negative_eigenvalues_points_at_the_ca
         InfluenceIndex.open(out).close()
     mine = [r for r in rec if "not at a minimum" in str(r.message)]
     assert len(mine) == 1 and mine[0].filename == __file__
+
+
+def test_the_installed_command_line_counts_as_the_caller():
+    """Installed, the CLI lives in msif_index/cli/: its frames are the caller (a checkout keeps it
+    outside the package, where nothing is skipped anyway)."""
+    inner = _package_chain(2)
+    ns = {"inner": inner}
+    exec(compile("def command():\n    inner()\n", os.path.join(W._PACKAGE, "cli", "main.py"), "exec"), ns)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ns["command"]()
+    assert len(rec) == 1 and rec[0].filename == os.path.join(W._PACKAGE, "cli", "main.py") and rec[0].lineno == 2
