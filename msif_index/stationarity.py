@@ -36,17 +36,22 @@ SAMPLE = 64
 #: checked (a vanishing gradient is also what a saddle point has); above, build-index's hessian
 #: preconditioner and msif exact check them
 HESSIAN_MAX_PARAMS = 2048
+#: ... and at most this many (parameters x examples): a dense Hessian is that many per-example
+#: Hessian-vector rows (a 728-parameter LSTM over 300 sequences of 12 tokens: about 10 s on 2 cores)
+HESSIAN_MAX_WORK = 2_000_000
 
 
 def stationarity(task: MultiStageTask, batch_size: int = 256, sample: int = SAMPLE,
                  seed: int = 0, progress_bar: bool | None = None,
-                 hessian_max_params: int = HESSIAN_MAX_PARAMS) -> dict[str, dict[str, Any]]:
+                 hessian_max_params: int = HESSIAN_MAX_PARAMS,
+                 hessian_max_work: int = HESSIAN_MAX_WORK) -> dict[str, dict[str, Any]]:
     """{"pretraining": ..., "finetuning": ...}, each {"params", "grad_norm", "example_grad_rms",
     "examples", "sampled", "relative", "hessian", "at_optimum"}; one pass over each dataset plus
     ``sample`` single-example backward passes per stage. Models stay where they are (their device and
     dtype) and are evaluated in eval mode, as a build does.
 
-    ``hessian``: for a stage of at most ``hessian_max_params`` parameters, the negative eigenvalues
+    ``hessian``: for a stage of at most ``hessian_max_params`` parameters and ``hessian_max_work``
+    parameters x examples, the negative eigenvalues
     of its objective's dense float64 Hessian (``exact.negative_curvature``: {"checked": True,
     "negative": record or None}); above, or where its second derivatives cannot be taken,
     {"checked": False, "why": ...}. ``at_optimum``: the relative gradient within ``RELATIVE_WARN``
@@ -83,17 +88,20 @@ def stationarity(task: MultiStageTask, batch_size: int = 256, sample: int = SAMP
     }
     for stage, params in (("pretraining", pre_params), ("finetuning", fin_params)):
         r = out[stage]
-        r["hessian"] = _curvature(task, stage, sum(p.numel() for p in params.values()), hessian_max_params)
+        r["hessian"] = _curvature(task, stage, sum(p.numel() for p in params.values()), r["examples"],
+                                  hessian_max_params, hessian_max_work)
         r["at_optimum"] = r["at_optimum"] and not r["hessian"].get("negative")
     return out
 
 
-def _curvature(task: MultiStageTask, stage: str, d: int, max_params: int) -> dict[str, Any]:
+def _curvature(task: MultiStageTask, stage: str, d: int, n: int, max_params: int, max_work: int) -> dict[str, Any]:
     """The stage objective's dense Hessian checked for negative eigenvalues, where it is small enough."""
     from .errors import MsifError, first_line
     from .exact import finetune_objective_hessian, negative_curvature, pretrain_hessian
     if d > max_params:
         return {"checked": False, "why": f"{d:,} parameters, above {max_params:,}"}
+    if d * n > max_work:
+        return {"checked": False, "why": f"{d:,} parameters x {n:,} examples, above {max_work:,}"}
     try:
         h = pretrain_hessian(task) if stage == "pretraining" else finetune_objective_hessian(task)
     except MsifError as e:

@@ -226,6 +226,9 @@ def test_a_stationary_saddle_point_is_not_a_minimum(capsys):
     assert "its gradient is small but its Hessian has negative eigenvalues" in out.err
     assert stationarity(task, progress_bar=False, hessian_max_params=10)["pretraining"]["hessian"] == {
         "checked": False, "why": "27 parameters, above 10"}
+    assert stationarity(task, progress_bar=False, hessian_max_work=27 * 24 - 1)["pretraining"]["hessian"] == {
+        "checked": False, "why": "27 parameters x 24 examples, above 647"}
+    assert stationarity(task, progress_bar=False, hessian_max_work=27 * 24)["pretraining"]["hessian"]["checked"]
 
 
 class _LegacyTanh(torch.autograd.Function):
