@@ -89,11 +89,16 @@ def hvp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Te
 
 
 def dense_hessian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                  chunk: int = 256) -> torch.Tensor:
-    """Full Hessian of a scalar function of a flat vector, by vmapped HVPs over basis chunks."""
+                  chunk: int = 256, advance: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Full Hessian of a scalar function of a flat vector, by vmapped HVPs over basis chunks
+    (``advance(rows)`` after each chunk, for a progress bar)."""
     d = x.numel()
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    rows = [vmap(lambda v: hvp(fn, x, v))(eye[i:i + chunk]) for i in range(0, d, chunk)]
+    rows = []
+    for i in range(0, d, chunk):
+        rows.append(vmap(lambda v: hvp(fn, x, v))(eye[i:i + chunk]))
+        if advance is not None:
+            advance(rows[-1].shape[0])
     h = torch.cat(rows, dim=0)
     return 0.5 * (h + h.T)
 

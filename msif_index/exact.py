@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -150,7 +150,8 @@ def pretrain_side(task: MultiStageTask, pretrained: nn.Module | None = None, bat
 
 
 def _pretrain_hessian(task: MultiStageTask, model: nn.Module, names: list[str], batch_size: int,
-                      max_params: int) -> tuple[torch.Tensor, FlatParams, list]:
+                      max_params: int, advance: Callable[[int], None] | None = None
+                      ) -> tuple[torch.Tensor, FlatParams, list]:
     """H_G over ``names`` of the float64 ``model`` (mean pretraining loss plus its weight decay), with
     the flat parameters and the float64 batches."""
     flat = FlatParams(model, names)
@@ -159,23 +160,26 @@ def _pretrain_hessian(task: MultiStageTask, model: nn.Module, names: list[str], 
     data = [move(b, device="cpu", dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
     mean_loss = batched_objective(flat.loss(task.pretrain_loss), data, len(dataset))  # type: ignore[arg-type]
     x = flat.get()
-    hessian = dense_hessian(mean_loss, x) + float(task.pretrain_weight_decay) * torch.eye(flat.dim, dtype=_DTYPE,
+    hessian = dense_hessian(mean_loss, x, advance=advance) + float(task.pretrain_weight_decay) * torch.eye(flat.dim, dtype=_DTYPE,
                                                                                          device=x.device)
     return hessian, flat, data
 
 
 @forward_ad_errors("the pretraining Hessian")
 def pretrain_hessian(task: MultiStageTask, pretrained: nn.Module | None = None, batch_size: int = 512,
-                     max_params: int = MAX_EXACT_PARAMS) -> torch.Tensor:
-    """H_G over (W, U) at the pretrained model, dense, float64 (no check of its eigenvalues)."""
+                     max_params: int = MAX_EXACT_PARAMS, advance: Callable[[int], None] | None = None
+                     ) -> torch.Tensor:
+    """H_G over (W, U) at the pretrained model, dense, float64 (no check of its eigenvalues;
+    ``advance(rows)`` as its rows are computed)."""
     model = _as_float64(pretrained if pretrained is not None else task.pretrained_model())
     w, u = split_parameters(task, model)
-    return _pretrain_hessian(task, model, w + u, batch_size, max_params)[0]
+    return _pretrain_hessian(task, model, w + u, batch_size, max_params, advance)[0]
 
 
 @forward_ad_errors("the finetuning Hessian")
 def finetune_objective_hessian(task: MultiStageTask, finetuned: nn.Module | None = None, batch_size: int = 512,
-                               max_params: int = MAX_EXACT_PARAMS) -> torch.Tensor:
+                               max_params: int = MAX_EXACT_PARAMS, advance: Callable[[int], None] | None = None
+                               ) -> torch.Tensor:
     """The Hessian of the finetuning objective over what finetuning trains, dense, float64: H_tt over
     theta (frozen), K over (theta, W) with the proximal term's alpha I on W (proximal)."""
     model = _as_float64(finetuned if finetuned is not None else task.finetuned_model())
@@ -185,7 +189,8 @@ def finetune_objective_hessian(task: MultiStageTask, finetuned: nn.Module | None
     _check_size(flat.dim, "the finetuning objective over " + ("theta" if frozen else "(theta, W)"), max_params)
     dataset = task.finetune_dataset()
     data = [move(b, device="cpu", dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
-    h = dense_hessian(batched_objective(flat.loss(task.finetune_loss), data, len(dataset)), flat.get())  # type: ignore[arg-type]
+    h = dense_hessian(batched_objective(flat.loss(task.finetune_loss), data, len(dataset)), flat.get(),  # type: ignore[arg-type]
+                      advance=advance)
     d_theta = sum(flat.sizes[: len(theta)])
     diag = torch.full((flat.dim,), float(task.finetune_weight_decay), dtype=_DTYPE, device=h.device)
     diag[d_theta:] = float(task.alpha)                  # proximal: alpha/2 ||W - W*||^2

@@ -89,12 +89,13 @@ def stationarity(task: MultiStageTask, batch_size: int = 256, sample: int = SAMP
     for stage, params in (("pretraining", pre_params), ("finetuning", fin_params)):
         r = out[stage]
         r["hessian"] = _curvature(task, stage, sum(p.numel() for p in params.values()), r["examples"],
-                                  hessian_max_params, hessian_max_work)
+                                  hessian_max_params, hessian_max_work, progress_bar)
         r["at_optimum"] = r["at_optimum"] and not r["hessian"].get("negative")
     return out
 
 
-def _curvature(task: MultiStageTask, stage: str, d: int, n: int, max_params: int, max_work: int) -> dict[str, Any]:
+def _curvature(task: MultiStageTask, stage: str, d: int, n: int, max_params: int, max_work: int,
+               progress_bar: bool | None) -> dict[str, Any]:
     """The stage objective's dense Hessian checked for negative eigenvalues, where it is small enough."""
     from .errors import MsifError, first_line
     from .exact import finetune_objective_hessian, negative_curvature, pretrain_hessian
@@ -103,7 +104,9 @@ def _curvature(task: MultiStageTask, stage: str, d: int, n: int, max_params: int
     if d * n > max_work:
         return {"checked": False, "why": f"{d:,} parameters x {n:,} examples, above {max_work:,}"}
     try:
-        h = pretrain_hessian(task) if stage == "pretraining" else finetune_objective_hessian(task)
+        with progress(d, f"{stage} Hessian", unit="rows", enabled=progress_bar) as advance:
+            h = (pretrain_hessian(task, advance=advance) if stage == "pretraining"
+                 else finetune_objective_hessian(task, advance=advance))
     except MsifError as e:
         return {"checked": False, "why": str(e).split(";")[0]}
     except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -264,3 +265,21 @@ def test_second_derivatives_that_fail_leave_the_gradient_check_standing():
         h = r[stage]["hessian"]
         assert h["checked"] is False and h["why"], h
         assert r[stage]["relative"] > RELATIVE_WARN and not r[stage]["at_optimum"]
+
+
+def test_the_hessian_check_reports_progress(monkeypatch):
+    """A progress bar over each stage's Hessian rows (it can take a minute at the size limits)."""
+    import msif_index.stationarity as S
+    seen = {}
+
+    @contextlib.contextmanager
+    def fake_progress(total, description, unit="ex", enabled=None):
+        seen[description] = [total, 0]
+
+        def advance(n):
+            seen[description][1] += n
+        yield advance
+    monkeypatch.setattr(S, "progress", fake_progress)
+    task = _Untrained()
+    S.stationarity(task, progress_bar=False)
+    assert seen["pretraining Hessian"] == [27, 27] and seen["finetuning Hessian"] == [23, 23], seen
