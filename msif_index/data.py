@@ -63,11 +63,20 @@ def batches(dataset: Dataset, batch_size: int, ids: Sequence[int] | None = None
         yield chunk, fetch(dataset, chunk)
 
 
+#: how a batch looks, in the errors about one that does not
+BATCH_FORM = ("pass a batch as the task's losses take one, torch tensors with the batch dimension first "
+              "(numpy arrays: torch.as_tensor), e.g. msif_index.data.full_batch(task.test_dataset(), ids)")
+
+
 def full_batch(dataset: Dataset, ids: Sequence[int] | None = None) -> Any:
     """Every example (or those in ``ids``) as one batch."""
     if ids is None:
         ids = range(len(dataset))  # type: ignore[arg-type]
-    return fetch(dataset, list(ids))
+    ids = list(ids)
+    if not ids:
+        raise ShapeError("full_batch needs at least one id (a collate function cannot build an empty batch); "
+                         "for no test points pass tensors with a batch dimension of 0")
+    return fetch(dataset, ids)
 
 
 def move(batch: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from .autodiff import FlatParams, batched_objective, dense_hessian, per_example_grads
-from .data import batch_size_of, batches, move
-from .errors import ConfigError, TooLargeError, forward_ad_errors
+from .data import BATCH_FORM, batch_size_of, batches, move
+from .errors import ConfigError, ShapeError, TooLargeError, forward_ad_errors
 from .preconditioners import NOT_A_MINIMUM_ADVICE, negative_eigenvalues
-from .task import FINETUNING_STYLES, MultiStageTask, split_parameters
+from .task import FINETUNING_STYLES, MultiStageTask, require_task, split_parameters
 from .warn import warn_user
 
 #: dense Hessians above this many parameters are refused
@@ -262,7 +262,11 @@ def exact_influence(task: MultiStageTask, test_batch: Any, pretrained: nn.Module
     the task does). I < 0: helpful (a proponent); I > 0: harmful (an opponent).
     ``finetuning``/``alpha`` override the task's settings (e.g. to compare styles).
     """
-    batch_size_of(test_batch)
+    require_task(task)
+    try:
+        batch_size_of(test_batch)
+    except ValueError as e:
+        raise ShapeError(f"the test batch holds no tensors ({e}): {BATCH_FORM}") from None
     v = chained_test_vectors(task, test_batch, finetuned, finetuning, alpha, max_params)   # checks the style first
     pre = pretrain_side(task, pretrained, max_params=max_params)
     return v @ pre.displacements.T

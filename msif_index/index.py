@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import operator
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from .atomic import is_disk_full, read_json
 from .build import (BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, _faiss_name, file_sha256,
                     loss_probe_change, loss_values, pretrain_loss_probe, pretrained_fingerprints,
                     resolve_compute_dtype)
-from .data import batch_size_of, move
+from .data import BATCH_FORM, batch_size_of, move
 from .errors import (ConfigError, CorruptIndexError, DiskFullError, IndexMismatchError, NonFiniteError, ShapeError,
                      first_line)
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
@@ -43,9 +44,6 @@ from .task import (MultiStageTask, frozen_buffer_problem, has_finetune_fisher_lo
 from .warn import warn_user
 
 DIRECTIONS = ("helpful", "harmful")
-#: how a test batch looks, in the errors about one that does not
-_BATCH_HINT = ("pass a batch as the task's losses take one, with the batch dimension first, e.g. "
-               "msif_index.data.full_batch(task.test_dataset(), ids)")
 _REBUILD = "rebuild the index with `msif build-index ... --overwrite`"
 
 
@@ -149,6 +147,7 @@ class InfluenceIndex:
         #: one lock per finetuned-model key: two threads attaching one model compute its operator once
         self._attach_locks: dict[str, threading.Lock] = {}
         self._attach_guard = threading.Lock()
+        self._closed = False
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -213,7 +212,14 @@ class InfluenceIndex:
         return self.store.k
 
     def close(self) -> None:
+        """Close the row store; every later attach or query is refused (ConfigError, one line)."""
+        self._closed = True
         self.store.close()
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise ConfigError(f"the index {self.path} is closed (close(), or its with block ended); open it again "
+                              f"with InfluenceIndex.open(path)")
 
     def __enter__(self) -> "InfluenceIndex":
         return self
@@ -316,6 +322,7 @@ class InfluenceIndex:
         or 'ekfac' (msif_index.head_curvature); ``damping``: its relative damping (default 0 for
         dense, 1e-3 for kfac / ekfac); ``cg_iters``: CG steps with exact HVPs that refine kfac /
         ekfac (default 5)."""
+        self._require_open()
         if validate:
             validate_task(task)
         if cg_iters is not None and (isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 0):
@@ -429,9 +436,10 @@ class InfluenceIndex:
         return self._get(finetuned).operator
 
     def _get(self, finetuned: str | None) -> _Attached:
+        self._require_open()
         if not self._attached:
             raise ConfigError("no finetuned model attached; call index.attach(task) first")
-        key = finetuned or self._default
+        key = self._default if finetuned is None else finetuned
         if key not in self._attached:
             raise ConfigError(f"finetuned model {key!r} is not attached; attached: {', '.join(self._attached)}")
         return self._attached[key]
@@ -449,7 +457,7 @@ class InfluenceIndex:
         try:
             return a, batch, batch_size_of(batch)
         except ValueError as e:
-            raise ShapeError(f"the test batch holds no tensors: {e}") from None
+            raise ShapeError(f"the test batch holds no tensors ({e}): {BATCH_FORM}") from None
 
     def _query_vectors(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
         """``query_vectors`` in the model's dtype (float32 for a float32 model: the search's own)."""
@@ -462,7 +470,7 @@ class InfluenceIndex:
             except _MODEL_CALL_ERRORS as e:
                 raise _does_not_fit(e) from None
             except ShapeError as e:            # the per-example gradients' own checks (no batch dimension, ...)
-                raise ShapeError(f"{first_line(e)}; {_BATCH_HINT}") from None
+                raise ShapeError(f"{first_line(e)}; {BATCH_FORM}") from None
         if q.shape[0] != q_n:
             raise ShapeError(f"measurement returned {q.shape[0]} values for {q_n} test examples")
         if q.dtype not in (torch.float32, torch.float64):      # a half-precision model: float32 vectors
@@ -477,7 +485,16 @@ class InfluenceIndex:
     def query(self, test_batch: Any, k: int = 10, direction: str = "helpful", finetuned: str | None = None,
               exact_rerank: int | None = None, nprobe: int | None = None,
               test_ids: list[int] | None = None) -> QueryResult:
-        """The k most helpful (or harmful) pretraining examples for each test point, with I(z, x_t)."""
+        """The k most helpful (or harmful) pretraining examples for each test point, with I(z, x_t).
+
+        ``test_batch``: a batch as the task's measurement takes it (torch tensors, batch dimension
+        first: ``msif_index.data.full_batch(task.test_dataset(), ids)``). ``k``: results per test point
+        (at most n). ``direction``: 'helpful' (most negative I first) or 'harmful' (most positive
+        first). ``finetuned``: an attached model's key (``attach`` returns it; default: the one attached
+        last). ``exact_rerank``: search that many candidates, then rescore them exactly (float64 rows
+        get 2 k by default). ``nprobe``: IVF lists to visit. ``test_ids``: ids to carry in the
+        result (one per test point). Returns a QueryResult: ``ids`` [Q, k] int64 and ``scores``
+        [Q, k] float64, best first (NaN where fewer than k were found)."""
         if direction not in DIRECTIONS:
             raise ConfigError(f"direction must be 'helpful' or 'harmful', got {direction!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -488,8 +505,13 @@ class InfluenceIndex:
         k = min(int(k), self.n)                       # there are only n pretraining examples
         if exact_rerank is not None:
             exact_rerank = min(int(exact_rerank), self.n)
-        key = finetuned or self._default              # once: an attach from another thread moves _default
+        key = self._default if finetuned is None else finetuned     # once: an attach from another thread moves _default
         q = self._query_vectors(test_batch, key)                # finite, in the model's dtype
+        if test_ids is not None:
+            try:                                      # plain ints: QueryResult.to_dict is JSON (numpy ids too)
+                test_ids = [operator.index(i) for i in test_ids]
+            except TypeError:
+                raise ConfigError(f"test_ids must be integers, one per test point, got {test_ids!r}") from None
         if test_ids is not None and len(test_ids) != q.shape[0]:
             raise ShapeError(f"test_ids names {len(test_ids)} test points but the test batch holds {q.shape[0]}: "
                              f"pass one id per test point, in the batch's order (or none)")
@@ -562,7 +584,7 @@ def _negative_text(manifest: dict) -> str | None:
 
 def _does_not_fit(e: BaseException) -> ShapeError:
     return ShapeError(f"the test batch does not fit the finetuned model (shapes or dtypes): {first_line(e)}; "
-                      f"{_BATCH_HINT}")
+                      f"{BATCH_FORM}")
 
 
 def _projection_fingerprint(manifest: dict) -> str:

@@ -217,10 +217,17 @@ def _check_loss(name: str, fn, model: nn.Module, batch: Any, expected: int) -> N
         raise TaskError(f"{name} returned non-finite values on the first {expected} examples")
 
 
+def require_task(task: Any) -> None:
+    """TaskError, one line, unless ``task`` is a MultiStageTask (a spec string is loaded first)."""
+    if not isinstance(task, MultiStageTask):
+        hint = (": load a 'FILE.py:NAME' spec with msif_index.task.load_task(spec) first"
+                if isinstance(task, (str, Path)) else "")
+        raise TaskError(f"a task must subclass msif_index.MultiStageTask, got {type(task).__name__}{hint}")
+
+
 def validate_task(task: MultiStageTask) -> None:
     """Check a task once, failing with one clear line (TaskError) naming what is wrong."""
-    if not isinstance(task, MultiStageTask):
-        raise TaskError(f"a task must subclass msif_index.MultiStageTask, got {type(task).__name__}")
+    require_task(task)
     if task.finetuning not in FINETUNING_STYLES:
         raise TaskError(f"finetuning must be 'frozen' or 'proximal', got {task.finetuning!r}")
     if task.finetuning == "proximal" and not (isinstance(task.alpha, (int, float)) and task.alpha > 0

@@ -751,3 +751,46 @@ def test_two_threads_attaching_one_model_compute_its_operator_once(tmp_path, mon
         res = index.query(full_batch(task.test_dataset(), [0, 1]), k=3)
     assert np.isfinite(res.scores).all()
     assert [p.name for p in (path / "operators").iterdir()] == [f"{keys[0]}.h5"]
+
+
+def test_python_api_edges_from_a_trial(tmp_path):
+    """From a Python-API trial: a spec string where a task goes, numpy batches, an empty id list,
+    numpy test_ids (to_dict must stay JSON), an empty finetuned key, and a closed index each get one
+    line (before: AttributeError / IndexError deep inside, a TypeError in json.dumps, the default
+    model for '', and a closed index that answered some queries and raised RuntimeError on others)."""
+    import json
+
+    from msif_index.build import build_index
+    from msif_index.config import BuildConfig
+    from msif_index.errors import TaskError
+    from msif_index.exact import exact_influence
+    from msif_index.stationarity import stationarity
+
+    from .test_build import TinyTask
+    task = TinyTask()
+    for call in (lambda: build_index("task.py:task", tmp_path / "x"), lambda: stationarity("task.py:task"),
+                 lambda: exact_influence("task.py:task", None)):
+        with pytest.raises(TaskError, match="load_task") as e:
+            call()
+        _one_line(e)
+    with pytest.raises(ShapeError, match="torch.as_tensor"):
+        exact_influence(task, np.zeros((2, 64)))
+    with pytest.raises(ShapeError, match="at least one id"):
+        full_batch(task.test_dataset(), [])
+    out = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=16), progress_bar=False)
+    x, y = full_batch(task.test_dataset(), [0, 1])
+    with InfluenceIndex.open(out) as index:
+        index.attach(task)
+        res = index.query((x, y), k=3, test_ids=np.array([5, 6]))
+        assert res.test_ids == [5, 6] and json.loads(json.dumps(res.to_dict()))["test_ids"] == [5, 6]
+        with pytest.raises(ConfigError, match="test_ids must be integers"):
+            index.query((x, y), k=3, test_ids=[0.5, 1.5])
+        with pytest.raises(ConfigError, match="'' is not attached"):
+            index.query((x, y), k=3, finetuned="")
+        with pytest.raises(ShapeError, match="torch.as_tensor"):
+            index.query(x.numpy(), k=3)
+    for call in (lambda: index.query((x, y), k=3), lambda: index.scores((x, y)),
+                 lambda: index.query((x, y), k=3, exact_rerank=10), lambda: index.attach(task)):
+        with pytest.raises(ConfigError, match="is closed") as e:
+            call()
+        _one_line(e)
