@@ -159,9 +159,8 @@ def _pretrain_hessian(task: MultiStageTask, model: nn.Module, names: list[str], 
     dataset = task.pretrain_dataset()
     data = [move(b, device="cpu", dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
     mean_loss = batched_objective(flat.loss(task.pretrain_loss), data, len(dataset))  # type: ignore[arg-type]
-    x = flat.get()
-    hessian = dense_hessian(mean_loss, x, advance=advance) + float(task.pretrain_weight_decay) * torch.eye(flat.dim, dtype=_DTYPE,
-                                                                                         device=x.device)
+    hessian = dense_hessian(mean_loss, flat.get(), advance=advance)       # the model is a CPU copy (_as_float64)
+    hessian += float(task.pretrain_weight_decay) * torch.eye(flat.dim, dtype=_DTYPE)
     return hessian, flat, data
 
 
@@ -192,7 +191,7 @@ def finetune_objective_hessian(task: MultiStageTask, finetuned: nn.Module | None
     h = dense_hessian(batched_objective(flat.loss(task.finetune_loss), data, len(dataset)), flat.get(),  # type: ignore[arg-type]
                       advance=advance)
     d_theta = sum(flat.sizes[: len(theta)])
-    diag = torch.full((flat.dim,), float(task.finetune_weight_decay), dtype=_DTYPE, device=h.device)
+    diag = torch.full((flat.dim,), float(task.finetune_weight_decay), dtype=_DTYPE)
     diag[d_theta:] = float(task.alpha)                  # proximal: alpha/2 ||W - W*||^2
     return h + torch.diag(diag)
 
