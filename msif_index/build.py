@@ -489,6 +489,10 @@ def _subsample(n: int, size: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=g)[:size].tolist())
 
 
+#: rows of the statistics subsample rotated per call (in place) before featurize copies them out
+ROTATE_ROWS = 1024
+
+
 class _Sample:
     """Raw rows phi of the statistics subsample, grouped by the shard their ids fall in.
 
@@ -516,11 +520,18 @@ class _Sample:
 
     def take(self, task: MultiStageTask, prep: Prepared, config: BuildConfig,
              shard: int) -> tuple[list[int], torch.Tensor]:
-        """(ids, rows) of one shard's group, from memory (then released) or computed again."""
+        """(ids, rows in the preconditioner's rotated basis) of one shard's group, from memory (then
+        released) or computed again. The rows are rotated in place, ``ROTATE_ROWS`` at a time: one
+        call per block instead of one per batch of featurize (the per-call cost dominated), and no
+        second copy of the group."""
         ids = self.groups.get(shard, [])
         rows = self.rows.pop(shard, None)
         if rows is None:
             rows = self.compute(task, prep, config, shard)
+        if prep.folded:
+            for i in range(0, rows.shape[0], ROTATE_ROWS):
+                block = rows[i:i + ROTATE_ROWS]
+                block.copy_(prep.preconditioner.rotate(block, prep.folded))
         return ids, rows
 
 
@@ -653,7 +664,7 @@ def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, s
                     ) -> Iterator[tuple[int, torch.Tensor]]:
     """(first id, raw rows in the preconditioner's rotated basis) of the ids [start, stop) in order,
     in blocks of batch_size rows (the last one shorter), aligned to the shard's start:
-    the subsample's rows come from ``sample`` (rotated here), the others from a gradient pass over
+    the subsample's rows come from ``sample`` (rotated by ``take``), the others from a gradient pass over
     just them (through the rotated projector)."""
     ids, srows = ([], None) if sample is None else sample.take(task, prep, config,
                                                                start // sample.shard_rows)
@@ -661,7 +672,6 @@ def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, s
         for bids, rows in _raw_rows(task, prep, config, range(start, stop), cbuf, rotated=True):
             yield bids[0], rows
         return
-    pre = prep.preconditioner
     size = stop - start
     spos = torch.full((size,), -1, dtype=torch.long)
     spos[torch.tensor(ids, dtype=torch.long) - start] = torch.arange(len(ids))
@@ -688,11 +698,8 @@ def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, s
             mm = m[a - w0:b - w0]
             dst_s = torch.nonzero(mm).flatten()          # positions (CPU) -> the rows' device
             if dst_s.numel():
-                # the subsample's rows are raw: rotated here, a batch at a time (rotating the whole
-                # group at once allocated hundreds of MB of fresh pages per shard)
                 src = spos[a - start:b - start].index_select(0, dst_s)
-                picked = pre.rotate(srows.index_select(0, src.to(dev)), prep.folded)
-                wbuf.index_copy_(0, (dst_s + filled).to(dev), picked)
+                wbuf.index_copy_(0, (dst_s + filled).to(dev), srows.index_select(0, src.to(dev)))
             if dst_s.numel() < take:
                 dst_c = torch.nonzero(~mm).flatten()
                 src = cpos[a - w0:b - w0].index_select(0, dst_c)

@@ -29,6 +29,7 @@ from torch.utils.data import TensorDataset
 
 import msif_index
 from msif_index.task import cross_entropy_fisher_losses
+import msif_index.build as build_mod
 from msif_index.build import _subsample, build_index
 from msif_index.config import HESSIAN_DAMPING, PRESETS, SUBSAMPLED_HESSIAN_DAMPING, BuildConfig
 from msif_index.data import full_batch
@@ -1691,13 +1692,20 @@ def test_rows_with_reused_statistics_rows_equal_brute_force(tmp_path, pre):
     assert np.abs(ref.apply(phi).numpy() - want).max() / np.abs(want).max() < 1e-9
 
 
-def test_resumed_build_with_a_statistics_subsample_gives_identical_rows(tmp_path):
+@pytest.mark.parametrize("rotate_rows", [None, 3])
+def test_resumed_build_with_a_statistics_subsample_gives_identical_rows(tmp_path, monkeypatch, rotate_rows):
     """A shard lost after the statistics were saved is recomputed (its subsample rows in the same
     batches as the statistics pass, the others in their own) to bitwise the same rows, touching only
-    that shard's examples."""
+    that shard's examples. The subsample's rows are rotated in blocks of ROTATE_ROWS (3: several
+    blocks per shard's group) to the same rows as in one block, up to rounding."""
     config = BuildConfig(proj_dim=12, preconditioner="ekfac", stats_examples=24, shard_rows=16, batch_size=5,
                          compute_dtype="float32", dtype="float32")
+    if rotate_rows is not None:
+        whole = _rows(build_index(TinyTask(n=64), tmp_path / "whole", config))
+        monkeypatch.setattr(build_mod, "ROTATE_ROWS", rotate_rows)
     ref = build_index(TinyTask(n=64), tmp_path / "ref", config)
+    if rotate_rows is not None:
+        np.testing.assert_allclose(_rows(ref), whole, rtol=1e-5, atol=1e-6 * np.abs(whole).max())
     out = tmp_path / "resumed"
     shutil.copytree(ref, out)
     for name in ("manifest.json", "rows.h5", "shards/shard_00001.h5"):
