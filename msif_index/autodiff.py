@@ -7,11 +7,14 @@ finite differences in tests/test_autodiff.py).
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+
+from .errors import TaskError
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -28,6 +31,21 @@ class _LossCall(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def _missing_text(missing: Sequence[str], known: Sequence[str]) -> str:
+    """One line naming parameters a model lacks, with the closest names it has (a typo, or a
+    prefix such as 'module.' or 'backbone.' too many or too few)."""
+    hints = []
+    for name in missing[:3]:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        close = close or [k for k in known if k.endswith("." + name) or name.endswith("." + k)][:1]
+        if close:
+            hints.append(f"{name!r} -> {close[0]!r}?")
+    text = f"parameter(s) {list(missing)} not in the model (named_parameters())"
+    if hints:
+        return f"{text}; did you mean: {', '.join(hints)}"
+    return f"{text}; it has {len(known)}, e.g. {known[:4]}"
+
+
 class FlatParams:
     """The parameters ``names`` of ``model`` as one flat vector (concatenated ``p.reshape(-1)``)."""
 
@@ -35,7 +53,7 @@ class FlatParams:
         params = dict(model.named_parameters())
         missing = [n for n in names if n not in params]
         if missing:
-            raise KeyError(f"parameters not in the model: {missing}")
+            raise TaskError(_missing_text(missing, list(params)))
         self.model = model
         self.names = list(names)
         self.shapes = [params[n].shape for n in self.names]

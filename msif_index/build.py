@@ -43,7 +43,7 @@ from .autodiff import FlatParams, batched_objective
 from .config import HESSIAN_DAMPING, BuildConfig
 from .data import batches, full_batch, move
 from .errors import (ConfigError, CorruptIndexError, NonFiniteError, OutputExistsError, TaskError, exception_text,
-                     first_line, forward_ad_errors)
+                     first_line, forward_ad_errors, python_api)
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector, plan_blocks
 from .lock import folder_lock
@@ -865,6 +865,7 @@ def _switch_search_index(out: Path, config: BuildConfig, rebuild: bool = False) 
     return True
 
 
+@python_api
 def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig | None = None,
                 overwrite: bool = False, progress_bar: bool | None = None) -> Path:
     """Build (or resume, or reuse) the pretraining index of ``task`` in ``out_dir``; return its path.

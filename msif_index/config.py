@@ -117,6 +117,17 @@ class BuildConfig:
         return d
 
 
+def _fields_doc(cls: type) -> str:
+    """``cls``'s docstring followed by each field's name, default and help text, so that
+    ``help(BuildConfig)`` and IDEs show what ``msif build-index --help`` shows."""
+    lines = [cls.__doc__.strip(), "", "Fields (name = default: help):"]
+    for f in fields(cls):
+        lines.append(f"    {f.name} = {f.default!r}: {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+BuildConfig.__doc__ = _fields_doc(BuildConfig)
+
 #: named starting points (``--preset``)
 PRESETS: dict[str, BuildConfig] = {
     "default": BuildConfig(),

@@ -4,8 +4,10 @@ Every message says what is wrong and what to do about it.
 """
 from __future__ import annotations
 
+import functools
+import re
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 
 class MsifError(Exception):
@@ -85,3 +87,64 @@ def forward_ad_errors(what: str) -> Iterator[None]:
         raise TaskError(f"{what} needs second derivatives (forward-over-reverse), and torch has no "
                         f"forward-mode derivative of an operation in the model ({first_line(e)}); "
                         f"{FORWARD_AD_HINT}") from e
+
+
+#: command-line options whose Python form is not a BuildConfig / EvaluationConfig field of that name
+_PYTHON_FORMS = {
+    "--overwrite": "build_index(..., overwrite=True)",
+    "--device": "BuildConfig(device=...) or InfluenceIndex.open(..., device=...)",
+    "--out": "the out_dir argument",
+    "--preset": "msif_index.config.PRESETS[name]",
+    "--stationarity": "msif_index.stationarity.stationarity(task)",
+    "--h-tt": "InfluenceIndex.attach(..., h_tt=...)",
+}
+_NO_FORM = {"--json", "--help", "--quick"}
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def python_forms(message: str) -> str | None:
+    """``"From Python: --overwrite is build_index(..., overwrite=True); ..."`` for the command-line
+    options a message names (None when it names none): every message words its remedy as the
+    command line does, and this note, added where the Python API raises it, translates."""
+    from .config import BuildConfig
+    from .evaluation.runner import EvaluationConfig
+    build = BuildConfig.__dataclass_fields__
+    evaluation = EvaluationConfig.__dataclass_fields__
+    forms: dict[str, str] = {}
+    for flag in _FLAG.findall(message):
+        name = flag[2:].replace("-", "_")
+        if flag in _NO_FORM or flag in forms:
+            continue
+        if flag in _PYTHON_FORMS:
+            forms[flag] = _PYTHON_FORMS[flag]
+        elif name in build:
+            forms[flag] = f"BuildConfig({name}=...)"
+        elif name in evaluation:
+            forms[flag] = f"EvaluationConfig({name}=...)"
+    if not forms:
+        return None
+    return "From Python: " + "; ".join(f"{flag} is {form}" for flag, form in forms.items())
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def python_api(fn: F) -> F:
+    """Decorate a public Python entry point: an MsifError leaving it gets a note (PEP 678, shown
+    below the message in a traceback) saying what the command-line options it names are in Python.
+    The command line prints the message alone."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MsifError as e:
+            notes = getattr(e, "__notes__", [])
+            if not any(n.startswith("From Python: ") for n in notes):
+                try:
+                    form = python_forms(str(e))
+                except Exception:        # never hide the error itself
+                    form = None
+                if form:
+                    e.add_note(form)
+            raise
+    return wrapper  # type: ignore[return-value]

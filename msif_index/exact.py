@@ -21,7 +21,7 @@ from torch import nn
 
 from .autodiff import FlatParams, batched_objective, dense_hessian, per_example_grads
 from .data import BATCH_FORM, batch_size_of, batches, move
-from .errors import ConfigError, ShapeError, TooLargeError, forward_ad_errors
+from .errors import ConfigError, ShapeError, TooLargeError, forward_ad_errors, python_api
 from .preconditioners import NOT_A_MINIMUM_ADVICE, negative_eigenvalues
 from .task import FINETUNING_STYLES, MultiStageTask, require_task, split_parameters
 from .warn import warn_user
@@ -252,6 +252,7 @@ def chained_test_vectors(task: MultiStageTask, test_batch: Any, finetuned: nn.Mo
     return a * torch.linalg.solve(k, g.T).T[:, dt:]
 
 
+@python_api
 def exact_influence(task: MultiStageTask, test_batch: Any, pretrained: nn.Module | None = None,
                     finetuned: nn.Module | None = None, finetuning: str | None = None,
                     alpha: float | None = None, max_params: int = MAX_EXACT_PARAMS) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .build import (BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS,
                     resolve_compute_dtype)
 from .data import BATCH_FORM, batch_size_of, move
 from .errors import (ConfigError, CorruptIndexError, DiskFullError, IndexMismatchError, NonFiniteError, ShapeError,
-                     first_line)
+                     first_line, python_api)
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector
 from .gradients.blocks import Block, plan_blocks
@@ -151,6 +151,7 @@ class InfluenceIndex:
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
+    @python_api
     def open(cls, path: str | Path, device: str = "auto", huge_pages: bool = True) -> "InfluenceIndex":
         """Open an index folder; the FAISS index moves to the GPU when faiss sees one (device='auto').
 
@@ -311,6 +312,7 @@ class InfluenceIndex:
         bases = self._eigenbases(torch.float64)
         return q.numpy() if bases is None else rotate_blocks(q, self._w_blocks(), bases).numpy()
 
+    @python_api
     def attach(self, task: MultiStageTask, finetuned: nn.Module | None = None, batch_size: int = 256,
                progress_bar: bool | None = None, validate: bool = True, h_tt: str = "auto",
                damping: float | None = None, cg_iters: int | None = None) -> str:
@@ -445,6 +447,7 @@ class InfluenceIndex:
         return self._attached[key]
 
     # -- querying --------------------------------------------------------------------------------
+    @python_api
     def query_vectors(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
         """q_t = P_W v_t for each test point, [Q, k] float64, in the stored rows' basis (``row_basis``;
         "eigen": R P_W v_t, see ``to_row_basis``), so that I(z, x_t) ~ -q_t . s_z."""
@@ -482,6 +485,7 @@ class InfluenceIndex:
                                  f"infinite: check its measurement and the finetuned model's outputs")
         return q
 
+    @python_api
     def query(self, test_batch: Any, k: int = 10, direction: str = "helpful", finetuned: str | None = None,
               exact_rerank: int | None = None, nprobe: int | None = None,
               test_ids: list[int] | None = None) -> QueryResult:
@@ -540,6 +544,7 @@ class InfluenceIndex:
         scores[ids < 0] = np.nan
         return QueryResult(ids.astype(np.int64), scores, direction, key, test_ids)
 
+    @python_api
     def measurements(self, test_batch: Any, finetuned: str | None = None) -> np.ndarray:
         """l(x_t): the task's measurement (default: the finetuning loss) of each test point on the
         attached finetuned model, [Q] float64: what a query's scores are derivatives of."""
@@ -557,6 +562,7 @@ class InfluenceIndex:
                              f"per example (shape [{q_n}])")
         return values.detach().to(torch.float64).numpy()
 
+    @python_api
     def scores(self, test_batch: Any, finetuned: str | None = None, block_rows: int = 65536) -> np.ndarray:
         """I(z, x_t) ~ -q_t . s_z for every pretraining example, [Q, n] float64 (bounded memory)."""
         q = self.query_vectors(test_batch, finetuned)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .data import batches, full_batch, move
-from .errors import TaskError
+from .errors import TaskError, python_api
 from .progress import progress
 from .task import MultiStageTask, eval_mode, require_task, split_parameters
 
@@ -41,6 +41,7 @@ HESSIAN_MAX_PARAMS = 2048
 HESSIAN_MAX_WORK = 2_000_000
 
 
+@python_api
 def stationarity(task: MultiStageTask, batch_size: int = 256, sample: int = SAMPLE,
                  seed: int = 0, progress_bar: bool | None = None,
                  hessian_max_params: int = HESSIAN_MAX_PARAMS,

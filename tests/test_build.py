@@ -979,6 +979,9 @@ def test_rerun_reuses_and_other_config_refuses_unless_overwrite(tmp_path, tiny_i
         build_index(task, tiny_index, other)
     msg = _one_line(e)
     assert "preconditioner" in msg and "overwrite" in msg
+    # the message words the remedy as the command line does; from Python a note translates it
+    assert e.value.__notes__ == ["From Python: --overwrite is build_index(..., overwrite=True); "
+                                 "--out is the out_dir argument"]
     assert np.array_equal(_rows(tiny_index), before)      # refused: untouched
     with InfluenceIndex.open(tiny_index) as index:
         index.attach(task)
@@ -1895,3 +1898,38 @@ def test_negative_eigenvalues_are_judged_against_the_damping():
     assert small["damping_needed"] == pytest.approx(0.05 / mean)
     assert negative_eigenvalues(evals, 1e-2 * mean) is None            # damped beyond them: harmless
     assert negative_eigenvalues(torch.tensor([1.0, -1e-12], dtype=torch.float64), 0.0) is None   # rounding
+
+
+def test_buildconfig_docstring_lists_every_field_with_its_help():
+    """help(BuildConfig) shows what `msif build-index --help` shows: each field, default and help."""
+    from dataclasses import fields
+
+    from msif_index.config import help_text
+    doc = BuildConfig.__doc__
+    for f in fields(BuildConfig):
+        assert f"    {f.name} = {f.default!r}: {help_text(f.name)}" in doc
+
+
+def test_python_forms_of_the_options_an_error_names():
+    """Each command-line option an error names maps to its Python form (a BuildConfig or
+    EvaluationConfig field of that name, or the argument that stands for it); a message naming none
+    gets no note, and a note is added once however many entry points the error leaves."""
+    from msif_index.errors import MsifError, python_api, python_forms
+    assert python_forms("damaged; rebuild with `msif build-index ... --overwrite` or --damping 0.1") == (
+        "From Python: --overwrite is build_index(..., overwrite=True); --damping is BuildConfig(damping=...)")
+    assert python_forms("use --against retraining, --k 5 or --json") == (
+        "From Python: --against is EvaluationConfig(against=...); --k is EvaluationConfig(k=...)")
+    assert python_forms("the rows are damaged") is None
+    assert python_forms("the x-- --unknown-flag thing") is None
+
+    @python_api
+    def inner():
+        raise ConfigError("rerun with --overwrite")
+
+    @python_api
+    def outer():
+        inner()
+
+    with pytest.raises(MsifError) as e:
+        outer()
+    assert e.value.__notes__ == ["From Python: --overwrite is build_index(..., overwrite=True)"]

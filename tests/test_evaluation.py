@@ -21,7 +21,7 @@ from msif_index.evaluation.baselines import backbone_features, shared_modules
 from msif_index.evaluation.metrics import (pearson, recall_at_k_scores, sign_precision_at_k, spearman,
                                            top_k)
 from msif_index.evaluation.report import PER_TEST_METRICS, TOP_LEVEL
-from msif_index.errors import ConfigError
+from msif_index.errors import ConfigError, MsifError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -254,6 +254,24 @@ def test_against_exact_refuses_large_models_unless_forced(task, index_dir, tmp_p
     with pytest.raises(ConfigError, match="--exact is off"):
         evaluate(task, index_dir, EvaluationConfig(against="exact", exact="off", test_ids=(0,)), tmp_path,
                  progress_bar=False)
+
+
+def test_refused_evaluation_leaves_no_report_folder(task, index_dir, tmp_path, monkeypatch):
+    """An evaluation that fails on its inputs (test ids out of range, exact influence infeasible)
+    removes the report folders it created, and keeps a folder that was there before."""
+    import msif_index.evaluation.runner as runner
+    out = tmp_path / "reports" / "r"
+    with pytest.raises(MsifError):
+        evaluate(task, index_dir, EvaluationConfig(against="exact", test_ids=(10 ** 6,)), out, progress_bar=False)
+    assert not (tmp_path / "reports").exists()
+    monkeypatch.setattr(runner, "exact_feasible", lambda t: (False, "its dense Hessians are too large"))
+    with pytest.raises(ConfigError):
+        evaluate(task, index_dir, EvaluationConfig(against="exact", test_ids=(0,)), out, progress_bar=False)
+    assert not (tmp_path / "reports").exists()
+    out.mkdir(parents=True)
+    with pytest.raises(ConfigError):
+        evaluate(task, index_dir, EvaluationConfig(against="exact", test_ids=(0,)), out, progress_bar=False)
+    assert out.is_dir()
 
 
 def test_report_folder_that_is_a_file_or_an_index_is_refused(tmp_path):

@@ -136,3 +136,19 @@ def test_a_budgeted_fit_runs_l_bfgs_once(monkeypatch):
     model, loss, data = _saddle_problem()    # on the saddle: L-BFGS "converges" at once, then rounds
     fit(model, ["0.weight", "2.weight"], loss, data, 40, l2=1e-3)
     assert len(runs) >= 2
+
+
+def test_fit_with_a_parameter_the_model_lacks_is_one_task_error_naming_the_closest():
+    """A typo or a missing prefix in ``names`` is a TaskError that names the model's closest
+    parameter, before any work (was a bare KeyError)."""
+    from msif_index.errors import TaskError
+    model = nn.Sequential(nn.Linear(3, 2))
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    with pytest.raises(TaskError, match=r"'0\.weigth' -> '0\.weight'\?, 'bias' -> '0\.bias'\?"):
+        fit(model, ["0.weigth", "bias"], loss, [(x, y)], 8)
+    with pytest.raises(TaskError, match=r"not in the model.*it has 2, e\.g\. \['0\.weight', '0\.bias'\]"):
+        fit(model, ["zzz"], loss, [(x, y)], 8)

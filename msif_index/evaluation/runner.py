@@ -12,7 +12,7 @@ import torch
 
 from .. import __version__
 from ..data import batches, full_batch
-from ..errors import ConfigError
+from ..errors import ConfigError, python_api
 from ..exact import exact_influence
 from ..index import InfluenceIndex
 from ..preconditioners import PRECONDITIONERS
@@ -164,6 +164,7 @@ def _task_summary(task: MultiStageTask, spec: str | None) -> dict[str, Any]:
             "n_test": len(task.test_dataset())}
 
 
+@python_api
 def evaluate(task: MultiStageTask, index_path: str | Path, config: EvaluationConfig | None = None,
              out_dir: str | Path | None = None, task_spec: str | None = None,
              progress_bar: bool | None = None) -> EvaluationResult:
@@ -179,10 +180,11 @@ def evaluate(task: MultiStageTask, index_path: str | Path, config: EvaluationCon
         raise ConfigError(f"--out {out} exists and is not a folder; choose a folder for the report")
     if (out / "manifest.json").exists() or out.resolve() == Path(index_path).resolve():
         raise ConfigError(f"--out {out} is an index folder; write the report elsewhere (default: reports/...)")
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     index = InfluenceIndex.open(index_path, device="cpu")
+    made = _new_folders(out)
+    out.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
         key = index.attach(task, validate=False, progress_bar=progress_bar)
@@ -284,8 +286,30 @@ def evaluate(task: MultiStageTask, index_path: str | Path, config: EvaluationCon
         validate_report(report)
         paths["report"] = write_report(report, out)
         return EvaluationResult(report, paths)
+    except BaseException:
+        _remove_if_empty(made)          # a bad task, test ids or method: no empty report folder left
+        raise
     finally:
         index.close()
+
+
+def _new_folders(out: Path) -> list[Path]:
+    """The folders ``out.mkdir(parents=True)`` would create, deepest first."""
+    made = []
+    p = out.absolute()
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    return made
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders this evaluation created (deepest first) that are still empty."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 def _figures(report: dict, scores: dict[str, np.ndarray], truth: np.ndarray | None, out: Path) -> dict[str, Path]:
