@@ -489,8 +489,10 @@ def _subsample(n: int, size: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=g)[:size].tolist())
 
 
-#: rows of the statistics subsample rotated per call (in place) before featurize copies them out
-ROTATE_ROWS = 1024
+#: rows of the statistics subsample rotated per call (in place) before featurize copies them out:
+#: a batch's worth keeps the temporaries at 4 MB for k = 4096 (1,024 rows raised a 10k-row MLP
+#: build's peak RSS from 580 to 680-700 MB; the per-call cost is ~1 ms, 32 calls for 8,192 rows)
+ROTATE_ROWS = 256
 
 
 class _Sample:
