@@ -49,7 +49,8 @@ class BuildConfig:
         "Fisher / Gauss-Newton matrix) | empirical (gradients at the data's targets) | auto (gauss-newton "
         "when the task defines pretrain_fisher_losses).", "auto")
     seed: int = _help("Seed of the random projection (and of subsamples).", 0)
-    dtype: str = _help("Storage dtype of the stored rows: float32 | float16 | float64.", "float32")
+    dtype: str = _help("Storage dtype of the stored rows: float32 | float16 (half the disk; each row "
+                       "scaled by a power of two, so any magnitude fits) | float64.", "float32")
     compute_dtype: str = _help("Dtype of gradient computation: auto (the model's; float32 for a float16 / bfloat16 model) | float32 | float64.", "auto")
     batch_size: int = _help("Pretraining examples per batch.", 256)
     device: str = _help("Torch device of the gradient computation: cpu, cuda, cuda:1 ...", "cpu")

@@ -106,21 +106,22 @@ def python_forms(message: str) -> str | None:
     """``"From Python: --overwrite is build_index(..., overwrite=True); ..."`` for the command-line
     options a message names (None when it names none): every message words its remedy as the
     command line does, and this note, added where the Python API raises it, translates."""
-    from .config import BuildConfig
-    from .evaluation.runner import EvaluationConfig
-    build = BuildConfig.__dataclass_fields__
-    evaluation = EvaluationConfig.__dataclass_fields__
-    forms: dict[str, str] = {}
-    for flag in _FLAG.findall(message):
-        name = flag[2:].replace("-", "_")
-        if flag in _NO_FORM or flag in forms:
-            continue
-        if flag in _PYTHON_FORMS:
-            forms[flag] = _PYTHON_FORMS[flag]
-        elif name in build:
-            forms[flag] = f"BuildConfig({name}=...)"
-        elif name in evaluation:
-            forms[flag] = f"EvaluationConfig({name}=...)"
+    flags = [f for f in dict.fromkeys(_FLAG.findall(message)) if f not in _NO_FORM]
+    if not flags:
+        return None
+    forms: dict[str, str] = {f: _PYTHON_FORMS[f] for f in flags if f in _PYTHON_FORMS}
+    if len(forms) < len(flags):                  # the config classes, only when a message needs them
+        from .config import BuildConfig
+        from .evaluation.runner import EvaluationConfig
+        for flag in flags:
+            name = flag[2:].replace("-", "_")
+            if flag in forms:
+                continue
+            if name in BuildConfig.__dataclass_fields__:
+                forms[flag] = f"BuildConfig({name}=...)"
+            elif name in EvaluationConfig.__dataclass_fields__:
+                forms[flag] = f"EvaluationConfig({name}=...)"
+    forms = {f: forms[f] for f in flags if f in forms}
     if not forms:
         return None
     return "From Python: " + "; ".join(f"{flag} is {form}" for flag, form in forms.items())
@@ -140,11 +141,13 @@ def python_api(fn: F) -> F:
         except MsifError as e:
             notes = getattr(e, "__notes__", [])
             if not any(n.startswith("From Python: ") for n in notes):
-                try:
+                try:                     # never hide the error itself
                     form = python_forms(str(e))
-                except Exception:        # never hide the error itself
-                    form = None
-                if form:
-                    e.add_note(form)
+                    if form and hasattr(e, "add_note"):
+                        e.add_note(form)
+                    elif form:                   # Python 3.10: no add_note, the same attribute
+                        e.__notes__ = [*notes, form]
+                except Exception:
+                    pass
             raise
     return wrapper  # type: ignore[return-value]

@@ -3,6 +3,10 @@
 File layout (``SCHEMA_VERSION`` 1):
     dataset ``rows``     [n, k] float16/float32/float64, chunked (chunk_rows, k), fletcher32
     dataset ``written``  [n] bool, fletcher32: which rows were written
+    dataset ``scales``   [n] float32, fletcher32, float16 stores only (attribute ``row_scales``):
+                         row i is ``rows[i] * scales[i]``. Each row is stored times a power of two
+                         that puts its largest entry in [2^14, 2^15), so float16 neither overflows
+                         (65504) nor loses a small row's precision to subnormals; readers multiply back
     extra datasets       small arrays (e.g. preconditioner state), fletcher32
     file attributes      schema_version, n, k, dtype and the caller's attributes; dicts, lists,
                          tuples and None are stored as JSON strings (their names are listed in
@@ -58,9 +62,12 @@ DTYPES = ("float32", "float16", "float64")
 
 ROWS = "rows"
 WRITTEN = "written"
+SCALES = "scales"
+#: file attribute: the rows are stored scaled, one power of two per row in ``scales`` (float16)
+ROW_SCALES = "row_scales"
 _JSON_ATTRS = "_json_attrs"
-_RESERVED_ATTRS = frozenset({"schema_version", "n", "k", "dtype", _JSON_ATTRS})
-_RESERVED_DATASETS = frozenset({ROWS, WRITTEN})
+_RESERVED_ATTRS = frozenset({"schema_version", "n", "k", "dtype", ROW_SCALES, _JSON_ATTRS})
+_RESERVED_DATASETS = frozenset({ROWS, WRITTEN, SCALES})
 
 # keep a chunk <= 1 MiB: take() reads (and checksums) whole chunks, and HDF5's per-chunk buffers of
 # 4 MiB went through mmap/munmap on every chunk in a build (glibc's allocator), which made writes
@@ -215,6 +222,36 @@ def _convert(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return np.ascontiguousarray(arr, dtype=dtype)
 
 
+#: the exponent of each float16 row's largest entry after scaling: |x| < 2^15 < 65504
+_F16_TOP = 15
+#: exponents of a row's largest entry outside [-100, 128] are clamped (the power of two stays a
+#: normal float32); a row below 2^-100 everywhere is stored as (near) zeros
+_EXP_RANGE = (-100, 128)
+
+
+def _scaled_float16(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows as float16, times a power of two per row; those powers' inverses as float32 scales):
+    row i is ``out[i] * scales[i]``, exactly up to float16's rounding of each entry. The largest
+    entry of each row lands in [2^14, 2^15), so nothing overflows and small rows keep float16's 11
+    bits. Non-finite rows stay non-finite (the caller's check names them)."""
+    if torch is not None and arr.size and arr.dtype in (np.float32, np.float64):
+        ok = arr.flags.writeable and arr.flags.c_contiguous
+        t = torch.from_numpy(arr if ok else np.array(arr, order="C"))
+        top = torch.frexp(t.abs().amax(dim=1)).exponent.clamp_(*_EXP_RANGE)
+        shift = (_F16_TOP - top).to(t.dtype)
+        out = torch.empty(t.shape, dtype=torch.float16)
+        torch.mul(t, torch.exp2(shift).unsqueeze(1), out=out)
+        return out.numpy(), torch.exp2(-shift).to(torch.float32).numpy()
+    a = np.asarray(arr, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        top = np.clip(np.frexp(np.abs(a).max(axis=1, initial=0.0))[1], *_EXP_RANGE) if a.size else \
+            np.zeros(a.shape[0], dtype=np.int64)
+    shift = (_F16_TOP - top).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = (a * np.exp2(shift)[:, None]).astype(np.float16)
+    return out, np.exp2(-shift).astype(np.float32)
+
+
 def _all_finite(out: np.ndarray) -> bool:
     """True when no entry is NaN or infinite (float16: from the exponent bits, ~4x faster; float32 /
     float64: from torch's sum when it is finite, 2x faster than numpy's isfinite, else entry by entry)."""
@@ -272,13 +309,16 @@ def _write_chunk(rows: h5py.Dataset, row: int, buf: np.ndarray) -> None:
     rows.id.write_direct_chunk((row, 0), buf, filter_mask=0)
 
 
-def expected_file_bytes(n: int, k: int, itemsize: int, chunk_rows: int, attrs: Mapping[str, Any]) -> int:
+def expected_file_bytes(n: int, k: int, itemsize: int, chunk_rows: int, attrs: Mapping[str, Any],
+                        scaled: bool = False) -> int:
     """A row file's size when complete, from above: the rows (the edge chunk stored whole), 64 bytes
-    per chunk (its checksum and its entry in HDF5's chunk index), the mask, the attributes, and
-    256 KiB for HDF5's other metadata (tests/test_store.py checks the bound, down to 1-row chunks)."""
+    per chunk (its checksum and its entry in HDF5's chunk index), the mask (and the float32 scales
+    of a ``scaled`` float16 store, with their own chunk index), the attributes, and 256 KiB for
+    HDF5's other metadata (tests/test_store.py checks the bound, down to 1-row chunks)."""
     chunks = -(-n // max(1, chunk_rows))
     text = sum(len(str(v)) for v in attrs.values())
-    return chunks * chunk_rows * k * itemsize + 64 * chunks + n + 2 * text + (256 << 10)
+    extra = 4 * n + 64 * (-(-n // (1 << 16))) + (4 << 10) if scaled else 0
+    return chunks * chunk_rows * k * itemsize + 64 * chunks + n + extra + 2 * text + (256 << 10)
 
 
 def _chunk_rows_for(n: int, k: int, itemsize: int, chunk_rows: int) -> int:
@@ -394,6 +434,8 @@ class RowWriter:
         self._commit_thread: threading.Thread | None = None
         self._commit_error: BaseException | None = None
         self._chunk_buf: np.ndarray | None = None   # one chunk's bytes + 4 (direct chunk writes)
+        self.scaled = self.dtype == "float16"         # rows stored times a power of two each
+        self._scales: h5py.Dataset | None = None
 
     # -- context management
 
@@ -425,10 +467,13 @@ class RowWriter:
                 fletcher32=True,
                 fillvalue=False,
             )
-            _write_attrs(
-                self._f,
-                {"schema_version": SCHEMA_VERSION, "n": self.n, "k": self.k, "dtype": self.dtype, **self.attrs},
-            )
+            header = {"schema_version": SCHEMA_VERSION, "n": self.n, "k": self.k, "dtype": self.dtype}
+            if self.scaled:
+                self._scales = self._f.create_dataset(
+                    SCALES, shape=(self.n,), maxshape=(None,) if self.n == 0 else (self.n,),
+                    dtype=np.float32, chunks=(mask_chunk,), fletcher32=True, fillvalue=np.nan)
+                header[ROW_SCALES] = True
+            _write_attrs(self._f, {**header, **self.attrs})
         except BaseException as e:
             self._abort(e)
             raise
@@ -461,7 +506,8 @@ class RowWriter:
         return False
 
     def _expected_bytes(self) -> int:
-        return expected_file_bytes(self.n, self.k, self._np_dtype.itemsize, self.chunk_rows, self.attrs)
+        return expected_file_bytes(self.n, self.k, self._np_dtype.itemsize, self.chunk_rows, self.attrs,
+                                   self.scaled)
 
     def wait_commit(self) -> None:
         """With ``background_commit``: wait until the file is fsynced and renamed into place; raise
@@ -477,7 +523,7 @@ class RowWriter:
         self._abandon = True  # the file is being discarded: queued blocks need not be written
         self._stop_thread()
         f, self._f = self._f, None
-        self._rows = self._written = None
+        self._rows = self._written = self._scales = None
         if f is not None:
             with contextlib.suppress(Exception):
                 f.close()
@@ -522,7 +568,7 @@ class RowWriter:
                 raise disk_full_error(self.path) from e
             raise
         f, self._f = self._f, None
-        self._rows = self._written = None
+        self._rows = self._written = self._scales = None
         f.close()
         # read the new file back: a write that failed silently (e.g. when closing) shows here
         try:
@@ -560,7 +606,7 @@ class RowWriter:
             )
         if stop == start:
             return
-        out = _convert(arr, self._np_dtype)
+        out, scales = _scaled_float16(arr) if self.scaled else (_convert(arr, self._np_dtype), None)
         if not _all_finite(out):
             if self.dtype != "float64" and np.isfinite(arr).all():
                 raise NonFiniteError(
@@ -572,7 +618,7 @@ class RowWriter:
                 f"gradients of these examples (e.g. a diverged model or bad inputs) and build again"
             )
         if not self.background:
-            self._write_block(start, stop, out)
+            self._write_block(start, stop, out, scales)
             return
         self._raise_queued_error()
         if out is arr or np.may_share_memory(out, arr):
@@ -583,12 +629,14 @@ class RowWriter:
                                             daemon=True)
             self._thread.start()
         assert self._queue is not None
-        self._queue.put((start, stop, out))
+        self._queue.put((start, stop, out, scales))
 
-    def _write_block(self, start: int, stop: int, out: np.ndarray) -> None:
+    def _write_block(self, start: int, stop: int, out: np.ndarray, scales: np.ndarray | None = None) -> None:
         assert self._rows is not None and self._written is not None
         try:
             self._write_rows(start, stop, out)
+            if self._scales is not None:
+                self._scales[start:stop] = scales
             self._written[start:stop] = True
         except (OSError, RuntimeError) as e:
             if is_disk_full(e):
@@ -687,6 +735,9 @@ class RowStore:
         self.n = int(attrs["n"])
         self.k = int(attrs["k"])
         self.dtype: str = attrs["dtype"]
+        #: float16 rows stored times a power of two each (``scales``): reads multiply them back
+        self.scaled = bool(attrs.get(ROW_SCALES, False))
+        self._scales: h5py.Dataset | None = f[SCALES] if self.scaled else None
         if self._rows.is_virtual:      # linked shards: read in pieces the size of the shards' chunks
             self.chunk_rows = _chunk_rows_for(self.n, self.k, np.dtype(self.dtype).itemsize, 1024)
             self._hold_shards()
@@ -755,7 +806,8 @@ class RowStore:
             raise CorruptIndexError(f"{path} lacks valid n/k/dtype attributes, so it is corrupted; {_REBUILD}") from None
         if dtype not in DTYPES or n < 0 or k < 1:
             raise CorruptIndexError(f"{path} has invalid attributes n={n} k={k} dtype={dtype!r}; {_REBUILD}")
-        for name in (ROWS, WRITTEN):
+        scaled = bool(attrs.get(ROW_SCALES, False))
+        for name in (ROWS, WRITTEN, SCALES) if scaled else (ROWS, WRITTEN):
             try:
                 ok = isinstance(f.get(name), h5py.Dataset)
             except (OSError, KeyError, ValueError, RuntimeError):
@@ -763,11 +815,13 @@ class RowStore:
             if not ok:
                 raise CorruptIndexError(f"{path} has no readable {name!r} dataset, so it is corrupted; {_REBUILD}")
         rows, written = f[ROWS], f[WRITTEN]
-        for ds in (rows, written):
+        for ds in (rows, written, f[SCALES]) if scaled else (rows, written):
             if ds.is_virtual:
                 for src in ds.virtual_sources():
                     if not (path.parent / src.file_name).is_file():
                         raise CorruptIndexError(f"{path} links to {src.file_name}, which is missing; {_REBUILD}")
+        if scaled and (dtype != "float16" or f[SCALES].shape != (n,) or f[SCALES].dtype != np.float32):
+            raise CorruptIndexError(f"{path} has an inconsistent 'scales' dataset; {_REBUILD}")
         if rows.shape != (n, k) or rows.dtype != np.dtype(dtype) or written.shape != (n,):
             raise CorruptIndexError(
                 f"{path} has inconsistent datasets (rows {rows.shape} {rows.dtype}, written {written.shape}; "
@@ -852,6 +906,25 @@ class RowStore:
                 where = f" (in {', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" if files else ""
                 raise self._read_error(f"rows {start}..{stop - 1}{where}", e) from None
 
+    def _read_scales(self, start: int, stop: int) -> np.ndarray:
+        assert self._scales is not None
+        with self._lock:
+            self._file()
+            try:
+                return self._scales[start:stop]
+            except (OSError, RuntimeError) as e:
+                raise self._read_error(f"the scales of rows {start}..{stop - 1}", e) from None
+
+    def _read_rows(self, start: int, stop: int, dtype: Any) -> np.ndarray:
+        """Rows [start, stop) as ``dtype``, scaled back where the store is scaled."""
+        raw = self._read_raw(start, stop)
+        if not self.scaled:
+            return np.asarray(raw, dtype=dtype)
+        out = np.empty(raw.shape, dtype=dtype)
+        with np.errstate(over="ignore"):
+            np.multiply(raw, self._read_scales(start, stop)[:, None], out=out, casting="unsafe")
+        return out
+
     # -- reading
 
     def read(self, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
@@ -864,7 +937,7 @@ class RowStore:
             )
         if start == stop:
             return np.empty((0, self.k), dtype=dtype)
-        return np.asarray(self._read_raw(start, stop), dtype=dtype)
+        return self._read_rows(start, stop, dtype)
 
     def take(self, ids: Any, dtype: Any = np.float32) -> np.ndarray:
         """Rows ``ids`` (any order, duplicates allowed) as an [len(ids), k] array, in the order given.
@@ -898,7 +971,13 @@ class RowStore:
         for g0, g1 in zip(starts.tolist(), stops.tolist()):
             r0, r1 = int(uniq[g0]), int(uniq[g1 - 1]) + 1
             block = self._read_raw(r0, r1)
-            out[g0:g1] = block[uniq[g0:g1] - r0]
+            sel = uniq[g0:g1] - r0
+            if self.scaled:
+                with np.errstate(over="ignore"):
+                    np.multiply(block[sel], self._read_scales(r0, r1)[sel, None], out=out[g0:g1],
+                                casting="unsafe")
+            else:
+                out[g0:g1] = block[sel]
         return out[inverse.reshape(-1)]
 
     def iter_blocks(
@@ -912,12 +991,15 @@ class RowStore:
         step = _block_step(block_rows, self.k, np.dtype(dtype).itemsize, max_block_bytes, self.chunk_rows)
         for s in range(0, self.n, step):
             e = min(self.n, s + step)
-            yield s, np.asarray(self._read_raw(s, e), dtype=dtype)
+            yield s, self._read_rows(s, e, dtype)
 
     def verify(self, block_rows: int = 65536) -> None:
         """Read every row (and extra dataset) once, so any checksum failure raises CorruptIndexError now."""
-        for _ in self.iter_blocks(block_rows, dtype=self.dtype):
-            pass
+        step = _block_step(block_rows, self.k, np.dtype(self.dtype).itemsize, _MAX_BLOCK_BYTES, self.chunk_rows)
+        for s in range(0, self.n, step):
+            self._read_raw(s, min(self.n, s + step))
+        if self.scaled:
+            self._read_scales(0, self.n)
         for name in self.dataset_names():
             self.dataset(name)
 
@@ -1082,6 +1164,7 @@ class ShardedWriter:
             "n": stop - start,
             "k": self.k,
             "dtype": self.dtype,
+            **({ROW_SCALES: True} if self.dtype == "float16" else {}),
         }
 
     # -- state on disk
@@ -1179,7 +1262,7 @@ class ShardedWriter:
             start, stop = self.shard_range(i)
             total += expected_file_bytes(stop - start, self.k, itemsize,
                                          _chunk_rows_for(stop - start, self.k, itemsize, self.chunk_rows),
-                                         self._shard_attrs(i))
+                                         self._shard_attrs(i), self.dtype == "float16")
         return total
 
     # -- writing
@@ -1243,7 +1326,7 @@ class ShardedWriter:
                         cur_i = i
                     s0, s1 = self.shard_range(i)
                     q = min(b1, s1)
-                    out[p - b0 : q - b0] = cur._read_raw(p - s0, q - s0)
+                    out[p - b0 : q - b0] = cur._read_rows(p - s0, q - s0, dtype)
                     p = q
                 yield b0, out
         finally:
@@ -1292,18 +1375,25 @@ def link_shards(sharded: "ShardedWriter", path: Path | str, attrs: Mapping[str, 
     np_dtype = np.dtype(sharded.dtype)
     rows = h5py.VirtualLayout(shape=(sharded.n, sharded.k), dtype=np_dtype)
     written = h5py.VirtualLayout(shape=(sharded.n,), dtype=np.bool_)
+    scaled = sharded.dtype == "float16"
+    scales = h5py.VirtualLayout(shape=(sharded.n,), dtype=np.float32) if scaled else None
     for i in range(sharded.num_shards):
         start, stop = sharded.shard_range(i)
         rel = str(sharded.shard_path(i).relative_to(path.parent))
         rows[start:stop] = h5py.VirtualSource(rel, ROWS, shape=(stop - start, sharded.k))
         written[start:stop] = h5py.VirtualSource(rel, WRITTEN, shape=(stop - start,))
+        if scales is not None:
+            scales[start:stop] = h5py.VirtualSource(rel, SCALES, shape=(stop - start,))
     try:
         with atomic_path(path) as tmp:
             with _open_h5(tmp, "w") as f:
                 f.create_virtual_dataset(ROWS, rows, fillvalue=np.nan)
                 f.create_virtual_dataset(WRITTEN, written, fillvalue=False)
-                _write_attrs(f, {"schema_version": SCHEMA_VERSION, "n": sharded.n, "k": sharded.k,
-                                 "dtype": sharded.dtype, **dict(attrs or {})})
+                header = {"schema_version": SCHEMA_VERSION, "n": sharded.n, "k": sharded.k, "dtype": sharded.dtype}
+                if scales is not None:
+                    f.create_virtual_dataset(SCALES, scales, fillvalue=np.nan)
+                    header[ROW_SCALES] = True
+                _write_attrs(f, {**header, **dict(attrs or {})})
                 for name, array in (datasets or {}).items():
                     _create_small_dataset(f, name, array)
     except (OSError, RuntimeError) as e:

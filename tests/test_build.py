@@ -1933,3 +1933,58 @@ def test_python_forms_of_the_options_an_error_names():
     with pytest.raises(MsifError) as e:
         outer()
     assert e.value.__notes__ == ["From Python: --overwrite is build_index(..., overwrite=True)"]
+
+
+def test_float16_build_of_rows_beyond_float16s_range(tmp_path):
+    """Rows far beyond float16's 65504 (a loss scaled by 1e7, identity preconditioner) build with
+    --dtype float16 (they overflowed before the per-row scales) and equal the float32 build's rows
+    within float16's rounding of each row's largest entry; the query answers the same ids."""
+    class Loud(TinyTask):
+        def pretrain_loss(self, model, batch):
+            return super().pretrain_loss(model, batch) * 1e7
+
+    cfg = BuildConfig(proj_dim=16, preconditioner="identity", shard_rows=24)
+    wide = build_index(Loud(), tmp_path / "f32", cfg)
+    half = build_index(Loud(), tmp_path / "f16", cfg.with_(dtype="float16"))
+    with RowStore.open(wide / "rows.h5") as a, RowStore.open(half / "rows.h5") as b:
+        x, y = a.read(0, a.n), b.read(0, b.n)
+        assert b.scaled and np.abs(x).max() > 1e6
+    top = np.abs(x).max(axis=1, keepdims=True)
+    assert np.max(np.abs(y - x) / top) <= 2.0 ** -11
+    batch = full_batch(Loud().test_dataset(), [0, 1])
+    with InfluenceIndex.open(wide) as i32, InfluenceIndex.open(half) as i16:
+        i32.attach(Loud())
+        i16.attach(Loud())
+        r32, r16 = i32.query(batch, k=5), i16.query(batch, k=5)
+    np.testing.assert_array_equal(r32.ids, r16.ids)
+    np.testing.assert_allclose(r16.scores, r32.scores, rtol=1e-2)
+
+
+def test_python_note_without_add_note_and_without_importing_for_plain_messages(monkeypatch):
+    """Where exceptions have no add_note (Python 3.10) the note goes to __notes__ all the same; a
+    message that names no option costs no import (the evaluation package is heavy)."""
+    import builtins
+
+    from msif_index.errors import python_api, python_forms
+
+    class OldStyle(ConfigError):
+        add_note = property(lambda self: (_ for _ in ()).throw(AttributeError("add_note")))
+
+    @python_api
+    def fails():
+        raise OldStyle("rerun with --overwrite")
+
+    with pytest.raises(OldStyle) as e:
+        fails()
+    assert e.value.__notes__ == ["From Python: --overwrite is build_index(..., overwrite=True)"]
+
+    real_import = builtins.__import__
+
+    def no_config_import(name, *a, **k):
+        if "evaluation" in name or name.endswith("config"):
+            raise AssertionError(f"imported {name}")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_config_import)
+    assert python_forms("the rows are damaged") is None
+    assert python_forms("rebuild with --overwrite") == "From Python: --overwrite is build_index(..., overwrite=True)"

@@ -272,6 +272,16 @@ def test_refused_evaluation_leaves_no_report_folder(task, index_dir, tmp_path, m
     with pytest.raises(ConfigError):
         evaluate(task, index_dir, EvaluationConfig(against="exact", test_ids=(0,)), out, progress_bar=False)
     assert out.is_dir()
+    # a report folder that cannot be made (under a file): the index opened first is closed again
+    from msif_index.index import InfluenceIndex
+    closed = []
+    real_close = InfluenceIndex.close
+    monkeypatch.setattr(InfluenceIndex, "close", lambda self: (closed.append(1), real_close(self)))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):
+        evaluate(task, index_dir, EvaluationConfig(against="exact", test_ids=(0,)), tmp_path / "file" / "r",
+                 progress_bar=False)
+    assert closed
 
 
 def test_report_folder_that_is_a_file_or_an_index_is_refused(tmp_path):

@@ -206,11 +206,11 @@ def test_background_writer_errors(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = RowWriter._write_block
 
-    def failing(self, start, stop, out):
+    def failing(self, start, stop, out, *scales):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("simulated write failure")
-        real(self, start, stop, out)
+        real(self, start, stop, out, *scales)
 
     monkeypatch.setattr(RowWriter, "_write_block", failing)
     with pytest.raises(OSError, match="simulated"):
@@ -283,10 +283,12 @@ def test_float16_conversion_and_overflow(tmp_path):
         w.write(0, x)
     with RowStore.open(tmp_path / "h.h5") as st:
         np.testing.assert_array_equal(st.read(0, 9, dtype=np.float16), x.astype(np.float16))
-    x[4, 2] = 1e6
-    with pytest.raises(NonFiniteError, match="overflow float16"):
-        with RowWriter(tmp_path / "o.h5", 9, 5, "float16") as w:
-            w.write(0, torch.from_numpy(x))
+    x[4, 2] = 1e6                 # beyond float16's 65504: the row is stored scaled, and read back
+    with RowWriter(tmp_path / "o.h5", 9, 5, "float16") as w:
+        w.write(0, torch.from_numpy(x))
+    with RowStore.open(tmp_path / "o.h5") as st:
+        np.testing.assert_allclose(st.read(0, 9), x, rtol=2.0 ** -11, atol=2.0 ** -11 * 100)
+        np.testing.assert_array_equal(st.read(0, 4), x[:4].astype(np.float16).astype(np.float32))
     x[4, 2] = np.inf
     with pytest.raises(NonFiniteError, match="NaN or infinite"):
         with RowWriter(tmp_path / "i.h5", 9, 5, "float16") as w:

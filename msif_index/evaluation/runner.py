@@ -1,6 +1,7 @@
 """``evaluate``: one evaluation run (what ``msif evaluate`` calls), from config to report and figures."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -183,9 +184,10 @@ def evaluate(task: MultiStageTask, index_path: str | Path, config: EvaluationCon
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     index = InfluenceIndex.open(index_path, device="cpu")
-    made = _new_folders(out)
-    out.mkdir(parents=True, exist_ok=True)
+    made: list[Path] = []
     try:
+        made = _new_folders(out)
+        out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         key = index.attach(task, validate=False, progress_bar=progress_bar)
         timings["attach_s"] = time.perf_counter() - t0
@@ -296,7 +298,7 @@ def evaluate(task: MultiStageTask, index_path: str | Path, config: EvaluationCon
 def _new_folders(out: Path) -> list[Path]:
     """The folders ``out.mkdir(parents=True)`` would create, deepest first."""
     made = []
-    p = out.absolute()
+    p = Path(os.path.abspath(out))
     while not p.exists() and p != p.parent:
         made.append(p)
         p = p.parent
