@@ -52,7 +52,7 @@ from .preconditioners import (DenseInverse, Preconditioner, make_preconditioner,
 from .progress import progress
 from .search import SearchIndex, built_at_open, fitting_nlist, min_train_rows
 from .store import RowStore, ShardedWriter, _open_h5, link_shards
-from .task import (MultiStageTask, eval_mode, fisher_loss_columns, has_fisher_losses, require_task,
+from .task import (MultiStageTask, eval_mode, fisher_loss_columns, has_fisher_losses, require_shared_parameters,
                    split_parameters, state_buffers)
 from .warn import warn_user
 
@@ -875,7 +875,7 @@ def build_index(task: MultiStageTask, out_dir: str | Path, config: BuildConfig |
     Stored row s_z = [M^{-1} P grad g(z)]_W; with a query q_t = P_W v_t the influence is
     I(z, x_t) ~ - q_t . s_z (negative: helpful; positive: harmful).
     """
-    require_task(task)
+    require_shared_parameters(task, finetuned=False)
     damping_unset = (config or BuildConfig()).damping is None
     config = resolve_config(task, config or BuildConfig())
     if config.preconditioner == "exact" and config.damping:

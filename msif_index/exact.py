@@ -23,7 +23,7 @@ from .autodiff import FlatParams, batched_objective, dense_hessian, per_example_
 from .data import BATCH_FORM, batch_size_of, batches, move
 from .errors import ConfigError, ShapeError, TooLargeError, forward_ad_errors, python_api
 from .preconditioners import NOT_A_MINIMUM_ADVICE, negative_eigenvalues
-from .task import FINETUNING_STYLES, MultiStageTask, require_task, split_parameters
+from .task import FINETUNING_STYLES, MultiStageTask, require_shared_parameters, require_task, split_parameters
 from .warn import warn_user
 
 #: dense Hessians above this many parameters are refused
@@ -262,7 +262,10 @@ def exact_influence(task: MultiStageTask, test_batch: Any, pretrained: nn.Module
     the task does). I < 0: helpful (a proponent); I > 0: harmful (an opponent).
     ``finetuning``/``alpha`` override the task's settings (e.g. to compare styles).
     """
-    require_task(task)
+    if pretrained is None and finetuned is None:
+        require_shared_parameters(task)
+    else:
+        require_task(task)
     try:
         batch_size_of(test_batch)
     except ValueError as e:

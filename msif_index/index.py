@@ -39,8 +39,8 @@ from .operator import KRONECKER_DAMPING, FinetuneOperator, compute_operator
 from .preconditioners import negative_message, read_state, rotate_blocks, stored_eigenbases
 from .search import SearchIndex, built_at_open
 from .store import RowStore
-from .task import (MultiStageTask, frozen_buffer_problem, has_finetune_fisher_losses, split_parameters,
-                   validate_task)
+from .task import (MultiStageTask, frozen_buffer_problem, has_finetune_fisher_losses,
+                   require_shared_parameters, split_parameters, validate_task)
 from .warn import warn_user
 
 DIRECTIONS = ("helpful", "harmful")
@@ -234,6 +234,15 @@ class InfluenceIndex:
         a fixed sample of examples, ``fingerprint_dataset``), are the ones the index was built from."""
         fps = pretrained_fingerprints(task, task.pretrained_model())
         want = self.manifest["fingerprints"]
+        built_w = self.manifest.get("w_names")
+        w_now = split_parameters(task, task.pretrained_model())[0]
+        if isinstance(built_w, list) and sorted(built_w) != sorted(w_now):
+            gone, new = sorted(set(built_w) - set(w_now)), sorted(set(w_now) - set(built_w))
+            moved = "; ".join(part for part in (f"no longer in W: {gone[:4]}" if gone else "",
+                                                f"new in W: {new[:4]}" if new else "") if part)
+            raise IndexMismatchError(
+                f"the task's shared_parameters (W) are not the ones this index was built with ({moved}); "
+                f"list the same W, or {_REBUILD}")
         for part in ("W", "U", "buffers"):
             if part in want and fps[part] != want[part]:     # (buffers: absent in indexes built before them)
                 what = (f"{part} ({short(fps[part])}) is not the one" if part != "buffers" else
@@ -327,6 +336,8 @@ class InfluenceIndex:
         self._require_open()
         if validate:
             validate_task(task)
+        else:
+            require_shared_parameters(task)
         if cg_iters is not None and (isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 0):
             raise ConfigError(f"cg_iters must be an integer >= 0, got {cg_iters!r}")
         if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float))

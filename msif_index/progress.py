@@ -50,7 +50,7 @@ def progress(total: int, description: str, unit: str = "ex", enabled: bool | Non
 @contextlib.contextmanager
 def _plain(total: int, description: str, unit: str) -> Iterator[Callable[[int], None]]:
     start = time.monotonic()
-    state = {"done": 0, "last": start, "printed": False}
+    state = {"done": 0, "last": start, "printed": False, "shown": -1}
 
     def line(now: float) -> None:
         done, elapsed = state["done"], now - start
@@ -59,7 +59,7 @@ def _plain(total: int, description: str, unit: str) -> Iterator[Callable[[int], 
         eta = f", ETA {(total - done) / rate:,.0f} s" if rate > 0 and total >= done else ""
         print(f"{description}: {done:,}/{total:,} {unit}{share}, {rate:,.0f} {unit}/s, {elapsed:,.0f} s{eta}",
               file=sys.stderr, flush=True)
-        state["last"], state["printed"] = now, True
+        state["last"], state["printed"], state["shown"] = now, True, done
 
     def advance(n: int) -> None:
         state["done"] += n
@@ -68,5 +68,5 @@ def _plain(total: int, description: str, unit: str) -> Iterator[Callable[[int], 
             line(now)
 
     yield advance
-    if state["printed"]:
+    if state["printed"] and state["shown"] != state["done"]:      # the last line, unless just shown
         line(time.monotonic())

@@ -26,7 +26,7 @@ from torch import nn
 from .data import batches, full_batch, move
 from .errors import TaskError, python_api
 from .progress import progress
-from .task import MultiStageTask, eval_mode, require_task, split_parameters
+from .task import MultiStageTask, eval_mode, require_shared_parameters, split_parameters
 
 #: above this relative gradient a stage is reported as not at an optimum
 RELATIVE_WARN = 1e-3
@@ -57,7 +57,7 @@ def stationarity(task: MultiStageTask, batch_size: int = 256, sample: int = SAMP
     "negative": record or None}); above, or where its second derivatives cannot be taken,
     {"checked": False, "why": ...}. ``at_optimum``: the relative gradient within ``RELATIVE_WARN``
     and no negative eigenvalue found."""
-    require_task(task)
+    require_shared_parameters(task)
     pre, fin = task.pretrained_model(), task.finetuned_model()
     w, u = split_parameters(task, pre)
     _, theta = split_parameters(task, fin)

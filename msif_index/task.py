@@ -11,6 +11,7 @@ Notation of MATH.md:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import importlib.util
 import inspect
@@ -225,6 +226,30 @@ def require_task(task: Any) -> None:
         raise TaskError(f"a task must subclass msif_index.MultiStageTask, got {type(task).__name__}{hint}")
 
 
+def _check_shared_names(shared: Any, pp: dict, fp: dict | None) -> None:
+    for label, params in (("pretrained_model()", pp), ("finetuned_model()", fp)):
+        if params is None:
+            continue
+        for name in shared:
+            if name not in params:
+                close = difflib.get_close_matches(str(name), list(params), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TaskError(f"shared parameter {name!r} is not in {label}; it has {_some(params)}{hint}")
+
+
+def require_shared_parameters(task: MultiStageTask, finetuned: bool = True) -> None:
+    """The cheap part of ``validate_task`` that the Python entry points (build_index,
+    exact_influence, stationarity, attach without validation) run: a task, and every name of
+    shared_parameters in the pretrained (and finetuned) model, else one TaskError line."""
+    require_task(task)
+    if isinstance(task.shared_parameters, str) or not len(task.shared_parameters):
+        raise TaskError("shared_parameters must list the names of the shared parameters W "
+                        "(e.g. ['embed.weight', 'embed.bias'])")
+    pp = dict(task.pretrained_model().named_parameters())
+    fp = dict(task.finetuned_model().named_parameters()) if finetuned else None
+    _check_shared_names(task.shared_parameters, pp, fp)
+
+
 def validate_task(task: MultiStageTask) -> None:
     """Check a task once, failing with one clear line (TaskError) naming what is wrong."""
     require_task(task)
@@ -245,13 +270,8 @@ def validate_task(task: MultiStageTask) -> None:
         if not isinstance(m, nn.Module):
             raise TaskError(f"{label} must return a torch.nn.Module, got {type(m).__name__}")
     pp, fp = dict(pre.named_parameters()), dict(fin.named_parameters())
+    _check_shared_names(task.shared_parameters, pp, fp)
     for name in task.shared_parameters:
-        if name not in pp:
-            raise TaskError(f"shared parameter {name!r} is not in pretrained_model(); "
-                            f"it has {_some(pp)}")
-        if name not in fp:
-            raise TaskError(f"shared parameter {name!r} is not in finetuned_model(); "
-                            f"it has {_some(fp)}")
         if pp[name].shape != fp[name].shape:
             raise TaskError(f"shared parameter {name!r} has shape {tuple(pp[name].shape)} in the "
                             f"pretrained model but {tuple(fp[name].shape)} in the finetuned model")
@@ -273,6 +293,15 @@ def validate_task(task: MultiStageTask) -> None:
     problem = frozen_buffer_problem(task, pre, fin) if task.finetuning == "frozen" else None
     if problem:
         raise TaskError(f"finetuning is 'frozen' but {problem}")
+    same = [n for n in split_parameters(task, fin)[1]
+            if n in pp and pp[n].shape == fp[n].shape and pp[n].dtype == fp[n].dtype
+            and torch.equal(pp[n].detach().cpu(), fp[n].detach().cpu())]
+    if same:
+        from .warn import warn_user
+        warn_user(f"parameter(s) {same[:4]}{' ...' if len(same) > 4 else ''} are in both models with the same "
+                  f"values but not in shared_parameters, so they count as finetuning parameters (theta) that "
+                  f"finetuning left unchanged: if they are part of the shared backbone (a norm layer's weight "
+                  f"and bias, say), list them in shared_parameters")
     if not split_parameters(task, fin)[1]:
         raise TaskError("finetuned_model() has no trainable parameters besides the shared ones (theta is empty)")
     if not isinstance(task.dense_modules, (list, tuple)) or not all(isinstance(m, str) for m in task.dense_modules):

@@ -66,6 +66,7 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
         return data_term(x) + 0.5 * (l2_t * (x - c) ** 2).sum()
 
     newton = flat.dim <= newton_max_dim
+    start = float(objective(x0).detach()) if warn else None
     x, negative = x0.clone(), 0
     rounds = MAX_ROUNDS if newton else 1
     tol = max(grad_tol, 1e-7) if newton else grad_tol
@@ -84,15 +85,24 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
             x = x_next
         # else: the last round's L-BFGS point stays, and ``negative`` says where it stopped
     flat.set(x)
+    stalled = ""
+    if warn and (negative or not gnorm <= grad_tol):
+        end = float(objective(x).detach())
+        if not end < start - 1e-12 * max(1.0, abs(start)):
+            # nothing gained in this call, yet no stationary minimum: typical of a kink (relu, max)
+            stalled = (f"; the objective did not decrease in this call ({start:.10g} -> {end:.10g}): the "
+                       f"model may not be differentiable there (ReLU-type activations, max-pooling: at a "
+                       f"kink the gradient need not vanish and the Hessian misleads), so calling fit again "
+                       f"will not help; use a smooth activation (SiLU, GELU, Softplus) for an exact minimum")
     if warn and negative:
         warn_user(f"fit stopped where the Hessian has {negative} negative eigenvalue(s) (gradient norm {gnorm:.1e}): "
                   f"a saddle point or a nonconvex region, so the model is not at a minimum, which influence "
-                  f"assumes; call fit again, train longer first (e.g. Adam with a decaying learning rate), start "
-                  f"elsewhere, or add l2")
+                  f"assumes" + (stalled or "; call fit again, train longer first (e.g. Adam with a decaying "
+                                           "learning rate), start elsewhere, or add l2"))
     elif warn and not gnorm <= grad_tol:
         warn_user(f"fit stopped at gradient norm {gnorm:.1e}, above grad_tol={grad_tol:.0e} (L-BFGS, "
                   f"max_iter={max_iter}{', then Newton steps' if newton else ''}): influence assumes an "
-                  f"optimum; call fit again (it continues from here), raise max_iter, or add l2")
+                  f"optimum" + (stalled or "; call fit again (it continues from here), raise max_iter, or add l2"))
     return gnorm
 
 

@@ -1988,3 +1988,58 @@ def test_python_note_without_add_note_and_without_importing_for_plain_messages(m
     monkeypatch.setattr(builtins, "__import__", no_config_import)
     assert python_forms("the rows are damaged") is None
     assert python_forms("rebuild with --overwrite") == "From Python: --overwrite is build_index(..., overwrite=True)"
+
+
+def test_a_shared_parameter_the_models_lack_is_one_task_error_at_every_entry_point(tmp_path):
+    """A task instance (not loaded through load_task, so not validated) whose shared_parameters
+    names a parameter the models lack: build_index, exact_influence, stationarity and attach
+    without validation each raise one TaskError naming the closest name (were bare KeyErrors),
+    before the output folder is touched."""
+    from msif_index.errors import TaskError
+    from msif_index.stationarity import stationarity
+
+    class Typo(TinyTask):
+        shared_parameters = ("embed.weigth", "embed.bias")
+
+    hint = r"shared parameter 'embed\.weigth' is not in pretrained_model\(\).*did you mean 'embed\.weight'\?"
+    with pytest.raises(TaskError, match=hint):
+        build_index(Typo(), tmp_path / "idx", BuildConfig(proj_dim=16))
+    assert not (tmp_path / "idx").exists()
+    batch = full_batch(Typo().test_dataset(), [0])
+    with pytest.raises(TaskError, match=hint):
+        msif_index.exact_influence(Typo(), batch)
+    with pytest.raises(TaskError, match=hint):
+        stationarity(Typo(), progress_bar=False)
+    path = build_index(TinyTask(), tmp_path / "ok", BuildConfig(proj_dim=16, preconditioner="identity"))
+    with InfluenceIndex.open(path) as index:
+        with pytest.raises(TaskError, match=hint):
+            index.attach(Typo(), validate=False)
+
+
+def test_an_index_queried_with_another_w_split_names_the_parameters_that_moved(tmp_path, tiny_index):
+    """The same trained model with another shared_parameters list (a parameter moved between W and
+    U) is refused by naming the parameters, not as 'another pretrained W'."""
+    from msif_index.errors import IndexMismatchError
+
+    class Split(TinyTask):
+        shared_parameters = ("embed.weight",)
+
+    with InfluenceIndex.open(tiny_index) as index:
+        with pytest.raises(IndexMismatchError, match=r"shared_parameters \(W\) are not the ones.*"
+                                                     r"no longer in W: \['embed\.bias'\]"):
+            index.attach(Split())
+
+
+def test_a_parameter_left_out_of_w_with_the_same_values_in_both_models_is_flagged():
+    """A parameter in both models with identical values but not in shared_parameters (a forgotten
+    norm-layer parameter) counts as theta that finetuning never changed: validate_task says so."""
+    from msif_index.task import validate_task
+
+    class Forgot(TinyTask):
+        shared_parameters = ("embed.weight",)
+
+    with pytest.warns(RuntimeWarning, match=r"\['embed\.bias'\] are in both models with the same values"):
+        validate_task(Forgot())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_task(TinyTask())

@@ -256,6 +256,22 @@ def test_against_exact_refuses_large_models_unless_forced(task, index_dir, tmp_p
                  progress_bar=False)
 
 
+def test_k_above_n_is_refused_and_num_test_above_the_test_set_is_said(task, index_dir, tmp_path):
+    """--k above the index's n (recall@k would be 1 for every method) is one ConfigError; --num-test
+    above the test set evaluates all of it and says so; a bad EvaluationConfig built in Python carries
+    the note translating its option."""
+    with pytest.raises(ConfigError, match=r"--k 100000 is above the index's \d+ pretraining examples"):
+        evaluate(task, index_dir, EvaluationConfig(against="exact", k=100000, test_ids=(0,)), tmp_path / "r",
+                 progress_bar=False)
+    n_test = len(task.test_dataset())
+    from msif_index.evaluation.runner import choose_test_ids
+    with pytest.warns(RuntimeWarning, match=f"--num-test {n_test + 5} is above the test set's {n_test} examples"):
+        assert len(choose_test_ids(task, EvaluationConfig(num_test=n_test + 5))) == n_test
+    with pytest.raises(ConfigError) as e:
+        EvaluationConfig(k=-1)
+    assert e.value.__notes__ == ["From Python: --k is EvaluationConfig(k=...)"]
+
+
 def test_refused_evaluation_leaves_no_report_folder(task, index_dir, tmp_path, monkeypatch):
     """An evaluation that fails on its inputs (test ids out of range, exact influence infeasible)
     removes the report folders it created, and keeps a folder that was there before."""

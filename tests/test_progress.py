@@ -14,14 +14,22 @@ def _lines(capsys) -> list[str]:
 
 
 def test_plain_lines_without_a_terminal(capsys, monkeypatch):
-    monkeypatch.setattr(P, "PLAIN_EVERY_S", 0.0)
-    with progress(10, "featurize") as advance:          # pytest's stderr is no terminal
-        advance(4)
-        advance(6)
-    lines = _lines(capsys)
-    assert len(lines) == 3, lines                        # each advance, then the last line
-    assert lines[0].startswith("featurize: 4/10 ex (40%), ") and "ex/s" in lines[0]
-    assert lines[-1].startswith("featurize: 10/10 ex (100%), ")
+    """A line per advance at least PLAIN_EVERY_S after the last one, then the last count once: not
+    again when the last advance has just printed it (two identical 100% lines before)."""
+    clock = [0.0]
+    monkeypatch.setattr(P.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(P, "PLAIN_EVERY_S", 5.0)
+    for final_shown in (True, False):
+        clock[0] = 0.0
+        with progress(10, "featurize") as advance:          # pytest's stderr is no terminal
+            clock[0] = 10.0
+            advance(4)
+            clock[0] = 20.0 if final_shown else 12.0
+            advance(6)
+        lines = _lines(capsys)
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("featurize: 4/10 ex (40%), ") and "ex/s" in lines[0]
+        assert lines[-1].startswith("featurize: 10/10 ex (100%), ")
 
 
 def test_a_short_phase_or_a_disabled_one_prints_nothing(capsys, monkeypatch):

@@ -152,3 +152,28 @@ def test_fit_with_a_parameter_the_model_lacks_is_one_task_error_naming_the_close
         fit(model, ["0.weigth", "bias"], loss, [(x, y)], 8)
     with pytest.raises(TaskError, match=r"not in the model.*it has 2, e\.g\. \['0\.weight', '0\.bias'\]"):
         fit(model, ["zzz"], loss, [(x, y)], 8)
+
+
+def test_fit_at_a_kink_says_calling_it_again_will_not_help():
+    """A minimum at a kink (relu: the gradient never vanishes there): the first call lowers the
+    objective and says to call fit again; a second call gains nothing and says why instead (a
+    non-differentiable model, a smooth activation for an exact minimum)."""
+    class Kink(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([0.7], dtype=torch.float64))
+
+        def forward(self, x):
+            return x.reshape(-1) * 0 + torch.relu(self.w) + 2 * torch.relu(-self.w)
+
+    model = Kink()
+    data = [(torch.ones(4, 1, dtype=torch.float64),)]
+    said = []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(model, ["w"], lambda m, b: m(b[0]), data, 4)
+        said.append([str(w.message) for w in caught if "fit stopped" in str(w.message)])
+    assert len(said[0]) == 1 and "call fit again" in said[0][0] and "did not decrease" not in said[0][0]
+    assert len(said[1]) == 1 and "did not decrease in this call" in said[1][0]
+    assert "smooth activation" in said[1][0] and "call fit again (it" not in said[1][0]

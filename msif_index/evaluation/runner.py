@@ -18,6 +18,7 @@ from ..exact import exact_influence
 from ..index import InfluenceIndex
 from ..preconditioners import PRECONDITIONERS
 from ..task import MultiStageTask, eval_mode
+from ..warn import warn_user
 from . import against_exact, figures, lds, loo
 from .baselines import DESCRIPTIONS, METHODS, UNITS, Context, compute_methods, exact_feasible
 from .report import (AGAINST, HEADLINE, KIND, SCHEMA_VERSION, SIGN_CONVENTION, clean, summary, validate_report,
@@ -58,6 +59,7 @@ class EvaluationConfig:
     figures: bool = True
     batch_size: int = 256
 
+    @python_api
     def __post_init__(self) -> None:
         if self.against not in AGAINST:
             raise ConfigError(f"--against must be one of {', '.join(AGAINST)}, got {self.against!r}")
@@ -115,10 +117,13 @@ def choose_test_ids(task: MultiStageTask, config: EvaluationConfig) -> list[int]
         ids = [int(i) for i in config.test_ids]
         bad = [i for i in ids if not 0 <= i < n_test]
         if bad:
-            raise ConfigError(f"test ids {bad[:5]} out of range: the test set has {n_test} examples")
+            raise ConfigError(f"test ids {bad[:5]} out of range: the test set has {n_test} examples "
+                              f"(ids 0..{n_test - 1})")
         if len(set(ids)) != len(ids):
             raise ConfigError("test ids must be distinct")
         return ids
+    if config.num_test is not None and config.num_test > n_test:
+        warn_user(f"--num-test {config.num_test} is above the test set's {n_test} examples: evaluating all {n_test}")
     q = min(config.num_test or DEFAULT_NUM_TEST[config.against], n_test)
     if config.test_select == "highest":
         model = task.finetuned_model()
@@ -189,6 +194,9 @@ def evaluate(task: MultiStageTask, index_path: str | Path, config: EvaluationCon
         made = _new_folders(out)
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
+        if config.k > index.n:
+            raise ConfigError(f"--k {config.k} is above the index's {index.n} pretraining examples (a top k of "
+                              f"every example makes recall@k 1 for any method); use a --k well below {index.n}")
         key = index.attach(task, validate=False, progress_bar=progress_bar)
         timings["attach_s"] = time.perf_counter() - t0
         test_ids = choose_test_ids(task, config)
