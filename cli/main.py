@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Optional
 
@@ -399,10 +401,24 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     typer.echo(f"warning: {message}", err=True)
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (``kill PID``, a job scheduler's stop) ends a command as Ctrl-C does: what is being
+    written is discarded, finished work (a build's shards) stays, and the rerun resumes."""
+    _TERMINATED.set()
+    raise KeyboardInterrupt
+
+
+_TERMINATED = threading.Event()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console entry point: run the app, turning MsifError into one line on stderr (exit 2)."""
+    """Console entry point: run the app, turning MsifError into one line on stderr (exit 2); Ctrl-C
+    exits 130 and SIGTERM 143, each with one line saying to rerun the command."""
     shown = warnings.showwarning
     warnings.showwarning = _warning_line
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rc = app(args=argv, standalone_mode=False)
     except DiskFullError as e:
@@ -445,7 +461,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(2)
     finally:
         warnings.showwarning = shown
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     # typer turns Ctrl-C into exit code 130 and, without standalone mode, returns it
+    if rc == 130 and _TERMINATED.is_set():
+        typer.echo("terminated (SIGTERM); rerun the same command to resume", err=True)
+        sys.exit(143)
     if rc == 130:
         typer.echo("interrupted; rerun the same command to resume", err=True)
     if isinstance(rc, int) and rc:

@@ -296,6 +296,30 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, tiny, raised):
     assert proc.stderr.strip() == "interrupted; rerun the same command to resume", proc.stderr
 
 
+def test_sigterm_exits_143_with_one_line_and_the_rerun_finishes(tmp_path, tiny):
+    """SIGTERM (what `kill PID` and job schedulers send) ends a build as Ctrl-C does: one line, exit
+    143 (was: killed silently), no temporary file left; the same command then finishes the index."""
+    path = tmp_path / "terminated.py"
+    flag = tmp_path / "terminate"
+    flag.write_text("")
+    path.write_text(tiny.read_text() + "\nimport os, signal\nclass Terminated(Tiny):\n"
+                    "    def pretrain_loss(self, model, batch):\n"
+                    f"        if os.path.exists({str(flag)!r}) and model.training is False and batch[0].shape[0] > 2:\n"
+                    "            os.kill(os.getpid(), signal.SIGTERM)\n"
+                    "        return super().pretrain_loss(model, batch)\n\n"
+                    "task = Terminated()\n")
+    out = tmp_path / "idx"
+    proc = _msif("build-index", "--task", f"{path}:task", "--out", str(out), "--no-attach")
+    assert proc.returncode == 143, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip().splitlines()[-1] == "terminated (SIGTERM); rerun the same command to resume"
+    assert "Traceback" not in proc.stderr
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    flag.unlink()
+    proc = _msif("build-index", "--task", f"{path}:task", "--out", str(out), "--no-attach")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "manifest.json").exists()
+
+
 def test_ctrl_c_inside_torch_outside_task_code_exits_130(tmp_path, tiny, capsys, monkeypatch):
     """torch's RuntimeError('KeyboardInterrupt: ...') raised outside the task's code (not wrapped in
     an msif error): exit 130 and the one line too."""
