@@ -127,8 +127,6 @@ def _fields_doc(cls: type) -> str:
     return "\n".join(lines)
 
 
-BuildConfig.__doc__ = _fields_doc(BuildConfig)
-
 #: named starting points (``--preset``)
 PRESETS: dict[str, BuildConfig] = {
     "default": BuildConfig(),
@@ -136,6 +134,20 @@ PRESETS: dict[str, BuildConfig] = {
                          dtype="float64"),
     "fast": BuildConfig(proj_dim=1024, preconditioner="kfac", dtype="float16"),
 }
+
+
+def _presets_doc() -> str:
+    """The presets as ``help(BuildConfig)`` lists them: each one's fields that differ from the default."""
+    lines = ["", "Presets (msif_index.config.PRESETS[name], `msif build-index --preset name`; "
+             "cfg.with_(field=...) changes one):"]
+    for name, cfg in PRESETS.items():
+        changed = {f.name: getattr(cfg, f.name) for f in fields(BuildConfig)
+                   if getattr(cfg, f.name) != f.default}
+        lines.append(f"    {name}: " + (", ".join(f"{k}={v!r}" for k, v in changed.items()) or "the defaults"))
+    return "\n".join(lines)
+
+
+BuildConfig.__doc__ = _fields_doc(BuildConfig) + "\n" + _presets_doc()
 
 
 def help_text(name: str) -> str:

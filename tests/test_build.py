@@ -1908,6 +1908,8 @@ def test_buildconfig_docstring_lists_every_field_with_its_help():
     doc = BuildConfig.__doc__
     for f in fields(BuildConfig):
         assert f"    {f.name} = {f.default!r}: {help_text(f.name)}" in doc
+    assert "    default: the defaults" in doc
+    assert "    fast: proj_dim=1024, preconditioner='kfac', dtype='float16'" in doc
 
 
 def test_python_forms_of_the_options_an_error_names():
