@@ -7,14 +7,13 @@ finite differences in tests/test_autodiff.py).
 """
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from .errors import TaskError
+from .errors import TaskError, closest_name
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -36,10 +35,9 @@ def _missing_text(missing: Sequence[str], known: Sequence[str]) -> str:
     prefix such as 'module.' or 'backbone.' too many or too few)."""
     hints = []
     for name in missing[:3]:
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        close = close or [k for k in known if k.endswith("." + name) or name.endswith("." + k)][:1]
+        close = closest_name(name, list(known))
         if close:
-            hints.append(f"{name!r} -> {close[0]!r}?")
+            hints.append(f"{name!r} -> {close!r}?")
     text = f"parameter(s) {list(missing)} not in the model (named_parameters())"
     if hints:
         return f"{text}; did you mean: {', '.join(hints)}"

@@ -4,10 +4,22 @@ Every message says what is wrong and what to do about it.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import re
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
+
+
+#: the remedy every error about a damaged or mismatched index ends with
+REBUILD = "rebuild the index with `msif build-index ... --overwrite`"
+
+def closest_name(name: str, known: list[str]) -> str | None:
+    """The closest of ``known`` names to ``name`` (a typo, or a prefix too many / too few), or None."""
+    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    return next((k for k in known if k.endswith("." + str(name)) or str(name).endswith("." + k)), None)
 
 
 class MsifError(Exception):

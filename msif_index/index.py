@@ -27,8 +27,8 @@ from .build import (BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS,
                     loss_probe_change, loss_values, pretrain_loss_probe, pretrained_fingerprints,
                     resolve_compute_dtype)
 from .data import BATCH_FORM, batch_size_of, move
-from .errors import (ConfigError, CorruptIndexError, DiskFullError, IndexMismatchError, NonFiniteError, ShapeError,
-                     first_line, python_api)
+from .errors import (REBUILD, ConfigError, CorruptIndexError, DiskFullError, IndexMismatchError, NonFiniteError,
+                     ShapeError, first_line, python_api)
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector
 from .gradients.blocks import Block, plan_blocks
@@ -44,7 +44,6 @@ from .task import (MultiStageTask, frozen_buffer_problem, has_finetune_fisher_lo
 from .warn import warn_user
 
 DIRECTIONS = ("helpful", "harmful")
-_REBUILD = "rebuild the index with `msif build-index ... --overwrite`"
 
 
 @dataclass
@@ -232,33 +231,34 @@ class InfluenceIndex:
     def check_pretrained(self, task: MultiStageTask) -> None:
         """IndexMismatchError unless the task's pretrained W and U, and its pretraining dataset (length and
         a fixed sample of examples, ``fingerprint_dataset``), are the ones the index was built from."""
-        fps = pretrained_fingerprints(task, task.pretrained_model())
+        pretrained = task.pretrained_model()
+        fps = pretrained_fingerprints(task, pretrained)
         want = self.manifest["fingerprints"]
         built_w = self.manifest.get("w_names")
-        w_now = split_parameters(task, task.pretrained_model())[0]
+        w_now = split_parameters(task, pretrained)[0]
         if isinstance(built_w, list) and sorted(built_w) != sorted(w_now):
             gone, new = sorted(set(built_w) - set(w_now)), sorted(set(w_now) - set(built_w))
             moved = "; ".join(part for part in (f"no longer in W: {gone[:4]}" if gone else "",
                                                 f"new in W: {new[:4]}" if new else "") if part)
             raise IndexMismatchError(
                 f"the task's shared_parameters (W) are not the ones this index was built with ({moved}); "
-                f"list the same W, or {_REBUILD}")
+                f"list the same W, or {REBUILD}")
         for part in ("W", "U", "buffers"):
             if part in want and fps[part] != want[part]:     # (buffers: absent in indexes built before them)
                 what = (f"{part} ({short(fps[part])}) is not the one" if part != "buffers" else
                         f"model's buffers ({short(fps[part])}: batch norm running statistics, ...) are not the ones")
                 raise IndexMismatchError(
                     f"the task's pretrained {what} this index was built from ({short(want[part])}); use the "
-                    f"matching pretrained model or {_REBUILD}")
+                    f"matching pretrained model or {REBUILD}")
         wd = self.manifest["identity"].get("pretrain_weight_decay")      # absent in indexes built before it
         if wd is not None and float(task.pretrain_weight_decay) != wd:
             raise IndexMismatchError(
                 f"the task's pretrain_weight_decay is {task.pretrain_weight_decay:g} but this index was built with "
                 f"{wd:g} (part of the pretraining objective, so of its Hessian and the stored rows); use the "
-                f"weight decay it was built with or {_REBUILD}")
+                f"weight decay it was built with or {REBUILD}")
         if len(task.pretrain_dataset()) != self.n:
             raise IndexMismatchError(f"the task has {len(task.pretrain_dataset())} pretraining examples, "
-                                     f"the index {self.n}; {_REBUILD} for this dataset")
+                                     f"the index {self.n}; {REBUILD} for this dataset")
         want_data = self.manifest["identity"].get("data")        # absent in indexes built before it
         if want_data is not None:
             data = fingerprint_dataset(task.pretrain_dataset())
@@ -266,14 +266,14 @@ class InfluenceIndex:
                 raise IndexMismatchError(
                     f"the task's pretraining dataset ({short(data)}) is not the one this index was built from "
                     f"({short(want_data)}: its length and a fixed sample of examples differ); the index's ids "
-                    f"would name other examples: use the dataset it was built from or {_REBUILD}")
+                    f"would name other examples: use the dataset it was built from or {REBUILD}")
         # the same model and data: is it the same loss? (the rows depend on it; no fingerprint covers it)
         change = loss_probe_change(self.manifest.get("pretrain_loss_probe"),
                                    pretrain_loss_probe(task, task.pretrained_model()))
         if change:
             warn_user(f"the task's pretrain_loss gives other values than when {self.path} was built ({change}); "
                       f"the index's rows are the old loss's (or the first pretraining examples changed): if "
-                      f"that was on purpose, {_REBUILD}")
+                      f"that was on purpose, {REBUILD}")
 
     def _w_blocks(self) -> list[Block]:
         """The W blocks of the projection, with their offsets in a stored row (q_t's layout)."""

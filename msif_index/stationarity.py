@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .data import batches, full_batch, move
-from .errors import TaskError, python_api
+from .errors import MsifError, TaskError, first_line, python_api
 from .progress import progress
 from .task import MultiStageTask, eval_mode, require_shared_parameters, split_parameters
 
@@ -99,7 +99,6 @@ def stationarity(task: MultiStageTask, batch_size: int = 256, sample: int = SAMP
 def _curvature(task: MultiStageTask, stage: str, d: int, n: int, max_params: int, max_work: int,
                progress_bar: bool | None) -> dict[str, Any]:
     """The stage objective's dense Hessian checked for negative eigenvalues, where it is small enough."""
-    from .errors import MsifError, first_line
     from .exact import finetune_objective_hessian, negative_curvature, pretrain_hessian
     if d > max_params:
         return {"checked": False, "why": f"{d:,} parameters, above {max_params:,}"}

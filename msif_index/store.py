@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 
 from .atomic import atomic_path, check_free_space, cleanup_stale_tmp, disk_full_error, is_disk_full
-from .errors import ConfigError, CorruptIndexError, NonFiniteError, ShapeError, first_line
+from .errors import REBUILD, ConfigError, CorruptIndexError, NonFiniteError, ShapeError, first_line
 from .warn import warn_user
 
 try:  # torch is optional here: rows may be numpy arrays
@@ -90,7 +90,6 @@ BACKGROUND_SHARD_COMMITS = False
 #: msif_index.atomic.drop_page_cache), by default
 DROP_SHARD_PAGES = True
 
-_REBUILD = "rebuild the index with `msif build-index ... --overwrite`"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -757,10 +756,10 @@ class RowStore:
                 value = self._rows[first, 0]
             except (OSError, RuntimeError) as e:
                 raise CorruptIndexError(f"{self.path} cannot read its rows in {src.file_name} ({first_line(e)}); "
-                                        f"{_REBUILD}") from None
+                                        f"{REBUILD}") from None
             if not np.isfinite(value):
                 raise CorruptIndexError(f"{self.path} reads no rows from {src.file_name} (removed or replaced "
-                                        f"meanwhile?); {_REBUILD}")
+                                        f"meanwhile?); {REBUILD}")
 
     # -- opening and validation
 
@@ -769,12 +768,12 @@ class RowStore:
         """Open and validate a row store; CorruptIndexError/ConfigError with a one-line message if unusable."""
         path = Path(path)
         if not path.exists():
-            raise CorruptIndexError(f"row store {path} not found, so the index is incomplete; {_REBUILD}")
+            raise CorruptIndexError(f"row store {path} not found, so the index is incomplete; {REBUILD}")
         try:
             f = _open_h5(path, "r")
         except (OSError, ValueError, RuntimeError) as e:
             raise CorruptIndexError(
-                f"{path} is truncated or corrupted (it cannot be opened as HDF5: {first_line(e)}); {_REBUILD}"
+                f"{path} is truncated or corrupted (it cannot be opened as HDF5: {first_line(e)}); {REBUILD}"
             ) from None
         try:
             attrs = cls._validate(path, f)
@@ -790,22 +789,22 @@ class RowStore:
             attrs = _read_attrs(f)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CorruptIndexError(
-                f"the attributes of {path} cannot be read ({first_line(e)}), so the file is corrupted; {_REBUILD}"
+                f"the attributes of {path} cannot be read ({first_line(e)}), so the file is corrupted; {REBUILD}"
             ) from None
         if "schema_version" not in attrs:
-            raise CorruptIndexError(f"{path} is not an msif-index row store (no schema_version); {_REBUILD}")
+            raise CorruptIndexError(f"{path} is not an msif-index row store (no schema_version); {REBUILD}")
         version = attrs["schema_version"]
         if version != SCHEMA_VERSION:
             raise ConfigError(
                 f"{path} has row-store schema version {version} but this msif-index reads version "
-                f"{SCHEMA_VERSION}; {_REBUILD} (or use the msif-index version that built it)"
+                f"{SCHEMA_VERSION}; {REBUILD} (or use the msif-index version that built it)"
             )
         try:
             n, k, dtype = int(attrs["n"]), int(attrs["k"]), str(attrs["dtype"])
         except (KeyError, TypeError, ValueError):
-            raise CorruptIndexError(f"{path} lacks valid n/k/dtype attributes, so it is corrupted; {_REBUILD}") from None
+            raise CorruptIndexError(f"{path} lacks valid n/k/dtype attributes, so it is corrupted; {REBUILD}") from None
         if dtype not in DTYPES or n < 0 or k < 1:
-            raise CorruptIndexError(f"{path} has invalid attributes n={n} k={k} dtype={dtype!r}; {_REBUILD}")
+            raise CorruptIndexError(f"{path} has invalid attributes n={n} k={k} dtype={dtype!r}; {REBUILD}")
         scaled = bool(attrs.get(ROW_SCALES, False))
         for name in (ROWS, WRITTEN, SCALES) if scaled else (ROWS, WRITTEN):
             try:
@@ -813,30 +812,30 @@ class RowStore:
             except (OSError, KeyError, ValueError, RuntimeError):
                 ok = False
             if not ok:
-                raise CorruptIndexError(f"{path} has no readable {name!r} dataset, so it is corrupted; {_REBUILD}")
+                raise CorruptIndexError(f"{path} has no readable {name!r} dataset, so it is corrupted; {REBUILD}")
         rows, written = f[ROWS], f[WRITTEN]
         for ds in (rows, written, f[SCALES]) if scaled else (rows, written):
             if ds.is_virtual:
                 for src in ds.virtual_sources():
                     if not (path.parent / src.file_name).is_file():
-                        raise CorruptIndexError(f"{path} links to {src.file_name}, which is missing; {_REBUILD}")
+                        raise CorruptIndexError(f"{path} links to {src.file_name}, which is missing; {REBUILD}")
         if scaled and (dtype != "float16" or f[SCALES].shape != (n,) or f[SCALES].dtype != np.float32):
-            raise CorruptIndexError(f"{path} has an inconsistent 'scales' dataset; {_REBUILD}")
+            raise CorruptIndexError(f"{path} has an inconsistent 'scales' dataset; {REBUILD}")
         if rows.shape != (n, k) or rows.dtype != np.dtype(dtype) or written.shape != (n,):
             raise CorruptIndexError(
                 f"{path} has inconsistent datasets (rows {rows.shape} {rows.dtype}, written {written.shape}; "
-                f"expected ({n}, {k}) {dtype}); {_REBUILD}"
+                f"expected ({n}, {k}) {dtype}); {REBUILD}"
             )
         for s in range(0, n, _MASK_BLOCK):
             try:
                 mask = written[s : min(n, s + _MASK_BLOCK)]
             except (OSError, RuntimeError) as e:
                 raise CorruptIndexError(
-                    f"{path} fails its checksum in the 'written' mask ({first_line(e)}), so it is corrupted; {_REBUILD}"
+                    f"{path} fails its checksum in the 'written' mask ({first_line(e)}), so it is corrupted; {REBUILD}"
                 ) from None
             if not mask.all():
                 raise CorruptIndexError(
-                    f"{path} is half-written: rows {_fmt_ranges(_missing_ranges(mask, s))} were never written; {_REBUILD}"
+                    f"{path} is half-written: rows {_fmt_ranges(_missing_ranges(mask, s))} were never written; {REBUILD}"
                 )
         attrs["n"], attrs["k"], attrs["dtype"] = n, k, dtype
         return attrs
@@ -879,7 +878,7 @@ class RowStore:
     def _read_error(self, what: str, exc: BaseException) -> CorruptIndexError:
         return CorruptIndexError(
             f"{self.path}: {what} fail their checksum or cannot be read ({first_line(exc)}), "
-            f"so the file is corrupted; {_REBUILD}"
+            f"so the file is corrupted; {REBUILD}"
         )
 
     def _shards_of(self, start: int, stop: int) -> list[str]:
@@ -1018,7 +1017,7 @@ class RowStore:
                 ds = None
             if name in _RESERVED_DATASETS or not isinstance(ds, h5py.Dataset):
                 raise CorruptIndexError(
-                    f"{self.path} has no dataset {name!r}, so the index is incomplete or from another version; {_REBUILD}"
+                    f"{self.path} has no dataset {name!r}, so the index is incomplete or from another version; {REBUILD}"
                 )
             try:
                 arr = ds[...]

@@ -11,7 +11,6 @@ Notation of MATH.md:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import importlib.util
 import inspect
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from .errors import ShapeError, TaskError, exception_text
+from .errors import ShapeError, TaskError, closest_name, exception_text
 
 FINETUNING_STYLES = ("frozen", "proximal")
 
@@ -226,14 +225,20 @@ def require_task(task: Any) -> None:
         raise TaskError(f"a task must subclass msif_index.MultiStageTask, got {type(task).__name__}{hint}")
 
 
+def _check_shared_list(task: MultiStageTask) -> None:
+    if isinstance(task.shared_parameters, str) or not len(task.shared_parameters):
+        raise TaskError("shared_parameters must list the names of the shared parameters W "
+                        "(e.g. ['embed.weight', 'embed.bias'])")
+
+
 def _check_shared_names(shared: Any, pp: dict, fp: dict | None) -> None:
     for label, params in (("pretrained_model()", pp), ("finetuned_model()", fp)):
         if params is None:
             continue
         for name in shared:
             if name not in params:
-                close = difflib.get_close_matches(str(name), list(params), n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                close = closest_name(name, list(params))
+                hint = f"; did you mean {close!r}?" if close else ""
                 raise TaskError(f"shared parameter {name!r} is not in {label}; it has {_some(params)}{hint}")
 
 
@@ -242,9 +247,7 @@ def require_shared_parameters(task: MultiStageTask, finetuned: bool = True) -> N
     exact_influence, stationarity, attach without validation) run: a task, and every name of
     shared_parameters in the pretrained (and finetuned) model, else one TaskError line."""
     require_task(task)
-    if isinstance(task.shared_parameters, str) or not len(task.shared_parameters):
-        raise TaskError("shared_parameters must list the names of the shared parameters W "
-                        "(e.g. ['embed.weight', 'embed.bias'])")
+    _check_shared_list(task)
     pp = dict(task.pretrained_model().named_parameters())
     fp = dict(task.finetuned_model().named_parameters()) if finetuned else None
     _check_shared_names(task.shared_parameters, pp, fp)
@@ -262,9 +265,7 @@ def validate_task(task: MultiStageTask) -> None:
         v = getattr(task, attr)
         if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
             raise TaskError(f"{attr} must be a finite number >= 0, got {v!r}")
-    if isinstance(task.shared_parameters, str) or not len(task.shared_parameters):
-        raise TaskError("shared_parameters must list the names of the shared parameters W "
-                        "(e.g. ['embed.weight', 'embed.bias'])")
+    _check_shared_list(task)
     pre, fin = task.pretrained_model(), task.finetuned_model()
     for label, m in (("pretrained_model()", pre), ("finetuned_model()", fin)):
         if not isinstance(m, nn.Module):
