@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import sys
 import threading
@@ -265,12 +266,21 @@ def _factory_of(manifest) -> tuple[Optional[str], Optional[str]]:
 
 @app.command("info")
 def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-index)."),
+             verify: bool = typer.Option(False, "--verify", help="Also read every row and check every checksum "
+                                                                "(seconds per GB); exit 1 if something is damaged."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """What an index holds (config, sizes, timings, attached finetuned models), or how far an unfinished
-    build got; reads no rows."""
+    build got; reads no rows unless --verify."""
     from msif_index.info import describe
+    d = describe(index, verify=verify)
+    _print_info(d, as_json)
+    if verify and d.get("problems"):
+        raise typer.Exit(1)
+
+
+def _print_info(d: dict, as_json: bool) -> None:
+    """msif info's output: JSON, or the readable lines."""
     from msif_index.lock import writer_text
-    d = describe(index)
     if as_json:
         print_json(d)
         return
@@ -473,16 +483,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(rc)
 
 
+_TORCH_INTERRUPT = re.compile(r"(?:^|\n|RuntimeError: )KeyboardInterrupt(?::|$)", re.MULTILINE)
+
+
 def _interrupted(e: BaseException) -> bool:
     """Whether ``e`` is Ctrl-C in disguise: torch reraises a KeyboardInterrupt raised inside its C++
-    code (vmap, decompositions) as ``RuntimeError: KeyboardInterrupt: ...``, which msif may wrap in
-    one of its own errors (the original then on ``__cause__`` / ``__context__``)."""
+    code (vmap, decompositions) as ``RuntimeError: KeyboardInterrupt: ...``, and inside a TorchScript
+    function (LayerNorm's backward) as a many-line "The following operation failed in the TorchScript
+    interpreter" whose last line is that one; msif may wrap either in one of its own errors (the
+    original then on ``__cause__`` / ``__context__``)."""
     seen: set[int] = set()
     cur: Optional[BaseException] = e
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, KeyboardInterrupt) or (isinstance(cur, RuntimeError)
-                                                  and str(cur).startswith("KeyboardInterrupt")):
+                                                  and _TORCH_INTERRUPT.search(str(cur))):
             return True
         cur = cur.__cause__ or cur.__context__
     return False

@@ -61,12 +61,20 @@ MANIFEST = "manifest.json"
 ROWS = "rows.h5"
 SHARDS = "shards"
 PRECOND = "preconditioner.h5"
+#: the hessian preconditioner's HVP rows so far (P H P^T's first rows), while they are computed: a
+#: killed build resumes its HVPs from there; removed once preconditioner.h5 is written
+HVP_PARTIAL = "hvps.partial.h5"
+#: seconds between two saves of the HVP rows (each rewrites the rows so far: k x k float64 at most)
+HVP_CHECKPOINT_S = 30.0
+#: HVPs per vmap call (a resumed run keeps the chunk boundaries: identical rows)
+HVP_CHUNK = 64
 FAISS = "faiss.index"
 #: the search structure's file alternates between these two names when the factory changes, so the
 #: manifest (which names it) is the one file replaced to switch from the old one to the new one
 FAISS_NAMES = (FAISS, "faiss.alt.index")
 OPERATORS = "operators"
-_OURS = {BUILD_FILE, MANIFEST, ROWS, SHARDS, PRECOND, *FAISS_NAMES, OPERATORS, "report.png", "README.md"}
+_OURS = {BUILD_FILE, MANIFEST, ROWS, SHARDS, PRECOND, HVP_PARTIAL, *FAISS_NAMES, OPERATORS, "report.png",
+         "README.md"}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -552,9 +560,11 @@ def _shard_rows(n: int, config: BuildConfig) -> int:
 
 
 def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfig, n: int,
-                        show: bool | None) -> _Sample | None:
+                        show: bool | None, out: Path) -> _Sample | None:
     """Statistics from a seeded subsample of ``stats_examples`` (kept in memory: bounded by its size,
-    and returned for featurize to reuse), or Hessian-vector products for hessian / exact."""
+    and returned for featurize to reuse; a killed build computes them again, seconds), or
+    Hessian-vector products for hessian / exact (minutes on small CNNs and transformers: saved to
+    ``out``/HVP_PARTIAL every HVP_CHECKPOINT_S seconds, so a killed build resumes them)."""
     pre = prep.preconditioner
     if config.preconditioner in ("hessian", "exact"):
         ids = list(range(n)) if config.preconditioner == "exact" else _subsample(n, config.hessian_examples,
@@ -566,10 +576,13 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
         data = [move(b, prep.device, prep.dtype) for _, b in batches(task.pretrain_dataset(), config.batch_size, ids)]
         mean_loss = batched_objective(flat.loss(task.pretrain_loss), data, len(ids))
         pm = prep.projector.matrix()
+        x = flat.get()
+        done, save = _hvp_checkpoint(out, pm, x)
         with forward_ad_errors(f"the {config.preconditioner!r} preconditioner (Hessian-vector products)"), \
                 progress(pm.shape[0], f"{config.preconditioner} (HVPs over {len(ids)} examples)", unit="HVP",
                          enabled=show) as advance:
-            php = projected_hessian(mean_loss, flat.get(), pm, advance=advance)
+            php = projected_hessian(mean_loss, x, pm, chunk=HVP_CHUNK, advance=advance, done=done,
+                                    checkpoint=save, every_s=HVP_CHECKPOINT_S)
         if not torch.isfinite(php).all():
             # name the example that poisoned the Hessian (one pass over the subsample, error path only)
             for _ in _raw_rows(task, prep, config, ids):
@@ -598,6 +611,36 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
 
     pre.fit(blocks, len(ids))
     return sample
+
+
+def _hvp_checkpoint(out: Path, pm: torch.Tensor, x: torch.Tensor
+                    ) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], None]]:
+    """(the HVP rows an interrupted build saved, or None; a function that saves the rows so far).
+    The saved rows are keyed by a fingerprint of P and of the parameters they were taken at, so rows
+    of another projection or model are never reused (the folder's build.json already guards that)."""
+    path = out / HVP_PARTIAL
+    key = fingerprint_tensors({"p": pm, "x": x})
+    done = None
+    if path.exists():
+        try:
+            with _open_h5(path, "r") as f:
+                rows = f["rows"]
+                k = pm.shape[0]
+                if (f.attrs["key"] == key and rows.ndim == 2 and rows.shape[1] == k
+                        and 0 < rows.shape[0] < k and rows.shape[0] % HVP_CHUNK == 0):
+                    done = torch.from_numpy(rows[...])
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError):
+            done = None                          # unreadable (killed mid-write is not: it is atomic)
+        if done is None:
+            path.unlink(missing_ok=True)
+
+    def save(rows: torch.Tensor) -> None:
+        check_free_space(out, str(path), rows.numel() * rows.element_size() + (256 << 10))
+        with atomic_path(path) as tmp:
+            with _open_h5(tmp, "w") as f:
+                f.create_dataset("rows", data=rows.numpy(), fletcher32=True)
+                f.attrs["key"] = key
+    return done, save
 
 
 def _fit_gauss_newton(task: MultiStageTask, prep: Prepared, config: BuildConfig, n: int,
@@ -634,12 +677,13 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
             pre.negative = json.loads(attrs.get("negative_eigenvalues", "null"))
             if pre.negative:                     # said at the fit; again
                 warn_negative(pre.negative)
+            (out / HVP_PARTIAL).unlink(missing_ok=True)    # killed between the two writes
             if not _reuses_sample(pre, config):
                 return None
             return _Sample(_stats_ids(n, config), _shard_rows(n, config))    # rows recomputed per shard
         except (OSError, KeyError, ValueError, RuntimeError, TypeError):
             path.unlink()                        # unreadable: fit again (deterministic)
-    sample = _fit_preconditioner(task, prep, config, n, show)
+    sample = _fit_preconditioner(task, prep, config, n, show, out)
     state = pre.state_dict()
     check_free_space(out, str(path), sum(np.asarray(v).nbytes for v in state.values()) + (256 << 10))
     with atomic_path(path) as tmp:
@@ -649,6 +693,7 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
             f.attrs["damping_used"] = json.dumps(pre.damping_used)
             if pre.negative:
                 f.attrs["negative_eigenvalues"] = json.dumps(pre.negative)
+    (out / HVP_PARTIAL).unlink(missing_ok=True)
     return sample
 
 

@@ -36,7 +36,7 @@ from .head_curvature import CG_ITERS, block_permutation, resolve_h_tt
 from .hugepages import packed_on_huge_pages
 from .lock import lock_holder, writer_text
 from .operator import KRONECKER_DAMPING, FinetuneOperator, compute_operator
-from .preconditioners import negative_message, read_state, rotate_blocks, stored_eigenbases
+from .preconditioners import negative_summary, read_state, rotate_blocks, stored_eigenbases
 from .search import SearchIndex, built_at_open
 from .store import RowStore
 from .task import (MultiStageTask, frozen_buffer_problem, has_finetune_fisher_losses,
@@ -444,15 +444,27 @@ class InfluenceIndex:
         return list(self._attached)
 
     def operator(self, finetuned: str | None = None) -> FinetuneOperator:
-        """The finetune-side operator of an attached model (default: the last attached): B, C and
-        ``info`` (how H_tt was formed, CG residual, damping, ...)."""
+        """The finetune-side operator of an attached model (default: the last attached, with a warning
+        when several are): B, C and ``info`` (how H_tt was formed, CG residual, damping, ...)."""
         return self._get(finetuned).operator
+
+    def _key(self, finetuned: str | None) -> str | None:
+        """The attached model's key ``finetuned`` names; None names the last attached, with a warning
+        when several are attached (an omitted ``finetuned=`` is then most likely a slip)."""
+        if finetuned is not None:
+            return finetuned
+        key = self._default                      # read once: an attach from another thread moves it
+        if len(self._attached) > 1:
+            warn_user(f"{len(self._attached)} finetuned models are attached to this index and finetuned= is "
+                      f"omitted: using the last attached, {key}; pass finetuned=KEY (what attach returned) "
+                      f"to choose")
+        return key
 
     def _get(self, finetuned: str | None) -> _Attached:
         self._require_open()
         if not self._attached:
             raise ConfigError("no finetuned model attached; call index.attach(task) first")
-        key = self._default if finetuned is None else finetuned
+        key = self._key(finetuned)
         if key not in self._attached:
             raise ConfigError(f"finetuned model {key!r} is not attached; attached: {', '.join(self._attached)}")
         return self._attached[key]
@@ -506,9 +518,9 @@ class InfluenceIndex:
         first: ``msif_index.data.full_batch(task.test_dataset(), ids)``). ``k``: results per test point
         (at most n). ``direction``: 'helpful' (most negative I first) or 'harmful' (most positive
         first). ``finetuned``: an attached model's key (``attach`` returns it; default: the one attached
-        last). ``exact_rerank``: search that many candidates, then rescore them exactly (float64 rows
-        get 2 k by default). ``nprobe``: IVF lists to visit. ``test_ids``: ids to carry in the
-        result (one per test point). Returns a QueryResult: ``ids`` [Q, k] int64 and ``scores``
+        last, with a warning when several are attached). ``exact_rerank``: search that many
+        candidates, then rescore them exactly (float64 rows get 2 k by default). ``nprobe``: IVF lists
+        to visit. ``test_ids``: ids to carry in the result (one per test point). Returns a QueryResult: ``ids`` [Q, k] int64 and ``scores``
         [Q, k] float64, best first (NaN where fewer than k were found)."""
         if direction not in DIRECTIONS:
             raise ConfigError(f"direction must be 'helpful' or 'harmful', got {direction!r}")
@@ -520,7 +532,8 @@ class InfluenceIndex:
         k = min(int(k), self.n)                       # there are only n pretraining examples
         if exact_rerank is not None:
             exact_rerank = min(int(exact_rerank), self.n)
-        key = self._default if finetuned is None else finetuned     # once: an attach from another thread moves _default
+        self._require_open()
+        key = self._key(finetuned)
         q = self._query_vectors(test_batch, key)                # finite, in the model's dtype
         if test_ids is not None:
             try:                                      # plain ints: QueryResult.to_dict is JSON (numpy ids too)
@@ -588,13 +601,13 @@ _MODEL_CALL_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
 
 
 def _negative_text(manifest: dict) -> str | None:
-    """The account of the negative eigenvalues the manifest records, or None (none recorded, or a
-    hand-edited record: msif info shows what is there)."""
+    """The short account of the negative eigenvalues the manifest records (the build said the long
+    one), or None (none recorded, or a hand-edited record: msif info shows what is there)."""
     negative = manifest["preconditioner"].get("negative_eigenvalues")
     if not isinstance(negative, dict):
         return None
     try:
-        return negative_message(negative)
+        return negative_summary(negative)
     except (KeyError, TypeError, ValueError):
         return None
 

@@ -82,9 +82,10 @@ def _shards_done(folder: Path, n: int) -> tuple[int, int, int | None]:
     return shards, rows, size
 
 
-def describe(path: str | Path) -> dict[str, Any]:
+def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
     """A JSON-ready summary of the index (or unfinished build) in ``path``; CorruptIndexError when
-    the folder holds neither."""
+    the folder holds neither. ``verify``: also read every stored row and check every file's checksum
+    (what a query would meet; seconds per GB), adding what is damaged to ``problems``."""
     from .index import _check_manifest
 
     p = Path(path)
@@ -97,6 +98,16 @@ def describe(path: str | Path) -> dict[str, Any]:
         if not built_at_open(cfg["factory"]) and not (p / str(faiss_file)).is_file():
             problems.append(f"the search index file {faiss_file} is missing: msif build-index ... --overwrite "
                             f"rebuilds it from the rows")
+        elif verify:
+            from .build import _search_damage
+            damage = _search_damage(p)
+            if damage:
+                problems.append(f"{damage}: msif build-index ... --overwrite rebuilds it from the rows")
+        if verify:
+            from .build import index_damage
+            damage = index_damage(p)
+            if damage:
+                problems.append(f"{damage}: rerun the build with --overwrite (it rebuilds what is damaged)")
         fisher = cfg.get("fisher") if pre.get("name") in ("gauss-newton", "kfac", "ekfac") else None
         timings = {k: v for k, v in (m.get("timings") or {}).items() if isinstance(v, (int, float))}
         return {

@@ -24,6 +24,7 @@ gauss-newton / hessian / exact and as wd * mean diag(P_b P_b^T) per layer for kf
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any, Callable, Collection, Iterable, Sequence
 
@@ -274,9 +275,20 @@ def warn_negative(negative: dict[str, Any]) -> None:
     warn_user(negative_message(negative))
 
 
+def negative_summary(negative: dict[str, Any]) -> str:
+    """The short account of ``negative_eigenvalues`` that each open of the index repeats (the build's
+    warning, ``negative_message``, also says what damping would cover them and what to check)."""
+    which = "eigenvalues below minus the damping" if negative.get("damping", 0.0) else "negative eigenvalues"
+    how = ("the exact preconditioner inverts them as they are" if negative.get("clamped", True) is False
+           else "clamped to 0")
+    return (f"{NEGATIVE_HEAD} {negative['count']} of {negative['of']} {which} ({how}): the pretrained model is not "
+            f"at a minimum of its loss, so the scores may not track retraining; train it to convergence "
+            f"(`msif check-task --stationarity`)")
+
+
 def negative_message(negative: dict[str, Any]) -> str:
-    """The one-line account of ``negative_eigenvalues`` (the build's warning, and each open's; msif info
-    prints a shorter line)."""
+    """The one-line account of ``negative_eigenvalues``: the build's warning (each open repeats
+    ``negative_summary``; msif info prints its own line)."""
     damping = negative.get("damping", 0.0)
     which = (f"eigenvalues below minus the damping ({damping:.3g} absolute; " if damping
              else "negative eigenvalues (no damping; ")
@@ -504,18 +516,37 @@ def make_preconditioner(name: str, blocks: Sequence[Block], w_blocks: Sequence[b
 
 def projected_hessian(mean_loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                       p: torch.Tensor, chunk: int = 64,
-                      advance: Callable[[int], None] | None = None) -> torch.Tensor:
+                      advance: Callable[[int], None] | None = None, done: torch.Tensor | None = None,
+                      checkpoint: Callable[[torch.Tensor], None] | None = None,
+                      every_s: float = 30.0) -> torch.Tensor:
     """P H P^T for H the Hessian of ``mean_loss`` at ``x``, by HVPs along the rows of P [k, d].
-    ``advance(c)`` is called after each chunk of c HVPs (a progress bar over the k rows)."""
+    ``advance(c)`` is called after each chunk of c HVPs (a progress bar over the k rows).
+
+    Resumable: ``done`` holds the first rows of P H P^T (a whole number of chunks) from an interrupted
+    run, taken as they are; ``checkpoint(rows)`` receives the rows computed so far, at chunk
+    boundaries, at most once every ``every_s`` seconds. Chunks keep their boundaries, so a resumed
+    run's rows equal an uninterrupted one's bit for bit."""
     from torch.func import vmap
 
     from .autodiff import hvp
     k = p.shape[0]
     out = torch.empty(k, k, dtype=_F64)
+    start = 0
+    if done is not None:
+        start = done.shape[0]
+        if start % chunk or start > k or done.shape[1:] != (k,):
+            raise ValueError(f"done holds {tuple(done.shape)} rows: not whole chunks of {chunk} rows of a {k} x {k} matrix")
+        out[:start] = done
+        if advance is not None and start:
+            advance(start)
     pt = p.to(x.dtype)
-    for s in range(0, k, chunk):
+    last = time.monotonic()
+    for s in range(start, k, chunk):
         hp = vmap(lambda v: hvp(mean_loss, x, v))(pt[s:s + chunk])     # [c, d] rows of P H
         out[s:s + chunk] = (hp @ pt.T).to(_F64)
         if advance is not None:
             advance(hp.shape[0])
+        if checkpoint is not None and s + chunk < k and time.monotonic() - last >= every_s:
+            checkpoint(out[:s + chunk])
+            last = time.monotonic()
     return 0.5 * (out + out.T)

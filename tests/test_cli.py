@@ -282,11 +282,21 @@ def test_query_nprobe_reaches_the_ivf_index(tmp_path, tiny):
     assert proc.returncode == 2 and "nprobe applies only to IVF" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("raised", ["KeyboardInterrupt", "RuntimeError('KeyboardInterrupt: <EMPTY MESSAGE>')"])
+# What torch raises for Ctrl-C landing inside a TorchScript function (LayerNorm's backward during the
+# statistics phase's HVPs): many lines, the KeyboardInterrupt only on the last one.
+TORCHSCRIPT_INTERRUPT = ("The following operation failed in the TorchScript interpreter.\n"
+                         "Traceback of TorchScript (most recent call last):\n"
+                         '  File "<string>", line 48, in layer_norm_backward\n'
+                         "RuntimeError: KeyboardInterrupt: <EMPTY MESSAGE>\n")
+
+
+@pytest.mark.parametrize("raised", ["KeyboardInterrupt", "RuntimeError('KeyboardInterrupt: <EMPTY MESSAGE>')",
+                                    f"RuntimeError({TORCHSCRIPT_INTERRUPT!r})"])
 def test_ctrl_c_exits_130_with_one_line(tmp_path, tiny, raised):
     """typer turns Ctrl-C into exit code 130 and, outside standalone mode, returns it: the command must
     not look successful (exit 0) or silent. Ctrl-C inside torch's C++ code (vmap, a LayerNorm
-    decomposition) comes back as ``RuntimeError: KeyboardInterrupt: ...``: the same one line."""
+    decomposition) comes back as ``RuntimeError: KeyboardInterrupt: ...``, inside TorchScript as a
+    many-line RuntimeError ending in that line (was: a 60-line traceback, exit 1): the same one line."""
     path = tmp_path / "interrupted.py"
     path.write_text(tiny.read_text() + "\nclass Interrupted(Tiny):\n"
                     f"    def pretrain_loss(self, model, batch): raise {raised}\n\n"
@@ -320,13 +330,14 @@ def test_sigterm_exits_143_with_one_line_and_the_rerun_finishes(tmp_path, tiny):
     assert (out / "manifest.json").exists()
 
 
-def test_ctrl_c_inside_torch_outside_task_code_exits_130(tmp_path, tiny, capsys, monkeypatch):
+@pytest.mark.parametrize("message", ["KeyboardInterrupt: <EMPTY MESSAGE>", TORCHSCRIPT_INTERRUPT])
+def test_ctrl_c_inside_torch_outside_task_code_exits_130(tmp_path, tiny, capsys, monkeypatch, message):
     """torch's RuntimeError('KeyboardInterrupt: ...') raised outside the task's code (not wrapped in
     an msif error): exit 130 and the one line too."""
     import msif_index.build
 
     def interrupted(*args, **kwargs):
-        raise RuntimeError("KeyboardInterrupt: <EMPTY MESSAGE>")
+        raise RuntimeError(message)
     monkeypatch.setattr(msif_index.build, "build_index", interrupted)
     with pytest.raises(SystemExit) as e:
         main(["build-index", "--task", f"{tiny}:task", "--out", str(tmp_path / "idx")])
@@ -556,3 +567,31 @@ def test_ranking_table_says_when_an_approximate_index_found_fewer(capsys):
     print_ranking({"test_ids": [4], "direction": "helpful", "ids": [[3, 7]], "scores": [[-2.0, -1.0]]})
     assert "found" not in capsys.readouterr().out
 
+
+
+@pytest.mark.filterwarnings("ignore:the projected pretraining Hessian")
+@pytest.mark.parametrize("damaged", ["preconditioner.h5", "shard"])
+def test_info_verify_finds_a_truncated_file_that_plain_info_does_not_read(tmp_path, tiny, capsys, damaged):
+    """msif info reads headers only (instant at any n); --verify reads every row and checks every
+    checksum: a truncated preconditioner.h5 or shard is one problem line and exit 1 (a trial found
+    plain info silent about both)."""
+    from msif_index.build import build_index
+    from msif_index.config import BuildConfig
+    from msif_index.task import load_task
+    out = build_index(load_task(f"{tiny}:task"), tmp_path / "idx", BuildConfig(proj_dim=8, shard_rows=8),
+                      progress_bar=False)
+    main(["info", "--index", str(out), "--verify"])                  # healthy: no problem, exit 0
+    assert "problem:" not in capsys.readouterr().out
+    victim = out / "preconditioner.h5" if damaged == "preconditioner.h5" else sorted((out / "shards").iterdir())[-1]
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    main(["info", "--index", str(out)])
+    assert "problem:" not in capsys.readouterr().out                 # headers only: not seen
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--index", str(out), "--verify"])
+    text = capsys.readouterr().out
+    assert e.value.code == 1
+    problems = [line for line in text.splitlines() if line.startswith("  problem:")]
+    assert len(problems) == 1 and "--overwrite" in problems[0], text
+    # a shard is read through rows.h5 (virtual datasets over the shards): either name says where
+    names = ("rows.h5", victim.name) if damaged == "shard" else ("preconditioner",)
+    assert any(name in problems[0] for name in names), problems

@@ -144,9 +144,13 @@ def test_the_exact_preconditioner_says_it_and_the_index_says_it_again(tmp_path, 
         truth = torch.linalg.eigvalsh(pretrain_side(task).hessian)   # identity projection: M = H_G itself
     assert neg["clamped"] is False and neg["count"] == int((truth < 0).sum()) >= 1
     assert abs(neg["min"] - float(truth.min())) < 1e-8 * float(truth.abs().max())
+    built = said[0]
     index, said = _caught(lambda: InfluenceIndex.open(out))
     index.close()
     assert len(said) == 1 and str(out) in said[0] and "inverts them as they are" in said[0]
+    # each open repeats it in short (a trial found the build's ~600 characters on every command)
+    assert f"has {neg['count']} of {neg['of']} negative eigenvalues" in said[0] and "--stationarity" in said[0]
+    assert len(said[0]) - len(str(out)) < 0.75 * len(built)
 
     from msif_index.cli.main import main
     main(["info", "--index", str(out)])

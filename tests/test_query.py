@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -138,10 +139,26 @@ def test_exact_mode_equals_exact_influence(exact_index, tasks, batch, exact):
     # the two finetuned models answer differently (and so does exact influence)
     assert not np.array_equal(answers["frozen", "helpful"].ids, answers["proximal", "helpful"].ids)
     assert not np.allclose(exact["frozen"], exact["proximal"], rtol=1e-2)
-    # the default key is the last one attached; naming it explicitly gives the same answer
-    again = index.query(batch, k=k, direction="harmful")
+    # the default key is the last one attached, with a warning naming it (two are attached: an omitted
+    # finetuned= is most likely a slip); naming it explicitly gives the same answer, without a warning
+    with pytest.warns(RuntimeWarning, match=f"2 finetuned models are attached .* using the last attached, "
+                                            f"{keys['proximal']}; pass finetuned=KEY"):
+        again = index.query(batch, k=k, direction="harmful")
     np.testing.assert_array_equal(again.ids, answers["proximal", "harmful"].ids)
+    for default_to_last in (index.scores, index.measurements, index.query_vectors, lambda b: index.operator()):
+        with pytest.warns(RuntimeWarning, match="finetuned= is omitted"):
+            default_to_last(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index.query(batch, k=k, direction="harmful", finetuned=keys["proximal"])
+        index.measurements(batch, keys["frozen"])
     index.close()
+    with InfluenceIndex.open(exact_index) as one:                 # one attached: its default, silently
+        one.attach(tasks["frozen"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            np.testing.assert_array_equal(one.query(batch, k=k).ids, answers["frozen", "helpful"].ids)
+            one.scores(batch)
 
 
 def test_default_config_ranks_like_exact(default_index, tasks, batch, exact, capsys):
