@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from .errors import TaskError, closest_name
+from .warn import load_jvp_decompositions
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -101,6 +102,7 @@ class FlatParams:
 
 def hvp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Hessian-vector product of a scalar function, forward-over-reverse."""
+    load_jvp_decompositions()
     return jvp(grad(fn), (x,), (v,))[1]
 
 

@@ -27,3 +27,23 @@ def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """``warnings.warn`` at the first caller outside msif_index (the user's line; the CLI's in a
     ``msif`` command), however deep inside the package the warning arises."""
     warnings.warn(message, category, stacklevel=outside_package())
+
+
+_JVP_DECOMPOSITIONS = False
+
+
+def load_jvp_decompositions() -> None:
+    """Import torch's forward-mode decompositions (``torch._decomp.decompositions_for_jvp``) once, with
+    the ``torch.jit.script`` DeprecationWarnings it raises on torch 2.13 silenced: torch loads it at
+    the first forward-mode derivative (every second-order path of msif), and its ~18 warnings come
+    from torch's own code, not the user's. Called lazily: the import takes about 0.2 s."""
+    global _JVP_DECOMPOSITIONS
+    if _JVP_DECOMPOSITIONS:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
+        try:
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+        except ImportError:                  # another torch layout: its warnings, if any, are shown
+            pass
+    _JVP_DECOMPOSITIONS = True

@@ -60,3 +60,22 @@ def test_the_installed_command_line_counts_as_the_caller():
         warnings.simplefilter("always")
         ns["command"]()
     assert len(rec) == 1 and rec[0].filename == os.path.join(W._PACKAGE, "cli", "main.py") and rec[0].lineno == 2
+
+
+def test_second_derivatives_do_not_show_torchs_jit_deprecation_warnings():
+    """torch 2.13 scripts its forward-mode decompositions with torch.jit.script at the first jvp and
+    warns ~18 times from its own code (was: in every user's output with warnings shown, and filtered
+    in this project's pytest config); msif loads them once with those warnings silenced. A fresh
+    process: the module is imported once per process."""
+    import subprocess
+    import sys
+    code = ("import torch, msif_index.autodiff as A\n"
+            "x = torch.randn(3, dtype=torch.float64)\n"
+            "f = lambda v: torch.nn.functional.cross_entropy(v[None], torch.tensor([1]))\n"
+            "h = A.dense_hessian(f, x)\n"
+            "assert h.shape == (3, 3)\n"
+            "import torch._decomp.decompositions_for_jvp  # loaded: what warned before\n")
+    proc = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-c", code],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch.jit.script" not in proc.stderr, proc.stderr
