@@ -55,7 +55,9 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
     the lower point (``max_iter`` per run, at most ``MAX_ROUNDS`` runs). When L-BFGS instead used up
     ``max_iter``, no further run is made, and the step down is kept only if it does not raise the
     gradient norm. A fit that still ends where the Hessian has negative eigenvalues warns, whatever
-    its gradient.
+    its gradient. Above ``newton_max_dim`` a saddle is not stepped down from, but ``LANCZOS_STEPS``
+    Hessian-vector products (Lanczos) estimate the Hessian's extreme eigenvalues, and a clearly
+    negative one warns (``warn=False`` skips them).
     """
     flat = FlatParams(model, names)
     f = flat.loss(loss_fn)
@@ -72,10 +74,14 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
     x, negative = x0.clone(), 0
     rounds = MAX_ROUNDS if newton else 1
     tol = max(grad_tol, 1e-7) if newton else grad_tol
+    lanczos = None
     for r in range(rounds):
         x = _lbfgs(objective, x, max_iter, tol)
         gnorm = _grad_norm(objective, x)
         if not newton:
+            if warn:                 # no dense Hessian: Lanczos estimates its extreme eigenvalues
+                lanczos = _lanczos_extremes(objective, x)
+                negative = int(lanczos[0] < -_lanczos_noise(x.dtype) * lanczos[1])
             break
         x_next, g_next, negative, escaped = _polish(objective, x, gnorm, grad_tol)
         if not escaped:                                 # a minimum, or no step lowers the objective
@@ -101,7 +107,14 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
                        f"model may not be differentiable there (ReLU-type activations, max-pooling: at a "
                        f"kink the gradient need not vanish and the Hessian misleads), so calling fit again "
                        f"will not help; use a smooth activation (SiLU, GELU, Softplus) for an exact minimum")
-    if warn and negative:
+    if warn and negative and lanczos is not None:
+        warn_user(f"fit stopped where the Hessian has a negative eigenvalue (about {lanczos[0]:.3g}, the largest "
+                  f"about {lanczos[1]:.3g}: {LANCZOS_STEPS} Lanczos steps, as {flat.dim} parameters are above "
+                  f"newton_max_dim={newton_max_dim}; gradient norm {gnorm:.1e}): a saddle point or a nonconvex "
+                  f"region, so the model is not at a minimum, which influence assumes"
+                  + (stalled or "; train longer first (e.g. Adam with a decaying learning rate), start elsewhere, "
+                                "add l2, or raise newton_max_dim so that fit steps down from it"))
+    elif warn and negative:
         warn_user(f"fit stopped where the Hessian has {negative} negative eigenvalue(s) (gradient norm {gnorm:.1e}): "
                   f"a saddle point or a nonconvex region, so the model is not at a minimum, which influence "
                   f"assumes" + (stalled or "; call fit again, train longer first (e.g. Adam with a decaying "
@@ -111,6 +124,48 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
                   f"max_iter={max_iter}{', then Newton steps' if newton else ''}): influence assumes an "
                   f"optimum" + (stalled or "; call fit again (it continues from here), raise max_iter, or add l2"))
     return gnorm
+
+
+#: Lanczos steps (HVPs) of the saddle check above newton_max_dim: the extreme eigenvalues converge
+#: first, so a clearly negative one shows within a few dozen steps
+LANCZOS_STEPS = 40
+
+
+def _lanczos_noise(dtype: torch.dtype) -> float:
+    """How far below zero, relative to the largest eigenvalue, an estimate may fall by rounding alone
+    (the HVPs' relative error, float64 or float32)."""
+    return 1e-8 if dtype == torch.float64 else 1e-4
+
+
+def _lanczos_extremes(objective, x: torch.Tensor, steps: int = LANCZOS_STEPS, seed: int = 0
+                      ) -> tuple[float, float]:
+    """(smallest, largest) eigenvalue of the Hessian of ``objective`` at ``x``, estimated by Lanczos
+    with full reorthogonalization over ``steps`` HVPs (float64 recurrences) from a seeded start:
+    the Ritz values of T = Q^T H Q lie inside [lambda_min, lambda_max] and approach both ends first."""
+    from .autodiff import hvp
+    d = x.numel()
+    steps = min(steps, d)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(d, generator=g, dtype=torch.float64)
+    qs = [q / q.norm()]
+    alphas, betas = [], []
+    for j in range(steps):
+        w = hvp(objective, x, qs[j].to(x.dtype)).detach().to(torch.float64)
+        alphas.append(float(w @ qs[j]))
+        basis = torch.stack(qs)
+        w = w - basis.T @ (basis @ w)
+        w = w - basis.T @ (basis @ w)            # twice: full reorthogonalization
+        beta = float(w.norm())
+        if j + 1 == steps or beta <= 1e-12 * max(abs(a) for a in alphas):
+            break                                # an invariant subspace: T's eigenvalues are exact
+        betas.append(beta)
+        qs.append(w / beta)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas[:len(alphas) - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    ritz = torch.linalg.eigvalsh(t)
+    return float(ritz[0]), float(ritz[-1])
 
 
 def _lbfgs(objective, x0: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:

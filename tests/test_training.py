@@ -204,3 +204,43 @@ def test_fit_at_a_kink_says_calling_it_again_will_not_help():
     assert len(said[0]) == 1 and "call fit again" in said[0][0] and "did not decrease" not in said[0][0]
     assert len(said[1]) == 1 and "did not decrease in this call" in said[1][0]
     assert "smooth activation" in said[1][0] and "call fit again (it" not in said[1][0]
+
+
+@pytest.mark.parametrize("d, steps", [(30, 40), (200, 40)])
+def test_lanczos_finds_the_extreme_eigenvalues(d, steps):
+    """The saddle check above newton_max_dim against eigvalsh: exact when the steps span the space
+    (d <= steps); at d = 200 the separated negative eigenvalue to 1e-6 within 40 steps, and the top
+    of the clustered positive ones from below (Ritz values lie inside the spectrum) to 1e-3."""
+    from msif_index.training import _lanczos_extremes
+    g = torch.Generator().manual_seed(d)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.tensor([-1.0], dtype=torch.float64),
+                       torch.linspace(0.1, 10.0, d - 1, dtype=torch.float64)])
+    h = q @ torch.diag(evals) @ q.T
+    lo, hi = _lanczos_extremes(lambda v: 0.5 * v @ h @ v, torch.zeros(d, dtype=torch.float64), steps)
+    assert lo == pytest.approx(-1.0, abs=1e-6) and hi <= 10.0 + 1e-9
+    assert hi == pytest.approx(10.0, abs=1e-6 if d <= steps else 1e-2)
+
+
+def test_above_newton_max_dim_a_saddle_point_warns():
+    """Without the Newton polish (more parameters than newton_max_dim) fit used to return silently at
+    a saddle point whose gradient vanished: the Lanczos estimate now says so; a convex fit (float64
+    and float32, whose HVPs carry rounding) gets no such warning."""
+    model, loss, data = _saddle_problem()
+    _, evals = _objective_and_hessian(model, loss, data, 1e-3)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        gnorm = fit(model, ["0.weight", "2.weight"], loss, data, 40, l2=1e-3, newton_max_dim=0)
+    mine = [str(r.message) for r in rec if "fit stopped" in str(r.message)]
+    assert gnorm <= 1e-11 and len(mine) == 1, mine
+    assert "Lanczos" in mine[0] and "not at a minimum" in mine[0] and "newton_max_dim=0" in mine[0]
+    assert f"about {float(evals.min()):.3g}" in mine[0]           # the smallest eigenvalue, found
+    for dtype in (torch.float64, torch.float32):
+        model, loss, data = _problem()
+        model = model.to(dtype)
+        data = [(data[0][0].to(dtype), data[0][1])]
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            fit(model, ["weight", "bias"], loss, data, 60, l2=1e-2, newton_max_dim=0,
+                grad_tol=1e-11 if dtype == torch.float64 else 1e-4)
+        assert not [str(r.message) for r in rec if "negative eigenvalue" in str(r.message)], dtype
