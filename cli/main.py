@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import sys
 import threading
@@ -278,6 +277,16 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
         raise typer.Exit(1)
 
 
+def _compression(d: dict) -> str:
+    """How many coordinates the projection keeps of how many parameters (W and U)."""
+    k_raw, params = d.get("k_raw"), d.get("num_params")
+    if not d.get("proj_dim") or not isinstance(k_raw, int) or not isinstance(params, int) or params <= 0:
+        return ""
+    if k_raw >= params:
+        return f" ({k_raw:,} coordinates for {params:,} parameters: no compression)"
+    return f" ({k_raw:,} coordinates for {params:,} parameters)"
+
+
 def _print_info(d: dict, as_json: bool) -> None:
     """msif info's output: JSON, or the readable lines."""
     from msif_index.lock import writer_text
@@ -309,7 +318,8 @@ def _print_info(d: dict, as_json: bool) -> None:
     typer.echo(f"index {d['index']}: n={d['n']} rows of k={d['k']} ({d['dtype']})"
                + (f", msif {d['version']}" if d["version"] else ""))
     typer.echo(f"  preconditioner {d['preconditioner']} ({'; '.join(about)}), projection "
-               + (f"proj_dim={d['proj_dim']}" if d["proj_dim"] else "none (exact)") + f", seed {d['seed']}")
+               + (f"proj_dim={d['proj_dim']}" if d["proj_dim"] else "none (exact)") + _compression(d)
+               + f", seed {d['seed']}")
     neg = d.get("negative_eigenvalues")
     if neg:
         needed = neg.get("damping_needed")
@@ -330,8 +340,10 @@ def _print_info(d: dict, as_json: bool) -> None:
         if resumed:                 # the timings are those of the run that finished the build
             rows = resumed.get("rows_computed")
             rows = f"{rows:,}" if isinstance(rows, int) else str(rows)      # (a hand-edited record: as it is)
+            hvps = resumed.get("hvps_loaded")
             how = (f" (the run that resumed it: {rows} of {d['n']:,} rows computed, "
-                   f"preconditioner {'loaded' if resumed.get('preconditioner_loaded') else 'fitted'})")
+                   f"preconditioner {'loaded' if resumed.get('preconditioner_loaded') else 'fitted'}"
+                   + (f" from {hvps:,} saved HVP rows and the rest" if isinstance(hvps, int) and hvps else "") + ")")
         typer.echo(f"  built in{how} " + ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in d["timings"].items()))
     if not d["attached"]:
         typer.echo("  no finetuned model attached (msif attach, or msif query attaches it)")
@@ -343,6 +355,8 @@ def _print_info(d: dict, as_json: bool) -> None:
         typer.echo(f"  a build ({writer_text(d['writer_pid'])}) is writing this folder now (e.g. an --overwrite rebuild)")
     for problem in d["problems"]:
         typer.echo(f"  problem: {problem}")
+    if d.get("verified") and not d["problems"]:
+        typer.echo("  verified: every row, file checksum and attached operator reads back intact")
 
 
 @app.command("attach")
@@ -474,33 +488,31 @@ def main(argv: Optional[list[str]] = None) -> None:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     # typer turns Ctrl-C into exit code 130 and, without standalone mode, returns it
+    resume = "; rerun the same command to resume" if _resumable(argv) else ""
     if rc == 130 and _TERMINATED.is_set():
-        typer.echo("terminated (SIGTERM); rerun the same command to resume", err=True)
+        typer.echo(f"terminated (SIGTERM){resume}", err=True)
         sys.exit(143)
     if rc == 130:
-        typer.echo("interrupted; rerun the same command to resume", err=True)
+        typer.echo(f"interrupted{resume}", err=True)
     if isinstance(rc, int) and rc:
         sys.exit(rc)
 
 
-_TORCH_INTERRUPT = re.compile(r"(?:^|\n|RuntimeError: )KeyboardInterrupt(?::|$)", re.MULTILINE)
+#: the commands whose finished work stays on disk, so that running them again continues
+_RESUMABLE = {"build-index", "evaluate", "demo"}
+
+
+def _resumable(argv: Optional[list[str]]) -> bool:
+    """Whether the command in ``argv`` (default: the process's) resumes when run again."""
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith("-")), None)
+    return command in _RESUMABLE
 
 
 def _interrupted(e: BaseException) -> bool:
-    """Whether ``e`` is Ctrl-C in disguise: torch reraises a KeyboardInterrupt raised inside its C++
-    code (vmap, decompositions) as ``RuntimeError: KeyboardInterrupt: ...``, and inside a TorchScript
-    function (LayerNorm's backward) as a many-line "The following operation failed in the TorchScript
-    interpreter" whose last line is that one; msif may wrap either in one of its own errors (the
-    original then on ``__cause__`` / ``__context__``)."""
-    seen: set[int] = set()
-    cur: Optional[BaseException] = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, KeyboardInterrupt) or (isinstance(cur, RuntimeError)
-                                                  and _TORCH_INTERRUPT.search(str(cur))):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
+    """Whether ``e`` is Ctrl-C, possibly in torch's disguise (msif_index.errors.is_interrupt)."""
+    from msif_index.errors import is_interrupt
+    return is_interrupt(e)
 
 
 def _os_error_line(e: OSError) -> Optional[str]:

@@ -3,23 +3,34 @@
 Sign convention: I(z, x_t) = d l(x_t) / d eps for up-weighting pretraining example z by eps.
 I < 0: z is helpful (a proponent); I > 0: z is harmful (an opponent).
 """
-from .config import BuildConfig
-from .errors import MsifError
-from .exact import exact_influence
-from .task import MultiStageTask, cross_entropy_fisher_losses, load_task, validate_task
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["BuildConfig", "InfluenceIndex", "MsifError", "MultiStageTask", "QueryResult", "build_index",
            "cross_entropy_fisher_losses", "exact_influence", "load_task", "validate_task"]
 
-# the build and the index import faiss: loaded on first use, so `import msif_index` works without it
-_LAZY = {"build_index": "build", "InfluenceIndex": "index", "QueryResult": "index"}
+# every name is loaded on first use: `import msif_index` (and the `msif` command's first line, which
+# must catch a Ctrl-C while torch and faiss load) imports neither torch nor faiss
+_LAZY = {"BuildConfig": "config", "MsifError": "errors", "exact_influence": "exact",
+         "MultiStageTask": "task", "cross_entropy_fisher_losses": "task", "load_task": "task",
+         "validate_task": "task", "build_index": "build", "InfluenceIndex": "index", "QueryResult": "index"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    try:                                   # a submodule, as `import msif_index; msif_index.errors` had it
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 __version__ = "0.1.0"

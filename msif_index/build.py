@@ -560,11 +560,12 @@ def _shard_rows(n: int, config: BuildConfig) -> int:
 
 
 def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfig, n: int,
-                        show: bool | None, out: Path) -> _Sample | None:
+                        show: bool | None, out: Path, report: dict[str, Any]) -> _Sample | None:
     """Statistics from a seeded subsample of ``stats_examples`` (kept in memory: bounded by its size,
     and returned for featurize to reuse; a killed build computes them again, seconds), or
     Hessian-vector products for hessian / exact (minutes on small CNNs and transformers: saved to
-    ``out``/HVP_PARTIAL every HVP_CHECKPOINT_S seconds, so a killed build resumes them)."""
+    ``out``/HVP_PARTIAL every HVP_CHECKPOINT_S seconds and on Ctrl-C, so a killed build resumes them;
+    ``report["hvps_loaded"]``: how many rows of P H P^T an interrupted run had saved)."""
     pre = prep.preconditioner
     if config.preconditioner in ("hessian", "exact"):
         ids = list(range(n)) if config.preconditioner == "exact" else _subsample(n, config.hessian_examples,
@@ -578,8 +579,10 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
         pm = prep.projector.matrix()
         x = flat.get()
         done, save = _hvp_checkpoint(out, pm, x)
+        report["hvps_loaded"] = 0 if done is None else done.shape[0]
+        loaded = "" if done is None else f"; {done.shape[0]:,} loaded from the interrupted run"
         with forward_ad_errors(f"the {config.preconditioner!r} preconditioner (Hessian-vector products)"), \
-                progress(pm.shape[0], f"{config.preconditioner} (HVPs over {len(ids)} examples)", unit="HVP",
+                progress(pm.shape[0], f"{config.preconditioner} (HVPs over {len(ids)} examples{loaded})", unit="HVP",
                          enabled=show) as advance:
             php = projected_hessian(mean_loss, x, pm, chunk=HVP_CHUNK, advance=advance, done=done,
                                     checkpoint=save, every_s=HVP_CHECKPOINT_S)
@@ -664,7 +667,7 @@ def _fit_gauss_newton(task: MultiStageTask, prep: Prepared, config: BuildConfig,
 
 
 def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out: Path, n: int,
-                 show: bool | None) -> _Sample | None:
+                 show: bool | None, report: dict[str, Any]) -> _Sample | None:
     """The preconditioner state, saved atomically once fitted so a resumed build reuses it; returns
     the statistics subsample's rows for featurize (their groups are recomputed where not in memory)."""
     path = out / PRECOND
@@ -683,7 +686,7 @@ def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out:
             return _Sample(_stats_ids(n, config), _shard_rows(n, config))    # rows recomputed per shard
         except (OSError, KeyError, ValueError, RuntimeError, TypeError):
             path.unlink()                        # unreadable: fit again (deterministic)
-    sample = _fit_preconditioner(task, prep, config, n, show, out)
+    sample = _fit_preconditioner(task, prep, config, n, show, out, report)
     state = pre.state_dict()
     check_free_space(out, str(path), sum(np.asarray(v).nbytes for v in state.values()) + (256 << 10))
     with atomic_path(path) as tmp:
@@ -1026,10 +1029,12 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
     check_free_space(out, f"the rows of {todo:,} examples", need)
     saved = _file_id(out / PRECOND)            # an earlier, interrupted run's fitted state, if any
     t0 = time.perf_counter()
-    sample = _load_or_fit(task, prep, config, out, n, progress_bar)
+    fit_report: dict[str, Any] = {}
+    sample = _load_or_fit(task, prep, config, out, n, progress_bar, fit_report)
     timings["statistics_s"] = time.perf_counter() - t0
     # what this run did where an earlier, interrupted one left work (the timings are this run's only)
-    resumed = {"rows_computed": todo, "preconditioner_loaded": saved is not None and _file_id(out / PRECOND) == saved}
+    resumed = {"rows_computed": todo, "preconditioner_loaded": saved is not None and _file_id(out / PRECOND) == saved,
+               "hvps_loaded": fit_report.get("hvps_loaded", 0)}
     t0 = time.perf_counter()
     _write_rows(task, prep, config, shards, sample, progress_bar)
     del sample
@@ -1056,7 +1061,8 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
         "fingerprints": fps, "fingerprint_short": {k: short(v) for k, v in fps.items()},
         "w_names": prep.w_names, "u_names": prep.u_names,
         "projector": prep.projector.config(), "preconditioner": summary, "timings": timings,
-        "resumed": resumed if resumed["rows_computed"] < n or resumed["preconditioner_loaded"] else None,
+        "resumed": (resumed if resumed["rows_computed"] < n or resumed["preconditioner_loaded"]
+                    or resumed["hvps_loaded"] else None),
         "files": {"rows": ROWS, "shards": SHARDS, "preconditioner": PRECOND,
                   "faiss": None if built_at_open(config.factory) else FAISS},
         "checksums": checksums,
@@ -1068,5 +1074,6 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
         _swap_in(out, final)
     if dropped:
         warn_user(f"the replaced index in {final} had {dropped} attached finetuned model(s); their operators "
-                  f"belong to the old index and were removed: attach them again")
+                  f"belong to the old index and were removed: attach them again (msif build-index attaches the "
+                  f"task's own finetuned model right after, unless --no-attach)")
     return final

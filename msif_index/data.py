@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import Dataset, TensorDataset
@@ -64,8 +65,8 @@ def batches(dataset: Dataset, batch_size: int, ids: Sequence[int] | None = None
 
 
 #: how a batch looks, in the errors about one that does not
-BATCH_FORM = ("pass a batch as the task's losses take one, torch tensors with the batch dimension first "
-              "(numpy arrays: torch.as_tensor), e.g. msif_index.data.full_batch(task.test_dataset(), ids)")
+BATCH_FORM = ("pass a batch as the task's losses take one, torch tensors (or numpy arrays) with the batch "
+              "dimension first, e.g. msif_index.data.full_batch(task.test_dataset(), ids)")
 
 
 def full_batch(dataset: Dataset, ids: Sequence[int] | None = None) -> Any:
@@ -80,13 +81,16 @@ def full_batch(dataset: Dataset, ids: Sequence[int] | None = None) -> Any:
 
 
 def move(batch: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
-    """Move tensors of a batch to ``device``; cast floating tensors to ``dtype``. A batch that is a
+    """Move tensors of a batch to ``device``; cast floating tensors to ``dtype``; numpy arrays become
+    tensors first (``torch.as_tensor``, as a DataLoader's collate makes them). A batch that is a
     tensor, or a flat list / tuple of tensors, already there is returned as it is (a one-example
     query calls this once: the general tree walk costs tens of microseconds)."""
     if _already_there(batch, device, dtype):
         return batch
 
     def one(t: Any) -> Any:
+        if isinstance(t, np.ndarray) and t.dtype != object:
+            t = torch.as_tensor(t)
         if not isinstance(t, torch.Tensor):
             return t
         if dtype is not None and t.is_floating_point():

@@ -80,6 +80,28 @@ def exception_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+#: torch's text for a KeyboardInterrupt raised inside its C++ code (vmap, decompositions), alone or as
+#: the last line of a TorchScript interpreter failure (LayerNorm's backward)
+_TORCH_INTERRUPT = re.compile(r"(?:^|RuntimeError: )KeyboardInterrupt(?::|$)", re.MULTILINE)
+
+
+def is_interrupt(e: BaseException) -> bool:
+    """Whether ``e`` is Ctrl-C (or SIGTERM, which the command line raises as it), possibly in
+    disguise: torch reraises a KeyboardInterrupt raised inside its C++ code as ``RuntimeError:
+    KeyboardInterrupt: ...``, inside a TorchScript function as a many-line "The following operation
+    failed in the TorchScript interpreter" whose last line is that one; msif may wrap either in one
+    of its own errors (the original then on ``__cause__`` / ``__context__``)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, KeyboardInterrupt) or (isinstance(cur, RuntimeError)
+                                                  and _TORCH_INTERRUPT.search(str(cur))):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 #: what to do when torch has no forward-mode derivative of an operation (every second-order path
 #: of msif is forward-over-reverse)
 FORWARD_AD_HINT = ("attention (nn.MultiheadAttention, nn.TransformerEncoderLayer, "

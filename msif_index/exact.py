@@ -266,6 +266,7 @@ def exact_influence(task: MultiStageTask, test_batch: Any, pretrained: nn.Module
         require_shared_parameters(task)
     else:
         require_task(task)
+    test_batch = move(test_batch)                 # numpy arrays: tensors
     try:
         batch_size_of(test_batch)
     except ValueError as e:

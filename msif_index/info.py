@@ -108,6 +108,9 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
             damage = index_damage(p)
             if damage:
                 problems.append(f"{damage}: rerun the build with --overwrite (it rebuilds what is damaged)")
+        attached = _operators(p)
+        if verify:                               # (verify_file checked each operator's seal)
+            problems += [f"the finetune operator {a['key']} is {a['error']}" for a in attached if "error" in a]
         fisher = cfg.get("fisher") if pre.get("name") in ("gauss-newton", "kfac", "ekfac") else None
         timings = {k: v for k, v in (m.get("timings") or {}).items() if isinstance(v, (int, float))}
         return {
@@ -117,6 +120,7 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
             "damping": pre.get("damping"), "damping_used": pre.get("damping_used"), "statistics": fisher,
             "negative_eigenvalues": pre.get("negative_eigenvalues"),
             "proj_dim": cfg.get("proj_dim"), "seed": cfg.get("seed"), "factory": cfg.get("factory"),
+            "k_raw": m.get("k_raw"), "num_params": (m.get("projector") or {}).get("num_params"),
             "w_names": m["w_names"], "u_names": m.get("u_names") or [],
             "fingerprints": {k: short(v) for k, v in m["fingerprints"].items() if isinstance(v, str)},
             "data_fingerprint": short(m["identity"]["data"]) if isinstance(m["identity"].get("data"), str) else None,
@@ -124,7 +128,7 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
             "bytes": {"rows": _size(p / SHARDS) + _size(p / ROWS), "preconditioner": _size(p / PRECOND),
                       "search": _size(p / faiss_file) if faiss_file in FAISS_NAMES else 0,
                       "operators": _size(p / OPERATORS)},
-            "attached": _operators(p),
+            "attached": attached, "verified": verify,
             "writer_pid": lock_holder(p),             # e.g. an --overwrite rebuild running beside it
             "problems": problems,
         }

@@ -31,7 +31,7 @@ from typing import Any, Callable, Collection, Iterable, Sequence
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, is_interrupt
 from .gradients.blocks import Block
 from .warn import warn_user
 
@@ -541,12 +541,20 @@ def projected_hessian(mean_loss: Callable[[torch.Tensor], torch.Tensor], x: torc
             advance(start)
     pt = p.to(x.dtype)
     last = time.monotonic()
-    for s in range(start, k, chunk):
-        hp = vmap(lambda v: hvp(mean_loss, x, v))(pt[s:s + chunk])     # [c, d] rows of P H
-        out[s:s + chunk] = (hp @ pt.T).to(_F64)
-        if advance is not None:
-            advance(hp.shape[0])
-        if checkpoint is not None and s + chunk < k and time.monotonic() - last >= every_s:
-            checkpoint(out[:s + chunk])
-            last = time.monotonic()
+    finished = saved = start                 # rows computed / in the last checkpoint (whole chunks)
+    try:
+        for s in range(start, k, chunk):
+            hp = vmap(lambda v: hvp(mean_loss, x, v))(pt[s:s + chunk])     # [c, d] rows of P H
+            out[s:s + chunk] = (hp @ pt.T).to(_F64)
+            if s + chunk < k:
+                finished = s + chunk
+            if advance is not None:
+                advance(hp.shape[0])
+            if checkpoint is not None and finished > saved and time.monotonic() - last >= every_s:
+                checkpoint(out[:finished])
+                saved, last = finished, time.monotonic()
+    except BaseException as e:               # Ctrl-C or SIGTERM: keep the chunks finished so far
+        if checkpoint is not None and finished > saved and is_interrupt(e):
+            checkpoint(out[:finished])
+        raise
     return 0.5 * (out + out.T)

@@ -168,6 +168,36 @@ def _read_attrs(f: h5py.File) -> dict[str, Any]:
     return {k: _decode_attr(v, k in json_keys) for k, v in raw.items()}
 
 
+def _virtual_sources(ds: h5py.Dataset, start: int, stop: int) -> list[tuple[str, str]]:
+    """(file, dataset) of the sources of a virtual dataset that hold its rows [start, stop); [] if it
+    is not virtual (or cannot tell: used only to name a file in an error message)."""
+    try:
+        if not ds.is_virtual:
+            return []
+        out = []
+        for vs in ds.virtual_sources():
+            (lo, *_), (hi, *_) = vs.vspace.get_select_bounds()
+            if lo < stop and hi >= start:
+                out.append((vs.file_name, vs.dset_name))
+        return out
+    except Exception:  # noqa: BLE001 - only names the file in an error message
+        return []
+
+
+def _failing_sources(folder: Path, ds: h5py.Dataset, start: int, stop: int) -> list[str]:
+    """The source files of ``ds``'s rows [start, stop) whose part cannot be read on their own (a
+    truncated or corrupted shard), or all of those sources when each reads (or [] if not virtual)."""
+    sources = _virtual_sources(ds, start, stop)
+    bad = []
+    for name, dset in sources:
+        try:
+            with _open_h5(folder / name, "r") as f:
+                f[dset][...]
+        except Exception:  # noqa: BLE001 - any failure names the file
+            bad.append(name)
+    return bad or [name for name, _ in sources]
+
+
 def _open_h5(path: Path, mode: str, cache_bytes: int = _CACHE_BYTES) -> h5py.File:
     kwargs: dict[str, Any] = {"rdcc_nbytes": cache_bytes, "rdcc_nslots": 10007}
     if mode != "r":
@@ -830,8 +860,12 @@ class RowStore:
             try:
                 mask = written[s : min(n, s + _MASK_BLOCK)]
             except (OSError, RuntimeError) as e:
+                # through a virtual dataset the error is rows.h5's: name the shard that fails on its own
+                bad = _failing_sources(path.parent, written, s, min(n, s + _MASK_BLOCK))
+                where = f" (in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else ""
                 raise CorruptIndexError(
-                    f"{path} fails its checksum in the 'written' mask ({first_line(e)}), so it is corrupted; {REBUILD}"
+                    f"{path} fails its checksum in the 'written' mask{where} ({first_line(e)}), so it is "
+                    f"corrupted; {REBUILD}"
                 ) from None
             if not mask.all():
                 raise CorruptIndexError(
@@ -883,17 +917,7 @@ class RowStore:
 
     def _shards_of(self, start: int, stop: int) -> list[str]:
         """The files (shards of a virtual row dataset) that hold rows [start, stop); [] if not virtual."""
-        try:
-            if not self._rows.is_virtual:
-                return []
-            out = []
-            for vs in self._rows.virtual_sources():
-                (lo, _), (hi, _) = vs.vspace.get_select_bounds()
-                if lo < stop and hi >= start:
-                    out.append(vs.file_name)
-            return out
-        except Exception:  # noqa: BLE001 - only names the file in an error message
-            return []
+        return [name for name, _ in _virtual_sources(self._rows, start, stop)]
 
     def _read_raw(self, start: int, stop: int) -> np.ndarray:
         with self._lock:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import inspect
 import math
@@ -446,7 +447,9 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
     path = Path(path_s)
     if not path.is_file():
         raise TaskError(f"task file {path_s!r} does not exist")
-    mod_name = f"msif_user_task_{abs(hash(str(path.resolve())))}"
+    # the same name in every process (Python's str hash is salted per process), so objects pickled
+    # from the task file's classes (torch.save of a whole model) load in the next command
+    mod_name = f"msif_user_task_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
     module = sys.modules.get(mod_name)
     if module is None:
         # the task file's folder goes on sys.path (as `python FILE.py` does), so it can import

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import warnings
@@ -43,7 +44,7 @@ def load_jvp_decompositions() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
         try:
-            import torch._decomp.decompositions_for_jvp  # noqa: F401
+            importlib.import_module("torch._decomp.decompositions_for_jvp")
         except ImportError:                  # another torch layout: its warnings, if any, are shown
             pass
     _JVP_DECOMPOSITIONS = True

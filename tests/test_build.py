@@ -638,13 +638,14 @@ def _hvp_steps(monkeypatch, stop_at: int | None = None) -> list[int]:
 
 
 @pytest.mark.filterwarnings("ignore:the projected pretraining Hessian")
-def test_interrupted_hessian_hvps_resume_from_their_checkpoint(tmp_path, monkeypatch):
+def test_interrupted_hessian_hvps_resume_from_their_checkpoint(tmp_path, monkeypatch, capsys):
     """A new-user trial's Ctrl-C after minutes of HVPs restarted them from zero (3,124 HVPs, 142 s):
-    the rows so far are saved (every HVP_CHECKPOINT_S seconds, at chunk boundaries), a rerun computes
-    only the rest, and its index equals an uninterrupted build's bit for bit. Saved rows that do not
-    read back are computed again; the checkpoint is gone once preconditioner.h5 is written."""
+    the rows so far are saved (every HVP_CHECKPOINT_S seconds, at chunk boundaries, and when Ctrl-C
+    lands), a rerun computes only the rest and says so (progress bar, manifest), and its index equals
+    an uninterrupted build's bit for bit. Saved rows that do not read back are computed again; the
+    checkpoint is gone once preconditioner.h5 is written."""
     monkeypatch.setattr(build_mod, "HVP_CHUNK", 4)
-    monkeypatch.setattr(build_mod, "HVP_CHECKPOINT_S", 0.0)
+    monkeypatch.setattr(build_mod, "HVP_CHECKPOINT_S", 3600.0)    # only Ctrl-C saves them
     cfg = BuildConfig(proj_dim=16, preconditioner="hessian", hessian_examples=20, dtype="float64")
     out = tmp_path / "idx"
     _hvp_steps(monkeypatch, stop_at=3)
@@ -653,7 +654,7 @@ def test_interrupted_hessian_hvps_resume_from_their_checkpoint(tmp_path, monkeyp
     partial = out / build_mod.HVP_PARTIAL
     with h5py.File(partial, "r") as f:
         rows_done, k = f["rows"].shape                # k: the rows of P (W and U projected)
-    assert rows_done == 8 and k > 12                  # chunks 1 and 2; the third was interrupted
+    assert rows_done == 12 and k > 16                 # the three chunks before Ctrl-C (after the third)
     assert not (out / "preconditioner.h5").exists()
     steps = _hvp_steps(monkeypatch)
     ref = build_index(TinyTask(), tmp_path / "ref", cfg)
@@ -661,13 +662,19 @@ def test_interrupted_hessian_hvps_resume_from_their_checkpoint(tmp_path, monkeyp
 
     steps = _hvp_steps(monkeypatch)
     build_index(TinyTask(), out, cfg)
-    assert steps[0] == 8 and steps[1:] == [4] * ((k - 8) // 4) + [k % 4] * (k % 4 > 0)    # only the rest
-    assert not partial.exists()
+    assert steps[0] == 12 and steps[1:] == [4] * ((k - 12) // 4) + [k % 4] * (k % 4 > 0)    # only the rest
+    assert not partial.exists() and _manifest(out)["resumed"]["hvps_loaded"] == 12
+    assert _manifest(ref)["resumed"] is None
+    from msif_index.cli.main import main
+    capsys.readouterr()
+    main(["info", "--index", str(out)])
+    assert "preconditioner fitted from 12 saved HVP rows and the rest" in capsys.readouterr().out
     np.testing.assert_array_equal(_rows(out), _rows(ref))
     with h5py.File(out / "preconditioner.h5", "r") as a, h5py.File(ref / "preconditioner.h5", "r") as b:
         assert sorted(a) == sorted(b) and all(np.array_equal(a[n][...], b[n][...]) for n in a)
 
     again = tmp_path / "again"                        # a checkpoint that does not read back: ignored
+    monkeypatch.setattr(build_mod, "HVP_CHECKPOINT_S", 0.0)           # saved after every chunk
     _hvp_steps(monkeypatch, stop_at=3)
     with pytest.raises(KeyboardInterrupt):
         build_index(TinyTask(), again, cfg)
@@ -818,7 +825,8 @@ def test_killed_build_resumes_to_identical_rows(tmp_path, capsys):
     ref = build_index(TinyTask(), tmp_path / "uninterrupted", BuildConfig(**KILL_CONFIG))
     assert np.array_equal(_rows(out), _rows(ref))
     # the manifest's timings are the resuming run's, and it says what that run computed
-    assert describe(out)["resumed"] == {"rows_computed": 64 - n_done, "preconditioner_loaded": True}
+    assert describe(out)["resumed"] == {"rows_computed": 64 - n_done, "preconditioner_loaded": True,
+                                       "hvps_loaded": 0}
     assert describe(ref)["resumed"] is None
     from msif_index.cli.main import main
     main(["info", "--index", str(out)])

@@ -570,28 +570,105 @@ def test_ranking_table_says_when_an_approximate_index_found_fewer(capsys):
 
 
 @pytest.mark.filterwarnings("ignore:the projected pretraining Hessian")
-@pytest.mark.parametrize("damaged", ["preconditioner.h5", "shard"])
+@pytest.mark.parametrize("damaged", ["preconditioner.h5", "shard", "operator"])
 def test_info_verify_finds_a_truncated_file_that_plain_info_does_not_read(tmp_path, tiny, capsys, damaged):
     """msif info reads headers only (instant at any n); --verify reads every row and checks every
-    checksum: a truncated preconditioner.h5 or shard is one problem line and exit 1 (a trial found
-    plain info silent about both)."""
+    checksum: a truncated preconditioner.h5, shard or attached operator is one problem line and exit
+    1 (a trial found plain info silent about the first two, and --verify exiting 0 on the third); a
+    healthy index gets a line saying it was verified."""
     from msif_index.build import build_index
     from msif_index.config import BuildConfig
     from msif_index.task import load_task
-    out = build_index(load_task(f"{tiny}:task"), tmp_path / "idx", BuildConfig(proj_dim=8, shard_rows=8),
-                      progress_bar=False)
+    task = load_task(f"{tiny}:task")
+    out = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=8, shard_rows=8), progress_bar=False)
+    with InfluenceIndex.open(out) as index:
+        index.attach(task, progress_bar=False)
     main(["info", "--index", str(out), "--verify"])                  # healthy: no problem, exit 0
-    assert "problem:" not in capsys.readouterr().out
-    victim = out / "preconditioner.h5" if damaged == "preconditioner.h5" else sorted((out / "shards").iterdir())[-1]
+    text = capsys.readouterr().out
+    assert "problem:" not in text and "verified: every row" in text
+    assert "projection proj_dim=8 (8 coordinates for " in text        # how much the projection keeps
+    victim = {"preconditioner.h5": out / "preconditioner.h5", "shard": sorted((out / "shards").iterdir())[-1],
+              "operator": next((out / "operators").glob("*.h5"))}[damaged]
     victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
     main(["info", "--index", str(out)])
-    assert "problem:" not in capsys.readouterr().out                 # headers only: not seen
+    text = capsys.readouterr().out
+    assert "problem:" not in text and "verified" not in text          # headers only: not seen
     with pytest.raises(SystemExit) as e:
         main(["info", "--index", str(out), "--verify"])
     text = capsys.readouterr().out
     assert e.value.code == 1
     problems = [line for line in text.splitlines() if line.startswith("  problem:")]
-    assert len(problems) == 1 and "--overwrite" in problems[0], text
-    # a shard is read through rows.h5 (virtual datasets over the shards): either name says where
-    names = ("rows.h5", victim.name) if damaged == "shard" else ("preconditioner",)
+    remedy = "the next attach of this model computes it again" if damaged == "operator" else "--overwrite"
+    assert len(problems) == 1 and remedy in problems[0], text
+    # a shard is read through rows.h5 (virtual datasets over the shards), whose error the message
+    # carries: it names the shard too (before: only rows.h5)
+    names = {"shard": (f"(in shards/{victim.name})",), "preconditioner.h5": ("preconditioner",),
+             "operator": (f"finetune operator {victim.stem} is damaged",)}[damaged]
     assert any(name in problems[0] for name in names), problems
+
+
+@pytest.mark.parametrize("sig, code, line", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_a_signal_while_the_command_line_loads_is_one_line(sig, code, line):
+    """Ctrl-C in the first second or two of any `msif` command (torch, faiss and typer loading)
+    printed a 14-28-line KeyboardInterrupt traceback from inside `import torch`, or aborted the process
+    from torch's C++ initialization: the console entry point (msif_index.cli:run) holds SIGINT and
+    SIGTERM while it loads the command line, then ends with one line. `import msif_index` loads
+    neither torch nor faiss, so the hold covers them."""
+    finder = ("import os, signal, sys\n"
+              "class SignalMidImport:\n"
+              "    def find_spec(self, name, path, target=None):\n"
+              "        if name == 'msif_index.cli.main':\n"
+              f"            os.kill(os.getpid(), signal.{sig})\n"
+              "sys.meta_path.insert(0, SignalMidImport())\n"
+              "import msif_index, msif_index.cli\n"
+              "assert 'torch' not in sys.modules and 'faiss' not in sys.modules\n"
+              "sys.argv = ['msif', 'info', '--index', 'nowhere']\n"
+              "msif_index.cli.run()\n")
+    proc = subprocess.run([sys.executable, "-c", finder], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code and proc.stderr == line + "\n", (proc.returncode, proc.stderr)
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.7])
+def test_a_real_ctrl_c_during_startup_exits_130_without_a_traceback(tmp_path, delay):
+    """The installed console script, SIGINT while it starts: one line, exit 130, whichever side of
+    the command line's loading it lands on (at 0.3 s it once aborted inside torch's C++
+    initialization: exit -6)."""
+    import shutil
+    import signal
+    import time
+    script = shutil.which("msif", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the msif console script is not installed next to this Python (pip install -e .)")
+    proc = subprocess.Popen([script, "info", "--index", str(tmp_path / "nowhere")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 2:                 # finished before the signal (a fast machine): its error
+        assert "no msif index" in err
+        return
+    assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_ctrl_c_in_a_command_with_nothing_to_resume_does_not_say_rerun(tmp_path, tiny, capsys, monkeypatch):
+    """`msif exact` said "interrupted; rerun the same command to resume" though it keeps nothing:
+    only build-index, evaluate and demo, whose finished work stays on disk, say to rerun."""
+    import msif_index.exact
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(msif_index.exact, "exact_influence", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["exact", "--task", f"{tiny}:task", "--test-ids", "0"])
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_info_says_when_the_projection_keeps_every_coordinate():
+    """A trial read `projection proj_dim=4096` at k = 196 as compression; the line now says how many
+    coordinates it keeps of how many parameters."""
+    from msif_index.cli.main import _compression
+    assert _compression({"proj_dim": 4096, "k_raw": 196, "num_params": 196}) == \
+        " (196 coordinates for 196 parameters: no compression)"
+    assert _compression({"proj_dim": 1024, "k_raw": 1058, "num_params": 669706}) == \
+        " (1,058 coordinates for 669,706 parameters)"
+    assert _compression({"proj_dim": None, "k_raw": 43, "num_params": 43}) == ""      # the exact preset

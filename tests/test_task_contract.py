@@ -328,3 +328,29 @@ def test_an_op_without_forward_mode_derivatives_is_one_line_naming_the_fix(tmp_p
             got = index.scores(batch)
         ref = exact_influence(task, batch).numpy()
     assert abs(got - ref).max() / abs(ref).max() < 1e-8
+
+
+def test_a_task_files_classes_pickle_across_processes(tmp_path):
+    """load_task named the task's module after Python's salted str hash, so a model of the task file's
+    own class saved whole (torch.save) in one `msif` command failed to load in the next: "No module
+    named 'msif_user_task_4114073308566945305'". The name is now the same in every process."""
+    import os
+    import subprocess
+    import sys
+    task_file = tmp_path / "pickled.py"
+    task_file.write_text("import torch\nclass Net(torch.nn.Module):\n"
+                         "    def __init__(self):\n        super().__init__()\n        self.lin = torch.nn.Linear(2, 1)\n"
+                         "task = None\n")
+    saved = tmp_path / "net.pt"
+    code = ("import sys, torch\nfrom msif_index.task import load_task\n"
+            "try:\n"
+            f"    load_task({str(task_file) + ':task'!r}, validate=False)\n"
+            "except Exception:\n    pass    # task = None: not a task, but the module is loaded\n"
+            "mod = [m for n, m in sys.modules.items() if n.startswith('msif_user_task_')][0]\n"
+            f"if sys.argv[1] == 'save': torch.save(mod.Net(), {str(saved)!r})\n"
+            f"else: print(type(torch.load({str(saved)!r}, weights_only=False)).__name__)\n")
+    for seed, step in (("1", "save"), ("2", "load")):
+        proc = subprocess.run([sys.executable, "-c", code, step], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONHASHSEED": seed})
+        assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "Net"
