@@ -273,6 +273,8 @@ def info_cmd(index: str = typer.Option(..., help="Index folder (from msif build-
     from msif_index.info import describe
     d = describe(index, verify=verify)
     _print_info(d, as_json)
+    if verify and not d["complete"] and not as_json:
+        typer.echo("  --verify applies to a finished index (the resumed build checks its shards as it goes)")
     if verify and d.get("problems"):
         raise typer.Exit(1)
 
@@ -297,9 +299,11 @@ def _print_info(d: dict, as_json: bool) -> None:
     if not d["complete"]:
         state = "unfinished build" if d["writer_pid"] is None else f"build running ({writer_text(d['writer_pid'])})"
         then = f"{d['resume']} to resume it" if d["writer_pid"] is None else d["resume"]
+        hvps = d.get("hvps_saved")
+        saved = f": {hvps[0]:,} of {hvps[1]:,} HVP rows saved" if hvps and not d["statistics_done"] else ""
         typer.echo(f"{state} in {d['index']}: {d['rows_done']} of {d['n']} rows in "
                    f"{d['shards_done']} of {d['shards_total']} shards ({d['preconditioner']} preconditioner, "
-                   f"statistics {'done' if d['statistics_done'] else 'not done'}); {then}")
+                   f"statistics {'done' if d['statistics_done'] else 'not done'}{saved}); {then}")
         return
     damping = d["damping_used"]
     if isinstance(damping, dict):
@@ -437,7 +441,7 @@ _TERMINATED = threading.Event()
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app, turning MsifError into one line on stderr (exit 2); Ctrl-C
-    exits 130 and SIGTERM 143, each with one line saying to rerun the command."""
+    exits 130 and SIGTERM 143, each with one line (saying to rerun the command where that resumes)."""
     shown = warnings.showwarning
     warnings.showwarning = _warning_line
     previous = None

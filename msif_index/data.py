@@ -89,8 +89,8 @@ def move(batch: Any, device: torch.device | str | None = None, dtype: torch.dtyp
         return batch
 
     def one(t: Any) -> Any:
-        if isinstance(t, np.ndarray) and t.dtype != object:
-            t = torch.as_tensor(t)
+        if isinstance(t, np.ndarray) and t.dtype.kind in "biuf":    # numbers (not strings, objects)
+            t = torch.as_tensor(np.ascontiguousarray(t))             # (negative strides: a copy)
         if not isinstance(t, torch.Tensor):
             return t
         if dtype is not None and t.is_floating_point():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import read_json
-from .build import BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, SHARDS, _faiss_name
+from .build import BUILD_FILE, FAISS_NAMES, HVP_PARTIAL, MANIFEST, OPERATORS, PRECOND, ROWS, SHARDS, _faiss_name
 from .errors import CorruptIndexError
 from .fingerprint import short
 from .lock import lock_holder, writer_text
@@ -82,6 +82,16 @@ def _shards_done(folder: Path, n: int) -> tuple[int, int, int | None]:
     return shards, rows, size
 
 
+def _hvps_saved(path: Path) -> list[int] | None:
+    """[rows saved, k] of an unfinished build's HVP checkpoint (hessian / exact), None without one."""
+    import h5py
+    try:
+        with h5py.File(path / HVP_PARTIAL, "r", locking=False) as f:
+            return [int(f["rows"].shape[0]), int(f["rows"].shape[1])]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
 def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
     """A JSON-ready summary of the index (or unfinished build) in ``path``; CorruptIndexError when
     the folder holds neither. ``verify``: also read every stored row and check every file's checksum
@@ -108,9 +118,8 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
             damage = index_damage(p)
             if damage:
                 problems.append(f"{damage}: rerun the build with --overwrite (it rebuilds what is damaged)")
-        attached = _operators(p)
-        if verify:                               # (verify_file checked each operator's seal)
-            problems += [f"the finetune operator {a['key']} is {a['error']}" for a in attached if "error" in a]
+        attached = _operators(p)                 # (verify_file checks each operator's seal)
+        problems += [f"the finetune operator {a['key']} is {a['error']}" for a in attached if "error" in a]
         fisher = cfg.get("fisher") if pre.get("name") in ("gauss-newton", "kfac", "ekfac") else None
         timings = {k: v for k, v in (m.get("timings") or {}).items() if isinstance(v, (int, float))}
         return {
@@ -128,7 +137,7 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
             "bytes": {"rows": _size(p / SHARDS) + _size(p / ROWS), "preconditioner": _size(p / PRECOND),
                       "search": _size(p / faiss_file) if faiss_file in FAISS_NAMES else 0,
                       "operators": _size(p / OPERATORS)},
-            "attached": attached, "verified": verify,
+            "attached": attached, "verified": verify and not problems,
             "writer_pid": lock_holder(p),             # e.g. an --overwrite rebuild running beside it
             "problems": problems,
         }
@@ -148,7 +157,7 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
         return {"index": str(p), "complete": False, "n": n, "preconditioner": cfg.get("preconditioner"),
                 "proj_dim": cfg.get("proj_dim"), "factory": cfg.get("factory"),
                 "shards_done": shards, "shards_total": math.ceil(n / shard_rows) if n else 0,
-                "rows_done": rows, "statistics_done": (p / PRECOND).is_file(),
+                "rows_done": rows, "statistics_done": (p / PRECOND).is_file(), "hvps_saved": _hvps_saved(p),
                 "bytes": {"rows": _size(p / SHARDS)}, "writer_pid": writer,
                 "resume": ("rerun the same msif build-index command" if writer is None
                            else f"wait for the build running in {writer_text(writer)}")}

@@ -81,7 +81,8 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
         if not newton:
             if warn:                 # no dense Hessian: Lanczos estimates its extreme eigenvalues
                 lanczos = _lanczos_extremes(objective, x)
-                negative = int(lanczos[0] < -_lanczos_noise(x.dtype) * lanczos[1])
+                scale = max(abs(lanczos[0]), abs(lanczos[1]))
+                negative = int(lanczos[0] < -_lanczos_noise(x.dtype) * scale)
             break
         x_next, g_next, negative, escaped = _polish(objective, x, gnorm, grad_tol)
         if not escaped:                                 # a minimum, or no step lowers the objective
@@ -99,7 +100,7 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
         # else: the last round's L-BFGS point stays, and ``negative`` says where it stopped
     flat.set(x)
     stalled = ""
-    if warn and (negative or not gnorm <= grad_tol):
+    if warn and not gnorm <= grad_tol:       # (a saddle whose gradient vanished is not a kink)
         end = float(objective(x).detach())
         if not end < start - 1e-12 * max(1.0, abs(start)):
             # nothing gained in this call, yet no stationary minimum: typical of a kink (relu, max)
@@ -109,7 +110,7 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
                        f"will not help; use a smooth activation (SiLU, GELU, Softplus) for an exact minimum")
     if warn and negative and lanczos is not None:
         warn_user(f"fit stopped where the Hessian has a negative eigenvalue (about {lanczos[0]:.3g}, the largest "
-                  f"about {lanczos[1]:.3g}: {LANCZOS_STEPS} Lanczos steps, as {flat.dim} parameters are above "
+                  f"about {lanczos[1]:.3g}: {lanczos[2]} Lanczos steps, as {flat.dim} parameters are above "
                   f"newton_max_dim={newton_max_dim}; gradient norm {gnorm:.1e}): a saddle point or a nonconvex "
                   f"region, so the model is not at a minimum, which influence assumes"
                   + (stalled or "; train longer first (e.g. Adam with a decaying learning rate), start elsewhere, "
@@ -132,21 +133,22 @@ LANCZOS_STEPS = 40
 
 
 def _lanczos_noise(dtype: torch.dtype) -> float:
-    """How far below zero, relative to the largest eigenvalue, an estimate may fall by rounding alone
-    (the HVPs' relative error, float64 or float32)."""
-    return 1e-8 if dtype == torch.float64 else 1e-4
+    """How far below zero, relative to the largest eigenvalue magnitude, an estimate may fall by
+    rounding alone (the HVPs' relative error: float64, float32, half precision)."""
+    return {torch.float64: 1e-8, torch.float32: 1e-4}.get(dtype, 1e-2)
 
 
 def _lanczos_extremes(objective, x: torch.Tensor, steps: int = LANCZOS_STEPS, seed: int = 0
-                      ) -> tuple[float, float]:
+                      ) -> tuple[float, float, int]:
     """(smallest, largest) eigenvalue of the Hessian of ``objective`` at ``x``, estimated by Lanczos
-    with full reorthogonalization over ``steps`` HVPs (float64 recurrences) from a seeded start:
-    the Ritz values of T = Q^T H Q lie inside [lambda_min, lambda_max] and approach both ends first."""
+    with full reorthogonalization over at most ``steps`` HVPs (float64 recurrences) from a seeded
+    start, and the number of HVPs taken: the Ritz values of T = Q^T H Q lie inside
+    [lambda_min, lambda_max] and approach both ends first."""
     from .autodiff import hvp
     d = x.numel()
     steps = min(steps, d)
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(d, generator=g, dtype=torch.float64)
+    q = torch.randn(d, generator=g, dtype=torch.float64).to(x.device)
     qs = [q / q.norm()]
     alphas, betas = [], []
     for j in range(steps):
@@ -165,7 +167,7 @@ def _lanczos_extremes(objective, x: torch.Tensor, steps: int = LANCZOS_STEPS, se
         off = torch.tensor(betas[:len(alphas) - 1], dtype=torch.float64)
         t += torch.diag(off, 1) + torch.diag(off, -1)
     ritz = torch.linalg.eigvalsh(t)
-    return float(ritz[0]), float(ritz[-1])
+    return float(ritz[0]), float(ritz[-1]), len(alphas)
 
 
 def _lbfgs(objective, x0: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:

@@ -5,6 +5,7 @@ import contextlib
 import importlib
 import os
 import sys
+import threading
 import warnings
 
 #: this package's folder: frames there are skipped when a warning looks for the caller, except the
@@ -31,6 +32,7 @@ def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
 
 
 _JVP_DECOMPOSITIONS = False
+_JVP_LOCK = threading.Lock()
 
 
 def load_jvp_decompositions() -> None:
@@ -41,10 +43,14 @@ def load_jvp_decompositions() -> None:
     global _JVP_DECOMPOSITIONS
     if _JVP_DECOMPOSITIONS:
         return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
-        try:
-            importlib.import_module("torch._decomp.decompositions_for_jvp")
-        except ImportError:                  # another torch layout: its warnings, if any, are shown
-            pass
-    _JVP_DECOMPOSITIONS = True
+    with _JVP_LOCK:          # catch_warnings changes the process's filters: one thread at a time
+        if _JVP_DECOMPOSITIONS:
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                    category=DeprecationWarning)
+            try:
+                importlib.import_module("torch._decomp.decompositions_for_jvp")
+            except ImportError:              # another torch layout: its warnings, if any, are shown
+                pass
+        _JVP_DECOMPOSITIONS = True

@@ -656,6 +656,10 @@ def test_interrupted_hessian_hvps_resume_from_their_checkpoint(tmp_path, monkeyp
         rows_done, k = f["rows"].shape                # k: the rows of P (W and U projected)
     assert rows_done == 12 and k > 16                 # the three chunks before Ctrl-C (after the third)
     assert not (out / "preconditioner.h5").exists()
+    from msif_index.cli.main import main
+    capsys.readouterr()
+    main(["info", "--index", str(out)])
+    assert f"statistics not done: 12 of {k} HVP rows saved" in capsys.readouterr().out
     steps = _hvp_steps(monkeypatch)
     ref = build_index(TinyTask(), tmp_path / "ref", cfg)
     assert steps == [4] * (k // 4) + [k % 4] * (k % 4 > 0) and not (ref / build_mod.HVP_PARTIAL).exists()
@@ -665,7 +669,6 @@ def test_interrupted_hessian_hvps_resume_from_their_checkpoint(tmp_path, monkeyp
     assert steps[0] == 12 and steps[1:] == [4] * ((k - 12) // 4) + [k % 4] * (k % 4 > 0)    # only the rest
     assert not partial.exists() and _manifest(out)["resumed"]["hvps_loaded"] == 12
     assert _manifest(ref)["resumed"] is None
-    from msif_index.cli.main import main
     capsys.readouterr()
     main(["info", "--index", str(out)])
     assert "preconditioner fitted from 12 saved HVP rows and the rest" in capsys.readouterr().out

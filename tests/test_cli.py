@@ -568,7 +568,6 @@ def test_ranking_table_says_when_an_approximate_index_found_fewer(capsys):
     assert "found" not in capsys.readouterr().out
 
 
-
 @pytest.mark.filterwarnings("ignore:the projected pretraining Hessian")
 @pytest.mark.parametrize("damaged", ["preconditioner.h5", "shard", "operator"])
 def test_info_verify_finds_a_truncated_file_that_plain_info_does_not_read(tmp_path, tiny, capsys, damaged):
@@ -592,11 +591,16 @@ def test_info_verify_finds_a_truncated_file_that_plain_info_does_not_read(tmp_pa
     victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
     main(["info", "--index", str(out)])
     text = capsys.readouterr().out
-    assert "problem:" not in text and "verified" not in text          # headers only: not seen
+    assert "verified" not in text
+    # plain info reads headers only: a damaged shard or preconditioner.h5 is not seen; an operator's
+    # seal (a checksum of its small file) is checked even then, and said, with exit 0
+    assert ("problem: the finetune operator" in text) == (damaged == "operator"), text
     with pytest.raises(SystemExit) as e:
         main(["info", "--index", str(out), "--verify"])
     text = capsys.readouterr().out
     assert e.value.code == 1
+    from msif_index.info import describe
+    assert describe(out, verify=True)["verified"] is False
     problems = [line for line in text.splitlines() if line.startswith("  problem:")]
     remedy = "the next attach of this model computes it again" if damaged == "operator" else "--overwrite"
     assert len(problems) == 1 and remedy in problems[0], text
@@ -605,6 +609,22 @@ def test_info_verify_finds_a_truncated_file_that_plain_info_does_not_read(tmp_pa
     names = {"shard": (f"(in shards/{victim.name})",), "preconditioner.h5": ("preconditioner",),
              "operator": (f"finetune operator {victim.stem} is damaged",)}[damaged]
     assert any(name in problems[0] for name in names), problems
+
+
+def test_an_ignored_sigint_stays_ignored_while_the_command_line_loads():
+    """A job a script starts with `&` ignores SIGINT: the entry point must not turn that into exit 130."""
+    code = ("import os, signal, sys\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "class SignalMidImport:\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'msif_index.cli.main':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.meta_path.insert(0, SignalMidImport())\n"
+            "import msif_index.cli\n"
+            "sys.argv = ['msif', 'info', '--index', 'nowhere']\n"
+            "msif_index.cli.run()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no msif index in nowhere" in proc.stderr, (proc.returncode, proc.stderr)
 
 
 @pytest.mark.parametrize("sig, code, line", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
@@ -628,11 +648,12 @@ def test_a_signal_while_the_command_line_loads_is_one_line(sig, code, line):
     assert proc.returncode == code and proc.stderr == line + "\n", (proc.returncode, proc.stderr)
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.3, 0.7])
+@pytest.mark.parametrize("delay", [0.3, 0.7])
 def test_a_real_ctrl_c_during_startup_exits_130_without_a_traceback(tmp_path, delay):
     """The installed console script, SIGINT while it starts: one line, exit 130, whichever side of
     the command line's loading it lands on (at 0.3 s it once aborted inside torch's C++
-    initialization: exit -6)."""
+    initialization: exit -6). Not in the interpreter's own first milliseconds, before any of msif
+    runs (Python's default: a traceback from its startup imports)."""
     import shutil
     import signal
     import time

@@ -811,8 +811,12 @@ def test_python_api_edges_from_a_trial(tmp_path):
         np.testing.assert_array_equal(as_numpy.scores, res.scores)
         np.testing.assert_allclose(exact_influence(task, (x.numpy(), y.numpy())).numpy(),
                                    exact_influence(task, (x, y)).numpy(), rtol=0, atol=0)
+        flipped = index.query((x.numpy()[:, ::-1].copy()[:, ::-1], y.numpy()), k=3)      # a negative-stride view
+        np.testing.assert_array_equal(flipped.ids, res.ids)
         with pytest.raises(ShapeError, match="full_batch"):
             index.query({"x": "not an array"}, k=3)
+        with pytest.raises(ShapeError, match="full_batch"):
+            index.query(np.array(["a", "b"]), k=3)                  # strings stay as they are: no tensor
     for call in (lambda: index.query((x, y), k=3), lambda: index.scores((x, y)),
                  lambda: index.query((x, y), k=3, exact_rerank=10), lambda: index.attach(task)):
         with pytest.raises(ConfigError, match="is closed") as e:
