@@ -11,8 +11,8 @@ from typing import Any
 __all__ = ["BuildConfig", "InfluenceIndex", "MsifError", "MultiStageTask", "QueryResult", "build_index",
            "cross_entropy_fisher_losses", "exact_influence", "load_task", "validate_task"]
 
-# every name is loaded on first use: `import msif_index` (and the `msif` command's first line, which
-# must catch a Ctrl-C while torch and faiss load) imports neither torch nor faiss
+# every name is loaded on first use: `import msif_index` imports neither torch nor faiss, so the `msif`
+# command's entry point (msif_index.cli.run) runs before them and holds Ctrl-C while they load
 _LAZY = {"BuildConfig": "config", "MsifError": "errors", "exact_influence": "exact",
          "MultiStageTask": "task", "cross_entropy_fisher_losses": "task", "load_task": "task",
          "validate_task": "task", "build_index": "build", "InfluenceIndex": "index", "QueryResult": "index"}

@@ -520,8 +520,9 @@ class InfluenceIndex:
         first). ``finetuned``: an attached model's key (``attach`` returns it; default: the one attached
         last, with a warning when several are attached). ``exact_rerank``: search that many
         candidates, then rescore them exactly (float64 rows get 2 k by default). ``nprobe``: IVF lists
-        to visit. ``test_ids``: ids to carry in the result (one per test point). Returns a QueryResult: ``ids`` [Q, k] int64 and ``scores``
-        [Q, k] float64, best first (NaN where fewer than k were found)."""
+        to visit. ``test_ids``: ids to carry in the result (one per test point). Returns a
+        QueryResult: ``ids`` [Q, k] int64 and ``scores`` [Q, k] float64, best first (NaN where fewer
+        than k were found)."""
         if direction not in DIRECTIONS:
             raise ConfigError(f"direction must be 'helpful' or 'harmful', got {direction!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:

@@ -535,7 +535,8 @@ def projected_hessian(mean_loss: Callable[[torch.Tensor], torch.Tensor], x: torc
     if done is not None:
         start = done.shape[0]
         if start % chunk or start > k or done.shape[1:] != (k,):
-            raise ValueError(f"done holds {tuple(done.shape)} rows: not whole chunks of {chunk} rows of a {k} x {k} matrix")
+            raise ValueError(f"done holds {tuple(done.shape)} rows: not whole chunks of {chunk} rows of a "
+                             f"{k} x {k} matrix")
         out[:start] = done
         if advance is not None and start:
             advance(start)

@@ -339,7 +339,8 @@ def test_a_task_files_classes_pickle_across_processes(tmp_path):
     import sys
     task_file = tmp_path / "pickled.py"
     task_file.write_text("import torch\nclass Net(torch.nn.Module):\n"
-                         "    def __init__(self):\n        super().__init__()\n        self.lin = torch.nn.Linear(2, 1)\n"
+                         "    def __init__(self):\n        super().__init__()\n"
+                         "        self.lin = torch.nn.Linear(2, 1)\n"
                          "task = None\n")
     saved = tmp_path / "net.pt"
     code = ("import sys, torch\nfrom msif_index.task import load_task\n"
