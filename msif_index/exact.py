@@ -175,6 +175,20 @@ def pretrain_hessian(task: MultiStageTask, pretrained: nn.Module | None = None, 
     return _pretrain_hessian(task, model, w + u, batch_size, max_params, advance)[0]
 
 
+def _finetune_loss_hessian(task: MultiStageTask, model: nn.Module, names: list[str], what: str, batch_size: int,
+                           max_params: int, advance: Callable[[int], None] | None = None
+                           ) -> tuple[torch.Tensor, FlatParams]:
+    """The dense float64 Hessian over ``names`` of the finetuning loss's mean over the finetuning set,
+    without weight decay or proximal term, at ``model``; and the flat view it was taken over."""
+    flat = FlatParams(model, names)
+    _check_size(flat.dim, what, max_params)
+    dataset = task.finetune_dataset()
+    data = [move(b, device="cpu", dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
+    h = dense_hessian(batched_objective(flat.loss(task.finetune_loss), data, len(dataset)), flat.get(),  # type: ignore[arg-type]
+                      advance=advance)
+    return h, flat
+
+
 @forward_ad_errors("the finetuning Hessian")
 def finetune_objective_hessian(task: MultiStageTask, finetuned: nn.Module | None = None, batch_size: int = 512,
                                max_params: int = MAX_EXACT_PARAMS, advance: Callable[[int], None] | None = None
@@ -184,12 +198,9 @@ def finetune_objective_hessian(task: MultiStageTask, finetuned: nn.Module | None
     model = _as_float64(finetuned if finetuned is not None else task.finetuned_model())
     w, theta = split_parameters(task, model)
     frozen = task.finetuning == "frozen"
-    flat = FlatParams(model, theta if frozen else theta + w)
-    _check_size(flat.dim, "the finetuning objective over " + ("theta" if frozen else "(theta, W)"), max_params)
-    dataset = task.finetune_dataset()
-    data = [move(b, device="cpu", dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
-    h = dense_hessian(batched_objective(flat.loss(task.finetune_loss), data, len(dataset)), flat.get(),  # type: ignore[arg-type]
-                      advance=advance)
+    h, flat = _finetune_loss_hessian(task, model, theta if frozen else theta + w,
+                                     "the finetuning objective over " + ("theta" if frozen else "(theta, W)"),
+                                     batch_size, max_params, advance)
     d_theta = sum(flat.sizes[: len(theta)])
     diag = torch.full((flat.dim,), float(task.finetune_weight_decay), dtype=_DTYPE)
     diag[d_theta:] = float(task.alpha)                  # proximal: alpha/2 ||W - W*||^2
@@ -210,17 +221,10 @@ class FinetuneSide:
 def finetune_side(task: MultiStageTask, finetuned: nn.Module, batch_size: int = 512,
                   max_params: int = MAX_EXACT_PARAMS) -> tuple[FinetuneSide, FlatParams]:
     """The finetuning Hessian over (theta, W) at the finetuned model."""
-    model = finetuned
-    w, theta = split_parameters(task, model)
-    flat = FlatParams(model, theta + w)
-    _check_size(flat.dim, "the finetuning objective over (theta, W)", max_params)
-    x = flat.get()
-    f = flat.loss(task.finetune_loss)
-    dataset = task.finetune_dataset()
-    m = len(dataset)  # type: ignore[arg-type]
-    data = [move(b, device="cpu", dtype=_DTYPE) for _, b in batches(dataset, batch_size)]
+    w, theta = split_parameters(task, finetuned)
+    h, flat = _finetune_loss_hessian(task, finetuned, theta + w, "the finetuning objective over (theta, W)",
+                                     batch_size, max_params)
     d_theta = sum(flat.sizes[: len(theta)])
-    h = dense_hessian(batched_objective(f, data, m), x)
     wd = float(task.finetune_weight_decay)
     h[:d_theta, :d_theta] += wd * torch.eye(d_theta, dtype=_DTYPE)
     return FinetuneSide(h, theta, w, d_theta), flat
