@@ -583,7 +583,7 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
         loaded = "" if done is None else f"; {done.shape[0]:,} loaded from the interrupted run"
         with forward_ad_errors(f"the {config.preconditioner!r} preconditioner (Hessian-vector products)"), \
                 progress(pm.shape[0], f"{config.preconditioner} (HVPs over {len(ids)} examples{loaded})", unit="HVP",
-                         enabled=show) as advance:
+                         enabled=show, initial=report["hvps_loaded"]) as advance:
             php = projected_hessian(mean_loss, x, pm, chunk=HVP_CHUNK, advance=advance, done=done,
                                     checkpoint=save, every_s=HVP_CHECKPOINT_S)
         if not torch.isfinite(php).all():

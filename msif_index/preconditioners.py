@@ -520,7 +520,7 @@ def projected_hessian(mean_loss: Callable[[torch.Tensor], torch.Tensor], x: torc
                       checkpoint: Callable[[torch.Tensor], None] | None = None,
                       every_s: float = 30.0) -> torch.Tensor:
     """P H P^T for H the Hessian of ``mean_loss`` at ``x``, by HVPs along the rows of P [k, d].
-    ``advance(c)`` is called after each chunk of c HVPs (a progress bar over the k rows).
+    ``advance(c)`` is called after each chunk of c HVPs computed (a progress bar over the k rows).
 
     Resumable: ``done`` holds the first rows of P H P^T (a whole number of chunks) from an interrupted
     run, taken as they are; ``checkpoint(rows)`` receives the rows computed so far, at chunk
@@ -538,8 +538,6 @@ def projected_hessian(mean_loss: Callable[[torch.Tensor], torch.Tensor], x: torc
             raise ValueError(f"done holds {tuple(done.shape)} rows: not whole chunks of {chunk} rows of a "
                              f"{k} x {k} matrix")
         out[:start] = done
-        if advance is not None and start:
-            advance(start)
     pt = p.to(x.dtype)
     last = time.monotonic()
     finished = saved = start                 # rows computed / in the last checkpoint (whole chunks)

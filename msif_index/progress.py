@@ -20,15 +20,16 @@ PLAIN_EVERY_S = 15.0
 
 
 @contextlib.contextmanager
-def progress(total: int, description: str, unit: str = "ex", enabled: bool | None = None
+def progress(total: int, description: str, unit: str = "ex", enabled: bool | None = None, initial: int = 0
              ) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``. ``enabled=None``: a bar when stderr is a terminal, plain lines otherwise;
-    ``True``: a bar; ``False``: nothing."""
+    ``True``: a bar; ``False``: nothing. ``initial``: items done before (a resumed run's), counted
+    in the total done but not in the rate."""
     if enabled is not None and not enabled:         # False, or a falsy stand-in (0, numpy's False_)
         yield lambda n: None
         return
     if enabled is None and not sys.stderr.isatty():
-        with _plain(total, description, unit) as advance:
+        with _plain(total, description, unit, initial) as advance:
             yield advance
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
@@ -36,7 +37,7 @@ def progress(total: int, description: str, unit: str = "ex", enabled: bool | Non
                TimeRemainingColumn())
     # on stderr, like the plain lines: stdout carries results (`msif query --json > file`)
     with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
-        task = bar.add_task(description, total=total, rate="")
+        task = bar.add_task(description, total=total, rate="", completed=initial)
 
         def advance(n: int) -> None:
             bar.advance(task, n)
@@ -48,13 +49,13 @@ def progress(total: int, description: str, unit: str = "ex", enabled: bool | Non
 
 
 @contextlib.contextmanager
-def _plain(total: int, description: str, unit: str) -> Iterator[Callable[[int], None]]:
+def _plain(total: int, description: str, unit: str, initial: int = 0) -> Iterator[Callable[[int], None]]:
     start = time.monotonic()
-    state = {"done": 0, "last": start, "printed": False, "shown": -1}
+    state = {"done": initial, "last": start, "printed": False, "shown": -1}
 
     def line(now: float) -> None:
         done, elapsed = state["done"], now - start
-        rate = done / elapsed if elapsed > 0 else 0.0
+        rate = (done - initial) / elapsed if elapsed > 0 else 0.0
         share = f" ({100 * done / total:.0f}%)" if total else ""
         eta = f", ETA {(total - done) / rate:,.0f} s" if rate > 0 and total >= done else ""
         print(f"{description}: {done:,}/{total:,} {unit}{share}, {rate:,.0f} {unit}/s, {elapsed:,.0f} s{eta}",

@@ -33,10 +33,15 @@ def torch_threads(n: int) -> Iterator[None]:
 MAX_ROUNDS = 6
 
 
+#: Lanczos steps (HVPs) of fit's saddle check above newton_max_dim (its default): the extreme
+#: eigenvalues converge first, but the small end of a wide spectrum slowly (see _lanczos_extremes)
+LANCZOS_STEPS = 40
+
+
 def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[Any], n: int,
         weights: Sequence[torch.Tensor] | None = None, l2: float | torch.Tensor = 0.0,
         center: torch.Tensor | None = None, max_iter: int = 1000, newton_max_dim: int = 4000,
-        grad_tol: float = 1e-11, warn: bool = True) -> float:
+        grad_tol: float = 1e-11, warn: bool = True, lanczos_steps: int = LANCZOS_STEPS) -> float:
     """Minimize (1/n) sum_i w_i loss_i + 1/2 sum_c l2_c (x_c - center_c)^2 over ``names``, in place.
 
     ``data`` are batches covering the n examples; ``weights`` (one tensor per batch) default to 1.
@@ -55,9 +60,11 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
     the lower point (``max_iter`` per run, at most ``MAX_ROUNDS`` runs). When L-BFGS instead used up
     ``max_iter``, no further run is made, and the step down is kept only if it does not raise the
     gradient norm. A fit that still ends where the Hessian has negative eigenvalues warns, whatever
-    its gradient. Above ``newton_max_dim`` a saddle is not stepped down from, but ``LANCZOS_STEPS``
-    Hessian-vector products (Lanczos) estimate the Hessian's extreme eigenvalues, and a clearly
-    negative one warns (``warn=False`` skips them).
+    its gradient. Above ``newton_max_dim`` a saddle is not stepped down from, but up to
+    ``lanczos_steps`` Hessian-vector products (Lanczos) estimate the Hessian's extreme eigenvalues,
+    and a clearly negative one warns (``warn=False`` or ``lanczos_steps=0`` skips them). That check
+    can miss a negative eigenvalue that is tiny against the largest one (a wide spectrum needs more
+    steps: a trial's transformer needed 150); its silence proves no minimum.
     """
     flat = FlatParams(model, names)
     f = flat.loss(loss_fn)
@@ -79,10 +86,10 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
         x = _lbfgs(objective, x, max_iter, tol)
         gnorm = _grad_norm(objective, x)
         if not newton:
-            if warn:                 # no dense Hessian: Lanczos estimates its extreme eigenvalues
-                lanczos = _lanczos_extremes(objective, x)
-                scale = max(abs(lanczos[0]), abs(lanczos[1]))
-                negative = int(lanczos[0] < -_lanczos_noise(x.dtype) * scale)
+            if warn and lanczos_steps > 0:   # no dense Hessian: Lanczos estimates its extreme eigenvalues
+                noise = _lanczos_noise(x.dtype)
+                lanczos = _lanczos_extremes(objective, x, lanczos_steps, noise=noise)
+                negative = int(lanczos[0] < -noise * max(abs(lanczos[0]), abs(lanczos[1])))
             break
         x_next, g_next, negative, escaped = _polish(objective, x, gnorm, grad_tol)
         if not escaped:                                 # a minimum, or no step lowers the objective
@@ -127,23 +134,21 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
     return gnorm
 
 
-#: Lanczos steps (HVPs) of the saddle check above newton_max_dim: the extreme eigenvalues converge
-#: first, so a clearly negative one shows within a few dozen steps
-LANCZOS_STEPS = 40
-
-
 def _lanczos_noise(dtype: torch.dtype) -> float:
     """How far below zero, relative to the largest eigenvalue magnitude, an estimate may fall by
     rounding alone (the HVPs' relative error: float64, float32, half precision)."""
     return {torch.float64: 1e-8, torch.float32: 1e-4}.get(dtype, 1e-2)
 
 
-def _lanczos_extremes(objective, x: torch.Tensor, steps: int = LANCZOS_STEPS, seed: int = 0
-                      ) -> tuple[float, float, int]:
+def _lanczos_extremes(objective, x: torch.Tensor, steps: int = LANCZOS_STEPS, seed: int = 0,
+                      noise: float | None = None) -> tuple[float, float, int]:
     """(smallest, largest) eigenvalue of the Hessian of ``objective`` at ``x``, estimated by Lanczos
     with full reorthogonalization over at most ``steps`` HVPs (float64 recurrences) from a seeded
     start, and the number of HVPs taken: the Ritz values of T = Q^T H Q lie inside
-    [lambda_min, lambda_max] and approach both ends first."""
+    [lambda_min, lambda_max] and approach both ends first, so a negative smallest one proves a
+    negative eigenvalue; with ``noise``, the run stops as soon as the smallest falls below
+    -noise x the largest magnitude. The small end of a wide spectrum converges slowly: a negative
+    eigenvalue 2e-5 of the largest took 150 steps to show in a trial (40 gave +0.05)."""
     from .autodiff import hvp
     d = x.numel()
     steps = min(steps, d)
@@ -160,14 +165,24 @@ def _lanczos_extremes(objective, x: torch.Tensor, steps: int = LANCZOS_STEPS, se
         beta = float(w.norm())
         if j + 1 == steps or beta <= 1e-12 * max(abs(a) for a in alphas):
             break                                # an invariant subspace: T's eigenvalues are exact
+        if noise is not None and j >= 4:
+            ritz = _ritz(alphas, betas)
+            if ritz[0] < -noise * max(abs(ritz[0]), abs(ritz[-1])):
+                break                            # a negative eigenvalue, proven: no need for more
         betas.append(beta)
         qs.append(w / beta)
+    ritz = _ritz(alphas, betas)
+    return float(ritz[0]), float(ritz[-1]), len(alphas)
+
+
+def _ritz(alphas: list[float], betas: list[float]) -> torch.Tensor:
+    """The eigenvalues (ascending) of the Lanczos tridiagonal T with diagonal ``alphas`` and the first
+    len(alphas) - 1 of ``betas`` off the diagonal."""
     t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if betas:
+    if len(alphas) > 1:
         off = torch.tensor(betas[:len(alphas) - 1], dtype=torch.float64)
         t += torch.diag(off, 1) + torch.diag(off, -1)
-    ritz = torch.linalg.eigvalsh(t)
-    return float(ritz[0]), float(ritz[-1]), len(alphas)
+    return torch.linalg.eigvalsh(t)
 
 
 def _lbfgs(objective, x0: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:

@@ -603,7 +603,7 @@ def test_hessian_hvps_show_progress(tmp_path, monkeypatch):
     bars: dict[str, list[int]] = {}
 
     @contextlib.contextmanager
-    def recording(total, description, unit="ex", enabled=None):
+    def recording(total, description, unit="ex", enabled=None, initial=0):
         steps = bars.setdefault(description, [total])
         yield steps.append
 
@@ -630,7 +630,9 @@ def _hvp_steps(monkeypatch, stop_at: int | None = None) -> list[int]:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
-    def recording(total, description, unit="ex", enabled=None):
+    def recording(total, description, unit="ex", enabled=None, initial=0):
+        if "HVPs" in description and initial:
+            steps.append(("initial", initial))
         yield advance if "HVPs" in description else (lambda c: None)
 
     monkeypatch.setattr(build_mod, "progress", recording)
@@ -666,7 +668,8 @@ def test_interrupted_hessian_hvps_resume_from_their_checkpoint(tmp_path, monkeyp
 
     steps = _hvp_steps(monkeypatch)
     build_index(TinyTask(), out, cfg)
-    assert steps[0] == 12 and steps[1:] == [4] * ((k - 12) // 4) + [k % 4] * (k % 4 > 0)    # only the rest
+    # the bar starts at the 12 rows loaded (not counted in its rate), then only the rest is computed
+    assert steps[0] == ("initial", 12) and steps[1:] == [4] * ((k - 12) // 4) + [k % 4] * (k % 4 > 0)
     assert not partial.exists() and _manifest(out)["resumed"]["hvps_loaded"] == 12
     assert _manifest(ref)["resumed"] is None
     capsys.readouterr()
@@ -684,7 +687,7 @@ def test_interrupted_hessian_hvps_resume_from_their_checkpoint(tmp_path, monkeyp
     (again / build_mod.HVP_PARTIAL).write_bytes(b"not hdf5")
     steps = _hvp_steps(monkeypatch)
     build_index(TinyTask(), again, cfg)
-    assert sum(steps) == k and steps[0] == 4
+    assert sum(steps) == k and steps[0] == 4          # all of them, from the start
     np.testing.assert_array_equal(_rows(again), _rows(ref))
 
 

@@ -62,3 +62,16 @@ def test_the_bar_goes_to_stderr_never_stdout(capsys):
         advance(3)
     captured = capsys.readouterr()
     assert captured.out == "" and "featurize" in captured.err
+
+
+def test_a_resumed_phase_counts_its_loaded_items_in_the_total_not_the_rate(capsys, monkeypatch):
+    """A resumed HVP phase showed "31 HVP/s" where 15 were computed per second: the rows loaded from
+    the interrupted run counted in the rate."""
+    clock = [0.0]
+    monkeypatch.setattr(P.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(P, "PLAIN_EVERY_S", 5.0)
+    with progress(992, "hessian", unit="HVP", initial=512) as advance:
+        clock[0] = 32.0
+        advance(480)
+    line = _lines(capsys)[-1]
+    assert line.startswith("hessian: 992/992 HVP (100%), 15 HVP/s, 32 s"), line

@@ -247,3 +247,31 @@ def test_above_newton_max_dim_a_saddle_point_warns():
             fit(model, ["weight", "bias"], loss, data, 60, l2=1e-2, newton_max_dim=0,
                 grad_tol=1e-11 if dtype == torch.float64 else 1e-4)
         assert not [str(r.message) for r in rec if "negative eigenvalue" in str(r.message)], dtype
+
+
+def test_lanczos_stops_once_a_negative_eigenvalue_is_proven_and_more_steps_resolve_a_wide_spectrum():
+    """A trial's transformer had a negative eigenvalue 2e-5 of the largest (-2.15 against 1.2e5): 40
+    steps gave +0.05, 150 found it. More steps (fit's lanczos_steps) resolve such a spectrum, and
+    the run stops as soon as a Ritz value proves a negative eigenvalue (Ritz values lie inside the
+    spectrum), so a saddle costs fewer HVPs than the budget."""
+    from msif_index.training import _lanczos_extremes
+    d = 400
+    g = torch.Generator().manual_seed(7)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.tensor([-2.0], dtype=torch.float64),
+                       torch.logspace(-1, 5, d - 1, dtype=torch.float64)])
+    h = q @ torch.diag(evals) @ q.T
+    f = lambda v: 0.5 * v @ h @ v  # noqa: E731
+    x = torch.zeros(d, dtype=torch.float64)
+    lo, hi, taken = _lanczos_extremes(f, x, 300, noise=1e-8)
+    assert lo < -1e-8 * hi and -2.0 - 1e-9 <= lo and taken < 300      # proven, then stopped
+    lo_full, _, taken_full = _lanczos_extremes(f, x, 300)
+    assert taken_full == 300 and lo_full == pytest.approx(-2.0, abs=1e-6)
+
+
+def test_lanczos_steps_zero_skips_the_check():
+    model, loss, data = _saddle_problem()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fit(model, ["0.weight", "2.weight"], loss, data, 40, l2=1e-3, newton_max_dim=0, lanczos_steps=0)
+    assert not [str(r.message) for r in rec if "fit stopped" in str(r.message)]
