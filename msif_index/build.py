@@ -667,9 +667,11 @@ def _fit_gauss_newton(task: MultiStageTask, prep: Prepared, config: BuildConfig,
 
 
 def _load_or_fit(task: MultiStageTask, prep: Prepared, config: BuildConfig, out: Path, n: int,
-                 show: bool | None, report: dict[str, Any]) -> _Sample | None:
+                 show: bool | None, report: dict[str, Any] | None = None) -> _Sample | None:
     """The preconditioner state, saved atomically once fitted so a resumed build reuses it; returns
-    the statistics subsample's rows for featurize (their groups are recomputed where not in memory)."""
+    the statistics subsample's rows for featurize (their groups are recomputed where not in memory).
+    ``report``, if given, receives what the fit took up from an interrupted run (``hvps_loaded``)."""
+    report = {} if report is None else report
     path = out / PRECOND
     pre = prep.preconditioner
     if path.exists():
