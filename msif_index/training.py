@@ -64,7 +64,7 @@ def fit(model: nn.Module, names: Sequence[str], loss_fn: LossFn, data: Sequence[
     ``lanczos_steps`` Hessian-vector products (Lanczos) estimate the Hessian's extreme eigenvalues,
     and a clearly negative one warns (``warn=False`` or ``lanczos_steps=0`` skips them). That check
     can miss a negative eigenvalue that is tiny against the largest one (a wide spectrum needs more
-    steps: a trial's transformer needed 150); its silence proves no minimum.
+    steps: a trial's transformer needed 150), so its silence does not prove a minimum.
     """
     flat = FlatParams(model, names)
     f = flat.loss(loss_fn)
