@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from msif_index.config import help_text
-from msif_index.errors import ConfigError, DiskFullError, MsifError, exception_text
+from msif_index.errors import ConfigError, DiskFullError, MsifError, exception_text, is_interrupt
 
 from .output import (SIGN_CONVENTION, parse_ids, print_json, print_ranking, ranking_result, test_point_info,
                      warnings_kept)
@@ -458,7 +458,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stderr.flush()
         os._exit(2)
     except MsifError as e:
-        if not _interrupted(e):
+        if not is_interrupt(e):
             typer.echo(f"error: {e}", err=True)
             sys.exit(2)
         rc = 130
@@ -479,7 +479,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(getattr(e, "exit_code", 0))
         if isinstance(e, abort):
             sys.exit(1)
-        if _interrupted(e):
+        if is_interrupt(e):
             rc = 130
         else:
             line = _task_error_line(e)
@@ -511,12 +511,6 @@ def _resumable(argv: Optional[list[str]]) -> bool:
     words = sys.argv[1:] if argv is None else argv
     command = next((w for w in words if not w.startswith("-")), None)
     return command in _RESUMABLE
-
-
-def _interrupted(e: BaseException) -> bool:
-    """Whether ``e`` is Ctrl-C, possibly in torch's disguise (msif_index.errors.is_interrupt)."""
-    from msif_index.errors import is_interrupt
-    return is_interrupt(e)
 
 
 def _os_error_line(e: OSError) -> Optional[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -616,33 +617,44 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
     return sample
 
 
+def saved_hvp_rows(out: Path) -> tuple[int, int] | None:
+    """(rows saved, k) of the HVP checkpoint in ``out`` (an interrupted hessian / exact build), None
+    without a readable one."""
+    try:
+        with _open_h5(out / HVP_PARTIAL, "r") as f:
+            rows = f["rows"]
+            return (int(rows.shape[0]), int(rows.shape[1])) if rows.ndim == 2 else None
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError):
+        return None
+
+
 def _hvp_checkpoint(out: Path, pm: torch.Tensor, x: torch.Tensor
                     ) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], None]]:
     """(the HVP rows an interrupted build saved, or None; a function that saves the rows so far).
     The saved rows are keyed by a fingerprint of P and of the parameters they were taken at, so rows
-    of another projection or model are never reused (the folder's build.json already guards that)."""
+    of another projection or model are never reused (the folder's build.json already guards that).
+    The fingerprint (a hash of P: k x d float64) is taken only when there is a file to read or write."""
     path = out / HVP_PARTIAL
-    key = fingerprint_tensors({"p": pm, "x": x})
+    key = functools.cache(lambda: fingerprint_tensors({"p": pm, "x": x}))
     done = None
-    if path.exists():
+    shape = saved_hvp_rows(out) if path.exists() else None
+    k = pm.shape[0]
+    if shape is not None and shape[1] == k and 0 < shape[0] < k and shape[0] % HVP_CHUNK == 0:
         try:
             with _open_h5(path, "r") as f:
-                rows = f["rows"]
-                k = pm.shape[0]
-                if (f.attrs["key"] == key and rows.ndim == 2 and rows.shape[1] == k
-                        and 0 < rows.shape[0] < k and rows.shape[0] % HVP_CHUNK == 0):
-                    done = torch.from_numpy(rows[...])
+                if f.attrs["key"] == key():
+                    done = torch.from_numpy(f["rows"][...])
         except (OSError, KeyError, ValueError, RuntimeError, TypeError):
             done = None                          # unreadable (killed mid-write is not: it is atomic)
-        if done is None:
-            path.unlink(missing_ok=True)
+    if done is None:
+        path.unlink(missing_ok=True)
 
     def save(rows: torch.Tensor) -> None:
         check_free_space(out, str(path), rows.numel() * rows.element_size() + (256 << 10))
         with atomic_path(path) as tmp:
             with _open_h5(tmp, "w") as f:
                 f.create_dataset("rows", data=rows.numpy(), fletcher32=True)
-                f.attrs["key"] = key
+                f.attrs["key"] = key()
     return done, save
 
 

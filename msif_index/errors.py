@@ -113,8 +113,6 @@ FORWARD_AD_HINT = ("attention (nn.MultiheadAttention, nn.TransformerEncoderLayer
 def forward_ad_errors(what: str) -> Iterator[None]:
     """Turn torch's ``NotImplementedError: Trying to use forward AD with <op> ...`` (an operation of
     the model without a forward-mode derivative, which ``what`` needs) into one TaskError line."""
-    from .warn import load_jvp_decompositions
-    load_jvp_decompositions()
     try:
         yield
     except NotImplementedError as e:

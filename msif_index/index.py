@@ -533,9 +533,8 @@ class InfluenceIndex:
         k = min(int(k), self.n)                       # there are only n pretraining examples
         if exact_rerank is not None:
             exact_rerank = min(int(exact_rerank), self.n)
-        self._require_open()
         key = self._key(finetuned)
-        q = self._query_vectors(test_batch, key)                # finite, in the model's dtype
+        q = self._query_vectors(test_batch, key)                # (checks that the index is open)                # finite, in the model's dtype
         if test_ids is not None:
             try:                                      # plain ints: QueryResult.to_dict is JSON (numpy ids too)
                 test_ids = [operator.index(i) for i in test_ids]

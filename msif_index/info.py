@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import read_json
-from .build import BUILD_FILE, FAISS_NAMES, HVP_PARTIAL, MANIFEST, OPERATORS, PRECOND, ROWS, SHARDS, _faiss_name
+from .build import (BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS, SHARDS, _faiss_name,
+                    saved_hvp_rows)
 from .errors import CorruptIndexError
 from .fingerprint import short
 from .lock import lock_holder, writer_text
@@ -82,16 +83,6 @@ def _shards_done(folder: Path, n: int) -> tuple[int, int, int | None]:
     return shards, rows, size
 
 
-def _hvps_saved(path: Path) -> list[int] | None:
-    """[rows saved, k] of an unfinished build's HVP checkpoint (hessian / exact), None without one."""
-    import h5py
-    try:
-        with h5py.File(path / HVP_PARTIAL, "r", locking=False) as f:
-            return [int(f["rows"].shape[0]), int(f["rows"].shape[1])]
-    except (OSError, KeyError, ValueError, IndexError):
-        return None
-
-
 def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
     """A JSON-ready summary of the index (or unfinished build) in ``path``; CorruptIndexError when
     the folder holds neither. ``verify``: also read every stored row and check every file's checksum
@@ -157,7 +148,7 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
         return {"index": str(p), "complete": False, "n": n, "preconditioner": cfg.get("preconditioner"),
                 "proj_dim": cfg.get("proj_dim"), "factory": cfg.get("factory"),
                 "shards_done": shards, "shards_total": math.ceil(n / shard_rows) if n else 0,
-                "rows_done": rows, "statistics_done": (p / PRECOND).is_file(), "hvps_saved": _hvps_saved(p),
+                "rows_done": rows, "statistics_done": (p / PRECOND).is_file(), "hvps_saved": saved_hvp_rows(p),
                 "bytes": {"rows": _size(p / SHARDS)}, "writer_pid": writer,
                 "resume": ("rerun the same msif build-index command" if writer is None
                            else f"wait for the build running in {writer_text(writer)}")}

@@ -34,7 +34,7 @@ from .head_curvature import (CG_ITERS, MAX_DENSE_THETA, DenseHeadCurvature, Head
                              KroneckerHeadCurvature, conjugate_gradient_rows, resolve_h_tt)
 from .progress import progress
 from .task import MultiStageTask, split_parameters
-from .warn import warn_user
+from .warn import load_jvp_decompositions, warn_user
 
 #: default relative damping of Kronecker-factored H_tt (x each block's mean eigenvalue)
 KRONECKER_DAMPING = 1e-3
@@ -161,6 +161,7 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
     damping (default 0 for dense, i.e. exact, and KRONECKER_DAMPING for kfac / ekfac); kfac / ekfac
     are refined by ``cg_iters`` CG steps with exact HVPs (default head_curvature.CG_ITERS).
     """
+    load_jvp_decompositions()                # its jvps (the mixed term) do not go through autodiff.hvp
     model = finetuned
     w, theta = split_parameters(task, model)
     flat = FlatParams(model, theta + w)
