@@ -420,7 +420,7 @@ class InfluenceIndex:
                 op = None
         if op is None:
             op = compute_operator(task, model, projector, key, batch_size=batch_size, damping=damping,
-                                  h_tt=ident["h_tt"], cg_iters=cg_iters, show=progress_bar)
+                                  h_tt=ident["h_tt"], cg_iters=cg_iters, show=progress_bar).stored_in(projector.dtype)
             op.projection = projection
             try:
                 op_path.parent.mkdir(exist_ok=True)

@@ -16,7 +16,7 @@ touches the finetuning data. With no projection (P = I) and dense Hessians both 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,8 +60,19 @@ class FinetuneOperator:
 
     def query_vectors(self, projected_w: torch.Tensor, grad_theta: torch.Tensor) -> torch.Tensor:
         """q_t [Q, k_W] from P_W grad_W l [Q, k_W] and grad_theta l [Q, d_theta]."""
-        q = projected_w.to(_F64) - grad_theta.to(_F64) @ self.b.T
-        return q if self.c is None else q @ self.c.T
+        q = projected_w.to(_F64) - grad_theta.to(_F64) @ self.b.to(_F64).T
+        return q if self.c is None else q @ self.c.to(_F64).T
+
+    def stored_in(self, dtype: torch.dtype) -> "FinetuneOperator":
+        """This operator with B and C rounded to ``dtype`` (never above float64): an operator of a
+        float32 model is kept and saved in float32 (half the memory and disk of float64; its query
+        path computes in float32 anyway), so the process that computed it and every process that
+        loads it answer alike."""
+        dtype = torch.float32 if dtype != _F64 else _F64
+        if self.b.dtype == dtype and (self.c is None or self.c.dtype == dtype):
+            return self
+        return replace(self, b=self.b.to(dtype), c=None if self.c is None else self.c.to(dtype),
+                       info={**self.info, "stored_dtype": str(dtype).replace("torch.", "")})
 
     def save(self, path: Path) -> None:
         """Write atomically, sealed with a sha256 (``seal_file``); DiskFullError before anything is

@@ -20,6 +20,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -730,6 +731,64 @@ def test_a_half_precision_model_is_indexed_and_queried_in_float32(tmp_path, half
     assert np.isfinite(answers[0].scores).all()
     np.testing.assert_array_equal(answers[0].ids, answers[1].ids)
     np.testing.assert_allclose(answers[0].scores, answers[1].scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("finetuning", ["frozen", "proximal"])
+def test_a_float32_models_operator_is_kept_and_saved_in_float32(tmp_path, monkeypatch, finetuning):
+    """B and C of a float32 model are rounded to float32 once computed (half the memory and disk of
+    float64; the query path computes in float32 anyway): a new process loading the file answers
+    bitwise like the process that computed it, and the answers stay within float32 rounding of a
+    float64 operator's. A float64 model's operator stays float64."""
+    from torch.utils.data import TensorDataset
+
+    from msif_index.operator import FinetuneOperator
+    from tests.test_build import TinyTask
+
+    task = TinyTask(n=48)
+    for name in ("_pre", "_fin", "_test"):
+        x, *rest = getattr(task, name).tensors
+        setattr(task, name, TensorDataset(x.float(), *rest))
+    task._pm, task._fm = task._pm.float(), task._fm.float()
+    if finetuning == "proximal":
+        task.finetuning, task.alpha = "proximal", 0.5
+        with torch.no_grad():
+            task._fm.embed.weight.add_(0.01)
+    path = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="ekfac"))
+    batch = full_batch(task.test_dataset(), [0, 1, 2])
+    with InfluenceIndex.open(path, huge_pages=False) as index:
+        key = index.attach(task, progress_bar=False)
+        op = index.operator(key)
+        first = index.query(batch, k=5)
+        q32 = index.query_vectors(batch)
+    assert op.b.dtype == torch.float32 and (op.c is None) == (finetuning == "frozen")
+    assert op.c is None or op.c.dtype == torch.float32
+    assert op.info["stored_dtype"] == "float32"
+    op_file = path / "operators" / f"{key}.h5"
+    with h5py.File(op_file, "r") as f:
+        assert all(f[name].dtype == np.float32 for name in f)
+    loaded = FinetuneOperator.load(op_file)
+    assert torch.equal(loaded.b, op.b) and (op.c is None or torch.equal(loaded.c, op.c))
+    with InfluenceIndex.open(path, huge_pages=False) as index:        # a new opening reads the file
+        index.attach(task, progress_bar=False)
+        again = index.query(batch, k=5)
+    np.testing.assert_array_equal(again.ids, first.ids)
+    np.testing.assert_array_equal(again.scores, first.scores)
+    # against the float64 operator (the same computation, B and C not rounded)
+    monkeypatch.setattr(FinetuneOperator, "stored_in", lambda self, dtype: self)
+    op_file.unlink()
+    with InfluenceIndex.open(path, huge_pages=False) as index:
+        op64 = index.operator(index.attach(task, progress_bar=False))
+        q64 = index.query_vectors(batch)
+    assert op64.b.dtype == torch.float64 and "stored_dtype" not in op64.info
+    np.testing.assert_allclose(op.b.double().numpy(), op64.b.numpy(), rtol=1e-6,
+                               atol=1e-7 * float(op64.b.abs().max()))
+    np.testing.assert_allclose(q32, q64, rtol=1e-4, atol=1e-5 * float(np.abs(q64).max()))
+
+
+def test_a_float64_models_operator_stays_float64(exact_index, tasks):
+    with InfluenceIndex.open(exact_index, huge_pages=False) as index:
+        op = index.operator(index.attach(tasks["proximal"], progress_bar=False))
+    assert op.b.dtype == torch.float64 and op.c.dtype == torch.float64 and "stored_dtype" not in op.info
 
 
 def test_two_threads_attaching_one_model_compute_its_operator_once(tmp_path, monkeypatch):

@@ -401,7 +401,7 @@ def test_free_space_is_checked_before_any_row_is_written(tmp_path, monkeypatch):
     before = path.read_bytes()
     monkeypatch.setattr(msif_index.atomic, "_free_bytes", lambda folder: 1000)
     with pytest.raises(DiskFullError) as e:
-        with RowWriter(path, 10, 3) as w:
+        with RowWriter(path, 10, 3):
             raise AssertionError("the writer opened")
     msg = one_line(e)
     assert msg.startswith(f"not enough free space for {path}: 256.") and "KiB needed, 1.0 KiB free" in msg

@@ -486,7 +486,6 @@ class GradientProjector:
 
     def _make_forward_hook(self, st: _KronState):
         b = st.block
-        module = st.module
         dtype, device = self.dtype, self.device
 
         def tensor_hook(call: _Call):
