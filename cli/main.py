@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from typing import Optional
 
@@ -459,6 +460,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         os._exit(2)
     except MsifError as e:
         if not is_interrupt(e):
+            if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+                traceback.print_exception(e)      # with what caused it (the task's code, torch)
             typer.echo(f"error: {e}", err=True)
             sys.exit(2)
         rc = 130
@@ -526,7 +529,8 @@ def _os_error_line(e: OSError) -> Optional[str]:
     return f"{where}{e.strerror or e}; {fixes[e.errno]}"
 
 
-#: environment variable: "1" shows the full traceback of errors raised by the task's own code
+#: environment variable: "1" shows the full traceback of errors raised by the task's own code, and
+#: of msif's one-line errors (with what caused them)
 TRACEBACK_ENV = "MSIF_TRACEBACK"
 
 

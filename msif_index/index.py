@@ -28,7 +28,7 @@ from .build import (BUILD_FILE, FAISS_NAMES, MANIFEST, OPERATORS, PRECOND, ROWS,
                     resolve_compute_dtype)
 from .data import BATCH_FORM, batch_size_of, move
 from .errors import (REBUILD, ConfigError, CorruptIndexError, DiskFullError, IndexMismatchError, NonFiniteError,
-                     ShapeError, first_line, python_api)
+                     ShapeError, exception_text, first_line, python_api)
 from .fingerprint import fingerprint_dataset, fingerprint_tensors, short
 from .gradients import GradientProjector
 from .gradients.blocks import Block, plan_blocks
@@ -40,7 +40,8 @@ from .preconditioners import negative_summary, read_state, rotate_blocks, stored
 from .search import SearchIndex, built_at_open
 from .store import RowStore
 from .task import (MultiStageTask, frozen_buffer_problem, has_finetune_fisher_losses,
-                   require_shared_parameters, split_parameters, validate_task)
+                   require_shared_parameters, split_parameters, task_code_location, user_raise_site,
+                   validate_task)
 from .warn import warn_user
 
 DIRECTIONS = ("helpful", "harmful")
@@ -494,7 +495,7 @@ class InfluenceIndex:
             try:
                 q = a.query.vectors(a.task.measurement, batch).detach()
             except _MODEL_CALL_ERRORS as e:
-                raise _does_not_fit(e) from None
+                raise _does_not_fit(e) from e
             except ShapeError as e:            # the per-example gradients' own checks (no batch dimension, ...)
                 raise ShapeError(f"{first_line(e)}; {BATCH_FORM}") from None
         if q.shape[0] != q_n:
@@ -579,7 +580,7 @@ class InfluenceIndex:
             try:
                 values = a.task.measurement(a.model, batch)
             except _MODEL_CALL_ERRORS as e:
-                raise _does_not_fit(e) from None
+                raise _does_not_fit(e) from e
         if not isinstance(values, torch.Tensor) or tuple(values.shape) != (q_n,):
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ShapeError(f"measurement returned {shape} for {q_n} test examples; it must return one value "
@@ -613,7 +614,16 @@ def _negative_text(manifest: dict) -> str | None:
 
 
 def _does_not_fit(e: BaseException) -> ShapeError:
-    return ShapeError(f"the test batch does not fit the finetuned model (shapes or dtypes): {first_line(e)}; "
+    """What the finetuned model or the task's measurement raised on a test batch, in one line: raised
+    by the task's own code (a bug there, or a batch it cannot unpack), with its file and line; else
+    by torch (shapes or dtypes), with the task's line that called it where the task came from a file."""
+    site = user_raise_site(e)
+    if site:
+        return ShapeError(f"the task's code raised {exception_text(e)} on the test batch ({site}): a bug "
+                          f"there, or a batch it cannot take; {BATCH_FORM}")
+    where = task_code_location(e)
+    at = f" (raised under {where})" if where else ""
+    return ShapeError(f"the test batch does not fit the finetuned model (shapes or dtypes): {first_line(e)}{at}; "
                       f"{BATCH_FORM}")
 
 

@@ -410,6 +410,30 @@ def _is_msif_code(module: Any, filename: str) -> bool:
     return not filename.startswith("<") and Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
 
 
+def user_raise_site(exc: BaseException) -> str | None:
+    """``"FILE:LINE in FUNC"`` where ``exc`` was raised when that is the user's own code (its
+    innermost frame is a file outside msif_index, the standard library and installed packages),
+    whether or not load_task loaded it; None when torch, msif or a library raised it."""
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    filename = code.co_filename
+    if filename.startswith("<") or _is_msif_code(tb.tb_frame.f_globals.get("__name__"), filename):
+        return None
+    try:
+        f = Path(filename).resolve()
+        if not f.is_file():
+            return None
+    except (OSError, ValueError):
+        return None
+    if {"site-packages", "dist-packages"} & set(f.parts) or any(f.is_relative_to(d) for d in _installed_code_dirs()):
+        return None
+    return f"{_shown(filename)}:{tb.tb_lineno} in {code.co_name}"
+
+
 def task_code_location(exc: BaseException) -> str | None:
     """``"FILE:LINE in FUNC"`` of the task's own code that raised ``exc`` (the innermost frame of a
     file in a loaded task file's folder, outside msif_index), when no msif_index frame comes after

@@ -424,6 +424,35 @@ def test_errors_in_the_task_code_are_one_line_naming_the_line(tmp_path, tiny, ca
         main(["check-task", "--task", f"{tiny}:task"])
 
 
+def test_a_query_the_tasks_measurement_fails_on_names_its_line(tmp_path, tiny, capsys, monkeypatch):
+    """msif query on a task whose measurement raises: one line naming the task's file and line (not
+    a "does not fit" batch, which msif itself built from the task's test set); MSIF_TRACEBACK=1 also
+    prints the traceback down to the task's raise."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "idx"
+    main(["build-index", "--task", f"{tiny}:task", "--out", str(out), "--preconditioner", "identity",
+          "--proj-dim", "8"])
+    capsys.readouterr()
+    bad = tmp_path / "bad_measurement_task.py"
+    bad.write_text(TINY_TASK.replace("\n\ntask = Tiny()", "\n    def measurement(self, model, batch):\n"
+                                     "        if len(batch[0]) == 1:  # the task check's batch of 2 passes\n"
+                                     "            raise ValueError('boom in my measurement')\n"
+                                     "        return self.finetune_loss(model, batch)\n\n\ntask = Tiny()"))
+    line = 1 + bad.read_text().splitlines().index("            raise ValueError('boom in my measurement')")
+    with pytest.raises(SystemExit) as e:
+        main(["query", "--index", str(out), "--task", f"{bad}:task", "--test-ids", "0"])
+    err = [x for x in capsys.readouterr().err.strip().split("\n") if x.startswith("error")]
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: the task's code raised ValueError: boom in my measurement"), err
+    assert f"bad_measurement_task.py:{line} in measurement" in err[0]
+    monkeypatch.setenv("MSIF_TRACEBACK", "1")
+    with pytest.raises(SystemExit):
+        main(["query", "--index", str(out), "--task", f"{bad}:task", "--test-ids", "0"])
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "raise ValueError('boom in my measurement')" in err
+    assert err.strip().splitlines()[-1].startswith("error: the task's code raised ValueError")
+
+
 RNN_TASK = TINY_TASK.replace("""        self.embed = nn.Linear(4, 3)
         self.head = nn.Linear(3, c)
 

@@ -375,6 +375,44 @@ def test_wrong_shape_test_batch(exact_index, tasks):
                                    task.measurement(task.finetuned_model(), (x, y)).detach().numpy(), rtol=1e-12)
 
 
+def test_an_error_of_the_tasks_own_code_at_query_time_names_its_line(exact_index, tasks):
+    """A test batch the task's own code fails on (its bug, or a batch it cannot unpack) is one line
+    naming that code's file and line, with the original error as its cause (MSIF_TRACEBACK=1 shows
+    it); what torch raises on a wrong batch says the batch does not fit the model."""
+    task = tasks["frozen"]
+    x, y = full_batch(task.test_dataset(), [0, 1, 2])
+
+    def bad_measurement(model, batch):
+        raise ValueError("boom in my measurement")
+
+    def indexing_bug(model, batch):
+        return model(batch[0])[:, 99]                      # no class 99: IndexError in the task's line
+
+    with InfluenceIndex.open(exact_index, huge_pages=False) as index:
+        index.attach(task, progress_bar=False)
+        try:
+            for fn, exc, text in ((bad_measurement, ValueError, "boom in my measurement"),
+                                  (indexing_bug, IndexError, "99")):
+                task.measurement = fn
+                line = f"test_query.py:{fn.__code__.co_firstlineno + 1} in {fn.__name__}"
+                for call in (lambda: index.query((x, y), k=5), lambda: index.measurements((x, y))):
+                    with pytest.raises(ShapeError) as e:
+                        call()
+                    msg = _one_line(e)
+                    assert msg.startswith(f"the task's code raised {exc.__name__}: ") and text in msg
+                    assert line in msg and "a bug there" in msg
+                    assert isinstance(e.value.__cause__, exc)
+        finally:
+            del task.measurement
+        with pytest.raises(ShapeError) as e:
+            index.query((x[:, :63], y), k=5)              # torch's error on a wrong batch
+        assert _one_line(e).startswith("the test batch does not fit the finetuned model (shapes or dtypes)")
+        with pytest.raises(ShapeError) as e:
+            index.query(x, k=5)                            # the task's `x, y = batch` fails on a bare tensor
+        assert "the task's code raised ValueError" in _one_line(e) and "full_batch(task.test_dataset(), ids)" in _one_line(e)
+        assert index.query((x, y), k=5).ids.shape == (3, 5)
+
+
 def test_non_finite_test_point_is_named(exact_index, tasks):
     """The query path skips the per-loss and per-row checks of the build and checks q itself."""
     task = tasks["frozen"]
