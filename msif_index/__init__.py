@@ -8,14 +8,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["BuildConfig", "InfluenceIndex", "MsifError", "MultiStageTask", "QueryResult", "build_index",
-           "cross_entropy_fisher_losses", "exact_influence", "load_task", "validate_task"]
+__all__ = ["BuildConfig", "EvaluationConfig", "InfluenceIndex", "MsifError", "MultiStageTask", "QueryResult",
+           "build_index", "cross_entropy_fisher_losses", "evaluate", "exact_influence", "load_task",
+           "validate_task"]
 
 # every name is loaded on first use: `import msif_index` imports neither torch nor faiss, so the `msif`
 # command's entry point (msif_index.cli.run) runs before them and holds Ctrl-C while they load
 _LAZY = {"BuildConfig": "config", "MsifError": "errors", "exact_influence": "exact",
          "MultiStageTask": "task", "cross_entropy_fisher_losses": "task", "load_task": "task",
-         "validate_task": "task", "build_index": "build", "InfluenceIndex": "index", "QueryResult": "index"}
+         "validate_task": "task", "build_index": "build", "InfluenceIndex": "index", "QueryResult": "index",
+         "evaluate": "evaluation.runner", "EvaluationConfig": "evaluation.runner"}
 
 
 def __getattr__(name: str) -> Any:

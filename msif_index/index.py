@@ -463,11 +463,17 @@ class InfluenceIndex:
 
     def _get(self, finetuned: str | None) -> _Attached:
         self._require_open()
+        cached = ("; its operator is cached under operators/, so attaching loads it at once"
+                  if finetuned is not None and (self.path / OPERATORS / f"{finetuned}.h5").is_file() else "")
         if not self._attached:
-            raise ConfigError("no finetuned model attached; call index.attach(task) first")
+            what = (f"finetuned model {finetuned!r} is not" if finetuned is not None else
+                    "no finetuned model is")
+            raise ConfigError(f"{what} attached to this open index: call index.attach(task) first (each "
+                              f"process attaches the models it queries){cached}")
         key = self._key(finetuned)
         if key not in self._attached:
-            raise ConfigError(f"finetuned model {key!r} is not attached; attached: {', '.join(self._attached)}")
+            raise ConfigError(f"finetuned model {key!r} is not attached to this open index (attached: "
+                              f"{', '.join(self._attached)}); call index.attach(task) with its task{cached}")
         return self._attached[key]
 
     # -- querying --------------------------------------------------------------------------------
@@ -531,7 +537,10 @@ class InfluenceIndex:
         if exact_rerank is not None and (isinstance(exact_rerank, bool) or not isinstance(exact_rerank, (int, np.integer))
                                          or exact_rerank < 1):
             raise ConfigError(f"exact_rerank must be an integer >= 1 (candidates to rescore), got {exact_rerank!r}")
-        k = min(int(k), self.n)                       # there are only n pretraining examples
+        if k > self.n:                                # there are only n pretraining examples
+            warn_user(f"k={k} is more than the index's {self.n} pretraining examples: returning all {self.n}")
+            k = self.n
+        k = int(k)
         if exact_rerank is not None:
             exact_rerank = min(int(exact_rerank), self.n)
         key = self._key(finetuned)

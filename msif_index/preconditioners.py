@@ -243,7 +243,8 @@ class DenseInverse(Preconditioner):
 
 def negative_eigenvalues(evals: torch.Tensor, lam: float, noise: float = 1e-9,
                          clamped: bool = True) -> dict[str, Any] | None:
-    """{count, of, min, largest, damping, damping_needed, clamped} of the eigenvalues below -``lam``
+    """{count, of, min, largest (the largest eigenvalue), damping, damping_needed, clamped} of the
+    eigenvalues below -``lam``
     (the absolute damping; at least ``noise`` x the largest magnitude, rounding), or None.
 
     Clamped to 0 and damped by ``lam``, such a direction gets the largest weight there is, 1 / lam,
@@ -255,7 +256,8 @@ def negative_eigenvalues(evals: torch.Tensor, lam: float, noise: float = 1e-9,
     neg = evals < -max(lam, noise * top)
     if top > 0 and bool(neg.any()):
         mean = float(evals.clamp_min(0.0).mean())
-        return {"count": int(neg.sum()), "of": int(evals.numel()), "min": float(evals.min()), "largest": top,
+        return {"count": int(neg.sum()), "of": int(evals.numel()), "min": float(evals.min()),
+                "largest": float(evals.max()),
                 "damping": lam, "damping_needed": -float(evals.min()) / mean if mean > 0 else None,
                 "clamped": bool(clamped)}
     return None

@@ -43,7 +43,8 @@ def _rotated(evals: list[float], seed: int = 0) -> torch.Tensor:
                                           ([3.0, 1.0, -1e-13, 0.0], 0),   # rounding below zero
                                           ([0.0, 0.0, 0.0, 0.0], 0),
                                           ([3.0, 1.0, -0.5, 2.0], 1),
-                                          ([-1.0, -2.0, 4.0, 0.1], 2)])
+                                          ([-1.0, -2.0, 4.0, 0.1], 2),
+                                          ([-9.0, 1.0, 0.5, 2.0], 1)])    # the largest is 2, not |-9|
 def test_check_minimum_counts_the_negative_eigenvalues(evals, count, monkeypatch):
     h = _rotated(evals)
     if count == 0:          # the shifted Cholesky factorization settles these: no eigendecomposition
@@ -53,7 +54,7 @@ def test_check_minimum_counts_the_negative_eigenvalues(evals, count, monkeypatch
         assert neg is None and said == []
         return
     assert neg["count"] == count and neg["of"] == 4 and neg["clamped"] is False
-    assert abs(neg["min"] - min(evals)) < 1e-12 and abs(neg["largest"] - max(abs(e) for e in evals)) < 1e-12
+    assert abs(neg["min"] - min(evals)) < 1e-12 and abs(neg["largest"] - max(evals)) < 1e-12
     assert len(said) == 1 and f"a Hessian has {count} of 4 negative eigenvalues" in said[0]
 
 

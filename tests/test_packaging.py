@@ -57,6 +57,8 @@ def test_top_level_api_and_import_without_faiss(tmp_path):
     from msif_index.index import InfluenceIndex, QueryResult
     assert msif_index.build_index is build_index and msif_index.InfluenceIndex is InfluenceIndex
     assert msif_index.QueryResult is QueryResult and callable(msif_index.exact_influence)
+    from msif_index.evaluation import EvaluationConfig, evaluate
+    assert msif_index.evaluate is evaluate and msif_index.EvaluationConfig is EvaluationConfig
     assert set(msif_index.__all__) <= set(dir(msif_index)) | {"build_index", "InfluenceIndex", "QueryResult"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         msif_index.nope

@@ -375,6 +375,39 @@ def test_wrong_shape_test_batch(exact_index, tasks):
                                    task.measurement(task.finetuned_model(), (x, y)).detach().numpy(), rtol=1e-12)
 
 
+def test_a_key_attached_in_another_process_says_to_attach_here(exact_index, tasks, batch):
+    """Attached models belong to the process that attached them: a reopened index asked for a key
+    whose operator is cached says to attach (which loads it), in one line."""
+    with InfluenceIndex.open(exact_index, huge_pages=False) as index:
+        key = index.attach(tasks["frozen"], progress_bar=False)
+    with InfluenceIndex.open(exact_index, huge_pages=False) as index:
+        for finetuned, start in ((key, f"finetuned model {key!r} is not attached to this open index"),
+                                 (None, "no finetuned model is attached to this open index")):
+            with pytest.raises(ConfigError) as e:
+                index.query(batch, k=3, finetuned=finetuned)
+            msg = _one_line(e)
+            assert msg.startswith(start) and "index.attach(task)" in msg, msg
+            assert ("cached under operators/" in msg) == (finetuned is not None)
+        other = index.attach(tasks["proximal"], progress_bar=False)
+        with pytest.raises(ConfigError) as e:
+            index.query(batch, k=3, finetuned=key)
+        assert f"(attached: {other})" in _one_line(e) and "cached under operators/" in _one_line(e)
+
+
+def test_k_above_n_returns_every_example_with_a_warning(exact_index, tasks, batch):
+    with InfluenceIndex.open(exact_index, huge_pages=False) as index:
+        index.attach(tasks["frozen"], progress_bar=False)
+        n = index.n
+        with pytest.warns(RuntimeWarning, match=f"k={n + 5} is more than the index's {n} pretraining examples"):
+            res = index.query(batch, k=n + 5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            same = index.query(batch, k=n)
+    assert res.ids.shape == (len(TEST_IDS), n)
+    assert all(sorted(row) == list(range(n)) for row in res.ids.tolist())
+    np.testing.assert_array_equal(res.ids, same.ids)
+
+
 def test_an_error_of_the_tasks_own_code_at_query_time_names_its_line(exact_index, tasks):
     """A test batch the task's own code fails on (its bug, or a batch it cannot unpack) is one line
     naming that code's file and line, with the original error as its cause (MSIF_TRACEBACK=1 shows
