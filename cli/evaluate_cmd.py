@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
                         "timings": r["timings"], "not_at_a_minimum": not_min})
             return
         typer.echo(SIGN_CONVENTION)
-        head = (f"evaluation against {r['against']}: {len(r['config']['test_ids'])} test points, k={r['config']['k']}, "
+        head = (f"evaluation against {r['against']}: {_count(len(r['config']['test_ids']), 'test point')}, k={r['config']['k']}, "
                 f"index {r['index']['path']} ({r['index']['preconditioner']}, k={r['index']['k']})")
         typer.echo(head)
         rt = r["retraining"]
@@ -176,3 +176,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"report: {paths['report']}")
         for name, p in r["figures"].items():
             typer.echo(f"figure ({name}): {p}")
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 test point', '3 test points'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

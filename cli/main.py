@@ -173,7 +173,8 @@ def exact(task: str = typer.Option(..., help=TASK_HELP),
 @app.command("build-index")
 def build_index_cmd(
         task: str = typer.Option(..., help=TASK_HELP),
-        out: str = typer.Option(None, help="Index folder (default: indexes/<task file's folder name>)."),
+        out: str = typer.Option(None, help="Index folder (default: indexes/<task file's name>, or "
+                                "indexes/<its folder's name> for a file named task.py)."),
         preset: str = typer.Option("default", help="Starting config: default | exact | fast."),
         preconditioner: Optional[str] = typer.Option(None, help=_preset_help("preconditioner")),
         proj_dim: Optional[int] = typer.Option(None, "--proj-dim", help=_preset_help("proj_dim")),
@@ -212,7 +213,7 @@ def build_index_cmd(
         changes["proj_dim"] = proj_dim or None
     config = PRESETS[preset].with_(**changes)
     t = load_task(task)
-    out_dir = Path(out) if out else Path("indexes") / Path(task.rsplit(":", 1)[0]).resolve().parent.name
+    out_dir = Path(out) if out else default_index_dir(task)
     manifest = out_dir / "manifest.json"
     before = manifest.stat().st_mtime_ns if manifest.is_file() else None
     old_factory, old_rows = _factory_of(manifest) if before is not None else (None, None)
@@ -507,6 +508,15 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 #: the commands whose finished work stays on disk, so that running them again continues
 _RESUMABLE = {"build-index", "evaluate", "demo"}
+
+
+def default_index_dir(task_spec: str) -> Path:
+    """indexes/<the task file's name without .py>, or indexes/<its folder's name> for a file named
+    task.py (examples/digits/task.py:task -> indexes/digits)."""
+    from pathlib import Path
+    f = Path(task_spec.rsplit(":", 1)[0]).resolve()
+    name = f.parent.name if f.stem == "task" else f.stem
+    return Path("indexes") / (name or "index")
 
 
 def _resumable(argv: Optional[list[str]]) -> bool:

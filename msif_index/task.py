@@ -470,7 +470,8 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
     path_s, name = spec.rsplit(":", 1)
     path = Path(path_s)
     if not path.is_file():
-        raise TaskError(f"task file {path_s!r} does not exist")
+        hint = f"; did you mean {path_s}.py:{name}?" if Path(path_s + ".py").is_file() else ""
+        raise TaskError(f"task file {path_s!r} does not exist{hint}")
     # the same name in every process (Python's str hash is salted per process), so objects pickled
     # from the task file's classes (torch.save of a whole model) load in the next command
     mod_name = f"msif_user_task_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
@@ -511,7 +512,9 @@ def load_task(spec: str, validate: bool = True) -> MultiStageTask:
             raise TaskError(f"calling {name}() from {path_s} failed: {exception_text(e)}" + _at(where)) from None
     if not isinstance(obj, MultiStageTask):
         what = f"{name}() from {path_s} returned" if called else f"{spec} is"
-        raise TaskError(f"{what} a {type(obj).__name__}, not a msif_index.MultiStageTask")
+        kind = type(obj).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise TaskError(f"{what} {article} {kind}, not a msif_index.MultiStageTask")
     if validate:
         validate_task(obj)
     return obj

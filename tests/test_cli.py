@@ -81,6 +81,18 @@ def tiny(tmp_path_factory) -> Path:
     return path
 
 
+def test_the_default_index_folder_is_named_after_the_task_file(tmp_path, tiny, monkeypatch, capsys):
+    """indexes/<file name>, or indexes/<folder name> for a task.py: two task files in one folder get
+    two indexes (the folder's name for both once made one overwrite-refusing clash)."""
+    from msif_index.cli.main import default_index_dir
+    assert default_index_dir("examples/digits/task.py:task") == Path("indexes/digits")
+    assert default_index_dir("/somewhere/trial/mytask.py:proximal_task") == Path("indexes/mytask")
+    monkeypatch.chdir(tmp_path)
+    main(["build-index", "--task", f"{tiny}:task", "--preconditioner", "identity", "--proj-dim", "8"])
+    assert (tmp_path / "indexes" / "tiny_task" / "manifest.json").is_file()
+    assert "indexes/tiny_task" in capsys.readouterr().out
+
+
 def test_help_lists_the_commands():
     proc = _msif("--help")
     assert proc.returncode == 0, proc.stderr

@@ -151,7 +151,10 @@ def test_load_task_errors(tmp_path):
     assert "not a msif_index.MultiStageTask" in _one_line(e)
     with pytest.raises(TaskError) as e:
         msif_index.load_task(f"{f}:x")
-    assert "t.py:x is a int, not a msif_index.MultiStageTask" in _one_line(e)
+    assert "t.py:x is an int, not a msif_index.MultiStageTask" in _one_line(e)
+    with pytest.raises(TaskError) as e:                   # FILE without its .py: the right spelling suggested
+        msif_index.load_task(f"{tmp_path / 't'}:x")
+    assert _one_line(e).endswith(f"does not exist; did you mean {tmp_path / 't'}.py:x?")
     with pytest.raises(TaskError) as e:                   # a function that returns something else: said so
         msif_index.load_task(f"{f}:make_data")
     assert "make_data() from" in _one_line(e) and "returned a tuple, not a msif_index.MultiStageTask" in _one_line(e)

@@ -123,7 +123,8 @@ def metric_bars(report: dict, metrics: tuple[str, ...], path: Path) -> Path:
     ax.legend(fontsize=7, ncol=min(len(methods), 5), loc="upper center", bbox_to_anchor=(0.5, -0.28),
               frameon=False)
     ax.set_title(f"methods against {report['against']} (k={report['config']['k']}, "
-                 f"{len(report['config']['test_ids'])} test points)", fontsize=10)
+                 f"{len(report['config']['test_ids'])} test point"
+                 f"{'' if len(report['config']['test_ids']) == 1 else 's'})", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
