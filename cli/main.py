@@ -55,11 +55,14 @@ def check_task(task: str = typer.Option(..., help=TASK_HELP),
                         "influence formulas assume: one pass over each dataset (about a training epoch)."),
                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")) -> None:
     """Load and validate a task; print its parameter split (W, U, theta), dataset sizes, and which
-    path its per-example gradients take (computed on 4 pretraining examples, as a build would)."""
-    from msif_index.gradients.probe import probe_gradients
+    path its per-example gradients take (computed on 4 pretraining examples, as a build would);
+    check that the second derivatives a build and an attach need can be taken (one Hessian-vector
+    product of each stage's loss)."""
+    from msif_index.gradients.probe import probe_gradients, probe_second_derivatives
     from msif_index.task import load_task, split_parameters
     t = load_task(task)
     grads = probe_gradients(t)
+    probe_second_derivatives(t)
     optima = None
     if stationarity:
         from msif_index.stationarity import stationarity as measure

@@ -93,6 +93,37 @@ def test_the_default_index_folder_is_named_after_the_task_file(tmp_path, tiny, m
     assert "indexes/tiny_task" in capsys.readouterr().out
 
 
+def test_check_task_fails_when_second_derivatives_cannot_be_taken(tmp_path, capsys):
+    """An operation without a forward-mode derivative (a custom autograd.Function without jvp here;
+    attention on a fused kernel in practice) passes the per-example gradient probe but not the
+    Hessian-vector product every attach needs: check-task says so in one line, exit 2, instead of
+    a build that fails at its end."""
+    src = TINY_TASK.replace("class Net(nn.Module):", """class Sq(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class Net(nn.Module):""").replace("return self.head(torch.tanh(self.embed(x)))",
+                                  "return self.head(Sq.apply(torch.tanh(self.embed(x))))")
+    f = tmp_path / "no_jvp_task.py"
+    f.write_text(src)
+    with pytest.raises(SystemExit) as e:
+        main(["check-task", "--task", f"{f}:task"])
+    err = [x for x in capsys.readouterr().err.strip().split("\n") if x.startswith("error")]
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "needs second derivatives (forward-over-reverse)" in err[0] and "jvp" in err[0], err
+
+
 def test_help_lists_the_commands():
     proc = _msif("--help")
     assert proc.returncode == 0, proc.stderr

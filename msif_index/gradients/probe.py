@@ -45,4 +45,40 @@ def probe_gradients(task: Any, examples: int = 4, proj_dim: int | None = 4096) -
             "dense_batched": projector.dense_batched}
 
 
-__all__ = ["probe_gradients"]
+def probe_second_derivatives(task: Any, examples: int = 2) -> None:
+    """One Hessian-vector product (forward-over-reverse, as msif computes every second derivative)
+    of the pretraining loss over (W, U) on the pretrained model (the 'hessian' and 'exact'
+    preconditioners, ``msif exact``) and of the finetuning loss over (W, theta) on the finetuned
+    model (every attach: B needs the mixed term F_Wt), on the first ``examples`` examples of each
+    dataset, on eval-mode CPU copies. Raises the one-line TaskError a build or attach would (for
+    example, attention on a fused kernel, which has no forward-mode derivative), so a task that
+    cannot be attached fails its check instead of the end of a build."""
+    import torch
+
+    from ..autodiff import FlatParams, hvp
+    from ..data import full_batch, move
+    from ..errors import forward_ad_errors
+    from ..task import split_parameters
+
+    stages = (("the pretraining Hessian (build-index's 'hessian' / 'exact' preconditioners, msif exact)",
+               task.pretrained_model, task.pretrain_loss, task.pretrain_dataset),
+              ("attaching a finetuned model (the finetune-side operator, needed by every query)",
+               task.finetuned_model, task.finetune_loss, task.finetune_dataset))
+    for what, model_of, loss_fn, data_of in stages:
+        model = copy.deepcopy(model_of()).to("cpu")
+        model.eval()
+        first, second = split_parameters(task, model)
+        flat = FlatParams(model, first + second)
+        if flat.dim == 0:
+            continue
+        dtype = next(model.parameters()).dtype
+        data = data_of()
+        batch = move(full_batch(data, range(min(int(examples), len(data)))), "cpu", dtype)
+        f = flat.loss(loss_fn)
+        x = flat.get()
+        v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x.dtype)
+        with forward_ad_errors(what):
+            hvp(lambda vec: f(vec, batch).sum(), x, v)
+
+
+__all__ = ["probe_gradients", "probe_second_derivatives"]
