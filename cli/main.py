@@ -360,6 +360,9 @@ def _print_info(d: dict, as_json: bool) -> None:
         what = a.get("error") or (f"{a['finetuning']}" + (f" alpha={a['alpha']:g}" if a["alpha"] is not None
                                                            else "") + (f", H_tt {a['h_tt']}" if a["h_tt"] else ""))
         typer.echo(f"  attached {a['key']}: {what}")
+        for matrix, neg in (a.get("negative") or {}).items():
+            typer.echo(f"    warning: its {matrix} has {neg['count']} of {neg['of']} negative eigenvalues: the "
+                       f"finetuned model is not at a minimum of its finetuning objective")
     if d["writer_pid"] is not None:
         typer.echo(f"  a build ({writer_text(d['writer_pid'])}) is writing this folder now (e.g. an --overwrite rebuild)")
     for problem in d["problems"]:

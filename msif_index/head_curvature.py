@@ -40,7 +40,7 @@ from .autodiff import FlatParams, dense_hessian
 from .data import batches, move
 from .errors import ConfigError, TooLargeError
 from .gradients import GradientProjector
-from .preconditioners import make_preconditioner
+from .preconditioners import make_preconditioner, negative_eigenvalues
 from .progress import progress
 from .task import MultiStageTask, fisher_loss_columns, has_finetune_fisher_losses
 
@@ -92,7 +92,8 @@ class DenseHeadCurvature(HeadCurvature):
         evals, evecs = torch.linalg.eigh(h)
         lam = damping * float(evals.mean())
         self.inv = (evecs / (evals + lam)) @ evecs.T
-        self.info = {"h_tt": "dense", "h_tt_damping": lam, "h_tt_min_eig": float(evals.min())}
+        self.info = {"h_tt": "dense", "h_tt_damping": lam, "h_tt_min_eig": float(evals.min()),
+                     "h_tt_negative": negative_eigenvalues(evals, 0.0, clamped=False)}
 
     def solve_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return rows.to(_F64) @ self.inv

@@ -35,7 +35,7 @@ from .gradients.blocks import Block, plan_blocks
 from .head_curvature import CG_ITERS, block_permutation, resolve_h_tt
 from .hugepages import packed_on_huge_pages
 from .lock import lock_holder, writer_text
-from .operator import KRONECKER_DAMPING, FinetuneOperator, compute_operator
+from .operator import KRONECKER_DAMPING, FinetuneOperator, compute_operator, warn_not_a_minimum
 from .preconditioners import negative_summary, read_state, rotate_blocks, stored_eigenbases
 from .search import SearchIndex, built_at_open
 from .store import RowStore
@@ -419,6 +419,8 @@ class InfluenceIndex:
                 warn_user(f"the finetune operator {op_path} does not fit this index ({why}); computing it "
                           f"again")
                 op = None
+            else:
+                warn_not_a_minimum(op.info)          # said when it was computed; again to this process
         if op is None:
             op = compute_operator(task, model, projector, key, batch_size=batch_size, damping=damping,
                                   h_tt=ident["h_tt"], cg_iters=cg_iters, show=progress_bar).stored_in(projector.dtype)

@@ -49,9 +49,13 @@ def _operators(path: Path) -> list[dict[str, Any]]:
             with h5py.File(f, "r", locking=False) as h:
                 info = json.loads(h.attrs["info"])
                 finetuning = str(h.attrs["finetuning"])
+                info = info if isinstance(info, dict) else {}
+                negative = {what: info[key] for what, key in (("H_tt", "h_tt_negative"),
+                                                               ("Schur complement", "schur_negative"))
+                            if info.get(key)}
                 entry.update(finetuning=finetuning,
                              alpha=float(h.attrs["alpha"]) if finetuning == "proximal" else None,
-                             h_tt=info.get("h_tt") if isinstance(info, dict) else None, b_shape=list(h["b"].shape))
+                             h_tt=info.get("h_tt"), b_shape=list(h["b"].shape), negative=negative or None)
         except CorruptIndexError as e:
             entry["error"] = f"{getattr(e, 'reason', 'damaged')} (the next attach of this model computes it again)"
         except (OSError, KeyError, ValueError, TypeError, RuntimeError):

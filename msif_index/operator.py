@@ -29,9 +29,11 @@ from .atomic import atomic_path, check_free_space, file_sha256
 from .autodiff import FlatParams, _LossCall, hvp
 from .data import batches, move
 from .errors import CorruptIndexError, NonFiniteError, forward_ad_errors
+from .exact import negative_curvature, negative_text
 from .gradients import GradientProjector
 from .head_curvature import (CG_ITERS, MAX_DENSE_THETA, DenseHeadCurvature, HeadCurvature,
                              KroneckerHeadCurvature, conjugate_gradient_rows, resolve_h_tt)
+from .preconditioners import NOT_A_MINIMUM_ADVICE
 from .progress import progress
 from .task import MultiStageTask, split_parameters
 from .warn import load_jvp_decompositions, warn_user
@@ -228,8 +230,27 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
         s_proj = php + alpha * gram - (b.to(_F64) @ pf.to(_F64).T)
         s_proj = 0.5 * (s_proj + s_proj.T)
         c = alpha * gram @ torch.linalg.inv(s_proj)
-        info.update({"h_ww": how, "alpha": alpha})
+        info.update({"h_ww": how, "alpha": alpha, "schur_negative": negative_curvature(s_proj)})
+    warn_not_a_minimum(info)
     return FinetuneOperator(task.finetuning, float(task.alpha), b, c, theta, fingerprint, info)
+
+
+def warn_not_a_minimum(info: dict[str, Any]) -> None:
+    """RuntimeWarning when an operator's ``info`` records negative curvature of the finetuning
+    objective: H_tt (the head's Hessian, dense) or, for proximal finetuning, the projected Schur
+    complement P S P^T, S = H_WW + alpha I - F_Wt H_tt^-1 F_tW (K's curvature along the projected W
+    directions, the head eliminated; K is positive definite iff H_tt and S are). Said when the
+    operator is computed and whenever a cached one is attached again."""
+    parts = []
+    if info.get("h_tt_negative"):
+        parts.append(f"H_tt (the head's Hessian) has {negative_text(info['h_tt_negative'])}")
+    if info.get("schur_negative"):
+        parts.append(f"the projected Schur complement of K (W's curvature in the proximal objective, the "
+                     f"head eliminated) has {negative_text(info['schur_negative'])}")
+    if parts:
+        warn_user(f"the finetuned model is not at a minimum of its finetuning objective: {'; '.join(parts)}; "
+                  f"influence assumes a minimum, so the query scores are the formula's value at a saddle point "
+                  f"and may not track retraining: {NOT_A_MINIMUM_ADVICE}")
 
 
 def split_loss(model: nn.Module, theta: list[str], w: list[str], loss_fn) -> Callable:

@@ -126,6 +126,46 @@ def test_exact_influence_warns_exactly_when_a_hessian_is_indefinite(finetuning):
     assert len(said) == 1 + int(second_negative)
 
 
+@pytest.mark.parametrize("finetuning", ["frozen", "proximal"])
+def test_attach_warns_exactly_when_the_finetuning_hessian_is_indefinite(tmp_path, capsys, finetuning):
+    """Attach (and every later attach of the cached operator) says when the finetuned model is not at
+    a minimum: H_tt indefinite, or for proximal finetuning the projected Schur complement P S P^T.
+    With the identity projection P S P^T = S, whose negative eigenvalues are K's when H_tt is
+    positive definite (Haynsworth inertia additivity): the oracle is eigvalsh(K). The tiny task's
+    K at alpha = 0.5 is indefinite, its H_tt is not."""
+    task = TinyTask()
+    task.finetuning, task.alpha = finetuning, 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=None, preconditioner="exact", damping=0.0))
+        fin, _ = finetune_side(task, task.finetuned_model().double())
+    dt = fin.d_theta
+    k = fin.hessian.clone()
+    k[dt:, dt:] += task.alpha * torch.eye(k.shape[0] - dt, dtype=torch.float64)
+    assert float(torch.linalg.eigvalsh(k[:dt, :dt]).min()) > 0
+    negative_k = int((torch.linalg.eigvalsh(k) < 0).sum()) if finetuning == "proximal" else 0
+    assert (negative_k > 0) == (finetuning == "proximal")             # both outcomes covered
+    for attempt in ("computed", "cached"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            index = InfluenceIndex.open(out, huge_pages=False)
+        with index:
+            files: list[str] = []
+            key, said = _caught(lambda: index.attach(task, progress_bar=False), files)
+            info = index.operator(key).info
+        if finetuning == "frozen":
+            assert said == [] and info["h_tt_negative"] is None, (attempt, said)
+            continue
+        assert len(said) == 1 and "finetuned model is not at a minimum" in said[0], (attempt, said)
+        assert "Schur complement of K" in said[0] and f"has {negative_k} of " in said[0], said
+        assert info["schur_negative"]["count"] == negative_k and set(files) == {__file__}
+    from msif_index.cli.main import main
+    main(["info", "--index", str(out)])
+    shown = capsys.readouterr().out
+    assert (f"its Schur complement has {negative_k} of " in shown) == (finetuning == "proximal"), shown
+    assert "not at a minimum of its finetuning objective" in shown or finetuning == "frozen"
+
+
 def test_a_converged_task_gets_no_warning(digits_frozen):
     _, said = _caught(lambda: exact_influence(digits_frozen, digits_frozen.test_dataset()[:2][:2]))
     assert said == []
