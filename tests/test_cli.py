@@ -743,6 +743,33 @@ def test_a_real_ctrl_c_during_startup_exits_130_without_a_traceback(tmp_path, de
     assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_the_console_entry_point_ends_a_finished_command_at_once(tmp_path, tiny):
+    """msif_index.cli:run ends with os._exit once the command is done (the interpreter's teardown of
+    torch and faiss took about a second, during which a Ctrl-C ended a finished build with exit 130
+    and no message), after what Python's own exit does that matters: non-daemon threads joined,
+    atexit handlers run, stdout flushed (a pipe gets everything), the exit status kept."""
+    out = tmp_path / "idx"
+    main(["build-index", "--task", f"{tiny}:task", "--out", str(out), "--preconditioner", "identity",
+          "--proj-dim", "8"])
+    code = ("import atexit, sys, threading, time\n"
+            f"atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').close())\n"
+            "def late():\n"
+            "    time.sleep(0.5)\n"
+            f"    open({str(tmp_path / 'thread')!r}, 'w').close()\n"
+            "threading.Thread(target=late).start()\n"
+            "sys.argv = ['msif'] + sys.argv[1:]\n"
+            "import msif_index.cli\n"
+            "msif_index.cli.run()\n")
+    proc = subprocess.run([sys.executable, "-c", code, "info", "--index", str(out), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["n"] == 16
+    assert (tmp_path / "atexit").exists() and (tmp_path / "thread").exists()
+    proc = subprocess.run([sys.executable, "-c", code, "info", "--index", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no msif index in"), proc.stderr
+
+
 def test_ctrl_c_in_a_command_with_nothing_to_resume_does_not_say_rerun(tmp_path, tiny, capsys, monkeypatch):
     """`msif exact` said "interrupted; rerun the same command to resume" though it keeps nothing:
     only build-index, evaluate and demo, whose finished work stays on disk, say to rerun."""
