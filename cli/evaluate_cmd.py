@@ -49,13 +49,17 @@ def print_summary(report: dict) -> None:
         if report["against"] != "exact":
             line += "  " + _fmt(report["pooled"].get(name, {}).get("pearson"))
         typer.echo(line)
-    legend = ["rec@k+/- = tie-aware recall@k of the helpful / harmful top k",
-              "prec@k+/- = sign precision of the top k"]
+    legend = []
+    if any(m.startswith("recall_at_k") for m in metrics):           # only for the columns shown
+        legend.append("rec@k+/- = tie-aware recall@k of the helpful / harmful top k")
+    if any(m.startswith("precision_at_k") for m in metrics):
+        legend.append("prec@k+/- = sign precision of the top k")
     if any(m.endswith("_own") for m in metrics):
         legend.append("*_own = over each method's own removals")
     if report["against"] != "exact":
         legend.append("pooled-r = Pearson over all test points' pairs together")
-    typer.echo("  (" + "; ".join(legend) + ")")
+    if legend:
+        typer.echo("  (" + "; ".join(legend) + ")")
 
 
 def register(app: typer.Typer) -> None:

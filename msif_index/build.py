@@ -284,6 +284,7 @@ def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
         return
     entries = index_folder_entries(out)
     previous = None
+    finished = (out / MANIFEST).exists()
     for name in (MANIFEST, BUILD_FILE):
         if (out / name).exists():
             try:
@@ -302,7 +303,8 @@ def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
         return
     if previous.get("identity") != identity:
         if not overwrite:
-            raise ConfigError(f"{out} holds an index built with another config, pretrained model or pretraining data "
+            what = "an index built" if finished else "an unfinished build (rerun its own command to resume it)"
+            raise ConfigError(f"{out} holds {what} with another config, pretrained model or pretraining data "
                               f"({_diff(previous.get('identity', {}), identity)}); rerun with --overwrite "
                               f"to replace it, or choose another --out")
         _clear(out)

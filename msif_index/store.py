@@ -168,6 +168,10 @@ def _read_attrs(f: h5py.File) -> dict[str, Any]:
     return {k: _decode_attr(v, k in json_keys) for k, v in raw.items()}
 
 
+#: HDF5's message for a file shorter than its superblock says
+_TRUNCATED = re.compile(r"truncated file: eof = (\d+).*?stored_eof = (\d+)")
+
+
 def _virtual_sources(ds: h5py.Dataset, start: int, stop: int) -> list[tuple[str, str]]:
     """(file, dataset) of the sources of a virtual dataset that hold its rows [start, stop); [] if it
     is not virtual (or cannot tell: used only to name a file in an error message)."""
@@ -863,6 +867,12 @@ class RowStore:
                 # through a virtual dataset the error is rows.h5's: name the shard that fails on its own
                 bad = _failing_sources(path.parent, written, s, min(n, s + _MASK_BLOCK))
                 where = f" (in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else ""
+                cut = _TRUNCATED.search(str(e))
+                if cut:                         # HDF5's own words: "truncated file: eof = A, ..., stored_eof = B"
+                    files = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "") if bad else path.name
+                    raise CorruptIndexError(
+                        f"{path}: {files} is truncated ({int(cut[1]):,} of its {int(cut[2]):,} bytes are there: "
+                        f"a copy or a disk that did not finish?); {REBUILD}") from None
                 raise CorruptIndexError(
                     f"{path} fails its checksum in the 'written' mask{where} ({first_line(e)}), so it is "
                     f"corrupted; {REBUILD}"

@@ -961,11 +961,12 @@ def test_truncated_rows_file_is_detected(tmp_path, tiny_index):
 
 def test_truncated_or_missing_shard_is_detected(tmp_path, tiny_index):
     shard = tiny_index / "shards" / "shard_00002.h5"
+    size = shard.stat().st_size
     with open(shard, "r+b") as f:
-        f.truncate(shard.stat().st_size // 2)
+        f.truncate(size // 2)
     with pytest.raises(CorruptIndexError) as e:
         InfluenceIndex.open(tiny_index)
-    _one_line(e)
+    assert f"shard_00002.h5 is truncated ({size // 2:,} of its {size:,} bytes are there" in _one_line(e)
     shard.unlink()
     with pytest.raises(CorruptIndexError) as e:
         InfluenceIndex.open(tiny_index)
@@ -1053,7 +1054,7 @@ def test_rerun_reuses_and_other_config_refuses_unless_overwrite(tmp_path, tiny_i
     with pytest.raises(ConfigError) as e:
         build_index(task, tiny_index, other)
     msg = _one_line(e)
-    assert "preconditioner" in msg and "overwrite" in msg
+    assert "preconditioner" in msg and "overwrite" in msg and "holds an index built with another" in msg
     # the message words the remedy as the command line does; from Python a note translates it
     assert e.value.__notes__ == ["From Python: --overwrite is build_index(..., overwrite=True); "
                                  "--out is the out_dir argument"]
@@ -1066,6 +1067,20 @@ def test_rerun_reuses_and_other_config_refuses_unless_overwrite(tmp_path, tiny_i
     m = _manifest(tiny_index)
     assert m["config"]["preconditioner"] == "kfac"
     assert not np.array_equal(_rows(tiny_index), before)
+
+
+def test_another_config_on_an_unfinished_build_says_it_is_unfinished(tmp_path):
+    """A build stopped midway (a NaN example here) and run again with another config: refused, and
+    called an unfinished build (it once read "holds an index built with another config")."""
+    out = tmp_path / "idx"
+    with pytest.raises(NonFiniteError):
+        build_index(TinyTask(nan_id=40), out, BuildConfig(proj_dim=16, preconditioner="identity", shard_rows=16))
+    assert not (out / "manifest.json").exists() and (out / "build.json").exists()
+    with pytest.raises(ConfigError) as e:
+        build_index(TinyTask(nan_id=40), out, BuildConfig(proj_dim=32, preconditioner="identity", shard_rows=16))
+    msg = _one_line(e)
+    assert "holds an unfinished build (rerun its own command to resume it) with another config" in msg, msg
+    assert "proj_dim" in msg and "--overwrite" in msg
 
 
 def test_another_factory_rebuilds_only_the_search_index(tmp_path, tiny_index):

@@ -792,3 +792,16 @@ def test_info_says_when_the_projection_keeps_every_coordinate():
     assert _compression({"proj_dim": 1024, "k_raw": 1058, "num_params": 669706}) == \
         " (1,058 coordinates for 669,706 parameters)"
     assert _compression({"proj_dim": None, "k_raw": 43, "num_params": 43}) == ""      # the exact preset
+
+
+@pytest.mark.parametrize("against, shown, hidden", [
+    ("exact", ["(rec@k+/-", "prec@k+/-"], ["pooled-r =", "*_own"]),
+    ("retraining", ["prec@k+/-", "*_own", "pooled-r ="], ["(rec@k+/-", " rec@k+/-"]),
+    ("lds", ["pooled-r ="], ["rec@k+/-", "prec@k+/-", "*_own"])])
+def test_the_evaluation_tables_legend_names_only_the_columns_shown(capsys, against, shown, hidden):
+    from msif_index.cli.evaluate_cmd import print_summary
+    from msif_index.evaluation.report import HEADLINE
+    row = {m: 0.5 for m in HEADLINE[against]}
+    print_summary({"against": against, "summary": {"index": row}, "pooled": {"index": {"pearson": 0.4}}})
+    legend = capsys.readouterr().out.strip().splitlines()[-1]
+    assert all(s in legend for s in shown) and not any(h in legend for h in hidden), legend
