@@ -677,8 +677,8 @@ def test_info_verify_finds_a_truncated_file_that_plain_info_does_not_read(tmp_pa
     remedy = "the next attach of this model computes it again" if damaged == "operator" else "--overwrite"
     assert len(problems) == 1 and remedy in problems[0], text
     # a shard is read through rows.h5 (virtual datasets over the shards), whose error the message
-    # carries: it names the shard too (before: only rows.h5)
-    names = {"shard": (f"(in shards/{victim.name})",), "preconditioner.h5": ("preconditioner",),
+    # carries: it names the shard too (before: only rows.h5), as truncated
+    names = {"shard": (f"shards/{victim.name} is truncated",), "preconditioner.h5": ("preconditioner",),
              "operator": (f"finetune operator {victim.stem} is damaged",)}[damaged]
     assert any(name in problems[0] for name in names), problems
 
