@@ -465,18 +465,23 @@ class InfluenceIndex:
 
     def _get(self, finetuned: str | None) -> _Attached:
         self._require_open()
-        cached = ("; its operator is cached under operators/, so attaching loads it at once"
-                  if finetuned is not None and (self.path / OPERATORS / f"{finetuned}.h5").is_file() else "")
         if not self._attached:
             what = (f"finetuned model {finetuned!r} is not" if finetuned is not None else
                     "no finetuned model is")
             raise ConfigError(f"{what} attached to this open index: call index.attach(task) first (each "
-                              f"process attaches the models it queries){cached}")
+                              f"process attaches the models it queries){self._cached_text(finetuned)}")
         key = self._key(finetuned)
         if key not in self._attached:
             raise ConfigError(f"finetuned model {key!r} is not attached to this open index (attached: "
-                              f"{', '.join(self._attached)}); call index.attach(task) with its task{cached}")
+                              f"{', '.join(self._attached)}); call index.attach(task) with its task"
+                              f"{self._cached_text(key)}")
         return self._attached[key]
+
+    def _cached_text(self, key: str | None) -> str:
+        """What an error about an unattached ``key`` adds when its operator is cached in this index."""
+        if key and (self.path / OPERATORS / f"{key}.h5").is_file():
+            return "; its operator is cached under operators/, so attaching loads it at once"
+        return ""
 
     # -- querying --------------------------------------------------------------------------------
     @python_api
