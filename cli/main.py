@@ -11,6 +11,7 @@ import sys
 import threading
 import traceback
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -519,7 +520,6 @@ _RESUMABLE = {"build-index", "evaluate", "demo"}
 def default_index_dir(task_spec: str) -> Path:
     """indexes/<the task file's name without .py>, or indexes/<its folder's name> for a file named
     task.py (examples/digits/task.py:task -> indexes/digits)."""
-    from pathlib import Path
     f = Path(task_spec.rsplit(":", 1)[0]).resolve()
     name = f.parent.name if f.stem == "task" else f.stem
     return Path("indexes") / (name or "index")
