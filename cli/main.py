@@ -230,7 +230,7 @@ def build_index_cmd(
             warnings.filterwarnings("ignore", message=f".*: {NEGATIVE_HEAD}", category=RuntimeWarning)
         index = InfluenceIndex.open(path, huge_pages=False)              # one process, no queries
     with index:
-        key = index.attach(t, validate=False) if attach else None
+        key = index.attach(t, validate=False, label=task) if attach else None
         m = index.manifest
     # only the search structure rebuilt (another --factory, or a damaged faiss file, over the same rows)
     switched = (not reused and old_factory is not None and m.get("search_rebuilt_from") == old_factory
@@ -360,7 +360,7 @@ def _print_info(d: dict, as_json: bool) -> None:
     for a in d["attached"]:
         what = a.get("error") or (f"{a['finetuning']}" + (f" alpha={a['alpha']:g}" if a["alpha"] is not None
                                                            else "") + (f", H_tt {a['h_tt']}" if a["h_tt"] else ""))
-        typer.echo(f"  attached {a['key']}: {what}")
+        typer.echo(f"  attached {a['key']}" + (f" ({a['label']})" if a.get("label") else "") + f": {what}")
         for matrix, neg in (a.get("negative") or {}).items():
             typer.echo(f"    warning: its {matrix} has {neg['count']} of {neg['of']} negative eigenvalues: the "
                        f"finetuned model is not at a minimum of its finetuning objective")
@@ -383,7 +383,7 @@ def attach_cmd(index: str = typer.Option(..., help="Index folder (from msif buil
     from msif_index.task import load_task
     t = load_task(task)
     with InfluenceIndex.open(index, huge_pages=False) as idx:
-        key = idx.attach(t, validate=False, h_tt=h_tt, cg_iters=cg_iters)
+        key = idx.attach(t, validate=False, h_tt=h_tt, cg_iters=cg_iters, label=task)
         info = idx.operator(key).info
     if as_json:
         print_json({"index": index, "attached": key, "finetuning": t.finetuning, "h_tt": info.get("h_tt")})
@@ -411,7 +411,7 @@ def query_cmd(index: str = typer.Option(..., help="Index folder (from msif build
     ids = parse_ids(test_ids, len(t.test_dataset()), "test")
     _check_direction(direction)
     with InfluenceIndex.open(index, huge_pages=False) as idx:       # one batch of queries: not worth it
-        idx.attach(t, validate=False, h_tt=h_tt, cg_iters=cg_iters)
+        idx.attach(t, validate=False, h_tt=h_tt, cg_iters=cg_iters, label=task)
         batch = full_batch(t.test_dataset(), ids)
         res = idx.query(batch, k=k, direction=direction, exact_rerank=exact_rerank, nprobe=nprobe, test_ids=ids)
         values = idx.measurements(batch, res.finetuned)

@@ -325,10 +325,11 @@ class InfluenceIndex:
     @python_api
     def attach(self, task: MultiStageTask, finetuned: nn.Module | None = None, batch_size: int = 256,
                progress_bar: bool | None = None, validate: bool = True, h_tt: str = "auto",
-               damping: float | None = None, cg_iters: int | None = None) -> str:
+               damping: float | None = None, cg_iters: int | None = None, label: str | None = None) -> str:
         """Attach a finetuned model (default: the task's); returns its key. Computed once, then cached
         under ``operators/`` keyed by a fingerprint of the finetuned model, the finetuning style and
-        the H_tt method.
+        the H_tt method. ``label``: what ``msif info`` shows beside the key (default: the task's
+        class name; the command line passes FILE.py:NAME), recorded when the operator is computed.
 
         ``h_tt``: 'auto' (exact dense H_tt up to 8192 head parameters, ekfac beyond), 'dense', 'kfac'
         or 'ekfac' (msif_index.head_curvature); ``damping``: its relative damping (default 0 for
@@ -389,7 +390,8 @@ class InfluenceIndex:
         with key_lock:
             op = self._load_or_compute_operator(task, model, projector, key, ident, theta,
                                                 sum(params[n].numel() for n in theta), batch_size, damping,
-                                                cg_iters, progress_bar)
+                                                cg_iters, progress_bar,
+                                                type(task).__name__ if label is None else str(label))
         query = _QueryPath.make(model, projector, theta, op, self._eigenbases(dtype), task.dense_modules)
         if self.huge_pages:
             _pack_on_huge_pages(model, query)
@@ -398,7 +400,7 @@ class InfluenceIndex:
         return key
 
     def _load_or_compute_operator(self, task, model, projector, key, ident, theta, d_theta, batch_size, damping,
-                                  cg_iters, progress_bar) -> FinetuneOperator:
+                                  cg_iters, progress_bar, label: str = "") -> FinetuneOperator:
         """The operator of ``key``: the one this index already holds for it (another thread attached
         the same model), the cached file, or computed and cached (called under the key's lock)."""
         op_path = self.path / OPERATORS / f"{key}.h5"
@@ -425,6 +427,7 @@ class InfluenceIndex:
             op = compute_operator(task, model, projector, key, batch_size=batch_size, damping=damping,
                                   h_tt=ident["h_tt"], cg_iters=cg_iters, show=progress_bar).stored_in(projector.dtype)
             op.projection = projection
+            op.label = label
             try:
                 op_path.parent.mkdir(exist_ok=True)
                 op.save(op_path)

@@ -53,7 +53,7 @@ def _operators(path: Path) -> list[dict[str, Any]]:
                 negative = {what: info[key] for what, key in (("H_tt", "h_tt_negative"),
                                                                ("Schur complement", "schur_negative"))
                             if info.get(key)}
-                entry.update(finetuning=finetuning,
+                entry.update(label=str(h.attrs.get("label", "")) or None, finetuning=finetuning,
                              alpha=float(h.attrs["alpha"]) if finetuning == "proximal" else None,
                              h_tt=info.get("h_tt"), b_shape=list(h["b"].shape), negative=negative or None)
         except CorruptIndexError as e:

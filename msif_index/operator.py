@@ -59,6 +59,9 @@ class FinetuneOperator:
     #: fingerprint of the index projection B was computed for (P_W: seed, blocks, widths); "" in files
     #: written before it was recorded
     projection: str = ""
+    #: what the model was first attached as (the command line's FILE.py:NAME, or the task's class
+    #: name), shown by ``msif info``; "" in files written before it was recorded
+    label: str = ""
 
     def query_vectors(self, projected_w: torch.Tensor, grad_theta: torch.Tensor) -> torch.Tensor:
         """q_t [Q, k_W] from P_W grad_W l [Q, k_W] and grad_theta l [Q, d_theta]."""
@@ -92,6 +95,7 @@ class FinetuneOperator:
                 f.attrs["theta_names"] = ",".join(self.theta_names)
                 f.attrs["fingerprint"] = self.fingerprint
                 f.attrs["projection"] = self.projection
+                f.attrs["label"] = self.label
                 import json
                 f.attrs["info"] = json.dumps(self.info)
             seal_file(tmp)
@@ -108,7 +112,8 @@ class FinetuneOperator:
                 c = torch.from_numpy(f["c"][()]) if "c" in f else None
                 return cls(str(f.attrs["finetuning"]), float(f.attrs["alpha"]), b, c,
                            [x for x in str(f.attrs["theta_names"]).split(",") if x], str(f.attrs["fingerprint"]),
-                           json.loads(f.attrs["info"]), str(f.attrs.get("projection", "")))
+                           json.loads(f.attrs["info"]), str(f.attrs.get("projection", "")),
+                           str(f.attrs.get("label", "")))
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CorruptIndexError(f"finetune operator {path} is unreadable ({type(e).__name__}); delete it "
                                     f"and attach the finetuned model again") from None

@@ -805,3 +805,29 @@ def test_the_evaluation_tables_legend_names_only_the_columns_shown(capsys, again
     print_summary({"against": against, "summary": {"index": row}, "pooled": {"index": {"pearson": 0.4}}})
     legend = capsys.readouterr().out.strip().splitlines()[-1]
     assert all(s in legend for s in shown) and not any(h in legend for h in hidden), legend
+
+
+def test_info_labels_each_attached_model_with_what_attached_it(tmp_path, tiny, capsys):
+    """`msif info` showed attached models by key alone, so two heads of one index could not be told
+    apart: each operator records the FILE.py:NAME it was first attached as (the Python API: the
+    task's class name, or attach(label=...))."""
+    from msif_index.operator import FinetuneOperator
+    out = tmp_path / "idx"
+    main(["build-index", "--task", f"{tiny}:task", "--out", str(out), "--preconditioner", "identity",
+          "--proj-dim", "8"])
+    (key,) = [f.stem for f in (out / "operators").glob("*.h5")]
+    assert FinetuneOperator.load(out / "operators" / f"{key}.h5").label == f"{tiny}:task"
+    capsys.readouterr()
+    main(["info", "--index", str(out)])
+    assert f"attached {key} ({tiny}:task): frozen" in capsys.readouterr().out
+    main(["info", "--index", str(out), "--json"])
+    assert json.loads(capsys.readouterr().out)["attached"][0]["label"] == f"{tiny}:task"
+    from msif_index.task import load_task
+    task = load_task(f"{tiny}:task")
+    task.fin = type(task.fin)(2)                       # another head: another operator, labelled in Python
+    task.fin.embed.load_state_dict(task.pre.embed.state_dict())
+    with InfluenceIndex.open(out, huge_pages=False) as index:
+        other = index.attach(task, progress_bar=False)
+        named = index.attach(task, progress_bar=False, label="ignored: the operator is cached")
+    assert other == named != key
+    assert FinetuneOperator.load(out / "operators" / f"{other}.h5").label == "Tiny"
