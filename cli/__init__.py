@@ -44,10 +44,16 @@ def _exit_now(code: object) -> None:
     import signal
     import sys
     import threading
-    try:                                    # as Python's own exit: its non-daemon threads end first
-        for t in threading.enumerate():
-            if t is not threading.current_thread() and not t.daemon:
-                t.join()
+    try:
+        # as Python's own exit: threading's shutdown hooks (an executor's idle workers are woken by
+        # one), then the non-daemon threads joined
+        shutdown = getattr(threading, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        else:                               # pragma: no cover - every CPython 3.x has it
+            for t in threading.enumerate():
+                if t is not threading.current_thread() and not t.daemon:
+                    t.join()
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         code = 130
@@ -65,9 +71,29 @@ def _exit_now(code: object) -> None:
         except (OSError, ValueError):
             pass
         status = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):       # a closed pipe (`msif query ... | head`)
-            pass
+    _flush_everything(sys.stdout, sys.stderr)
     os._exit(status)
+
+
+def _flush_everything(*first: object) -> None:
+    """Flush what a normal exit would: ``first`` (stdout, stderr), every Python file object still
+    open for writing (a log file the task's code left open), and C's stdio buffers (an extension's
+    printf into a pipe). Errors are ignored: a closed pipe (`msif query ... | head`)."""
+    import gc
+    import io
+    streams = list(first)
+    try:
+        streams += [o for o in gc.get_objects() if isinstance(o, io.IOBase) and o not in streams]
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    for stream in streams:
+        try:
+            if not stream.closed and stream.writable():
+                stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe, a detached or half-built stream
+            pass
+    try:
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+    except Exception:  # noqa: BLE001 - no C library to ask (not Linux / macOS)
+        pass

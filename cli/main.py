@@ -459,6 +459,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         rc = app(args=argv, standalone_mode=False)
     except DiskFullError as e:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            traceback.print_exception(e)
         typer.echo(f"error: {e}", err=True)
         # HDF5 may still hold writes that failed on the full disk; the normal interpreter exit would
         # retry them while closing its files (and can crash doing so). Every finished file is already

@@ -73,11 +73,20 @@ def negative_inertia(matrix: torch.Tensor) -> int:
     return int(count)
 
 
-def negative_curvature(hessian: torch.Tensor) -> dict | None:
+def rounding_tolerance(dtype: torch.dtype) -> float:
+    """Relative size (x the largest eigenvalue) below which a negative eigenvalue of a Hessian computed
+    in ``dtype`` is rounding, not curvature: 1e-9 for float64, 1e-5 for float32 (about 100 x its
+    machine epsilon: an exactly singular H_tt, a linear head's without weight decay, showed
+    -2.3e-8 x the largest in float32)."""
+    return 1e-9 if dtype == torch.float64 else 1e-5
+
+
+def negative_curvature(hessian: torch.Tensor, rel_tol: float = 1e-9) -> dict | None:
     """The negative eigenvalues of a dense symmetric Hessian beyond rounding, as ``negative_eigenvalues``
     records them (no damping, not clamped), or None.
 
-    A Cholesky factorization of ``hessian + tol I`` decides (``tol`` = 1e-9 x its largest absolute
+    A Cholesky factorization of ``hessian + tol I`` decides (``tol`` = ``rel_tol`` (1e-9; see
+    ``rounding_tolerance`` for a Hessian from float32 products) x its largest absolute
     row sum, a bound on its eigenvalues: rounding in a singular positive semidefinite Hessian is
     not reported). It costs about what the solves that follow it in exact influence cost; only a
     matrix it refuses gets counted: an eigendecomposition up to ``MAX_EIGEN_COUNT`` rows, the inertia
@@ -88,11 +97,11 @@ def negative_curvature(hessian: torch.Tensor) -> dict | None:
     scale = float(hessian.abs().sum(1).max()) if d else 0.0
     if not (math.isfinite(scale) and scale > 0):
         return None
-    shifted = hessian + 1e-9 * scale * torch.eye(d, dtype=hessian.dtype, device=hessian.device)
+    shifted = hessian + rel_tol * scale * torch.eye(d, dtype=hessian.dtype, device=hessian.device)
     if int(torch.linalg.cholesky_ex(shifted).info) == 0:
         return None
     if d <= MAX_EIGEN_COUNT:
-        return negative_eigenvalues(torch.linalg.eigvalsh(hessian), 0.0, clamped=False)
+        return negative_eigenvalues(torch.linalg.eigvalsh(hessian), 0.0, noise=rel_tol, clamped=False)
     count = negative_inertia(shifted)
     if count == 0:                            # the Cholesky factorization's refusal was rounding at -tol
         return None

@@ -39,6 +39,7 @@ from torch import nn
 from .autodiff import FlatParams, dense_hessian
 from .data import batches, move
 from .errors import ConfigError, TooLargeError
+from .exact import rounding_tolerance
 from .gradients import GradientProjector
 from .preconditioners import make_preconditioner, negative_eigenvalues
 from .progress import progress
@@ -93,7 +94,8 @@ class DenseHeadCurvature(HeadCurvature):
         lam = damping * float(evals.mean())
         self.inv = (evecs / (evals + lam)) @ evecs.T
         self.info = {"h_tt": "dense", "h_tt_damping": lam, "h_tt_min_eig": float(evals.min()),
-                     "h_tt_negative": negative_eigenvalues(evals, 0.0, clamped=False)}
+                     "h_tt_negative": negative_eigenvalues(evals, 0.0, noise=rounding_tolerance(x_theta.dtype),
+                                                           clamped=False)}
 
     def solve_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return rows.to(_F64) @ self.inv

@@ -29,7 +29,7 @@ from .atomic import atomic_path, check_free_space, file_sha256
 from .autodiff import FlatParams, _LossCall, hvp
 from .data import batches, move
 from .errors import CorruptIndexError, NonFiniteError, forward_ad_errors
-from .exact import negative_curvature, negative_text
+from .exact import negative_curvature, negative_text, rounding_tolerance
 from .gradients import GradientProjector
 from .head_curvature import (CG_ITERS, MAX_DENSE_THETA, DenseHeadCurvature, HeadCurvature,
                              KroneckerHeadCurvature, conjugate_gradient_rows, resolve_h_tt)
@@ -235,7 +235,8 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
         s_proj = php + alpha * gram - (b.to(_F64) @ pf.to(_F64).T)
         s_proj = 0.5 * (s_proj + s_proj.T)
         c = alpha * gram @ torch.linalg.inv(s_proj)
-        info.update({"h_ww": how, "alpha": alpha, "schur_negative": negative_curvature(s_proj)})
+        info.update({"h_ww": how, "alpha": alpha,
+                     "schur_negative": negative_curvature(s_proj, rounding_tolerance(projector.dtype))})
     warn_not_a_minimum(info)
     return FinetuneOperator(task.finetuning, float(task.alpha), b, c, theta, fingerprint, info)
 

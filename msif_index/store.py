@@ -868,11 +868,10 @@ class RowStore:
                 bad = _failing_sources(path.parent, written, s, min(n, s + _MASK_BLOCK))
                 where = f" (in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else ""
                 cut = _TRUNCATED.search(str(e))
-                if cut:                         # HDF5's own words: "truncated file: eof = A, ..., stored_eof = B"
-                    files = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "") if bad else path.name
+                if cut and len(bad) <= 1:       # HDF5's own words: "truncated file: eof = A, ..., stored_eof = B"
                     raise CorruptIndexError(
-                        f"{path}: {files} is truncated ({int(cut[1]):,} of its {int(cut[2]):,} bytes are there: "
-                        f"a copy or a disk that did not finish?); {REBUILD}") from None
+                        f"{path}: {bad[0] if bad else 'a shard'} is truncated ({int(cut[1]):,} of its "
+                        f"{int(cut[2]):,} bytes are there: a copy or a disk that did not finish?); {REBUILD}") from None
                 raise CorruptIndexError(
                     f"{path} fails its checksum in the 'written' mask{where} ({first_line(e)}), so it is "
                     f"corrupted; {REBUILD}"

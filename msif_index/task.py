@@ -412,8 +412,11 @@ def _is_msif_code(module: Any, filename: str) -> bool:
 
 def user_raise_site(exc: BaseException) -> str | None:
     """``"FILE:LINE in FUNC"`` where ``exc`` was raised when that is the user's own code (its
-    innermost frame is a file outside msif_index, the standard library and installed packages),
-    whether or not load_task loaded it; None when torch, msif or a library raised it."""
+    innermost frame is a file outside msif_index, the standard library and installed packages, and,
+    once load_task has loaded a task file, under its folder or the working folder: an editable
+    install elsewhere is a library); None when torch, msif or a library raised it. An error of a
+    torch operation written on the task's own line (``x.view(...)``) is raised there too, hence the
+    messages' "a bug there, or a batch it cannot take"."""
     tb = exc.__traceback__
     if tb is None:
         return None
@@ -430,6 +433,8 @@ def user_raise_site(exc: BaseException) -> str | None:
     except (OSError, ValueError):
         return None
     if {"site-packages", "dist-packages"} & set(f.parts) or any(f.is_relative_to(d) for d in _installed_code_dirs()):
+        return None
+    if _TASK_FOLDERS and not any(f.is_relative_to(d) for d in (*_TASK_FOLDERS, Path.cwd().resolve())):
         return None
     return f"{_shown(filename)}:{tb.tb_lineno} in {code.co_name}"
 

@@ -122,6 +122,29 @@ class Net(nn.Module):""").replace("return self.head(torch.tanh(self.embed(x)))",
     err = [x for x in capsys.readouterr().err.strip().split("\n") if x.startswith("error")]
     assert e.value.code == 2 and len(err) == 1, err
     assert "needs second derivatives (forward-over-reverse)" in err[0] and "jvp" in err[0], err
+    assert "attaching a finetuned model" in err[0]
+
+    # only the pretraining loss without one, on a model whose default build is ekfac (no HVPs): a
+    # warning, and the check passes; on the tiny model, whose default build is 'hessian', an error
+    only_pre = src.replace("return self.head(Sq.apply(torch.tanh(self.embed(x))))",
+                           "return self.head(torch.tanh(self.embed(x)))").replace(
+        "def pretrain_loss(self, model, batch): return nn.functional.cross_entropy(model(batch[0]),",
+        "def pretrain_loss(self, model, batch): return nn.functional.cross_entropy(Sq.apply(model(batch[0])),")
+    assert only_pre.count("Sq.apply") == 1
+    for width, fails in ((3, True), (3000, False)):
+        f = tmp_path / f"pre_no_jvp_{width}.py"
+        f.write_text(only_pre.replace("nn.Linear(4, 3)", f"nn.Linear(4, {width})").replace(
+            "nn.Linear(3, c)", f"nn.Linear({width}, c)"))
+        if fails:
+            with pytest.raises(SystemExit) as e:
+                main(["check-task", "--task", f"{f}:task"])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and "the pretraining Hessian" in err, err
+            continue
+        main(["check-task", "--task", f"{f}:task"])
+        got = capsys.readouterr()
+        assert ": OK (" in got.out and "the pretraining Hessian" in got.err, got
+        assert "default preconditioner (ekfac) does not need them" in got.err, got.err
 
 
 def test_help_lists_the_commands():
@@ -751,12 +774,16 @@ def test_the_console_entry_point_ends_a_finished_command_at_once(tmp_path, tiny)
     out = tmp_path / "idx"
     main(["build-index", "--task", f"{tiny}:task", "--out", str(out), "--preconditioner", "identity",
           "--proj-dim", "8"])
-    code = ("import atexit, sys, threading, time\n"
+    code = ("import atexit, concurrent.futures, sys, threading, time\n"
             f"atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').close())\n"
             "def late():\n"
             "    time.sleep(0.5)\n"
             f"    open({str(tmp_path / 'thread')!r}, 'w').close()\n"
             "threading.Thread(target=late).start()\n"
+            "pool = concurrent.futures.ThreadPoolExecutor(2)       # left open: its idle workers\n"
+            "pool.submit(sum, [1, 2]).result()\n"
+            f"log = open({str(tmp_path / 'log')!r}, 'w')            # left open, its text buffered\n"
+            "log.write('buffered line')\n"
             "sys.argv = ['msif'] + sys.argv[1:]\n"
             "import msif_index.cli\n"
             "msif_index.cli.run()\n")
@@ -765,6 +792,7 @@ def test_the_console_entry_point_ends_a_finished_command_at_once(tmp_path, tiny)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["n"] == 16
     assert (tmp_path / "atexit").exists() and (tmp_path / "thread").exists()
+    assert (tmp_path / "log").read_text() == "buffered line"
     proc = subprocess.run([sys.executable, "-c", code, "info", "--index", str(tmp_path / "nowhere")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: no msif index in"), proc.stderr

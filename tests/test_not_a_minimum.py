@@ -166,6 +166,34 @@ def test_attach_warns_exactly_when_the_finetuning_hessian_is_indefinite(tmp_path
     assert "not at a minimum of its finetuning objective" in shown or finetuning == "frozen"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_singular_head_hessian_is_not_called_negative_in_float32(tmp_path, dtype):
+    """A linear softmax head without weight decay has an exactly singular H_tt (adding a constant to
+    every class's logit changes nothing); float32 products put its zero eigenvalues at about -1e-8
+    x the largest, which a float64 tolerance called negative curvature (a review found the false
+    warning). The tolerance follows the compute dtype (exact.rounding_tolerance)."""
+    from torch.utils.data import TensorDataset
+    task = TinyTask()
+    task.finetune_weight_decay = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fin, _ = finetune_side(task, task.finetuned_model().double())
+    h_tt = torch.linalg.eigvalsh(fin.hessian[:fin.d_theta, :fin.d_theta])
+    assert abs(float(h_tt.min())) < 1e-10 * float(h_tt.max())          # singular: the case is not vacuous
+    for name in ("_pre", "_fin", "_test"):
+        x, *rest = getattr(task, name).tensors
+        setattr(task, name, TensorDataset(x.to(dtype), *rest))
+    task._pm, task._fm = task._pm.to(dtype), task._fm.to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=16, preconditioner="ekfac"))
+        index = InfluenceIndex.open(out, huge_pages=False)
+    with index:
+        key, said = _caught(lambda: index.attach(task, progress_bar=False, h_tt="dense"))
+        info = index.operator(key).info
+    assert said == [] and info["h_tt_negative"] is None, said
+
+
 def test_a_converged_task_gets_no_warning(digits_frozen):
     _, said = _caught(lambda: exact_influence(digits_frozen, digits_frozen.test_dataset()[:2][:2]))
     assert said == []

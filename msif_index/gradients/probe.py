@@ -47,24 +47,28 @@ def probe_gradients(task: Any, examples: int = 4, proj_dim: int | None = 4096) -
 
 def probe_second_derivatives(task: Any, examples: int = 2) -> None:
     """One Hessian-vector product (forward-over-reverse, as msif computes every second derivative)
-    of the pretraining loss over (W, U) on the pretrained model (the 'hessian' and 'exact'
-    preconditioners, ``msif exact``) and of the finetuning loss over (W, theta) on the finetuned
-    model (every attach: B needs the mixed term F_Wt), on the first ``examples`` examples of each
-    dataset, on eval-mode CPU copies. Raises the one-line TaskError a build or attach would (for
-    example, attention on a fused kernel, which has no forward-mode derivative), so a task that
-    cannot be attached fails its check instead of the end of a build."""
+    of the finetuning loss over (W, theta) on the finetuned model (every attach: B needs the mixed
+    term F_Wt) and of the pretraining loss over (W, U) on the pretrained model (the 'hessian' and
+    'exact' preconditioners, which the default 'auto' picks for small models, and ``msif exact``),
+    on the first ``examples`` examples of each dataset, on eval-mode CPU copies. The finetuning
+    side raises the one-line TaskError an attach would (for example, attention on a fused kernel,
+    which has no forward-mode derivative); the pretraining side raises it where the default build
+    would use the 'hessian' preconditioner, and otherwise warns (ekfac and the others need none)."""
     import torch
 
     from ..autodiff import FlatParams, hvp
+    from ..build import resolve_config
+    from ..config import BuildConfig
     from ..data import full_batch, move
-    from ..errors import forward_ad_errors
+    from ..errors import TaskError, forward_ad_errors
     from ..task import split_parameters
+    from ..warn import warn_user
 
-    stages = (("the pretraining Hessian (build-index's 'hessian' / 'exact' preconditioners, msif exact)",
-               task.pretrained_model, task.pretrain_loss, task.pretrain_dataset),
-              ("attaching a finetuned model (the finetune-side operator, needed by every query)",
-               task.finetuned_model, task.finetune_loss, task.finetune_dataset))
-    for what, model_of, loss_fn, data_of in stages:
+    stages = (("attaching a finetuned model (the finetune-side operator, needed by every query)",
+               task.finetuned_model, task.finetune_loss, task.finetune_dataset),
+              ("the pretraining Hessian (build-index's 'hessian' / 'exact' preconditioners, msif exact)",
+               task.pretrained_model, task.pretrain_loss, task.pretrain_dataset))
+    for stage, (what, model_of, loss_fn, data_of) in enumerate(stages):
         model = copy.deepcopy(model_of()).to("cpu")
         model.eval()
         first, second = split_parameters(task, model)
@@ -77,8 +81,14 @@ def probe_second_derivatives(task: Any, examples: int = 2) -> None:
         f = flat.loss(loss_fn)
         x = flat.get()
         v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x.dtype)
-        with forward_ad_errors(what):
-            hvp(lambda vec: f(vec, batch).sum(), x, v)
+        try:
+            with forward_ad_errors(what):
+                hvp(lambda vec: f(vec, batch).sum(), x, v)
+        except TaskError as e:
+            if stage == 0 or resolve_config(task, BuildConfig()).preconditioner in ("hessian", "exact"):
+                raise
+            warn_user(f"{e}; a build with the default preconditioner ({resolve_config(task, BuildConfig()).preconditioner}) "
+                      f"does not need them, but --preconditioner hessian / exact and msif exact do")
 
 
 __all__ = ["probe_gradients", "probe_second_derivatives"]
