@@ -85,10 +85,11 @@ def probe_second_derivatives(task: Any, examples: int = 2) -> None:
             with forward_ad_errors(what):
                 hvp(lambda vec: f(vec, batch).sum(), x, v)
         except TaskError as e:
-            if stage == 0 or resolve_config(task, BuildConfig()).preconditioner in ("hessian", "exact"):
+            default = resolve_config(task, BuildConfig()).preconditioner if stage else ""
+            if stage == 0 or default in ("hessian", "exact"):
                 raise
-            warn_user(f"{e}; a build with the default preconditioner ({resolve_config(task, BuildConfig()).preconditioner}) "
-                      f"does not need them, but --preconditioner hessian / exact and msif exact do")
+            warn_user(f"{e}; a build with the default preconditioner ({default}) does not need them, but "
+                      f"--preconditioner hessian / exact and msif exact do")
 
 
 __all__ = ["probe_gradients", "probe_second_derivatives"]
