@@ -547,14 +547,14 @@ class InfluenceIndex:
         if exact_rerank is not None and (isinstance(exact_rerank, bool) or not isinstance(exact_rerank, (int, np.integer))
                                          or exact_rerank < 1):
             raise ConfigError(f"exact_rerank must be an integer >= 1 (candidates to rescore), got {exact_rerank!r}")
+        k = int(k)
         if k > self.n:                                # there are only n pretraining examples
             warn_user(f"k={k} is more than the index's {self.n} pretraining examples: returning all {self.n}")
             k = self.n
-        k = int(k)
         if exact_rerank is not None:
             exact_rerank = min(int(exact_rerank), self.n)
         key = self._key(finetuned)
-        q = self._query_vectors(test_batch, key)                # (checks that the index is open)                # finite, in the model's dtype
+        q = self._query_vectors(test_batch, key)      # checks that the index is open; finite, in the model's dtype
         if test_ids is not None:
             try:                                      # plain ints: QueryResult.to_dict is JSON (numpy ids too)
                 test_ids = [operator.index(i) for i in test_ids]

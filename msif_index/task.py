@@ -387,20 +387,27 @@ def _installed_code_dirs() -> tuple[Path, ...]:
     return tuple(sorted(dirs))
 
 
-def _is_task_code(filename: str) -> bool:
+def _outside_code(filename: str) -> Path | None:
+    """The resolved file of a frame when it is nobody's library: a real file outside msif_index, the
+    standard library and installed packages (else None: <frozen os>, <string>, site-packages ...)."""
     if filename.startswith("<"):                 # <frozen os>, <string>, <eval_with_key>.N ...
-        return False
+        return None
     try:
         f = Path(filename).resolve()
         if not f.is_file():
-            return False
+            return None
     except (OSError, ValueError):
-        return False
+        return None
     if f.is_relative_to(_PACKAGE_DIR) or {"site-packages", "dist-packages"} & set(f.parts):
-        return False
+        return None
     if any(f.is_relative_to(d) for d in _installed_code_dirs()):
-        return False
-    return any(f.is_relative_to(d) for d in _TASK_FOLDERS)
+        return None
+    return f
+
+
+def _is_task_code(filename: str) -> bool:
+    f = _outside_code(filename)
+    return f is not None and any(f.is_relative_to(d) for d in _TASK_FOLDERS)
 
 
 def _is_msif_code(module: Any, filename: str) -> bool:
@@ -424,15 +431,10 @@ def user_raise_site(exc: BaseException) -> str | None:
         tb = tb.tb_next
     code = tb.tb_frame.f_code
     filename = code.co_filename
-    if filename.startswith("<") or _is_msif_code(tb.tb_frame.f_globals.get("__name__"), filename):
+    if _is_msif_code(tb.tb_frame.f_globals.get("__name__"), filename):
         return None
-    try:
-        f = Path(filename).resolve()
-        if not f.is_file():
-            return None
-    except (OSError, ValueError):
-        return None
-    if {"site-packages", "dist-packages"} & set(f.parts) or any(f.is_relative_to(d) for d in _installed_code_dirs()):
+    f = _outside_code(filename)
+    if f is None:
         return None
     if _TASK_FOLDERS and not any(f.is_relative_to(d) for d in (*_TASK_FOLDERS, Path.cwd().resolve())):
         return None
