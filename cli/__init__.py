@@ -83,7 +83,9 @@ def _flush_everything(*first: object) -> None:
     import io
     streams = list(first)
     try:
-        streams += [o for o in gc.get_objects() if isinstance(o, io.IOBase) and o not in streams]
+        # type(), not isinstance: isinstance reads __class__, which some lazy objects answer with a
+        # warning (torch.distributed.reduce_op's FutureWarning, printed at the end of every command)
+        streams += [o for o in gc.get_objects() if issubclass(type(o), io.IOBase) and o not in streams]
     except Exception:  # noqa: BLE001 - best effort
         pass
     for stream in streams:

@@ -235,8 +235,11 @@ def compute_operator(task: MultiStageTask, finetuned: nn.Module, projector: Grad
         s_proj = php + alpha * gram - (b.to(_F64) @ pf.to(_F64).T)
         s_proj = 0.5 * (s_proj + s_proj.T)
         c = alpha * gram @ torch.linalg.inv(s_proj)
-        info.update({"h_ww": how, "alpha": alpha,
-                     "schur_negative": negative_curvature(s_proj, rounding_tolerance(projector.dtype))})
+        info.update({"h_ww": how, "alpha": alpha})
+        if how == "hvp":
+            # only with the exact P H_WW P^T: with the Fisher stand-in (large W) S is not K's Schur
+            # complement, and a negative eigenvalue of it says nothing about the finetuned model
+            info["schur_negative"] = negative_curvature(s_proj, rounding_tolerance(projector.dtype))
     warn_not_a_minimum(info)
     return FinetuneOperator(task.finetuning, float(task.alpha), b, c, theta, fingerprint, info)
 
@@ -245,7 +248,8 @@ def warn_not_a_minimum(info: dict[str, Any]) -> None:
     """RuntimeWarning when an operator's ``info`` records negative curvature of the finetuning
     objective: H_tt (the head's Hessian, dense) or, for proximal finetuning, the projected Schur
     complement P S P^T, S = H_WW + alpha I - F_Wt H_tt^-1 F_tW (K's curvature along the projected W
-    directions, the head eliminated; K is positive definite iff H_tt and S are). Said when the
+    directions, the head eliminated; K is positive definite iff H_tt and S are), checked only where
+    P H_WW P^T is exact (HVPs). Said when the
     operator is computed and whenever a cached one is attached again."""
     parts = []
     if info.get("h_tt_negative"):

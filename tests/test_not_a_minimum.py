@@ -262,3 +262,22 @@ def test_info_gives_the_damping_in_both_units(tmp_path, capsys):
     used = json.loads((out / "manifest.json").read_text())["preconditioner"]["damping_used"]["all"]
     assert f"damping 0.01 x the mean eigenvalue (--damping), absolute: all {used:.3g}" in text
     assert np.isfinite(used) and used > 0
+
+
+def test_the_fisher_stand_in_for_h_ww_is_not_called_negative_curvature(tmp_path, monkeypatch):
+    """Above MAX_HVP_PROJECTION, P H_WW P^T is the empirical Fisher of the projected finetuning
+    gradients, so P S P^T is not K's Schur complement: its negative eigenvalues say nothing about
+    the finetuned model, and attach does not claim they do (the bundled demo's proximal model got
+    that warning). The tiny task's K is indefinite, so the exact path would warn."""
+    import msif_index.operator as operator_mod
+    monkeypatch.setattr(operator_mod, "MAX_HVP_PROJECTION", 0)
+    task = TinyTask()
+    task.finetuning, task.alpha = "proximal", 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = build_index(task, tmp_path / "idx", BuildConfig(proj_dim=None, preconditioner="exact", damping=0.0))
+        index = InfluenceIndex.open(out, huge_pages=False)
+    with index:
+        key, said = _caught(lambda: index.attach(task, progress_bar=False))
+        info = index.operator(key).info
+    assert info["h_ww"] == "fisher" and "schur_negative" not in info and said == [], (info, said)
