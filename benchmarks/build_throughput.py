@@ -25,10 +25,11 @@ proj_dim 4096; W = backbone, U = a Linear(.., 10) pretraining head):
     implementation could keep the 11 GB matrix), so the naive number is optimistic;
 (d) peak RSS of a build at n = 10k and n = 100k, each in a fresh subprocess (ru_maxrss), plus the
     RSS before the build started;
-(e) write-path variants of the MLP build: float16 storage, a background writer thread
-    (msif_index.store.BACKGROUND_SHARD_WRITES), HDF5 chunks of 4 MiB (the old default) and 16 MiB
-    instead of <= 1 MiB, and committed shards' pages kept in the page cache (the old behaviour;
-    msif_index.store.DROP_SHARD_PAGES) instead of dropped.
+(e) write-path variants of the MLP build: float16 storage, the rows written in the caller's thread
+    (msif_index.store.BACKGROUND_SHARD_WRITES off; the default writes them from a background
+    thread), the background thread's writes through the page cache (msif_index.store.
+    USE_DIRECT_WRITES off; the default writes whole pages with O_DIRECT), and committed shards'
+    pages kept in the page cache (msif_index.store.DROP_SHARD_PAGES off) instead of dropped.
 
 torch and faiss use --threads threads (default 2). Targets (issue): build >= 0.6x (MLP) / 0.4x (CNN)
 of the training step's throughput, >= 20x the naive loop, and the same peak RSS at 10k and 100k
@@ -101,7 +102,9 @@ class Timers:
         for cls in (P.Preconditioner, P.KroneckerEigen):
             if "fit" in cls.__dict__:
                 self.wrap(cls, "fit", "preconditioner fit (statistics)")
-        self.wrap(S.RowWriter, "write", "HDF5 write (RowWriter.write)")
+        self.wrap(S.RowWriter, "write", "row write (RowWriter.write, caller's thread)")
+        # with the background writer (the default) this runs in its thread, beside the rest
+        self.wrap(S.RowWriter, "_write_block", "pwrite + row hashes (writer thread, overlapping)")
         self.wrap(S.RowWriter, "__exit__", "shard commit (flush, fsync, rename)")
         self.wrap(B, "link_shards", "link shards (rows.h5)")
         orig = B.batches
@@ -281,21 +284,17 @@ def child_throughput(args: dict[str, Any]) -> dict[str, Any]:
     try:
         for rnd in range(args["rounds"]):
             for variant in args["variants"]:
-                pre, dtype, background, chunk = variant["preconditioner"], variant.get("dtype", "float32"), \
-                    variant.get("background", False), variant.get("chunk_mib")
-                S.BACKGROUND_SHARD_WRITES = background
-                S.DROP_SHARD_PAGES = not variant.get("keep_pages", False)
-                saved_chunk = S._MAX_CHUNK_BYTES
-                if chunk:
-                    S._MAX_CHUNK_BYTES = int(float(chunk) * (1 << 20))
+                pre, dtype = variant["preconditioner"], variant.get("dtype", "float32")
+                saved = S.BACKGROUND_SHARD_WRITES, S.USE_DIRECT_WRITES, S.DROP_SHARD_PAGES
+                S.BACKGROUND_SHARD_WRITES = variant.get("background", saved[0])
+                S.USE_DIRECT_WRITES = variant.get("direct", saved[1])
+                S.DROP_SHARD_PAGES = not variant.get("keep_pages", not saved[2])
                 cfg = BuildConfig(proj_dim=PROJ_DIM, batch_size=BATCH, preconditioner=pre, dtype=dtype)
                 before = train_eps(step)
                 try:
                     res = one_build(task, tmp / "index", cfg, timers)
                 finally:
-                    S.BACKGROUND_SHARD_WRITES = False
-                    S.DROP_SHARD_PAGES = True
-                    S._MAX_CHUNK_BYTES = saved_chunk
+                    S.BACKGROUND_SHARD_WRITES, S.USE_DIRECT_WRITES, S.DROP_SHARD_PAGES = saved
                 after = train_eps(step)
                 train = 0.5 * (before + after)
                 epoch = train_epoch_eps(task)
@@ -392,7 +391,8 @@ def summarize(result: dict[str, Any]) -> str:
                                      ("build/epoch", "build/epoch"), ("stats s", "stats s"),
                                      ("featurize s", "featurize s"), ("runs", "runs")]))
     lines.append("")
-    lines.append("where the default build's time goes (share of wall time; first default run of each model, then the largest-n RSS run):")
+    lines.append("where the default build's time goes (share of wall time; first default run of each model, then the "
+                 "largest-n RSS run; the writer thread's share overlaps the others):")
     for tp in result["throughput"]:
         r = next((r for r in tp["runs"] if r["variant"] == "default (ekfac)"), None)
         if r is None:
@@ -520,9 +520,10 @@ def main() -> None:
         variants = [{"name": f"default ({p})" if p == "ekfac" else p, "preconditioner": p} for p in pres]
         if model == "mlp" and not args.no_write_variants and not args.quick:
             variants += [{"name": "ekfac, float16 rows", "preconditioner": "ekfac", "dtype": "float16"},
-                         {"name": "ekfac, background writer", "preconditioner": "ekfac", "background": True},
-                         {"name": "ekfac, 4 MiB chunks (old)", "preconditioner": "ekfac", "chunk_mib": 4},
-                         {"name": "ekfac, 16 MiB chunks", "preconditioner": "ekfac", "chunk_mib": 16},
+                         {"name": "ekfac, writes in the caller's thread", "preconditioner": "ekfac",
+                          "background": False},
+                         {"name": "ekfac, background writes via page cache", "preconditioner": "ekfac",
+                          "direct": False},
                          {"name": "ekfac, shard pages kept (old)", "preconditioner": "ekfac", "keep_pages": True}]
         rounds_variants = variants
         # gauss-newton's fit (a dense k x k eigendecomposition) is slow: one round only

@@ -3,8 +3,8 @@
 Run:  python benchmarks/gpu_profile.py --n 100000 --out gpu_profile.json
 For the 784-512-512 MLP (and, with ``--models mlp,cnn``, the small CNN at n / 3; batch 256,
 proj_dim 4096, default preconditioner), on ``cuda`` and on ``cpu`` in one process, for each write
-variant (``--variants``: ``default``, and ``background``: the HDF5 writes in a writer thread,
-msif_index.store.BACKGROUND_SHARD_WRITES): wall time of ``build_index``, the manifest's phase
+variant (``--variants``: ``default``: the writes in a background thread with O_DIRECT pages,
+and ``foreground``: the writes in the caller's thread, msif_index.store.BACKGROUND_SHARD_WRITES off): wall time of ``build_index``, the manifest's phase
 timings, the time to read the pretraining batches alone (the synthetic data are made on the CPU),
 one batched training step; then (unless ``--no-profile``) the first build once more under cProfile,
 whose top functions are printed and saved, so that host-device synchronisation and CPU-side
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "gpu_profile.json"))
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--models", default="mlp")
-    ap.add_argument("--variants", default="default,background")
+    ap.add_argument("--variants", default="default,foreground")
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     from msif_index import store as S
@@ -77,11 +77,12 @@ def main() -> None:
         for device in devices:
             train = train_eps_on(task, device)
             for variant in args.variants.split(","):
-                S.BACKGROUND_SHARD_WRITES = variant == "background"
+                saved = S.BACKGROUND_SHARD_WRITES
+                S.BACKGROUND_SHARD_WRITES = variant != "foreground"
                 try:
                     row = _build(task, device, tmp / f"{model}_{device}_{variant}")
                 finally:
-                    S.BACKGROUND_SHARD_WRITES = False
+                    S.BACKGROUND_SHARD_WRITES = saved
                 row.update(model=model, n=n, variant=variant, train_examples_per_s=train,
                            build_examples_per_s=n / row["wall_s"])
                 row["build_over_train"] = row["build_examples_per_s"] / train

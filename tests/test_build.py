@@ -975,14 +975,14 @@ def test_truncated_or_missing_shard_is_detected(tmp_path, tiny_index):
 
 def test_corrupted_row_byte_is_detected(tmp_path, tiny_index):
     shard = tiny_index / "shards" / "shard_00001.h5"
-    with h5py.File(shard, "r") as f:
-        info = f["rows"].id.get_chunk_info(0)
-    _flip_byte(shard, info.byte_offset + info.size // 2)
+    with h5py.File(shard, "r") as f:                    # a byte of the shard's first row
+        offset = f["rows"].id.get_offset() + f["rows"].shape[1] * f["rows"].dtype.itemsize // 2
+    _flip_byte(shard, offset)
     with pytest.raises(CorruptIndexError) as e:        # opening reads every row (Flat search) ...
         InfluenceIndex.open(tiny_index)
     assert "shard_00001.h5" in _one_line(e)            # the damaged file is named, not only rows.h5
     with pytest.raises(CorruptIndexError) as e:        # ... and so does the row store: it reads each
-        RowStore.open(tiny_index / "rows.h5")          # shard's first chunk to hold the shard open
+        RowStore.open(tiny_index / "rows.h5")          # shard's first rows to hold the shard open
     assert "shard_00001.h5" in _one_line(e) and "shard_00000.h5" not in _one_line(e)
 
 
@@ -1463,8 +1463,8 @@ def test_overwrite_rebuilds_a_damaged_index_of_the_same_config(tmp_path, tiny_in
     assert task.seen == [] and (tiny_index / "manifest.json").stat().st_mtime_ns == mtime
     shard = tiny_index / "shards" / "shard_00001.h5"
     with h5py.File(shard, "r") as f:
-        info = f["rows"].id.get_chunk_info(0)
-    _flip_byte(shard, info.byte_offset + info.size // 2)
+        offset = f["rows"].id.get_offset() + f["rows"].id.get_storage_size() // 2
+    _flip_byte(shard, offset)
     with pytest.raises(CorruptIndexError) as e:
         InfluenceIndex.open(tiny_index)
     assert "--overwrite" in _one_line(e)

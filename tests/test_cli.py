@@ -569,7 +569,7 @@ def test_check_task_reports_the_per_example_gradient_paths(tmp_path, tiny, capsy
 
 
 def test_full_disk_during_a_build_is_one_line_and_the_rerun_resumes(tmp_path, tiny):
-    """A real full disk: a 700 KiB tmpfs in a private mount namespace (`unshare -rm`; skipped, with the
+    """A real full disk: a 900 KiB tmpfs in a private mount namespace (`unshare -rm`; skipped, with the
     reason, where this Linux forbids unprivileged namespaces).
 
     1. With the free-space checks off (a disk filled by another writer after they passed), the build
@@ -595,7 +595,7 @@ def test_full_disk_during_a_build_is_one_line_and_the_rerun_resumes(tmp_path, ti
                          "from msif_index.cli.main import main\nmain(sys.argv[1:])\n")
     cmd = " ".join(MSIF + args)
     cmd_unchecked = " ".join([sys.executable, str(unchecked)] + args)
-    script = (f"mount -t tmpfs -o size=700k tmpfs {mnt} || exit 99; {cmd_unchecked} 2> {tmp_path}/err1; "
+    script = (f"mount -t tmpfs -o size=900k tmpfs {mnt} || exit 99; {cmd_unchecked} 2> {tmp_path}/err1; "
               f"echo rc=$?; ls -a {mnt}/idx/shards; {cmd} 2> {tmp_path}/err2; echo rc1=$?; ls -a {mnt}/idx/shards; "
               f"mount -o remount,size=16m {mnt}; {cmd} --json > {tmp_path}/second.json; echo rc2=$?")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,

@@ -181,24 +181,33 @@ def test_missing_and_garbage_files_are_corrupt(tmp_path):
     one_line(e)
 
 
-def test_flipped_byte_in_rows_fails_checksum(tmp_path):
-    path = tmp_path / "rows.h5"
-    data = rows_for(0, 12, k=4)
-    write_store(path, data, chunk_rows=4)
+def row_byte(path: Path, row: int, byte: int = 0) -> int:
+    """The file offset of byte ``byte`` of row ``row`` of a (schema 2, contiguous) row store."""
     with h5py.File(path, "r") as f:
-        info = f["rows"].id.get_chunk_info(1)  # rows 4..7
-        offset = info.byte_offset + 5
+        d = f["rows"]
+        return d.id.get_offset() + row * d.shape[1] * d.dtype.itemsize + byte
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         b = f.read(1)
         f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
+        f.write(bytes([b[0] ^ mask]))
+
+
+def test_flipped_byte_in_rows_fails_checksum(tmp_path):
+    path = tmp_path / "rows.h5"
+    data = rows_for(0, 12, k=4)
+    write_store(path, data, chunk_rows=4)
+    flip_byte(path, row_byte(path, 5, 5))
     with RowStore.open(path) as st:  # opening reads only the header and the written mask
-        np.testing.assert_array_equal(st.read(0, 4), data[:4])  # intact chunks still read
+        np.testing.assert_array_equal(st.read(0, 5), data[:5])  # intact rows still read
+        np.testing.assert_array_equal(st.take([4, 0]), data[[4, 0]])
         with pytest.raises(CorruptIndexError) as e:
             st.read(0, 12)
         msg = one_line(e)
-        assert "checksum" in msg and "--overwrite" in msg
+        assert "checksum" in msg and "row 5" in msg and "--overwrite" in msg
         with pytest.raises(CorruptIndexError):
             st.take([5])
         with pytest.raises(CorruptIndexError):
@@ -207,65 +216,143 @@ def test_flipped_byte_in_rows_fails_checksum(tmp_path):
             st.verify()
 
 
-def test_fletcher32_equals_hdf5s_checksum(tmp_path):
-    """store.fletcher32 (vectorized) against the checksum HDF5's own filter appends to a chunk, on
-    random rows of each dtype, word counts that are and are not multiples of its 512-word blocks,
-    and the reduction's corner cases (all-zero words: 0; all-0xFFFF words: sums = 0 mod 65535)."""
-    from msif_index.store import fletcher32
+def _splitmix_reference(rows: np.ndarray) -> list[int]:
+    """row_hash in plain Python integers, from its definition: B + sum_j c_j w_j mod 2^64 over the
+    row's little-endian 64-bit words (zero-padded), c_j = splitmix64(j + 1) | 1."""
+    from msif_index.store import _HASH_BASE
+    mask = (1 << 64) - 1
 
-    rng = np.random.default_rng(3)
-    cases = [rng.standard_normal((rows, k)).astype(dt)
-             for dt in (np.float16, np.float32, np.float64) for rows, k in ((1, 1), (3, 7), (64, 512), (65, 4050))]
-    cases += [np.zeros((4, 300), np.float32), np.full((4, 300), 0xFFFFFFFF, np.uint32).view(np.float32),
-              np.tile(np.array([0xFFFF, 0], np.uint16), 1000).view(np.float32).reshape(4, 250),
-              # more than 2^15 rows of 512 words (fletcher32's column blocks), near float32's largest values
-              np.full((1, (1 << 23) + 1000), -3.4028235e38, np.float32)]
-    for i, arr in enumerate(cases):
-        with h5py.File(tmp_path / f"c{i}.h5", "w") as f:
-            d = f.create_dataset("r", data=arr, chunks=arr.shape, fletcher32=True)
-            _, raw = d.id.read_direct_chunk((0, 0))
-        assert raw[:-4] == arr.tobytes()
-        assert fletcher32(arr) == int.from_bytes(raw[-4:], "little"), (i, arr.dtype, arr.shape)
+    def splitmix(j: int) -> int:
+        x = (j * 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    out = []
+    for row in rows:
+        raw = np.ascontiguousarray(row, dtype=row.dtype.newbyteorder("<")).tobytes()
+        raw += bytes(-len(raw) % 8)
+        words = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
+        out.append((_HASH_BASE + sum((splitmix(j + 1) | 1) * w for j, w in enumerate(words))) & mask)
+    return out
 
 
+@pytest.mark.parametrize("dtype, k", [("float32", 6), ("float32", 3), ("float16", 3), ("float16", 8),
+                                      ("float64", 5), ("float16", 1)])
+def test_row_hash_is_its_definition_and_catches_every_flipped_bit(dtype, k):
+    """row_hash (vectorized) equals its definition in plain integers, padding and byte order included
+    (a big-endian array hashes as its little-endian twin); every single flipped bit and every change of
+    one 64-bit word changes its row's hash and no other; a zero row does not hash to 0 (the fill value
+    of rows never written)."""
+    from msif_index.store import row_hash
+    rng = np.random.default_rng(k)
+    rows = rng.standard_normal((4, k)).astype(dtype)
+    h = row_hash(rows)
+    assert h.dtype == np.uint64 and h.tolist() == _splitmix_reference(rows)
+    assert row_hash(rows.astype(rows.dtype.newbyteorder(">"))).tolist() == h.tolist()
+    assert row_hash(np.zeros((2, k), dtype)).tolist() == _splitmix_reference(np.zeros((2, k), dtype))
+    assert 0 not in row_hash(np.zeros((2, k), dtype)).tolist()
+    raw = rows.view(np.uint8)
+    for r in range(rows.shape[0]):
+        for byte in range(raw.shape[1]):
+            for bit in range(8):
+                raw[r, byte] ^= 1 << bit
+                changed = row_hash(rows) != h
+                raw[r, byte] ^= 1 << bit
+                assert changed.tolist() == [i == r for i in range(rows.shape[0])], (r, byte, bit)
+    if raw.shape[1] >= 8:
+        for _ in range(200):                       # any new value of one aligned word
+            r, w = int(rng.integers(4)), int(rng.integers(raw.shape[1] // 8))
+            saved = raw[r, 8 * w:8 * w + 8].copy()
+            raw[r, 8 * w:8 * w + 8] = rng.integers(0, 256, 8, dtype=np.uint8)
+            if not np.array_equal(saved, raw[r, 8 * w:8 * w + 8]):
+                assert row_hash(rows)[r] != h[r]
+            raw[r, 8 * w:8 * w + 8] = saved
+    assert row_hash(np.zeros((0, k), dtype)).shape == (0,)
+
+
+@pytest.mark.parametrize("mode", ["foreground", "background", "direct-simulated", "direct"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
-def test_direct_chunk_writes_equal_hdf5s_own(tmp_path, dtype):
-    """Blocks covering whole chunks go straight to the file with their checksum (RowWriter._write_rows);
-    the file's chunks are byte for byte those HDF5's filter pipeline writes, whatever the block
-    alignment (partial head and tail, the short edge chunk, a chunk rewritten after a partial write)."""
-    n, k, cr = 23, 6, 4
+def test_every_write_path_stores_the_same_rows(tmp_path, monkeypatch, mode, dtype):
+    """Rows written in the caller's thread, by the background writer through the page cache, and with
+    O_DIRECT for whole pages (real where the file system takes it, else skipped; "simulated": the same
+    split into head, aligned pages and tail through an ordinary descriptor) read back the same, each
+    row verified against its hash, whatever the blocks' alignment (rows of 1,000 float32 cross page
+    borders anywhere; blocks out of order; a block rewritten)."""
+    import msif_index.store as S
+    n, k = 37, 1000
     data = np.random.default_rng(1).standard_normal((n, k)).astype(np.float32)
-
-    def chunks(path):
-        with h5py.File(path, "r") as f:
-            d = f["rows"]
-            return [d.id.read_direct_chunk((r, 0)) for r in range(0, n, cr)]
-
-    with RowWriter(tmp_path / "ref.h5", n, k, dtype, chunk_rows=cr) as w:
-        for s in range(0, n, 3):                      # blocks of 3 never cover a chunk of 4
-            w.write(s, data[s:s + 3])
-    with RowWriter(tmp_path / "direct.h5", n, k, dtype, chunk_rows=cr) as w:
-        w.write(5, data[5:6] + 1)                     # a partial write, rewritten below
-        w.write(0, data[:3])                          # partial: chunk 0 through HDF5
-        w.write(3, data[3:14])                        # rows 3 (partial), chunks 4..11 direct, 12..13 partial
-        w.write(14, data[14:n])                       # partial 14..15, chunks 16..19, 20..22 (the edge chunk)
-    assert chunks(tmp_path / "direct.h5") == chunks(tmp_path / "ref.h5")
-    with RowStore.open(tmp_path / "direct.h5") as st:
+    if mode == "direct-simulated":
+        monkeypatch.setattr(S, "_open_direct", lambda path: os.open(path, os.O_WRONLY))
+    with RowWriter(tmp_path / "ref.h5", n, k, dtype) as w:
+        w.write(0, data)
+    with RowWriter(tmp_path / "w.h5", n, k, dtype, background=mode != "foreground") as w:
+        if mode == "direct" and w._direct_fd is None:
+            pytest.skip("this file system does not take O_DIRECT")
+        if mode in ("direct", "direct-simulated"):
+            assert w._direct_fd is not None
+        w.write(5, data[5:6] + 1)                  # rewritten with the right row below
+        for a, b in [(0, 3), (3, 14), (14, 20), (26, n), (20, 26), (5, 6)]:
+            w.write(a, data[a:b])
+    with RowStore.open(tmp_path / "w.h5") as st, RowStore.open(tmp_path / "ref.h5") as ref:
         st.verify()
-        tol = 2e-3 if dtype == "float16" else 0
-        np.testing.assert_allclose(st.read(0, n), data, rtol=tol, atol=tol)
-    # a flipped byte in a directly written chunk fails its checksum like any other
-    path = tmp_path / "direct.h5"
+        np.testing.assert_array_equal(st.read(0, n), ref.read(0, n))
+        np.testing.assert_array_equal(st.take([36, 0, 17]), ref.take([36, 0, 17]))
+
+
+def test_direct_writes_fall_back_when_the_file_system_refuses_them(tmp_path, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses its writes (EINVAL) gets the rows through
+    the page cache instead, once, with nothing lost."""
+    import msif_index.store as S
+    n, k = 40, 1000
+    data = np.random.default_rng(2).standard_normal((n, k)).astype(np.float32)
+    direct = set()
+
+    def fake_open(path):
+        fd = os.open(path, os.O_WRONLY)
+        direct.add(fd)
+        return fd
+    real = S.os.pwrite
+    refused = []
+
+    def pwrite(fd, data, offset):
+        if fd in direct:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(S, "_open_direct", fake_open)
+    monkeypatch.setattr(S.os, "pwrite", pwrite)
+    with RowWriter(tmp_path / "w.h5", n, k, background=True) as w:
+        for s0 in range(0, n, 8):
+            w.write(s0, data[s0:s0 + 8])
+    monkeypatch.undo()
+    assert len(refused) == 1
+    with RowStore.open(tmp_path / "w.h5") as st:
+        np.testing.assert_array_equal(st.read(0, n), data)
+
+
+def test_schema_1_stores_still_read(tmp_path):
+    """A store of schema version 1 (chunked rows with HDF5's fletcher32, no row hashes: msif-index up
+    to session 20) reads as before, and a flipped byte in it still fails HDF5's checksum."""
+    from msif_index.store import _write_attrs
+    data = rows_for(0, 10, k=4)
+    path = tmp_path / "v1.h5"
+    with h5py.File(path, "w", libver=("v108", "latest")) as f:
+        f.create_dataset("rows", data=data, chunks=(4, 4), fletcher32=True)
+        f.create_dataset("written", data=np.ones(10, bool), chunks=(10,), fletcher32=True)
+        _write_attrs(f, {"schema_version": 1, "n": 10, "k": 4, "dtype": "float32", "note": "old"})
+    with RowStore.open(path) as st:
+        assert st.attrs["note"] == "old" and st.chunk_rows == 4
+        np.testing.assert_array_equal(st.read(0, 10), data)
+        np.testing.assert_array_equal(st.take([9, 1]), data[[9, 1]])
+        st.verify()
     with h5py.File(path, "r") as f:
-        offset = f["rows"].id.get_chunk_info(2).byte_offset + 3      # rows 8..11
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
+        info = f["rows"].id.get_chunk_info(1)
+    flip_byte(path, info.byte_offset + 3)
     with RowStore.open(path) as st:
         with pytest.raises(CorruptIndexError):
-            st.read(8, 12)
+            st.read(4, 8)
 
 
 def test_half_written_and_schema_version(tmp_path):
@@ -358,8 +445,8 @@ def test_disk_full_during_write_keeps_previous_file(tmp_path, monkeypatch):
     def no_space(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    for target, name in ((h5py.Dataset, "__setitem__"), (msif_index.store, "_write_chunk")):
-        monkeypatch.setattr(target, name, no_space)   # HDF5's write, then the direct chunk write
+    for target, name in ((h5py.Dataset, "__setitem__"), (msif_index.store, "_pwrite_all")):
+        monkeypatch.setattr(target, name, no_space)   # HDF5's write (hashes, mask), then the rows' pwrite
         with pytest.raises(DiskFullError) as e:
             with RowWriter(path, 10, 3, chunk_rows=4) as w:
                 w.write(0, rows_for(0, 10))
@@ -847,3 +934,20 @@ def test_float16_shards_written_without_scales_are_not_resumed(tmp_path):
         list(ShardedWriter(tmp_path / "sh", 20, 3, "float16", shard_rows=10).pending_ranges())
     again = ShardedWriter(tmp_path / "sh", 20, 3, "float16", shard_rows=10, discard_mismatched=True)
     assert list(again.pending_ranges()) == [(0, 10), (10, 20)]
+
+
+def test_an_unfinished_build_s_shards_of_schema_1_are_computed_again(tmp_path):
+    """Shards an older msif-index left (row-store schema 1) are not mixed with this version's: each is
+    deleted with a warning and becomes pending again; this version's shards stay."""
+    from msif_index.store import _write_attrs
+    sw = ShardedWriter(tmp_path / "shards", 8, 3, shard_rows=4, attrs={"a": 1})
+    for i in range(2):
+        with sw.shard(i) as w:
+            w.write(4 * i, rows_for(4 * i, 4 * i + 4))
+    with h5py.File(sw.shard_path(1), "r+") as f:
+        attrs = {k: v for k, v in f.attrs.items() if k != "_json_attrs"}
+        _write_attrs(f, {**attrs, "schema_version": 1})
+    again = ShardedWriter(tmp_path / "shards", 8, 3, shard_rows=4, attrs={"a": 1})
+    with pytest.warns(RuntimeWarning, match=r"shard_00001.h5 was written by an older msif-index \(row-store schema 1"):
+        assert again.pending_shards() == [1]
+    assert not sw.shard_path(1).exists() and sw.shard_path(0).exists()
