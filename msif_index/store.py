@@ -18,7 +18,7 @@ File layout (``SCHEMA_VERSION`` 2):
                            tuples and None are stored as JSON strings (their names are listed in
                            the ``_json_attrs`` attribute) and decoded back on read
 
-Schema version 1 (msif-index up to session 20) stored the rows chunked, each chunk with HDF5's
+Schema version 1 (earlier msif-index builds) stored the rows chunked, each chunk with HDF5's
 fletcher32 checksum and no ``row_hash``; RowStore still reads it (HDF5 verifies its chunks).
 
 Files are written into a temporary file next to the final one and renamed only when every
