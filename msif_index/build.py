@@ -1067,7 +1067,7 @@ def _build_locked(task: MultiStageTask, config: BuildConfig, out: Path, prep: Pr
     timings["index_s"] = time.perf_counter() - t0
     # rows.h5 is the small file that maps the shards (virtual datasets): its checksum is verified
     # before HDF5 parses it (HDF5 can loop forever on some damaged metadata bytes); the rows
-    # themselves carry a CRC-32 each, verified on every read (msif_index.store)
+    # themselves carry a 64-bit hash each, verified on every read (msif_index.store.row_hash)
     checksums = {"rows": file_sha256(out / ROWS), "preconditioner": file_sha256(out / PRECOND)}
     if not built_at_open(config.factory):
         checksums["faiss"] = file_sha256(out / FAISS)

@@ -216,9 +216,9 @@ def test_flipped_byte_in_rows_fails_checksum(tmp_path):
             st.verify()
 
 
-def _splitmix_reference(rows: np.ndarray) -> list[int]:
-    """row_hash in plain Python integers, from its definition: B + sum_j c_j w_j mod 2^64 over the
-    row's little-endian 64-bit words (zero-padded), c_j = splitmix64(j + 1) | 1."""
+def _hash_reference(rows: np.ndarray) -> list[int]:
+    """row_hash in plain Python integers, from its definition: B + sum_j c_j u_j mod 2^64 over the
+    row's little-endian 32-bit words u_j (zero-padded to whole 64-bit words), c_j = splitmix64(j + 1) | 1."""
     from msif_index.store import _HASH_BASE
     mask = (1 << 64) - 1
 
@@ -232,26 +232,27 @@ def _splitmix_reference(rows: np.ndarray) -> list[int]:
     for row in rows:
         raw = np.ascontiguousarray(row, dtype=row.dtype.newbyteorder("<")).tobytes()
         raw += bytes(-len(raw) % 8)
-        words = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
-        out.append((_HASH_BASE + sum((splitmix(j + 1) | 1) * w for j, w in enumerate(words))) & mask)
+        words = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+        out.append((_HASH_BASE + sum((splitmix(j + 1) | 1) * u for j, u in enumerate(words))) & mask)
     return out
 
 
 @pytest.mark.parametrize("dtype, k", [("float32", 6), ("float32", 3), ("float16", 3), ("float16", 8),
-                                      ("float64", 5), ("float16", 1)])
-def test_row_hash_is_its_definition_and_catches_every_flipped_bit(dtype, k):
+                                      ("float64", 5), ("float64", 2), ("float16", 1)])
+def test_row_hash_is_its_definition_and_catches_one_and_two_flipped_bits(dtype, k):
     """row_hash (vectorized) equals its definition in plain integers, padding and byte order included
-    (a big-endian array hashes as its little-endian twin); every single flipped bit and every change of
-    one 64-bit word changes its row's hash and no other; a zero row does not hash to 0 (the fill value
-    of rows never written)."""
+    (a big-endian array hashes as its little-endian twin); every single flipped bit, every pair of
+    flipped bits (the sign bits of two float64 entries among them, which a hash over 64-bit words
+    misses) and every change of one 32-bit word changes the row's hash, and no other row's; a zero row
+    does not hash to 0 (the fill value of rows never written)."""
     from msif_index.store import row_hash
     rng = np.random.default_rng(k)
     rows = rng.standard_normal((4, k)).astype(dtype)
     h = row_hash(rows)
-    assert h.dtype == np.uint64 and h.tolist() == _splitmix_reference(rows)
+    assert h.dtype == np.uint64 and h.tolist() == _hash_reference(rows)
     assert row_hash(rows.astype(rows.dtype.newbyteorder(">"))).tolist() == h.tolist()
-    assert row_hash(np.zeros((2, k), dtype)).tolist() == _splitmix_reference(np.zeros((2, k), dtype))
-    assert 0 not in row_hash(np.zeros((2, k), dtype)).tolist()
+    zeros = np.zeros((2, k), dtype)
+    assert row_hash(zeros).tolist() == _hash_reference(zeros) and 0 not in row_hash(zeros).tolist()
     raw = rows.view(np.uint8)
     for r in range(rows.shape[0]):
         for byte in range(raw.shape[1]):
@@ -260,14 +261,26 @@ def test_row_hash_is_its_definition_and_catches_every_flipped_bit(dtype, k):
                 changed = row_hash(rows) != h
                 raw[r, byte] ^= 1 << bit
                 assert changed.tolist() == [i == r for i in range(rows.shape[0])], (r, byte, bit)
-    if raw.shape[1] >= 8:
-        for _ in range(200):                       # any new value of one aligned word
-            r, w = int(rng.integers(4)), int(rng.integers(raw.shape[1] // 8))
-            saved = raw[r, 8 * w:8 * w + 8].copy()
-            raw[r, 8 * w:8 * w + 8] = rng.integers(0, 256, 8, dtype=np.uint8)
-            if not np.array_equal(saved, raw[r, 8 * w:8 * w + 8]):
+    bits = raw.shape[1] * 8
+    row = np.unpackbits(raw[0:1], axis=1, bitorder="little")[0]
+    i, j = np.triu_indices(bits, 1)                # every pair of distinct bits of row 0
+    flipped = np.tile(row, (len(i), 1))
+    flipped[np.arange(len(i)), i] ^= 1
+    flipped[np.arange(len(i)), j] ^= 1
+    variants = np.packbits(flipped, axis=1, bitorder="little").view(dtype)
+    assert (row_hash(variants) != h[0]).all()
+    if dtype == "float64":                          # the two sign bits named above, explicitly
+        signs = rows[0:1].copy()
+        signs[0, :2] *= -1
+        assert row_hash(signs)[0] != h[0]
+    if raw.shape[1] >= 4:
+        for _ in range(200):                       # any new value of one aligned 32-bit word
+            r, w = int(rng.integers(4)), int(rng.integers(raw.shape[1] // 4))
+            saved = raw[r, 4 * w:4 * w + 4].copy()
+            raw[r, 4 * w:4 * w + 4] = rng.integers(0, 256, 4, dtype=np.uint8)
+            if not np.array_equal(saved, raw[r, 4 * w:4 * w + 4]):
                 assert row_hash(rows)[r] != h[r]
-            raw[r, 8 * w:8 * w + 8] = saved
+            raw[r, 4 * w:4 * w + 4] = saved
     assert row_hash(np.zeros((0, k), dtype)).shape == (0,)
 
 
@@ -294,15 +307,86 @@ def test_every_write_path_stores_the_same_rows(tmp_path, monkeypatch, mode, dtyp
         w.write(5, data[5:6] + 1)                  # rewritten with the right row below
         for a, b in [(0, 3), (3, 14), (14, 20), (26, n), (20, 26), (5, 6)]:
             w.write(a, data[a:b])
+        if mode in ("direct", "direct-simulated"):
+            assert w._direct_fd is not None           # no silent fallback to the page cache
     with RowStore.open(tmp_path / "w.h5") as st, RowStore.open(tmp_path / "ref.h5") as ref:
         st.verify()
         np.testing.assert_array_equal(st.read(0, n), ref.read(0, n))
         np.testing.assert_array_equal(st.take([36, 0, 17]), ref.take([36, 0, 17]))
+        tol = 2e-3 if dtype == "float16" else 0
+        np.testing.assert_allclose(st.read(0, n), data, rtol=tol, atol=tol)
 
 
-def test_direct_writes_fall_back_when_the_file_system_refuses_them(tmp_path, monkeypatch):
-    """A file system that opens with O_DIRECT but refuses its writes (EINVAL) gets the rows through
-    the page cache instead, once, with nothing lost."""
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_row_metadata_kept_in_memory_is_flushed_whole(tmp_path, monkeypatch, background, dtype):
+    """The hashes, scales and mask bits of consecutive blocks wait in memory (up to _META_ROWS rows,
+    here 5) and are written when a block does not follow, the window is full, or the file ends:
+    rewrites, out-of-order blocks and blocks larger than the window all read back verified."""
+    import msif_index.store as S
+    monkeypatch.setattr(S, "_META_ROWS", 5)
+    n, k = 23, 7
+    data = np.random.default_rng(4).standard_normal((n, k)).astype(np.float32)
+    with RowWriter(tmp_path / "m.h5", n, k, dtype, background=background) as w:
+        w.write(2, data[2:4] * 3)                  # rewritten below
+        for a, b in [(0, 2), (2, 4), (4, 5), (5, 12), (12, 13), (20, n), (13, 20), (4, 5)]:
+            w.write(a, data[a:b])
+    with RowStore.open(tmp_path / "m.h5") as st:
+        st.verify()
+        tol = 2e-3 if dtype == "float16" else 0
+        np.testing.assert_allclose(st.read(0, n), data, rtol=tol, atol=tol)
+
+
+def test_a_lost_row_write_fails_its_hash(tmp_path, monkeypatch):
+    """A block whose bytes never reach the file (the mask and hashes say written) reads as zeros, which
+    fail the row hashes: CorruptIndexError, not zeros."""
+    import msif_index.store as S
+    real = S._pwrite_all
+    calls = []
+
+    def lose_second(fd, data, offset):
+        calls.append(offset)
+        if len(calls) != 2:
+            real(fd, data, offset)
+
+    monkeypatch.setattr(S, "_pwrite_all", lose_second)
+    data = rows_for(0, 12, k=4)
+    write_store(tmp_path / "lost.h5", data)        # blocks of 3 rows: rows 3..5 lost
+    monkeypatch.undo()
+    with RowStore.open(tmp_path / "lost.h5") as st:
+        np.testing.assert_array_equal(st.read(0, 3), data[:3])
+        with pytest.raises(CorruptIndexError, match="row 3"):
+            st.read(0, 12)
+
+
+def test_disk_full_in_the_background_writer_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """ENOSPC from the writer thread's pwrite: DiskFullError in the caller (from a later write or on
+    exit), the previous file untouched, no temporary file, no descriptor left open."""
+    import msif_index.store as S
+    path = tmp_path / "rows.h5"
+    write_store(path, rows_for(0, 10))
+    before = path.read_bytes()
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(S, "_pwrite_all", no_space)
+    with pytest.raises(DiskFullError) as e:
+        with RowWriter(path, 10, 3, background=True) as w:
+            for s0 in range(0, 10, 2):
+                w.write(s0, rows_for(s0, s0 + 2))
+    monkeypatch.undo()
+    assert str(path) in one_line(e) and "free space" in one_line(e)
+    assert path.read_bytes() == before and tmp_files(tmp_path) == []
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+@pytest.mark.parametrize("code", ["EINVAL", "EOPNOTSUPP"])
+def test_direct_writes_fall_back_when_the_file_system_refuses_them(tmp_path, monkeypatch, code):
+    """A file system that opens with O_DIRECT but refuses its writes (EINVAL, EOPNOTSUPP) gets the
+    rows through the page cache instead, once, with nothing lost."""
     import msif_index.store as S
     n, k = 40, 1000
     data = np.random.default_rng(2).standard_normal((n, k)).astype(np.float32)
@@ -318,7 +402,7 @@ def test_direct_writes_fall_back_when_the_file_system_refuses_them(tmp_path, mon
     def pwrite(fd, data, offset):
         if fd in direct:
             refused.append(offset)
-            raise OSError(errno.EINVAL, "Invalid argument")
+            raise OSError(getattr(errno, code), code)
         return real(fd, data, offset)
 
     monkeypatch.setattr(S, "_open_direct", fake_open)
