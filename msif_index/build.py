@@ -801,12 +801,17 @@ def _write_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, shard
     prep.folded = frozenset(rotations)
     cbuf = torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype, device=prep.device)
     wbuf = torch.empty_like(cbuf)
+    direct = prep.device.type == "cpu" and str(prep.dtype).replace("torch.", "") == config.dtype
     try:
         with progress(todo, "featurize", enabled=show) as advance:
             for start, stop in pending:
                 with shards.shard(shards.shard_index(start)) as shard:
                     for first, rows in _shard_raw_rows(task, prep, config, start, stop, sample, cbuf, wbuf):
-                        shard.write(first, pre.stored_rows(rows, prep.folded).cpu().numpy())
+                        # CPU float32 rows stored as float32 go straight into the writer's staging buffer
+                        dst = shard.buffer(first, rows.shape[0]) if direct else None
+                        stored = pre.stored_rows(rows, prep.folded,
+                                                 out=None if dst is None else torch.from_numpy(dst))
+                        shard.write(first, stored.cpu().numpy())
                         advance(rows.shape[0])
     except BaseException:
         # the previous shard's commit may still run in the background: it ends before the error

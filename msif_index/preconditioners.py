@@ -170,10 +170,13 @@ class Preconditioner:
         """Raw rows -> the basis ``stored_rows`` expects of the blocks in ``names`` (the same here)."""
         return rows
 
-    def stored_rows(self, rows: torch.Tensor, names: Collection[str]) -> torch.Tensor:
+    def stored_rows(self, rows: torch.Tensor, names: Collection[str],
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         """The stored rows [B, dim_W], in ``row_basis``, of raw rows whose blocks in ``names`` are
-        already rotated (``rotate``, or a projector rotated by ``eigenbases``); here ``apply``."""
-        return self.apply(rows)
+        already rotated (``rotate``, or a projector rotated by ``eigenbases``); here ``apply``.
+        Written into ``out`` ([B, dim_W], the rows' dtype and device) when given."""
+        res = self.apply(rows)
+        return res if out is None else out.copy_(res)
 
     def to_parameter_basis(self, vectors: torch.Tensor) -> torch.Tensor:
         """W vectors [Q, dim_W] in ``row_basis`` (stored rows, query vectors) -> the parameter basis."""
@@ -437,12 +440,15 @@ class KroneckerEigen(Preconditioner):
         pairs = [(b, (qs, qa)) for b, (qs, qa, _) in zip(self._wb, mats) if b.name in names]
         return rotate_blocks(rows, [b for b, _ in pairs], [q for _, q in pairs])
 
-    def stored_rows(self, rows: torch.Tensor, names: Collection[str]) -> torch.Tensor:
+    def stored_rows(self, rows: torch.Tensor, names: Collection[str],
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         """Stored rows in the eigenbasis, per W block Lambda^{-1} * (Q_S^T Phi Q_A): an elementwise
-        product where the block is already rotated (``names``), two matrix products elsewhere."""
+        product where the block is already rotated (``names``), two matrix products elsewhere;
+        written into ``out`` ([B, dim_W], the rows' dtype and device) when given."""
         mats = self._mats_for(rows.dtype, rows.device)
         n = rows.shape[0]
-        out = torch.empty(n, self.dim_w, dtype=rows.dtype, device=rows.device)
+        if out is None:
+            out = torch.empty(n, self.dim_w, dtype=rows.dtype, device=rows.device)
         col = 0
         for b, (qs, qa, inv) in zip(self._wb, mats):
             phi = rows[:, b.offset:b.offset + b.dim].view(n, b.k_out, b.k_in)

@@ -566,6 +566,7 @@ class RowWriter:
         self._sums: h5py.Dataset | None = None
         self._staging: queue.Queue | None = None      # the background writer's free buffers
         self._meta: list | None = None                # [start, stop, hashes, scales] not yet in the file
+        self._lent: tuple[int, np.ndarray, np.ndarray] | None = None   # (start, array, buffer) of ``buffer``
         self.scaled = self.dtype == "float16"         # rows stored times a power of two each
         self._scales: h5py.Dataset | None = None
 
@@ -765,6 +766,39 @@ class RowWriter:
             self._write_block(start, stop, out, scales)
             return
         self._raise_queued_error()
+        lent, self._lent = self._lent, None
+        if lent is not None and lent[0] == start and out.shape == lent[1].shape and \
+                out.__array_interface__["data"][0] == lent[1].__array_interface__["data"][0]:
+            staged, buf = lent[1], lent[2]    # the caller filled the buffer ``buffer`` lent: no copy
+        else:
+            if lent is not None:              # lent and not used: back to the pool
+                self._staging.put(lent[2])
+            staged, buf = self._stage(start, out.shape)
+            np.copyto(staged, out)            # the caller may reuse its buffer while the thread writes
+        assert self._queue is not None
+        self._queue.put((start, stop, staged, scales, buf))
+
+    def buffer(self, start: int, m: int) -> np.ndarray | None:
+        """A [m, k] array of the store's dtype for the rows [start, start + m) that the next ``write``
+        at ``start`` takes without copying (a background writer's staging buffer, aligned for
+        O_DIRECT), or None (no background writer, or a float16 store, whose rows are scaled first).
+        Fill it and pass it to ``write(start, ...)``; anything else written first returns it unused."""
+        self._require_open()
+        if not self.background or self.scaled or m < 1:
+            return None
+        self._raise_queued_error()
+        if self._lent is not None:
+            assert self._staging is not None
+            self._staging.put(self._lent[2])
+        staged, buf = self._stage(int(start), (int(m), self.k))
+        self._lent = (int(start), staged, buf)
+        return staged
+
+    def _stage(self, start: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(a view of a free staging buffer shaped ``shape`` in the store's dtype, the buffer): its rows
+        sit at the same offset modulo _DIRECT_ALIGN as in the file, so their whole aligned pages can
+        go to the disk with O_DIRECT straight from the buffer. Blocks while three blocks are queued or
+        being written; starts the writer thread."""
         if self._thread is None:
             self._queue = queue.Queue()
             self._staging = queue.Queue()
@@ -773,16 +807,13 @@ class RowWriter:
             self._thread = threading.Thread(target=self._worker, name=f"msif-write-{self.path.name}",
                                             daemon=True)
             self._thread.start()
-        assert self._queue is not None and self._staging is not None
-        buf = self._staging.get()        # blocks while three blocks are queued or being written
-        # the rows' bytes sit at the same offset modulo _DIRECT_ALIGN in the buffer as in the file,
-        # so their whole aligned pages can go to the disk with O_DIRECT straight from the buffer
+        assert self._staging is not None
+        buf = self._staging.get()
+        nbytes = shape[0] * shape[1] * self._np_dtype.itemsize
         shift = 0 if self._offset is None else self._row_offset(start) % _DIRECT_ALIGN
-        if buf.nbytes < out.nbytes + shift:
-            buf = _aligned_empty(out.nbytes + _DIRECT_ALIGN)
-        staged = buf[shift:shift + out.nbytes].view(out.dtype).reshape(out.shape)
-        np.copyto(staged, out)            # the caller may reuse its buffer while the thread writes
-        self._queue.put((start, stop, staged, scales, buf))
+        if buf.nbytes < nbytes + shift:
+            buf = _aligned_empty(nbytes + _DIRECT_ALIGN)
+        return buf[shift:shift + nbytes].view(self._np_dtype).reshape(shape), buf
 
     def _write_block(self, start: int, stop: int, out: np.ndarray, scales: np.ndarray | None = None) -> None:
         """Rows [start, stop): their bytes at their place in the file (pwrite), then their hashes,
@@ -890,7 +921,7 @@ class RowWriter:
         if t is not None and q is not None:
             q.put(None)
             t.join()
-        self._thread = self._queue = self._staging = None
+        self._thread = self._queue = self._staging = self._lent = None
 
     def _drain(self) -> None:
         """Wait until every queued block is written; raise the first error of the thread."""
@@ -1274,6 +1305,13 @@ class _ShardWriter:
                 f"rows {start}..{start + m - 1} are outside shard {self.index} (rows {self.start}..{self.stop - 1})"
             )
         self._w.write(start - self.start, arr)
+
+    def buffer(self, start: int, m: int) -> np.ndarray | None:
+        """RowWriter.buffer with a global row number."""
+        if start < self.start or start + m > self.stop:
+            raise ShapeError(f"rows {start}..{start + m - 1} are outside shard {self.index} "
+                             f"(rows {self.start}..{self.stop - 1})")
+        return self._w.buffer(start - self.start, m)
 
     def add_dataset(self, name: str, array: Any) -> None:
         self._w.add_dataset(name, array)

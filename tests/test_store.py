@@ -1035,3 +1035,38 @@ def test_an_unfinished_build_s_shards_of_schema_1_are_computed_again(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"shard_00001.h5 was written by an older msif-index \(row-store schema 1"):
         assert again.pending_shards() == [1]
     assert not sw.shard_path(1).exists() and sw.shard_path(0).exists()
+
+
+def test_a_lent_staging_buffer_is_written_without_a_copy_or_given_back(tmp_path, monkeypatch):
+    """RowWriter.buffer lends a background writer's staging buffer: rows filled in it and written at
+    its start are queued without a copy; a buffer lent and not used goes back to the pool (twenty
+    unused loans never block: the pool holds three); a writer without a thread, and a float16 store,
+    lend none."""
+    import msif_index.store as S
+    n, k = 40, 1000
+    data = np.random.default_rng(5).standard_normal((n, k)).astype(np.float32)
+    copies = []
+    real_copyto = np.copyto
+    monkeypatch.setattr(S.np, "copyto", lambda dst, src, **kw: (copies.append(dst.shape), real_copyto(dst, src, **kw)))
+    with RowWriter(tmp_path / "lent.h5", n, k, background=True) as w:
+        for _ in range(20):
+            assert w.buffer(0, 8) is not None        # lent, never used
+        for s0 in range(0, n, 8):
+            buf = w.buffer(s0, 8)
+            assert buf.shape == (8, k) and buf.dtype == np.float32
+            buf[...] = data[s0:s0 + 8]
+            w.write(s0, torch.from_numpy(buf))     # as the build passes it: a tensor over the buffer
+        assert copies == []
+        w.buffer(0, 8)
+        w.write(0, data[:8])                       # another array: copied, the loan given back
+        assert copies == [(8, k)]
+    monkeypatch.undo()
+    with RowStore.open(tmp_path / "lent.h5") as st:
+        st.verify()
+        np.testing.assert_array_equal(st.read(0, n), data)
+    with RowWriter(tmp_path / "fg.h5", 2, 3) as w:
+        assert w.buffer(0, 2) is None
+        w.write(0, np.ones((2, 3)))
+    with RowWriter(tmp_path / "f16.h5", 2, 3, "float16", background=True) as w:
+        assert w.buffer(0, 2) is None
+        w.write(0, np.ones((2, 3)))
