@@ -6,7 +6,7 @@ File layout (``SCHEMA_VERSION`` 2):
                            (which, unlike h5py's calls, releases the GIL, so a background thread
                            writes while the build computes the next batch)
     dataset ``row_hash``   [n] uint64, fletcher32: each row's hash (``row_hash``: a multilinear
-                           hash of its 64-bit words, any change inside one word always detected);
+                           hash of its 32-bit words, any change inside one word always detected);
                            RowStore verifies every row it reads against it
     dataset ``written``    [n] bool, fletcher32: which rows were written
     dataset ``scales``     [n] float32, fletcher32, float16 stores only (attribute ``row_scales``):
@@ -83,9 +83,8 @@ _JSON_ATTRS = "_json_attrs"
 _RESERVED_ATTRS = frozenset({"schema_version", "n", "k", "dtype", ROW_SCALES, _JSON_ATTRS})
 _RESERVED_DATASETS = frozenset({ROWS, WRITTEN, SCALES, CHECKSUMS})
 
-# keep a chunk <= 1 MiB: take() reads (and checksums) whole chunks, and HDF5's per-chunk buffers of
-# 4 MiB went through mmap/munmap on every chunk in a build (glibc's allocator), which made writes
-# ~2x slower (benchmarks/build_throughput.py: RowWriter.write 1.65 s -> 0.86 s for 40k MLP rows)
+# rows read at a time by take() (<= 1 MiB of rows, verified together; schema 1's chunk size, chosen
+# when HDF5's per-chunk buffers of 4 MiB went through mmap/munmap on every chunk of a build)
 _MAX_CHUNK_BYTES = 1 << 20
 _CACHE_BYTES = 32 << 20  # HDF5 chunk cache per dataset (partial-chunk writes stay in memory)
 _MASK_BLOCK = 1 << 20  # rows of the written mask checked at a time
@@ -508,9 +507,11 @@ class RowWriter:
     ``background=True`` hands the writes (pwrite(2) of the rows' bytes, their hashes, the mask)
     to one writer thread, so they overlap the caller's next computation: pwrite releases the GIL
     (h5py's calls do not), and whole pages go to the disk with O_DIRECT where the file system
-    takes it (``USE_DIRECT_WRITES``: no copy into the page cache, the disk reads the buffer). ``write`` still checks shape, range and finiteness at
-    once, copies the rows into one of its own staging buffers, and blocks while three blocks are
-    queued or being written. An error of a queued write (e.g. DiskFullError) is raised by a later ``write`` or on
+    takes it (``USE_DIRECT_WRITES``: no copy into the page cache, the disk reads the buffer).
+    ``write`` still checks shape, range and finiteness at once, copies the rows into one of its own
+    staging buffers (none when they were computed into one lent by ``buffer``), and blocks while
+    three blocks are queued or being written. An error of a queued write (e.g. DiskFullError) is
+    raised by a later ``write`` or on
     exit, and then nothing is saved, as without the thread.
 
     ``drop_cache=True`` drops the file's pages from the page cache once it is fsynced (the build's
@@ -869,7 +870,8 @@ class RowWriter:
     def _pwrite(self, out: np.ndarray, offset: int) -> None:
         """``out``'s bytes at ``offset`` of the file: the whole aligned pages they cover with O_DIRECT
         where open and ``out`` is aligned as the file (staged by ``write``), the rest through the page
-        cache. A page is never written both ways (HDF5's metadata may share the first or last one)."""
+        cache. No page is written both ways by one call (HDF5's metadata may share the first or last
+        page of the rows: those go through the page cache, as HDF5's own writes)."""
         assert self._fd is not None
         data = out.reshape(-1).view(np.uint8)
         a = -(-offset // _DIRECT_ALIGN) * _DIRECT_ALIGN
