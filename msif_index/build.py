@@ -52,7 +52,7 @@ from .preconditioners import (DenseInverse, Preconditioner, make_preconditioner,
                              warn_negative)
 from .progress import progress
 from .search import SearchIndex, built_at_open, fitting_nlist, min_train_rows
-from .store import RowStore, ShardedWriter, _open_h5, link_shards
+from .store import RowStore, ShardedWriter, _open_h5, link_shards, normalize_dtype
 from .task import (MultiStageTask, eval_mode, fisher_loss_columns, has_fisher_losses, require_shared_parameters,
                    split_parameters, state_buffers)
 from .warn import warn_user
@@ -801,13 +801,13 @@ def _write_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, shard
     prep.folded = frozenset(rotations)
     cbuf = torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype, device=prep.device)
     wbuf = torch.empty_like(cbuf)
-    direct = prep.device.type == "cpu" and str(prep.dtype).replace("torch.", "") == config.dtype
+    # rows computed on the CPU in the storage dtype go straight into the writer's staging buffers
+    direct = prep.device.type == "cpu" and normalize_dtype(prep.dtype) == config.dtype
     try:
         with progress(todo, "featurize", enabled=show) as advance:
             for start, stop in pending:
                 with shards.shard(shards.shard_index(start)) as shard:
                     for first, rows in _shard_raw_rows(task, prep, config, start, stop, sample, cbuf, wbuf):
-                        # CPU float32 rows stored as float32 go straight into the writer's staging buffer
                         dst = shard.buffer(first, rows.shape[0]) if direct else None
                         stored = pre.stored_rows(rows, prep.folded,
                                                  out=None if dst is None else torch.from_numpy(dst))

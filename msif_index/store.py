@@ -33,6 +33,7 @@ moment resumes from the shards that exist.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import gc
 import json
@@ -76,12 +77,12 @@ DTYPES = ("float32", "float16", "float64")
 ROWS = "rows"
 WRITTEN = "written"
 SCALES = "scales"
-CHECKSUMS = "row_hash"
+HASHES = "row_hash"
 #: file attribute: the rows are stored scaled, one power of two per row in ``scales`` (float16)
 ROW_SCALES = "row_scales"
 _JSON_ATTRS = "_json_attrs"
 _RESERVED_ATTRS = frozenset({"schema_version", "n", "k", "dtype", ROW_SCALES, _JSON_ATTRS})
-_RESERVED_DATASETS = frozenset({ROWS, WRITTEN, SCALES, CHECKSUMS})
+_RESERVED_DATASETS = frozenset({ROWS, WRITTEN, SCALES, HASHES})
 
 # rows read at a time by take() (<= 1 MiB of rows, verified together; schema 1's chunk size, chosen
 # when HDF5's per-chunk buffers of 4 MiB went through mmap/munmap on every chunk of a build)
@@ -431,12 +432,11 @@ def _create_contiguous(f: h5py.File, name: str, shape: tuple[int, int], dtype: n
     return h5py.Dataset(dsid)
 
 
-def expected_file_bytes(n: int, k: int, itemsize: int, chunk_rows: int, attrs: Mapping[str, Any],
-                        scaled: bool = False) -> int:
+def expected_file_bytes(n: int, k: int, itemsize: int, attrs: Mapping[str, Any], scaled: bool = False) -> int:
     """A row file's size when complete, from above: the rows, their hashes and the mask (with 64
     bytes per chunk of those: checksum and chunk index entry), the float32 scales of a ``scaled``
     float16 store, the attributes, and 256 KiB for HDF5's other metadata (tests/test_store.py checks
-    the bound). ``chunk_rows`` is how many rows RowStore reads at a time; it does not change the size."""
+    the bound)."""
     per_row_chunk = max(1, min(n, 1 << 16))            # the hashes', mask's and scales' chunk (rows)
     chunks = -(-n // per_row_chunk)
     stored = chunks * per_row_chunk                    # their edge chunk is stored whole
@@ -494,6 +494,15 @@ def _quiet_h5py_dealloc() -> Iterator[None]:
         sys.unraisablehook, sys.excepthook = prev_unraisable, prev_except
 
 
+@dataclasses.dataclass
+class _PendingMeta:
+    """Rows [start, stop) written, their hashes (and a float16 store's scales) not yet in the file."""
+    start: int
+    stop: int
+    hashes: np.ndarray
+    scales: np.ndarray | None
+
+
 class RowWriter:
     """Write an [n, k] row store atomically; use as a context manager.
 
@@ -525,7 +534,6 @@ class RowWriter:
         k: int,
         dtype: Any = "float32",
         attrs: Mapping[str, Any] | None = None,
-        chunk_rows: int = 1024,
         background: bool = False,
         background_commit: bool = False,
         drop_cache: bool = False,
@@ -535,8 +543,6 @@ class RowWriter:
             raise ConfigError(f"the number of rows must be a non-negative integer, got {n!r}")
         if int(k) != k or k < 1:
             raise ConfigError(f"the row width (projection dimension) must be a positive integer, got {k!r}")
-        if int(chunk_rows) != chunk_rows or chunk_rows < 1:
-            raise ConfigError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
         self.n = int(n)
         self.k = int(k)
         self.dtype = normalize_dtype(dtype)
@@ -546,7 +552,6 @@ class RowWriter:
         if clash:
             raise ValueError(f"attribute names {sorted(clash)} are reserved by the row store")
         normalize_attrs(self.attrs)  # fail early on values that cannot be stored
-        self.chunk_rows = _chunk_rows_for(self.n, self.k, self._np_dtype.itemsize, chunk_rows)
         self._stack: contextlib.ExitStack | None = None
         self._f: h5py.File | None = None
         self._tmp: Path | None = None
@@ -564,9 +569,9 @@ class RowWriter:
         self._fd: int | None = None                   # the temporary file, for pwrite of the rows
         self._direct_fd: int | None = None            # the same with O_DIRECT (background writes)
         self._offset: int | None = None               # the rows' byte offset in it (None: no bytes)
-        self._sums: h5py.Dataset | None = None
+        self._hashes: h5py.Dataset | None = None
         self._staging: queue.Queue | None = None      # the background writer's free buffers
-        self._meta: list | None = None                # [start, stop, hashes, scales] not yet in the file
+        self._meta: _PendingMeta | None = None        # rows written, their hashes not yet in the file
         self._lent: tuple[int, np.ndarray, np.ndarray] | None = None   # (start, array, buffer) of ``buffer``
         self.scaled = self.dtype == "float16"         # rows stored times a power of two each
         self._scales: h5py.Dataset | None = None
@@ -584,8 +589,8 @@ class RowWriter:
             self._f = _open_h5(self._tmp, "w")
             self._rows = _create_contiguous(self._f, ROWS, (self.n, self.k), self._np_dtype)
             mask_chunk = max(1, min(self.n, 1 << 16))
-            self._sums = self._f.create_dataset(
-                CHECKSUMS, shape=(self.n,), maxshape=(None,) if self.n == 0 else (self.n,),
+            self._hashes = self._f.create_dataset(
+                HASHES, shape=(self.n,), maxshape=(None,) if self.n == 0 else (self.n,),
                 dtype=np.uint64, chunks=(mask_chunk,), fletcher32=True, fillvalue=0)
             self._written = self._f.create_dataset(
                 WRITTEN,
@@ -642,7 +647,7 @@ class RowWriter:
         return False
 
     def _expected_bytes(self) -> int:
-        return expected_file_bytes(self.n, self.k, self._np_dtype.itemsize, self.chunk_rows, self.attrs,
+        return expected_file_bytes(self.n, self.k, self._np_dtype.itemsize, self.attrs,
                                    self.scaled)
 
     def wait_commit(self) -> None:
@@ -660,7 +665,7 @@ class RowWriter:
         self._stop_thread()
         self._close_fd()
         f, self._f = self._f, None
-        self._rows = self._written = self._scales = self._sums = None
+        self._rows = self._written = self._scales = self._hashes = None
         if f is not None:
             with contextlib.suppress(Exception):
                 f.close()
@@ -707,7 +712,7 @@ class RowWriter:
                 raise disk_full_error(self.path) from e
             raise
         f, self._f = self._f, None
-        self._rows = self._written = self._scales = self._sums = None
+        self._rows = self._written = self._scales = self._hashes = None
         f.close()
         # read the new file back: a write that failed silently (e.g. when closing) shows here
         try:
@@ -769,7 +774,7 @@ class RowWriter:
         self._raise_queued_error()
         lent, self._lent = self._lent, None
         if lent is not None and lent[0] == start and out.shape == lent[1].shape and \
-                out.__array_interface__["data"][0] == lent[1].__array_interface__["data"][0]:
+                out.ctypes.data == lent[1].ctypes.data:
             staged, buf = lent[1], lent[2]    # the caller filled the buffer ``buffer`` lent: no copy
         else:
             if lent is not None:              # lent and not used: back to the pool
@@ -819,7 +824,7 @@ class RowWriter:
     def _write_block(self, start: int, stop: int, out: np.ndarray, scales: np.ndarray | None = None) -> None:
         """Rows [start, stop): their bytes at their place in the file (pwrite), then their hashes,
         scales and mask bits (h5py). Readers verify every row against its hash."""
-        assert self._rows is not None and self._written is not None and self._sums is not None
+        assert self._rows is not None and self._written is not None and self._hashes is not None
         try:
             if self._offset is not None and out.size:
                 self._pwrite(out, self._row_offset(start))
@@ -829,35 +834,34 @@ class RowWriter:
                 raise disk_full_error(self.path) from e
             raise
 
-    def _pending_meta(self, start: int, stop: int, sums: np.ndarray, scales: np.ndarray | None) -> None:
+    def _pending_meta(self, start: int, stop: int, hashes: np.ndarray, scales: np.ndarray | None) -> None:
         """Record rows [start, stop)'s hashes and scales, and that they are written: kept in memory
         while blocks follow each other (up to _META_ROWS rows), then written in one h5py call per
         dataset (one call per block cost 0.3 ms per batch of 256 rows in a build)."""
         m = self._meta
-        if m is not None and (m[1] != start or stop - m[0] > _META_ROWS):
+        if m is not None and (m.stop != start or stop - m.start > _META_ROWS):
             self._flush_meta()
             m = None
         if m is None:
-            cap = min(_META_ROWS, self.n - start)
-            m = self._meta = [start, start, np.empty(max(cap, stop - start), dtype=np.uint64),
-                              None if scales is None else np.empty(max(cap, stop - start), dtype=np.float32)]
-        a, b = m[1] - m[0], stop - m[0]
-        m[2][a:b] = sums
-        if scales is not None:
-            m[3][a:b] = scales
-        m[1] = stop
+            size = max(min(_META_ROWS, self.n - start), stop - start)
+            m = self._meta = _PendingMeta(start, start, np.empty(size, dtype=np.uint64),
+                                          None if scales is None else np.empty(size, dtype=np.float32))
+        m.hashes[m.stop - m.start:stop - m.start] = hashes
+        if scales is not None and m.scales is not None:
+            m.scales[m.stop - m.start:stop - m.start] = scales
+        m.stop = stop
 
     def _flush_meta(self) -> None:
         m, self._meta = self._meta, None
-        if m is None or m[1] == m[0]:
+        if m is None or m.stop == m.start:
             return
-        assert self._sums is not None and self._written is not None
-        start, stop, sums, scales = m
+        assert self._hashes is not None and self._written is not None
+        rows = m.stop - m.start
         try:
-            self._sums[start:stop] = sums[:stop - start]
-            if self._scales is not None and scales is not None:
-                self._scales[start:stop] = scales[:stop - start]
-            self._written[start:stop] = True
+            self._hashes[m.start:m.stop] = m.hashes[:rows]
+            if self._scales is not None and m.scales is not None:
+                self._scales[m.start:m.stop] = m.scales[:rows]
+            self._written[m.start:m.stop] = True
         except (OSError, RuntimeError) as e:
             if is_disk_full(e):
                 raise disk_full_error(self.path) from e
@@ -961,7 +965,7 @@ class RowStore:
         self._scales: h5py.Dataset | None = f[SCALES] if self.scaled else None
         #: the rows' hashes (schema 2), verified on every read; None in a schema-1 store, whose
         #: chunks carry HDF5's fletcher32 (verified by HDF5)
-        self._sums: h5py.Dataset | None = f[CHECKSUMS] if int(attrs["schema_version"]) >= 2 else None
+        self._hashes: h5py.Dataset | None = f[HASHES] if int(attrs["schema_version"]) >= 2 else None
         if self._rows.chunks:          # schema 1: HDF5 reads (and checksums) whole chunks
             self.chunk_rows = int(self._rows.chunks[0])
         else:                          # contiguous rows or linked shards: read in pieces of <= 1 MiB
@@ -978,7 +982,7 @@ class RowStore:
         file's hashes. The first rows of each shard (up to ``chunk_rows``) are verified."""
         if not (self.n and self.k):
             return
-        others = [ds for ds in (self._sums, self._scales) if ds is not None and ds.is_virtual]
+        others = [ds for ds in (self._hashes, self._scales) if ds is not None and ds.is_virtual]
         for src in self._rows.virtual_sources():
             (first, _), (last, _) = src.vspace.get_select_bounds()
             try:
@@ -1039,7 +1043,7 @@ class RowStore:
         if dtype not in DTYPES or n < 0 or k < 1:
             raise CorruptIndexError(f"{path} has invalid attributes n={n} k={k} dtype={dtype!r}; {REBUILD}")
         scaled = bool(attrs.get(ROW_SCALES, False))
-        names = (ROWS, WRITTEN) + ((SCALES,) if scaled else ()) + ((CHECKSUMS,) if version >= 2 else ())
+        names = (ROWS, WRITTEN) + ((SCALES,) if scaled else ()) + ((HASHES,) if version >= 2 else ())
         for name in names:
             try:
                 ok = isinstance(f.get(name), h5py.Dataset)
@@ -1055,8 +1059,8 @@ class RowStore:
                         raise CorruptIndexError(f"{path} links to {src.file_name}, which is missing; {REBUILD}")
         if scaled and (dtype != "float16" or f[SCALES].shape != (n,) or f[SCALES].dtype != np.float32):
             raise CorruptIndexError(f"{path} has an inconsistent 'scales' dataset; {REBUILD}")
-        if version >= 2 and (f[CHECKSUMS].shape != (n,) or f[CHECKSUMS].dtype != np.uint64):
-            raise CorruptIndexError(f"{path} has an inconsistent {CHECKSUMS!r} dataset; {REBUILD}")
+        if version >= 2 and (f[HASHES].shape != (n,) or f[HASHES].dtype != np.uint64):
+            raise CorruptIndexError(f"{path} has an inconsistent {HASHES!r} dataset; {REBUILD}")
         if rows.shape != (n, k) or rows.dtype != np.dtype(dtype) or written.shape != (n,):
             raise CorruptIndexError(
                 f"{path} has inconsistent datasets (rows {rows.shape} {rows.dtype}, written {written.shape}; "
@@ -1136,11 +1140,11 @@ class RowStore:
             self._file()
             try:
                 rows = self._rows[start:stop]
-                sums = None if self._sums is None else self._sums[start:stop]
+                hashes = None if self._hashes is None else self._hashes[start:stop]
             except (OSError, RuntimeError) as e:
                 raise self._read_error(f"rows {start}..{stop - 1}{self._where(start, stop)}", e) from None
-        if sums is not None:
-            bad = np.flatnonzero(row_hash(rows) != sums)
+        if hashes is not None:
+            bad = np.flatnonzero(row_hash(rows) != hashes)
             if bad.size:
                 first = start + int(bad[0])
                 raise self._read_error(
@@ -1298,22 +1302,22 @@ class _ShardWriter:
         self._w = writer
         self.index, self.start, self.stop = index, start, stop
 
-    def write(self, start: int, rows: Any) -> None:
-        arr = _to_numpy(rows)
-        m = arr.shape[0] if arr.ndim >= 1 else 0
+    def _local(self, start: int, m: int) -> int:
+        """``start`` within the shard; ShapeError when rows [start, start + m) are outside it."""
         start = int(start)
         if start < self.start or start + m > self.stop:
             raise ShapeError(
                 f"rows {start}..{start + m - 1} are outside shard {self.index} (rows {self.start}..{self.stop - 1})"
             )
-        self._w.write(start - self.start, arr)
+        return start - self.start
+
+    def write(self, start: int, rows: Any) -> None:
+        arr = _to_numpy(rows)
+        self._w.write(self._local(start, arr.shape[0] if arr.ndim >= 1 else 0), arr)
 
     def buffer(self, start: int, m: int) -> np.ndarray | None:
         """RowWriter.buffer with a global row number."""
-        if start < self.start or start + m > self.stop:
-            raise ShapeError(f"rows {start}..{start + m - 1} are outside shard {self.index} "
-                             f"(rows {self.start}..{self.stop - 1})")
-        return self._w.buffer(start - self.start, m)
+        return self._w.buffer(self._local(start, m), m)
 
     def add_dataset(self, name: str, array: Any) -> None:
         self._w.add_dataset(name, array)
@@ -1350,7 +1354,6 @@ class ShardedWriter:
         dtype: Any = "float32",
         shard_rows: int = 65536,
         attrs: Mapping[str, Any] | None = None,
-        chunk_rows: int = 1024,
         background: bool | None = None,
         background_commit: bool | None = None,
         drop_cache: bool | None = None,
@@ -1366,7 +1369,6 @@ class ShardedWriter:
             raise ConfigError(f"shard_rows must be a positive integer, got {shard_rows!r}")
         self.n, self.k, self.shard_rows = int(n), int(k), int(shard_rows)
         self.dtype = normalize_dtype(dtype)
-        self.chunk_rows = int(chunk_rows)
         self.attrs = dict(attrs or {})
         clash = (_RESERVED_ATTRS | set(_SHARD_KEYS)).intersection(self.attrs)
         if clash:
@@ -1520,9 +1522,8 @@ class ShardedWriter:
         total = 0
         for i in self.pending_shards():
             start, stop = self.shard_range(i)
-            total += expected_file_bytes(stop - start, self.k, itemsize,
-                                         _chunk_rows_for(stop - start, self.k, itemsize, self.chunk_rows),
-                                         self._shard_attrs(i), self.dtype == "float16")
+            total += expected_file_bytes(stop - start, self.k, itemsize, self._shard_attrs(i),
+                                         self.dtype == "float16")
         return total
 
     # -- writing
@@ -1536,7 +1537,7 @@ class ShardedWriter:
         """
         start, stop = self.shard_range(i)
         path = self.shard_path(i)
-        with RowWriter(path, stop - start, self.k, self.dtype, self._shard_attrs(i), self.chunk_rows,
+        with RowWriter(path, stop - start, self.k, self.dtype, self._shard_attrs(i),
                        background=self.background, background_commit=self.background_commit,
                        drop_cache=self.drop_cache) as w:
             yield _ShardWriter(w, i, start, stop)
@@ -1636,7 +1637,7 @@ def link_shards(sharded: "ShardedWriter", path: Path | str, attrs: Mapping[str, 
     np_dtype = np.dtype(sharded.dtype)
     rows = h5py.VirtualLayout(shape=(sharded.n, sharded.k), dtype=np_dtype)
     written = h5py.VirtualLayout(shape=(sharded.n,), dtype=np.bool_)
-    sums = h5py.VirtualLayout(shape=(sharded.n,), dtype=np.uint64)
+    hashes = h5py.VirtualLayout(shape=(sharded.n,), dtype=np.uint64)
     scaled = sharded.dtype == "float16"
     scales = h5py.VirtualLayout(shape=(sharded.n,), dtype=np.float32) if scaled else None
     for i in range(sharded.num_shards):
@@ -1644,7 +1645,7 @@ def link_shards(sharded: "ShardedWriter", path: Path | str, attrs: Mapping[str, 
         rel = str(sharded.shard_path(i).relative_to(path.parent))
         rows[start:stop] = h5py.VirtualSource(rel, ROWS, shape=(stop - start, sharded.k))
         written[start:stop] = h5py.VirtualSource(rel, WRITTEN, shape=(stop - start,))
-        sums[start:stop] = h5py.VirtualSource(rel, CHECKSUMS, shape=(stop - start,))
+        hashes[start:stop] = h5py.VirtualSource(rel, HASHES, shape=(stop - start,))
         if scales is not None:
             scales[start:stop] = h5py.VirtualSource(rel, SCALES, shape=(stop - start,))
     try:
@@ -1652,7 +1653,7 @@ def link_shards(sharded: "ShardedWriter", path: Path | str, attrs: Mapping[str, 
             with _open_h5(tmp, "w") as f:
                 f.create_virtual_dataset(ROWS, rows, fillvalue=np.nan)
                 f.create_virtual_dataset(WRITTEN, written, fillvalue=False)
-                f.create_virtual_dataset(CHECKSUMS, sums, fillvalue=0)
+                f.create_virtual_dataset(HASHES, hashes, fillvalue=0)
                 header = {"schema_version": SCHEMA_VERSION, "n": sharded.n, "k": sharded.k, "dtype": sharded.dtype}
                 if scales is not None:
                     f.create_virtual_dataset(SCALES, scales, fillvalue=np.nan)

@@ -183,7 +183,7 @@ def _rows(a, b, k=6):
 def test_background_writer_writes_the_same_file(tmp_path):
     buf = np.empty((4, 6), dtype=np.float32)
     for bg in (False, True):
-        with RowWriter(tmp_path / f"{bg}.h5", 22, 6, "float32", attrs={"a": 1}, chunk_rows=5, background=bg) as w:
+        with RowWriter(tmp_path / f"{bg}.h5", 22, 6, "float32", attrs={"a": 1}, background=bg) as w:
             for s in range(0, 22, 4):
                 e = min(22, s + 4)
                 buf[: e - s] = _rows(s, e)               # the caller reuses its buffer

@@ -44,8 +44,8 @@ def rows_for(start: int, stop: int, k: int = 3) -> np.ndarray:
     return (r * 10 + np.arange(k)[None, :]).astype(np.float32)
 
 
-def write_store(path: Path, data: np.ndarray, dtype: str = "float32", attrs=None, chunk_rows: int = 4) -> None:
-    with RowWriter(path, data.shape[0], data.shape[1], dtype, attrs or {}, chunk_rows=chunk_rows) as w:
+def write_store(path: Path, data: np.ndarray, dtype: str = "float32", attrs=None) -> None:
+    with RowWriter(path, data.shape[0], data.shape[1], dtype, attrs or {}) as w:
         for s in range(0, data.shape[0], 3):
             w.write(s, data[s : s + 3])
 
@@ -71,7 +71,7 @@ def test_round_trip_dtypes_attrs_and_datasets(tmp_path):
     }
     for dtype, tol in (("float32", 0.0), ("float16", 2e-3), ("float64", 0.0)):
         path = tmp_path / f"{dtype}.h5"
-        with RowWriter(path, 11, 5, dtype, attrs, chunk_rows=4) as w:
+        with RowWriter(path, 11, 5, dtype, attrs) as w:
             w.write(0, torch.from_numpy(data[:6]))  # tensors are accepted
             w.write(6, data[6:])
             w.add_dataset("precond", np.eye(3))
@@ -199,7 +199,7 @@ def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
 def test_flipped_byte_in_rows_fails_checksum(tmp_path):
     path = tmp_path / "rows.h5"
     data = rows_for(0, 12, k=4)
-    write_store(path, data, chunk_rows=4)
+    write_store(path, data)
     flip_byte(path, row_byte(path, 5, 5))
     with RowStore.open(path) as st:  # opening reads only the header and the written mask
         np.testing.assert_array_equal(st.read(0, 5), data[:5])  # intact rows still read
@@ -459,10 +459,11 @@ def test_half_written_and_schema_version(tmp_path):
     assert "99" in msg and str(SCHEMA_VERSION) in msg
 
 
-def test_take_unordered_duplicates_and_range(tmp_path):
+def test_take_unordered_duplicates_and_range(tmp_path, monkeypatch):
+    monkeypatch.setattr(msif_index.store, "_MAX_CHUNK_BYTES", 4 * 5 * 4)   # take reads 4 rows at a time
     path = tmp_path / "rows.h5"
     data = rows_for(0, 37, k=5)
-    write_store(path, data, chunk_rows=4)
+    write_store(path, data)
     with RowStore.open(path) as st:
         ids = [36, 0, 5, 5, 17, 0, 4, 3, 36, 20]
         np.testing.assert_array_equal(st.take(ids), data[ids])
@@ -478,10 +479,11 @@ def test_take_unordered_duplicates_and_range(tmp_path):
             st.read(10, 40)
 
 
-def test_concurrent_reads_from_threads(tmp_path):
+def test_concurrent_reads_from_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(msif_index.store, "_MAX_CHUNK_BYTES", 16 * 8 * 4)  # take reads 16 rows at a time
     path = tmp_path / "rows.h5"
     data = rows_for(0, 300, k=8)
-    write_store(path, data, chunk_rows=16)
+    write_store(path, data)
     errors: list[BaseException] = []
     with RowStore.open(path) as st:
 
@@ -532,7 +534,7 @@ def test_disk_full_during_write_keeps_previous_file(tmp_path, monkeypatch):
     for target, name in ((h5py.Dataset, "__setitem__"), (msif_index.store, "_pwrite_all")):
         monkeypatch.setattr(target, name, no_space)   # HDF5's write (hashes, mask), then the rows' pwrite
         with pytest.raises(DiskFullError) as e:
-            with RowWriter(path, 10, 3, chunk_rows=4) as w:
+            with RowWriter(path, 10, 3) as w:
                 w.write(0, rows_for(0, 10))
         monkeypatch.undo()
         msg = one_line(e)
@@ -599,21 +601,21 @@ def test_free_space_of_root_and_of_mounts_that_do_not_say(tmp_path, monkeypatch)
     atomic.check_free_space(tmp_path, "x", 1 << 40)
 
 
-@pytest.mark.parametrize("n, k, dtype, chunk_rows", [(1000, 64, "float32", 16), (2000, 1058, "float32", 1024),
-                                                     (300, 780, "float16", 64), (7, 3, "float64", 4),
-                                                     (0, 5, "float32", 4), (20000, 2, "float16", 1),
-                                                     (100000, 1, "float16", 4096)])
-def test_free_space_estimate_bounds_the_file_size(tmp_path, n, k, dtype, chunk_rows):
+@pytest.mark.parametrize("n, k, dtype", [(1000, 64, "float32"), (2000, 1058, "float32"), (300, 780, "float16"),
+                                         (7, 3, "float64"), (0, 5, "float32"), (20000, 2, "float16"),
+                                         (100000, 1, "float16"), (70000, 1, "float32")])
+def test_free_space_estimate_bounds_the_file_size(tmp_path, n, k, dtype):
     """The size the check asks for is at least the file's and at most 300 KiB (plus the attributes and
-    32 bytes a chunk) more: a disk that can hold the file is never refused for a large margin."""
+    32 bytes a chunk of the per-row datasets) more: a disk that can hold the file is never refused for a
+    large margin."""
     path = tmp_path / "rows.h5"
     attrs = {"config": {"a": "x" * 5000}}
-    with RowWriter(path, n, k, dtype, attrs, chunk_rows=chunk_rows) as w:
+    with RowWriter(path, n, k, dtype, attrs) as w:
         step = 100 if n <= 20000 else 10000
         for s in range(0, n, step):
             w.write(s, np.ones((min(step, n - s), k), np.float32))
         expected = w._expected_bytes()
-    size, chunks = path.stat().st_size, -(-n // min(chunk_rows, max(n, 1)))
+    size, chunks = path.stat().st_size, -(-n // (1 << 16))
     assert size <= expected <= size + (300 << 10) + 2 * 5100 + 32 * chunks, (size, expected)
 
 
