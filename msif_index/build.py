@@ -444,18 +444,20 @@ def _clear(out: Path, keep: set[str] = frozenset()) -> None:
 
 def _raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, ids: Any,
               out: torch.Tensor | None = None, fill: bool = False,
-              loss: Callable | None = None, rotated: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
+              loss: Callable | None = None, rotated: bool = False,
+              slots: int = 1) -> Iterator[tuple[list[int], torch.Tensor]]:
     """(ids, raw rows phi = P grad g) batch by batch, in the compute dtype, into a reused buffer
-    (``fill``: ``out`` holds a row for every id, and each batch goes to its own rows of it).
-    ``loss``: the per-example loss to differentiate (default: ``task.pretrain_loss``); ``rotated``:
-    rows in the preconditioner's eigenbasis, from ``prep.rotated``."""
+    (``fill``: ``out`` holds a row for every id, and each batch goes to its own rows of it; else
+    batch j goes to rows from (j % ``slots``) * batch_size of ``out``, so the last ``slots`` batches
+    stay there). ``loss``: the per-example loss to differentiate (default: ``task.pretrain_loss``);
+    ``rotated``: rows in the preconditioner's eigenbasis, from ``prep.rotated``."""
     loss = loss or task.pretrain_loss
     projector = prep.rotated if rotated else prep.projector
-    buf = out if out is not None else torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype,
-                                                  device=prep.device)
+    buf = out if out is not None else torch.empty(slots * config.batch_size, prep.projector.dim,
+                                                  dtype=prep.dtype, device=prep.device)
     pos = 0
-    for bids, batch in batches(task.pretrain_dataset(), config.batch_size, ids):
-        lo = pos if fill else 0
+    for j, (bids, batch) in enumerate(batches(task.pretrain_dataset(), config.batch_size, ids)):
+        lo = pos if fill else (j % slots) * config.batch_size
         pos += len(bids)
         rows = buf[lo:lo + len(bids)]
         try:
@@ -533,19 +535,29 @@ class _Sample:
 
     def take(self, task: MultiStageTask, prep: Prepared, config: BuildConfig,
              shard: int) -> tuple[list[int], torch.Tensor]:
-        """(ids, rows in the preconditioner's rotated basis) of one shard's group, from memory (then
-        released) or computed again. The rows are rotated in place, ``ROTATE_ROWS`` at a time: one
-        call per block instead of one per batch of featurize (the per-call cost dominated), and no
-        second copy of the group."""
+        """(ids, stored rows) of one shard's group: its raw rows from memory (then released) or
+        computed again, rotated into the preconditioner's basis and preconditioned (``stored_rows``)
+        ``ROTATE_ROWS`` at a time (one call per block instead of one per batch of featurize: the
+        per-call cost dominated), in place where the stored rows are as wide as the raw ones (no
+        second copy of the group)."""
         ids = self.groups.get(shard, [])
         rows = self.rows.pop(shard, None)
         if rows is None:
             rows = self.compute(task, prep, config, shard)
-        if prep.folded:
-            for i in range(0, rows.shape[0], ROTATE_ROWS):
-                block = rows[i:i + ROTATE_ROWS]
-                block.copy_(prep.preconditioner.rotate(block, prep.folded))
-        return ids, rows
+        pre = prep.preconditioner
+        stored = rows if _stored_in_place(prep) else torch.empty(rows.shape[0], pre.dim_w, dtype=rows.dtype,
+                                                                  device=rows.device)
+        for i in range(0, rows.shape[0], ROTATE_ROWS):
+            block = rows[i:i + ROTATE_ROWS]
+            if prep.folded:
+                block = pre.rotate(block, prep.folded)
+            pre.stored_rows(block, prep.folded, out=stored[i:i + ROTATE_ROWS])
+        return ids, stored
+
+
+def _stored_in_place(prep: Prepared) -> bool:
+    """Whether a stored row can overwrite its raw row (as wide: no U columns in the raw rows)."""
+    return prep.preconditioner.dim_w == prep.projector.dim
 
 
 def _reuses_sample(pre: Preconditioner, config: BuildConfig) -> bool:
@@ -725,65 +737,87 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
-def _shard_raw_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, start: int, stop: int,
-                    sample: _Sample | None, cbuf: torch.Tensor, wbuf: torch.Tensor
-                    ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first id, raw rows in the preconditioner's rotated basis) of the ids [start, stop) in order,
-    in blocks of batch_size rows (the last one shorter), aligned to the shard's start:
-    the subsample's rows come from ``sample`` (rotated by ``take``), the others from a gradient pass over
-    just them (through the rotated projector)."""
+def _shard_stored_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, start: int, stop: int,
+                       sample: _Sample | None, cbuf: torch.Tensor, wbuf: torch.Tensor,
+                       dest: Callable[[int, int], torch.Tensor | None]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first id, stored rows) of the ids [start, stop) in order, in blocks of batch_size rows (the
+    last one shorter) aligned to the shard's start, each written into ``dest(first, m)`` ([m, dim_W],
+    the writer's staging buffer) or, where that is None, into ``wbuf``. The subsample's rows come from
+    ``sample`` (``take``), the others from a gradient pass over just them (through the projector
+    rotated into the preconditioner's basis), in batches of batch_size, preconditioned as they come.
+
+    ``cbuf`` holds two batches ([2 * batch_size, dim]; batch j in slot j % 2), so a block's computed
+    rows, which span at most two consecutive batches, are all there when the later one is done; the
+    block is assembled by one gather from them and one copy of its (few, consecutive) subsample rows
+    into their positions. Copying the computed rows into their positions (index_copy_) instead took
+    0.3 ms a block of 256 x 4096 on a 2-core machine, and the bookkeeping around it as much."""
+    bsz = config.batch_size
+    pre = prep.preconditioner
     ids, srows = ([], None) if sample is None else sample.take(task, prep, config,
                                                                start // sample.shard_rows)
     if not ids:
-        for bids, rows in _raw_rows(task, prep, config, range(start, stop), cbuf, rotated=True):
-            yield bids[0], rows
+        for bids, rows in _raw_rows(task, prep, config, range(start, stop), cbuf[:bsz], rotated=True):
+            out = dest(bids[0], len(bids))
+            yield bids[0], pre.stored_rows(rows, prep.folded, out=wbuf[:len(bids)] if out is None else out)
         return
     size = stop - start
-    spos = torch.full((size,), -1, dtype=torch.long)
-    spos[torch.tensor(ids, dtype=torch.long) - start] = torch.arange(len(ids))
-    in_sample = spos >= 0
-    rest = (torch.nonzero(~in_sample).flatten() + start).tolist()
-    cursor = start
-    bsz = config.batch_size
     dev = wbuf.device
+    raw = cbuf.detach()       # (the same memory: dense-path blocks can leave autograd history on cbuf)
+    ring = raw if _stored_in_place(prep) else torch.empty(2 * bsz, pre.dim_w, dtype=cbuf.dtype, device=dev)
+    in_sample = torch.zeros(size, dtype=torch.bool)
+    in_sample[torch.tensor(ids, dtype=torch.long) - start] = True
+    computed_before = torch.cumsum(~in_sample, 0)          # computed rows at positions <= p
+    sampled_before = torch.cumsum(in_sample, 0)
+    # ring's row of each computed position (computed row r sits at r % (2 * bsz)); sample positions
+    # gather row 0 and are overwritten
+    gather = torch.where(in_sample, 0, (computed_before - 1) % (2 * bsz)).to(dev)
+    ends = list(range(bsz, size, bsz)) + [size]
+    c_end = [int(computed_before[e - 1]) for e in ends]     # computed rows a block needs done
+    s_end = [int(sampled_before[e - 1]) for e in ends]      # subsample rows up to its end
+    rest = (torch.nonzero(~in_sample).flatten() + start).tolist()
+    block = 0
 
-    filled = 0                    # rows of wbuf filled so far, for the block that starts at out_start
-    out_start = start
+    def emit(done: int) -> Iterator[tuple[int, torch.Tensor]]:
+        # every block whose computed rows are all done (with ``done`` computed rows so far)
+        nonlocal block
+        while block < len(ends) and c_end[block] <= done:
+            lo, hi = block * bsz, ends[block]
+            s0, s1 = (s_end[block - 1] if block else 0), s_end[block]
+            c0 = c_end[block - 1] if block else 0
+            out = dest(start + lo, hi - lo)
+            if out is None:
+                out = wbuf[:hi - lo]
+            if c_end[block] == c0:                         # every row from the subsample
+                out.copy_(srows[s0:s1])
+            else:
+                torch.index_select(ring, 0, gather[lo:hi], out=out)
+                if s1 > s0:
+                    local = torch.nonzero(in_sample[lo:hi]).flatten().to(dev)
+                    out.index_copy_(0, local, srows[s0:s1])
+            yield start + lo, out
+            block += 1
 
-    def emit(w1: int, crows: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor]]:
-        # rows [cursor, w1) in order into wbuf (the computed ones are crows, in order); a full wbuf is
-        # yielded, so blocks are batch_size rows from the shard's start (whole HDF5 chunks)
-        nonlocal filled, out_start
-        w0 = cursor
-        m = in_sample[w0 - start:w1 - start]
-        cpos = torch.cumsum(~m, 0) - 1
-        a = w0
-        while a < w1:
-            take = min(w1 - a, bsz - filled)
-            b = a + take
-            mm = m[a - w0:b - w0]
-            dst_s = torch.nonzero(mm).flatten()          # positions (CPU) -> the rows' device
-            if dst_s.numel():
-                src = spos[a - start:b - start].index_select(0, dst_s)
-                wbuf.index_copy_(0, (dst_s + filled).to(dev), srows.index_select(0, src.to(dev)))
-            if dst_s.numel() < take:
-                dst_c = torch.nonzero(~mm).flatten()
-                src = cpos[a - w0:b - w0].index_select(0, dst_c)
-                wbuf.index_copy_(0, (dst_c + filled).to(dev), crows.index_select(0, src.to(dev)))
-            filled += take
-            a = b
-            if filled == bsz:
-                yield out_start, wbuf[:bsz]
-                out_start += bsz
-                filled = 0
+    done = 0
+    for j, (bids, rows) in enumerate(_raw_rows(task, prep, config, rest, cbuf, rotated=True, slots=2)):
+        slot = (j % 2) * bsz
+        pre.stored_rows(raw[slot:slot + len(bids)], prep.folded, out=ring[slot:slot + len(bids)])
+        done += len(bids)
+        yield from emit(done)
+    yield from emit(done)
 
-    for bids, rows in _raw_rows(task, prep, config, rest, cbuf, rotated=True):
-        yield from emit(bids[-1] + 1, rows)
-        cursor = bids[-1] + 1
-    if cursor < stop:
-        yield from emit(stop, None)
-    if filled:
-        yield out_start, wbuf[:filled]
+
+def _lent_buffers(shard: Any) -> Callable[[int, int], torch.Tensor | None]:
+    """``dest`` for _shard_stored_rows: the shard writer's staging buffer for rows [first, first + m),
+    which its next write takes without a copy (None where it lends none)."""
+    def dest(first: int, m: int) -> torch.Tensor | None:
+        buf = shard.buffer(first, m)
+        return None if buf is None else torch.from_numpy(buf)
+    return dest
+
+
+def _no_buffers(first: int, m: int) -> None:
+    """``dest`` for _shard_stored_rows where rows are not computed in the store's dtype on the CPU."""
+    return None
 
 
 def _write_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, shards: ShardedWriter,
@@ -799,20 +833,19 @@ def _write_rows(task: MultiStageTask, prep: Prepared, config: BuildConfig, shard
     rotations = {k: v for k, v in pre.eigenbases(prep.dtype, prep.device).items() if k in kron}
     prep.rotated = prep.projector.rotated(rotations) if rotations else prep.projector
     prep.folded = frozenset(rotations)
-    cbuf = torch.empty(config.batch_size, prep.projector.dim, dtype=prep.dtype, device=prep.device)
-    wbuf = torch.empty_like(cbuf)
+    cbuf = torch.empty(2 * config.batch_size, prep.projector.dim, dtype=prep.dtype, device=prep.device)
+    wbuf = torch.empty(config.batch_size, pre.dim_w, dtype=prep.dtype, device=prep.device)
     # rows computed on the CPU in the storage dtype go straight into the writer's staging buffers
     direct = prep.device.type == "cpu" and normalize_dtype(prep.dtype) == config.dtype
     try:
         with progress(todo, "featurize", enabled=show) as advance:
             for start, stop in pending:
                 with shards.shard(shards.shard_index(start)) as shard:
-                    for first, rows in _shard_raw_rows(task, prep, config, start, stop, sample, cbuf, wbuf):
-                        dst = shard.buffer(first, rows.shape[0]) if direct else None
-                        stored = pre.stored_rows(rows, prep.folded,
-                                                 out=None if dst is None else torch.from_numpy(dst))
+                    dest = _lent_buffers(shard) if direct else _no_buffers
+                    for first, stored in _shard_stored_rows(task, prep, config, start, stop, sample, cbuf,
+                                                            wbuf, dest):
                         shard.write(first, stored.cpu().numpy())
-                        advance(rows.shape[0])
+                        advance(stored.shape[0])
     except BaseException:
         # the previous shard's commit may still run in the background: it ends before the error
         # leaves build_index (its own error, if any, is the lesser one: the shard is recomputed)

@@ -1755,15 +1755,21 @@ def _load_preconditioner(task, config: BuildConfig, path: Path):
     return prep
 
 
-@pytest.mark.parametrize("pre", ["kfac", "ekfac", "gauss-newton"])
-def test_rows_with_reused_statistics_rows_equal_brute_force(tmp_path, pre):
+@pytest.mark.parametrize("pre,stats,shard_rows,batch", [
+    ("kfac", 24, 16, 5), ("ekfac", 24, 16, 5), ("gauss-newton", 24, 16, 5),
+    # every row sampled (no gradient pass in featurize); most sampled (blocks of subsample rows only);
+    # one-row batches; batches wider than a shard; a shard's rows in blocks of the whole shard
+    ("ekfac", 64, 16, 5), ("ekfac", 58, 16, 3), ("gauss-newton", 58, 16, 3), ("ekfac", 24, 16, 1),
+    ("ekfac", 24, 16, 40), ("kfac", 12, 64, 64)])
+def test_rows_with_reused_statistics_rows_equal_brute_force(tmp_path, pre, stats, shard_rows, batch):
     """stats_examples < n, several shards, batches that do not divide them: every stored row (those of
-    the subsample, reused from the statistics pass, and the others) equals M^-1 P grad g(z) with
-    per-example gradients taken one at a time, and M is fitted on exactly the seeded subsample."""
+    the subsample, reused from the statistics pass, and the others, merged into blocks from two
+    batches of computed rows) equals M^-1 P grad g(z) with per-example gradients taken one at a time,
+    and M is fitted on exactly the seeded subsample."""
     from msif_index.build import _subsample
     task = TinyTask(n=64)
-    config = BuildConfig(proj_dim=12, preconditioner=pre, damping=0.05, stats_examples=24, shard_rows=16,
-                         batch_size=5, dtype="float64")
+    config = BuildConfig(proj_dim=12, preconditioner=pre, damping=0.05, stats_examples=stats,
+                         shard_rows=shard_rows, batch_size=batch, dtype="float64")
     path = build_index(task, tmp_path / "idx", config)
     prep = _load_preconditioner(task, config, path)
     names = prep.projector.param_names
@@ -1777,7 +1783,7 @@ def test_rows_with_reused_statistics_rows_equal_brute_force(tmp_path, pre):
     back = prep.preconditioner.to_parameter_basis(torch.from_numpy(_rows(path))).numpy()
     assert np.abs(back - want).max() / np.abs(want).max() < 1e-10
     # the preconditioner was fitted on the seeded subsample's rows, each once
-    ids = _subsample(64, 24, config.seed)
+    ids = _subsample(64, stats, config.seed)
     fresh = _load_preconditioner(task, config, path).preconditioner
     ref = type(fresh)(fresh.blocks, fresh.w_blocks, damping=fresh.damping, weight_decay=fresh.weight_decay,
                       gram=fresh.gram)
