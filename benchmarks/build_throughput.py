@@ -490,7 +490,7 @@ def main() -> None:
     ap.add_argument("--no-write-variants", action="store_true")
     ap.add_argument("--rss-n", default="10000,100000", help="n values of the RSS runs ('' to skip)")
     ap.add_argument("--rss-models", default="mlp,cnn")
-    ap.add_argument("--rss-repeats", type=int, default=3, help="fresh-process builds per (model, n)")
+    ap.add_argument("--rss-repeats", type=int, default=5, help="fresh-process builds per (model, n)")
     ap.add_argument("--naive-examples", type=int, default=256)
     ap.add_argument("--tmp", default=None, help="folder for the temporary indexes (default: system temp)")
     ap.add_argument("--out", default=str(HERE / "build_throughput.json"))

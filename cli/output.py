@@ -38,12 +38,16 @@ def warnings_kept() -> Iterator[list[str]]:
 
 
 def parse_ids(text: str, n: int, what: str) -> list[int]:
-    """'3,17,20-22' -> [3, 17, 20, 21, 22], each checked against 0 <= id < n."""
+    """'3,17,20-22' -> [3, 17, 20, 21, 22], each checked against 0 <= id < n; an empty item ('3,,17')
+    and an id given twice ('0,0', '1-5,3') are refused (a typo, or test points counted twice)."""
     ids: list[int] = []
     try:
         for part in text.split(","):
             part = part.strip()
             if not part:
+                if text.strip():
+                    raise ConfigError(f"{what} ids {text!r} have an empty item (two commas, or one at an end); "
+                                      f"write them like 3,17 or 20-25")
                 continue
             if "-" in part[1:]:
                 a, b = part.split("-", 1)
@@ -63,6 +67,10 @@ def parse_ids(text: str, n: int, what: str) -> list[int]:
     bad = [i for i in ids if not 0 <= i < n]
     if bad:
         raise ConfigError(f"{what} ids {bad[:5]} out of range: the {what} set has {n} examples (ids 0..{n - 1})")
+    if len(set(ids)) < len(ids):
+        seen: set[int] = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))
+        raise ConfigError(f"{what} id {twice} is given twice in {text!r}; list each {what} example once")
     return ids
 
 

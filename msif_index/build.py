@@ -502,8 +502,10 @@ def _subsample(n: int, size: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=g)[:size].tolist())
 
 
-#: rows of the statistics subsample rotated per call (in place) before featurize copies them out:
-#: a batch's worth keeps the temporaries at 4 MB for k = 4096 (1,024 rows raised a 10k-row MLP
+#: rows of the statistics subsample per block of the preconditioner's fit, which rotates them into its
+#: eigenbasis in place (ekfac), and of take, which rotates them where the fit did not (kfac, a resumed
+#: build) and preconditions them: the same blocks in both, so the rotated rows are bitwise the same.
+#: A batch's worth keeps the temporaries at 4 MB for k = 4096 (1,024 rows raised a 10k-row MLP
 #: build's peak RSS from 580 to 680-700 MB; the per-call cost is ~1 ms, 32 calls for 8,192 rows)
 ROTATE_ROWS = 256
 
@@ -523,6 +525,8 @@ class _Sample:
         for i in ids:
             self.groups.setdefault(i // shard_rows, []).append(i)
         self.rows: dict[int, torch.Tensor] = {}
+        #: W blocks the preconditioner's fit already rotated into its eigenbasis in ``rows`` (ekfac)
+        self.rotated: frozenset[str] = frozenset()
 
     def compute(self, task: MultiStageTask, prep: Prepared, config: BuildConfig, shard: int,
                 advance: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -536,21 +540,25 @@ class _Sample:
     def take(self, task: MultiStageTask, prep: Prepared, config: BuildConfig,
              shard: int) -> tuple[list[int], torch.Tensor]:
         """(ids, stored rows) of one shard's group: its raw rows from memory (then released) or
-        computed again, rotated into the preconditioner's basis and preconditioned (``stored_rows``)
+        computed again, rotated into the preconditioner's basis (unless the fit did, ``rotated``) and
+        preconditioned (``stored_rows``)
         ``ROTATE_ROWS`` at a time (one call per block instead of one per batch of featurize: the
         per-call cost dominated), in place where the stored rows are as wide as the raw ones (no
         second copy of the group)."""
         ids = self.groups.get(shard, [])
         rows = self.rows.pop(shard, None)
+        rotate = prep.folded
         if rows is None:
             rows = self.compute(task, prep, config, shard)
+        else:
+            rotate = rotate - self.rotated
         pre = prep.preconditioner
         stored = rows if _stored_in_place(prep) else torch.empty(rows.shape[0], pre.dim_w, dtype=rows.dtype,
                                                                   device=rows.device)
         for i in range(0, rows.shape[0], ROTATE_ROWS):
             block = rows[i:i + ROTATE_ROWS]
-            if prep.folded:
-                block = pre.rotate(block, prep.folded)
+            if rotate:
+                block = pre.rotate(block, rotate)
             pre.stored_rows(block, prep.folded, out=stored[i:i + ROTATE_ROWS])
         return ids, stored
 
@@ -619,15 +627,16 @@ def _fit_preconditioner(task: MultiStageTask, prep: Prepared, config: BuildConfi
     with progress(len(ids), "statistics", enabled=show) as advance:
         for shard in sorted(sample.groups):
             sample.rows[shard] = sample.compute(task, prep, config, shard, advance)
-    step = 1024
 
     def blocks():
+        # each group in the blocks take() rotates it in: where the fit rotates the rows in place (ekfac's
+        # second pass), a group computed again by a resumed build is rotated to bitwise the same rows
         for shard in sorted(sample.groups):
             rows = sample.rows[shard]
-            for i in range(0, rows.shape[0], step):
-                yield rows[i:i + step]
+            for i in range(0, rows.shape[0], ROTATE_ROWS):
+                yield rows[i:i + ROTATE_ROWS]
 
-    pre.fit(blocks, len(ids))
+    sample.rotated = pre.fit(blocks, len(ids), rotate=frozenset(b.name for b in prep.projector.blocks if b.kronecker))
     return sample
 
 

@@ -134,12 +134,16 @@ class Preconditioner:
         self.negative: dict[str, float] | None = None
 
     # statistics ---------------------------------------------------------------------------------
-    def fit(self, row_blocks: Callable[[], Iterable[torch.Tensor]], n: int) -> None:
-        """Run the statistics passes; ``row_blocks()`` yields raw row blocks [B, dim] afresh each call."""
+    def fit(self, row_blocks: Callable[[], Iterable[torch.Tensor]], n: int,
+            rotate: Collection[str] = ()) -> frozenset[str]:
+        """Run the statistics passes; ``row_blocks()`` yields raw row blocks [B, dim] afresh each call.
+        ``rotate``: W blocks whose rows the caller wants rotated into the eigenbasis in place, where
+        a pass rotates them anyway (kfac / ekfac); returns the names it rotated (here none)."""
         for p in range(self.passes):
             for rows in row_blocks():
                 self.accumulate(p, rows.to(device="cpu", dtype=_F64))   # statistics live on the CPU
             self.end_pass(p, n)
+        return frozenset()
 
     def accumulate(self, p: int, rows: torch.Tensor) -> None:  # noqa: D102
         pass
@@ -365,17 +369,33 @@ class KroneckerEigen(Preconditioner):
         b = self._wb[i]
         return rows[:, b.offset:b.offset + b.dim].reshape(-1, b.k_out, b.k_in)
 
-    def fit(self, row_blocks: Callable[[], Iterable[torch.Tensor]], n: int) -> None:
+    def fit(self, row_blocks: Callable[[], Iterable[torch.Tensor]], n: int,
+            rotate: Collection[str] = ()) -> frozenset[str]:
         """As Preconditioner.fit, but the products of each block of rows are computed in the rows' own
         dtype when it is float32 (float64 otherwise) and summed across blocks in float64; the
-        eigendecompositions are float64 (the statistics dtypes Kronfluence uses by default)."""
+        eigendecompositions are float64 (the statistics dtypes Kronfluence uses by default).
+
+        ekfac's second pass rotates every row into the eigenbasis: for the W blocks in ``rotate`` it
+        rotates the caller's rows in place, exactly as ``rotate`` would (the same bases, the same
+        arithmetic on each block of rows), and takes its corrections from them; featurize then stores
+        those rows without rotating them again. Returns the names rotated (kfac, one pass: none)."""
+        done = frozenset(b.name for b in self._wb if b.name in rotate) if self.passes > 1 else frozenset()
         for p in range(self.passes):
             for rows in row_blocks():
+                if p > 0 and done:
+                    rows.copy_(self.rotate(rows, done, bases=self._bases_for(rows.dtype, rows.device)))
                 rows = rows.to(device="cpu", dtype=torch.float32 if rows.dtype == torch.float32 else _F64)
-                self.accumulate(p, rows)          # statistics live on the CPU (rows may come from a GPU)
+                self.accumulate(p, rows, rotated=done)   # statistics live on the CPU (rows may come from a GPU)
             self.end_pass(p, n)
+        return done
 
-    def accumulate(self, p: int, rows: torch.Tensor) -> None:
+    def _bases_for(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(Q_S, Q_A) per W block as ``_mats_for`` converts them, before Lambda is known (cached)."""
+        return _cached(self, [*self.qs, *self.qa], dtype, device,
+                       lambda: [(_as_basis(qs, dtype, device), _as_basis(qa, dtype, device))
+                                for qs, qa in zip(self.qs, self.qa)])
+
+    def accumulate(self, p: int, rows: torch.Tensor, rotated: Collection[str] = ()) -> None:
         # S and A as one large matrix product each over the whole block of rows (not an einsum of
         # small per-example products): sums over examples b of Phi_b Phi_b^T and Phi_b^T Phi_b
         for i, b in enumerate(self._wb):
@@ -396,8 +416,11 @@ class KroneckerEigen(Preconditioner):
                 flat = phi.reshape(-1)
                 self.sq[i] += float(torch.dot(flat, flat))
             else:
-                qs, qa = self.qs[i].to(rows.dtype), self.qa[i].to(rows.dtype)
-                rot = qs.T @ phi @ qa                                       # Q_S^T Phi_b Q_A
+                if b.name in rotated:                                       # already Q_S^T Phi_b Q_A
+                    rot = phi
+                else:
+                    qs, qa = self.qs[i].to(rows.dtype), self.qa[i].to(rows.dtype)
+                    rot = qs.T @ phi @ qa                                   # Q_S^T Phi_b Q_A
                 self._lam_raw[i] += (rot * rot).sum(0).to(_F64)
 
     def end_pass(self, p: int, n: int) -> None:
@@ -434,10 +457,13 @@ class KroneckerEigen(Preconditioner):
         mats = self._mats_for(dtype, device)
         return {b.name: (qs, qa) for b, (qs, qa, _) in zip(self._wb, mats)}
 
-    def rotate(self, rows: torch.Tensor, names: Collection[str]) -> torch.Tensor:
-        """Raw rows Phi -> Q_S^T Phi Q_A in the W blocks named in ``names`` (other columns copied)."""
-        mats = self._mats_for(rows.dtype, rows.device)
-        pairs = [(b, (qs, qa)) for b, (qs, qa, _) in zip(self._wb, mats) if b.name in names]
+    def rotate(self, rows: torch.Tensor, names: Collection[str],
+               bases: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Raw rows Phi -> Q_S^T Phi Q_A in the W blocks named in ``names`` (other columns copied);
+        ``bases``: (Q_S, Q_A) per W block (default: the fitted ones, as ``_mats_for`` has them)."""
+        if bases is None:
+            bases = [(qs, qa) for qs, qa, _ in self._mats_for(rows.dtype, rows.device)]
+        pairs = [(b, q) for b, q in zip(self._wb, bases) if b.name in names]
         return rotate_blocks(rows, [b for b, _ in pairs], [q for _, q in pairs])
 
     def stored_rows(self, rows: torch.Tensor, names: Collection[str],

@@ -647,6 +647,18 @@ def test_id_ranges_are_checked_before_they_are_expanded():
     with pytest.raises(ConfigError):
         parse_ids("-3-2", 60, "test")
     assert parse_ids("3,5-7", 60, "test") == [3, 5, 6, 7]
+    assert parse_ids(" 3, 5 ", 60, "test") == [3, 5]
+
+
+@pytest.mark.parametrize("text,says", [("0,,1", "empty item"), ("0,1,", "empty item"), (",", "empty item"),
+                                        ("0,0", "id 0 is given twice"), ("1-5,3", "id 3 is given twice")])
+def test_id_lists_with_empty_items_or_repeats_are_refused(text, says):
+    """'0,,1' is not read as 0,1 (a typo drops nothing silently) and '0,0' does not run test 0 twice."""
+    from msif_index.cli.output import parse_ids
+    from msif_index.errors import ConfigError
+    with pytest.raises(ConfigError, match=says) as e:
+        parse_ids(text, 60, "test")
+    assert "\n" not in str(e.value)
 
 
 def test_ranking_table_says_when_an_approximate_index_found_fewer(capsys):
