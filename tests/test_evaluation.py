@@ -225,6 +225,24 @@ def test_lds_caches_and_resumes(task, index_dir, tmp_path):
     assert task_fingerprint(other, "finetuned") != task_fingerprint(task, "finetuned")
 
 
+def test_retraining_refuses_a_full_disk_before_it_retrains(task, tmp_path, monkeypatch):
+    """A cache file that would not fit is refused in one line before the retraining (minutes of
+    work) is spent on it, and nothing is written."""
+    import msif_index.atomic
+    from msif_index.errors import DiskFullError
+    from msif_index.evaluation.retraining import Retrainer, removal_job
+    retrainer = Retrainer(task, [0, 1], tmp_path / "cache", progress_bar=False)
+    monkeypatch.setattr(msif_index.atomic, "_free_bytes", lambda folder: 4096)
+
+    def never(kept):
+        raise AssertionError("retrained although the cache file cannot be written")
+    monkeypatch.setattr(retrainer, "measure", never)
+    with pytest.raises(DiskFullError, match="retraining cache file") as e:
+        retrainer.run_all([removal_job([3, 4])])
+    assert "\n" not in str(e.value) and retrainer.retrained == 0
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
 def test_cli_evaluate_json(task, index_dir, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

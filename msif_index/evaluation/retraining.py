@@ -38,7 +38,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import Subset
 
-from ..atomic import cleanup_stale_tmp, write_json_atomic
+from ..atomic import check_free_space, cleanup_stale_tmp, write_json_atomic
 from ..build import pretrained_fingerprints
 from ..data import batches
 from ..errors import ConfigError, CorruptIndexError, NonFiniteError, TaskError
@@ -47,6 +47,8 @@ from ..progress import progress
 from ..task import MultiStageTask, state_buffers
 
 CACHE_SCHEMA = 1
+#: bytes of a retraining cache file besides its ids and values (checked free before each retraining)
+CACHE_FILE_BASE_BYTES = 64 << 10
 FINETUNE_INITS = ("auto", "finetuned", "fresh")
 #: a retraining measures every test point (not only the evaluated ones) when the test set has at most
 #: this many: one forward pass, and later evaluations on other test points reuse the cache
@@ -228,6 +230,10 @@ class Retrainer:
         if hit is not None:
             self.loaded += 1
             return hit
+        # the file it will write (removed ids and a value per measured test point, as JSON) must fit
+        # before the retraining, which can take minutes, is spent on it
+        check_free_space(self.dir, f"the retraining cache file {self.path(job).name}",
+                         CACHE_FILE_BASE_BYTES + 32 * (len(job.removed) + len(self.measure_ids)))
         removed = np.zeros(self.n, dtype=bool)
         removed[list(job.removed)] = True
         t0 = time.perf_counter()
