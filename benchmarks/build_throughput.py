@@ -1,6 +1,6 @@
 """Build throughput of the pretraining influence index (issue "Build the pretraining influence index").
 
-Run:  python benchmarks/build_throughput.py            (about 5 min on a 2-core CPU)
+Run:  python benchmarks/build_throughput.py            (about 6 min on a 2-core CPU)
       python benchmarks/build_throughput.py --quick    (smaller n, fewer variants: a few minutes)
 Prints tables and writes build_throughput.json next to this file. Not part of the test suite.
 
